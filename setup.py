@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="canal-docker",
+    version="0.1.0",
+    description="Docker network + IPAM plugin: flannel-style VXLAN, Calico-style label policy",
+    package_dir={"": "plugin"},
+    packages=find_packages("plugin"),
+    python_requires=">=3.9",
+    install_requires=[
+        "flask>=2.2",
+        "gunicorn>=20.1",
+        "pyroute2>=0.7",
+        "docker>=6.0",
+        "etcd3gw>=2.1",
+        "PyYAML>=6.0",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["canal=canal.cli.main:main"]},
+)
