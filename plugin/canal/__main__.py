@@ -1,0 +1,3 @@
+from canal.cli.main import main
+
+main()

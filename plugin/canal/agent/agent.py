@@ -1,0 +1,99 @@
+"""The reconcile loop: on every change event and on a timer, compute then apply.
+
+One thread, one queue of "something changed" signals coalesced into one pass: many Docker
+calls in a burst cost one iptables-restore, not one each (Felix's lesson, felix#1343).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from canal.agent.desired import Snapshot, desired_firewall, desired_links
+from canal.dataplane.firewall import Firewall
+from canal.dataplane.links import Links
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        links: Links,
+        firewall: Firewall,
+        interval: float,
+        periodic: Callable[[], None] = lambda: None,
+    ):
+        self.snapshot = snapshot
+        self.links = links
+        self.firewall = firewall
+        self.interval = interval
+        self.periodic = periodic  # e.g. lease renewal, run on the timer only
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.last_error: str = ""
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="canal-agent", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def trigger(self, wait: float = 0) -> bool:
+        """Ask for a pass; with wait > 0, block until a pass that started after now is done."""
+        with self._cond:
+            self._requested += 1
+            target = self._requested
+            self._cond.notify_all()
+            if wait <= 0:
+                return True
+            deadline = time.monotonic() + wait
+            while self._done < target and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return self._done >= target and not self.last_error
+
+    def reconcile(self) -> None:
+        snap = self.snapshot()
+        links, keep = desired_links(snap)
+        self.links.reconcile(links, keep)
+        if self.firewall.apply(desired_firewall(snap)):
+            log.info("firewall updated (%d local endpoints)", len(links))
+
+    def _run(self) -> None:
+        backoff = 1.0
+        next_periodic = 0.0
+        while True:
+            with self._cond:
+                if self._requested == self._done and not self._stopping:
+                    self._cond.wait(min(self.interval, backoff) if self.last_error else self.interval)
+                if self._stopping:
+                    return
+                target = self._requested
+            try:
+                if time.monotonic() >= next_periodic:
+                    self.periodic()
+                    next_periodic = time.monotonic() + self.interval
+                self.reconcile()
+                self.last_error = ""
+                backoff = 1.0
+            except Exception as err:  # keep the loop alive; the next pass retries
+                self.last_error = f"{type(err).__name__}: {err}"
+                log.exception("reconcile failed (retrying in %.0fs): %s", backoff, err)
+                backoff = min(backoff * 2, 30.0)
+            with self._cond:
+                self._done = max(self._done, target)
+                self._cond.notify_all()

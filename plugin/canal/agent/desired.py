@@ -1,0 +1,86 @@
+"""Compute: the kernel state this host should have, from a datastore snapshot. Pure functions.
+
+Tested without root; the applier (canal.agent.agent) diffs the result against the kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from canal.dataplane.firewall import FirewallState, Jump
+from canal.dataplane.ipset import IpSet
+from canal.dataplane.links import HOST_PREFIX, EndpointLink, host_ifname
+from canal.services.ipam import ANY_NET
+from canal.services.networks import link_of
+
+FORWARD = "CANAL-FORWARD"
+POSTROUTING = "CANAL-POSTROUTING"
+CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network + canal pools
+MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    host: str
+    cluster_network: str
+    networks: Mapping[str, Mapping[str, Any]]  # network id -> record
+    endpoints: Mapping[str, Mapping[str, Any]]  # endpoint id -> record (all hosts)
+
+
+def network_set(network_id: str) -> str:
+    return "canal-n-" + hashlib.sha256(network_id.encode()).hexdigest()[:16]
+
+
+def local_endpoints(snap: Snapshot) -> list[Mapping[str, Any]]:
+    return [ep for ep in snap.endpoints.values() if ep.get("host") == snap.host]
+
+
+def desired_links(snap: Snapshot) -> tuple[list[EndpointLink], set[str]]:
+    """(links of joined local endpoints, names of veths to keep although not joined)."""
+    joined, keep = [], set()
+    for ep in local_endpoints(snap):
+        if ep.get("joined"):
+            joined.append(link_of(ep))
+        else:
+            keep.add(host_ifname(ep["id"]))
+    return joined, keep
+
+
+def desired_firewall(snap: Snapshot) -> FirewallState:
+    forward: list[str] = []
+    sets: list[IpSet] = []
+    for network_id, network in sorted(snap.networks.items()):
+        if not network.get("internal"):
+            continue
+        # Internal networks: their containers reach members of the same network only.
+        name = network_set(network_id)
+        members = frozenset(ep["ip"] for ep in snap.endpoints.values() if ep.get("network") == network_id)
+        sets.append(IpSet(name, "hash:ip", members))
+        forward.append(f"-i {HOST_PREFIX}+ -m set --match-set {name} src -m set ! --match-set {name} dst -j DROP")
+    forward += [f"-i {HOST_PREFIX}+ -j ACCEPT", f"-o {HOST_PREFIX}+ -j ACCEPT"]
+
+    nets = {snap.cluster_network}
+    for network in snap.networks.values():
+        nets.update(p for p in network.get("pools", ()) if p and p != ANY_NET)
+    masq = frozenset(
+        ep["ip"]
+        for ep in local_endpoints(snap)
+        if snap.networks.get(ep.get("network", ""), {}).get("nat", True)
+        and not snap.networks.get(ep.get("network", ""), {}).get("internal")
+    )
+    sets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
+    postrouting = [
+        f"-m set ! --match-set {MASQ_SET} src -j RETURN",
+        f"-m set --match-set {CLUSTER_SET} dst -j RETURN",
+        "-j MASQUERADE",
+    ]
+    if not snap.networks:
+        return FirewallState()  # nothing of ours on this host: leave no trace
+    return FirewallState(
+        chains={("filter", FORWARD): forward, ("nat", POSTROUTING): postrouting},
+        jumps=[Jump("filter", "FORWARD", FORWARD), Jump("nat", "POSTROUTING", POSTROUTING)],
+        ipsets=sets,
+    )
+

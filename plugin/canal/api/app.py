@@ -1,0 +1,155 @@
+"""The Flask app: thin handlers (parse → service → answer) and one error handler.
+
+Every answer is JSON with Docker's plugin content type; every error is a 4xx/5xx with
+{"Err": message} — the one shape both driver types accept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from canal.api import protocol as p
+from canal.errors import BadRequest, CanalError
+from canal.services.ipam import GLOBAL_SPACE, LOCAL_SPACE
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], dict]
+
+
+class CallStats:
+    """Handling time per call (last 2,000 of each), for `canal stats` and the benchmark."""
+
+    def __init__(self, keep: int = 2000):
+        self._samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=keep))
+        self._counts: dict[str, int] = defaultdict(int)
+        self._errors: dict[str, int] = defaultdict(int)
+
+    def record(self, call: str, seconds: float, ok: bool) -> None:
+        self._samples[call].append(seconds)
+        self._counts[call] += 1
+        if not ok:
+            self._errors[call] += 1
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for call, samples in sorted(self._samples.items()):
+            ordered = sorted(samples)
+            out[call] = {
+                "count": self._counts[call],
+                "errors": self._errors[call],
+                "p50_ms": round(ordered[len(ordered) // 2] * 1000, 3),
+                "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+                "max_ms": round(ordered[-1] * 1000, 3),
+            }
+        return out
+
+
+def _answer(body: dict, status: int = 200) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Content-Type"] = p.CONTENT_TYPE
+    return response
+
+
+def create_app(plugin: Any) -> Flask:
+    """`plugin` is a canal.runtime.Plugin (or a test double with the same services)."""
+    app = Flask("canal")
+    stats = CallStats()
+    app.extensions["canal_stats"] = stats
+    nets = plugin.networks
+    ipam = plugin.ipam
+    scope = plugin.config.scope
+
+    def route(call: str, cls: type | None, handler: Callable[..., dict]) -> None:
+        def view() -> Response:
+            started = time.perf_counter()
+            ok = False
+            try:
+                body = request.get_json(force=True, silent=True)
+                if body is None and request.get_data():
+                    raise BadRequest(f"{call}: request body is not valid JSON")
+                result = handler(p.parse(call, cls, body)) if cls else handler()
+                ok = True
+                return _answer(result)
+            finally:
+                stats.record(call, time.perf_counter() - started, ok)
+
+        app.add_url_rule("/" + call, call, view, methods=["POST"])
+
+    # Handshake
+    route("Plugin.Activate", None, p.activate)
+
+    # NetworkDriver
+    route("NetworkDriver.GetCapabilities", None, lambda: p.capabilities(scope))
+    route("NetworkDriver.CreateNetwork", p.CreateNetwork, lambda r: nets.create_network(r) or {})
+    route("NetworkDriver.DeleteNetwork", p.NetworkRef, lambda r: nets.delete_network(r.NetworkID) or {})
+    route("NetworkDriver.AllocateNetwork", p.AllocateNetwork, lambda r: {"Options": dict(r.Options)})
+    route("NetworkDriver.FreeNetwork", p.NetworkRef, lambda r: {})
+    route("NetworkDriver.CreateEndpoint", p.CreateEndpoint, nets.create_endpoint)
+    route(
+        "NetworkDriver.EndpointOperInfo",
+        p.EndpointRef,
+        lambda r: {"Value": _oper_info(nets.endpoint(r.NetworkID, r.EndpointID))},
+    )
+    route("NetworkDriver.DeleteEndpoint", p.EndpointRef, lambda r: nets.delete_endpoint(r.NetworkID, r.EndpointID) or {})
+    route("NetworkDriver.Join", p.Join, nets.join)
+    route("NetworkDriver.Leave", p.EndpointRef, lambda r: nets.leave(r.NetworkID, r.EndpointID) or {})
+    route("NetworkDriver.DiscoverNew", p.Discovery, lambda r: {})
+    route("NetworkDriver.DiscoverDelete", p.Discovery, lambda r: {})
+    route("NetworkDriver.ProgramExternalConnectivity", p.EndpointRef, lambda r: {})
+    route("NetworkDriver.RevokeExternalConnectivity", p.EndpointRef, lambda r: {})
+
+    # IpamDriver
+    route("IpamDriver.GetCapabilities", None, p.ipam_capabilities)
+    route("IpamDriver.GetDefaultAddressSpaces", None, lambda: p.address_spaces(LOCAL_SPACE, GLOBAL_SPACE))
+    route(
+        "IpamDriver.RequestPool",
+        p.RequestPool,
+        lambda r: p.pool(*ipam.request_pool(r.AddressSpace, r.Pool, r.SubPool, r.Options, r.V6)),
+    )
+    route("IpamDriver.ReleasePool", p.ReleasePool, lambda r: ipam.release_pool(r.PoolID) or {})
+    route(
+        "IpamDriver.RequestAddress",
+        p.RequestAddress,
+        lambda r: p.address(*ipam.request_address(r.PoolID, r.Address, r.Options)),
+    )
+    route("IpamDriver.ReleaseAddress", p.ReleaseAddress, lambda r: ipam.release_address(r.PoolID, r.Address) or {})
+
+    # Admin API for the canal CLI (same root-only socket)
+    @app.get("/canal/v1/status")
+    def status() -> Response:
+        return _answer(plugin.status())
+
+    @app.get("/canal/v1/stats")
+    def call_stats() -> Response:
+        return _answer(stats.summary())
+
+    @app.errorhandler(CanalError)
+    def canal_error(err: CanalError) -> Response:
+        log.warning("%s %s: %s", request.path, type(err).__name__, err)
+        return _answer(p.error(str(err)), err.status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException) -> Response:
+        message = f"{request.method} {request.path}: {err.name}"
+        if err.code == 404:
+            message = f"unknown call {request.path!r}"
+        return _answer(p.error(message), err.code or 500)
+
+    @app.errorhandler(Exception)
+    def unexpected(err: Exception) -> Response:
+        log.exception("%s failed unexpectedly", request.path)
+        return _answer(p.error(f"internal error in {request.path}: {type(err).__name__}: {err}"), 500)
+
+    return app
+
+
+def _oper_info(record: dict) -> dict:
+    return {"ip": record["ip"], "mac": record["mac"], "host": record["host"], "joined": record.get("joined", False)}

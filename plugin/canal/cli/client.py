@@ -1,0 +1,54 @@
+"""A small HTTP-over-unix-socket client for the plugin's admin API (standard library only)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+
+from canal.errors import BadRequest, CanalError, NotFound, Unavailable
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+class AdminClient:
+    def __init__(self, socket_path: str, timeout: float = 30):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            payload = None if body is None else json.dumps(body)
+            conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+        except OSError as err:
+            raise Unavailable(f"cannot reach the canal plugin at {self.socket_path}: {err}") from err
+        finally:
+            conn.close()
+        try:
+            decoded = json.loads(data) if data else {}
+        except ValueError:
+            raise Unavailable(f"{method} {path}: answer is not JSON: {data[:200]!r}") from None
+        if response.status >= 400:
+            message = decoded.get("Err", "") if isinstance(decoded, dict) else str(decoded)
+            kind = {400: BadRequest, 404: NotFound}.get(response.status, CanalError)
+            raise kind(message or f"{method} {path}: HTTP {response.status}")
+        return decoded
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, {} if body is None else body)

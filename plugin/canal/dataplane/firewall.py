@@ -1,0 +1,97 @@
+"""Desired firewall state (pure data) and the one applier that diffs and programs it.
+
+We own every chain named CANAL-* and every ipset named canal-*: they are rewritten whole.
+Built-in chains are touched only to insert (and, on removal, delete) one jump each.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from canal.dataplane import ipset
+from canal.dataplane.ipset import IpSet
+from canal.dataplane.iptables import Iptables, Table
+
+log = logging.getLogger(__name__)
+
+CHAIN_PREFIX = "CANAL-"
+
+
+@dataclass(frozen=True)
+class Jump:
+    table: str
+    builtin: str
+    chain: str
+
+    @property
+    def spec(self) -> str:
+        return f"-j {self.chain}"
+
+
+@dataclass
+class FirewallState:
+    chains: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (table, chain) -> rules
+    jumps: list[Jump] = field(default_factory=list)
+    ipsets: list[IpSet] = field(default_factory=list)
+
+
+def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
+    """iptables-restore input turning `tables` (as saved) into `desired`; "" if nothing to do."""
+    out: list[str] = []
+    names = {t for t, _ in desired.chains} | {j.table for j in desired.jumps}
+    names |= {t for t, table in tables.items() if any(c.startswith(CHAIN_PREFIX) for c in table.chains)}
+    for name in sorted(names):
+        table = tables.get(name, Table(name))
+        wanted = {c: rules for (t, c), rules in desired.chains.items() if t == name}
+        jumps = [j for j in desired.jumps if j.table == name]
+        lines: list[str] = []
+        for chain, rules in sorted(wanted.items()):
+            if table.rules.get(chain) == rules and chain in table.chains:
+                continue
+            lines.append(f":{chain} - [0:0]")
+            lines.append(f"-F {chain}")
+            lines.extend(f"-A {chain} {rule}" for rule in rules)
+        for jump in jumps:
+            if jump.spec not in table.rules.get(jump.builtin, []):
+                lines.append(f"-I {jump.builtin} 1 {jump.spec}")
+        stale = [c for c in table.chains if c.startswith(CHAIN_PREFIX) and c not in wanted]
+        wanted_jumps = {(j.builtin, j.spec) for j in jumps}
+        for chain, rules in sorted(table.rules.items()):
+            if chain.startswith(CHAIN_PREFIX):
+                continue  # our own chains are rewritten or removed whole
+            seen: set[str] = set()
+            for rule in rules:
+                if f"-j {CHAIN_PREFIX}" not in rule:
+                    continue
+                if (chain, rule) in wanted_jumps and rule not in seen:
+                    seen.add(rule)
+                    continue
+                lines.append(f"-D {chain} {rule}")  # stale or duplicate jump
+        for chain in stale:
+            lines.append(f"-F {chain}")
+        for chain in stale:
+            lines.append(f"-X {chain}")
+        if lines:
+            out.append(f"*{name}")
+            out.extend(lines)
+            out.append("COMMIT")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+class Firewall:
+    def __init__(self, iptables: Iptables):
+        self.iptables = iptables
+
+    def apply(self, desired: FirewallState) -> bool:
+        """Program desired; True if anything had to change."""
+        ipset.apply(desired.ipsets)
+        text = restore_text(desired, self.iptables.save())
+        if text:
+            log.debug("iptables-restore:\n%s", text)
+            self.iptables.restore(text)
+        ipset.destroy_unused({s.name for s in desired.ipsets})
+        return bool(text)
+
+    def remove_all(self) -> None:
+        self.apply(FirewallState())

@@ -1,0 +1,96 @@
+"""iptables through iptables-save / iptables-restore, with the backend Docker uses.
+
+Debian 12 ships both nft and legacy iptables; rules written with the wrong one are invisible to
+the other (python-iptables writes legacy tables even where Docker uses nft). So we detect
+which one holds Docker's chains and use only that one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+
+from canal.dataplane.cmd import run
+from canal.errors import CommandFailed, Unavailable
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("nft", "legacy")
+
+
+def _binary(backend: str, tool: str) -> str:
+    """iptables-nft-save, iptables-legacy-restore, ... falling back to the plain name."""
+    name = f"iptables-{backend}-{tool}" if tool else f"iptables-{backend}"
+    if shutil.which(name):
+        return name
+    plain = f"iptables-{tool}" if tool else "iptables"
+    if shutil.which(plain):
+        return plain
+    raise Unavailable(f"neither {name} nor {plain} is installed: install the iptables package")
+
+
+def _rule_count(backend: str) -> tuple[bool, int]:
+    """(holds Docker's chains, number of rules) for one backend; (False, -1) if unusable."""
+    try:
+        text = run([_binary(backend, "save")], timeout=10).stdout
+    except (CommandFailed, Unavailable):
+        return False, -1
+    docker = bool(re.search(r"^:DOCKER", text, re.M))
+    return docker, sum(1 for line in text.splitlines() if line.startswith("-A "))
+
+
+def detect_backend(configured: str = "auto") -> str:
+    """The backend holding Docker's rules; else the one with more rules; else nft."""
+    if configured in BACKENDS:
+        return configured
+    counts = {b: _rule_count(b) for b in BACKENDS}
+    for backend in BACKENDS:
+        if counts[backend][0]:
+            return backend
+    best = max(BACKENDS, key=lambda b: (counts[b][1], b == "nft"))
+    if counts[best][1] < 0:
+        raise Unavailable("no working iptables found: install the iptables package")
+    return best
+
+
+@dataclass
+class Table:
+    """One table as iptables-save prints it: chain policies and rules in order."""
+
+    name: str
+    chains: dict[str, str] = field(default_factory=dict)  # chain -> policy ("-" for user chains)
+    rules: dict[str, list[str]] = field(default_factory=dict)  # chain -> rule specs (after -A CHAIN)
+
+
+def parse_save(text: str) -> dict[str, Table]:
+    tables: dict[str, Table] = {}
+    current: Table | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:].strip(), Table(line[1:].strip()))
+        elif current is None or line.startswith("#") or not line.strip():
+            continue
+        elif line.startswith(":"):
+            name, policy = line[1:].split()[:2]
+            current.chains[name] = policy
+            current.rules.setdefault(name, [])
+        elif line.startswith("-A "):
+            _, chain, spec = line.split(" ", 2)
+            current.rules.setdefault(chain, []).append(spec)
+    return tables
+
+
+class Iptables:
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._save = _binary(backend, "save")
+        self._restore = _binary(backend, "restore")
+
+    def save(self) -> dict[str, Table]:
+        return parse_save(run([self._save], timeout=15).stdout)
+
+    def restore(self, text: str) -> None:
+        """One atomic transaction per table; --noflush keeps everything we do not own."""
+        run([self._restore, "--noflush", "--wait", "5"], input=text, timeout=30)

@@ -1,0 +1,217 @@
+"""Routed endpoints, Calico's way, through netlink (pyroute2).
+
+Per endpoint: a veth pair; the container end is moved into the sandbox by Docker (Join's
+SrcName); the host end carries 169.254.1.1/32 (so the container's gateway answers ARP even on
+hosts without a default route), proxy ARP, and a /32 route to the container. No bridge.
+Every function here is idempotent: the reconcile loop calls the same ones the handlers do.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from canal.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+HOST_PREFIX = "cnl"  # host-side veth: cnl + 12 chars of the endpoint ID (15 = IFNAMSIZ-1)
+PEER_PREFIX = "cnp"  # container side, until Docker moves and renames it
+GATEWAY = "169.254.1.1"
+HOST_MAC = "ee:ee:ee:ee:ee:ee"
+RT_SCOPE_LINK = 253
+RTPROT_CANAL = 101  # our routes carry their own protocol number, so we find (only) them again
+
+
+def host_ifname(endpoint_id: str) -> str:
+    return HOST_PREFIX + endpoint_id[:12]
+
+
+def peer_ifname(endpoint_id: str) -> str:
+    return PEER_PREFIX + endpoint_id[:12]
+
+
+@dataclass(frozen=True)
+class EndpointLink:
+    """The kernel state one local endpoint needs."""
+
+    endpoint_id: str
+    ip: ipaddress.IPv4Address
+    mac: str
+    mtu: int
+
+    @property
+    def host_if(self) -> str:
+        return host_ifname(self.endpoint_id)
+
+    @property
+    def peer_if(self) -> str:
+        return peer_ifname(self.endpoint_id)
+
+
+def _sysctl(path: str, value: str) -> None:
+    try:
+        with open("/proc/sys/" + path, "w") as handle:
+            handle.write(value)
+    except OSError as err:
+        raise Unavailable(f"cannot set sysctl {path.replace('/', '.')}={value}: {err}") from err
+
+
+def enable_forwarding() -> None:
+    _sysctl("net/ipv4/ip_forward", "1")
+
+
+class Links:
+    """One netlink socket, serialised: pyroute2 sockets are not thread-safe."""
+
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._ipr.close()
+
+    def _index(self, name: str) -> int | None:
+        found = self._ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def ensure_veth(self, link: EndpointLink) -> None:
+        """Create the pair (if the host end is missing) and configure the host end."""
+        with self._lock:
+            try:
+                if self._index(link.host_if) is None:
+                    if self._index(link.peer_if) is not None:  # half-made by a crashed attempt
+                        self._ipr.link("del", ifname=link.peer_if)
+                    self._ipr.link(
+                        "add",
+                        ifname=link.host_if,
+                        kind="veth",
+                        address=HOST_MAC,
+                        mtu=link.mtu,
+                        peer={"ifname": link.peer_if, "address": link.mac, "mtu": link.mtu},
+                    )
+                    log.info("created veth %s for endpoint %s (%s)", link.host_if, link.endpoint_id[:12], link.ip)
+                self._configure(link)
+            except NetlinkError as err:
+                raise Unavailable(f"endpoint {link.endpoint_id[:12]}: netlink: {err}") from err
+
+    def _configure(self, link: EndpointLink) -> None:
+        index = self._index(link.host_if)
+        if index is None:
+            raise Unavailable(f"veth {link.host_if} vanished while configuring it")
+        conf = f"net/ipv4/conf/{link.host_if}/"
+        _sysctl(conf + "proxy_arp", "1")
+        _sysctl(conf + "forwarding", "1")
+        _sysctl(f"net/ipv4/neigh/{link.host_if}/proxy_delay", "0")
+        self._ipr.link("set", index=index, state="up", mtu=link.mtu)
+        try:
+            self._ipr.addr("add", index=index, address=GATEWAY, prefixlen=32, scope=RT_SCOPE_LINK)
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
+        self._ipr.route(
+            "replace",
+            dst=f"{link.ip}/32",
+            oif=index,
+            scope=RT_SCOPE_LINK,
+            proto=RTPROT_CANAL,
+        )
+
+    def delete(self, endpoint_id: str) -> None:
+        """Remove both ends and the route (the route goes with the device)."""
+        with self._lock:
+            for name in (host_ifname(endpoint_id), peer_ifname(endpoint_id)):
+                try:
+                    self._ipr.link("del", ifname=name)
+                    log.info("deleted %s", name)
+                except NetlinkError as err:
+                    if err.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+                        raise Unavailable(f"cannot delete {name}: {err}") from err
+
+    def present(self) -> set[str]:
+        """Names of the host-side veths that exist now."""
+        with self._lock:
+            return {
+                name
+                for name in (link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links())
+                if name and name.startswith(HOST_PREFIX)
+            }
+
+    def routes(self) -> Iterator[tuple[str, int]]:
+        """(destination, oif) of every route Canal installed."""
+        with self._lock:
+            for route in self._ipr.get_routes(family=2, proto=RTPROT_CANAL):
+                dst = route.get_attr("RTA_DST")
+                if dst:
+                    yield f"{dst}/{route['dst_len']}", route.get_attr("RTA_OIF")
+
+    def reconcile(self, desired: list[EndpointLink], keep: set[str]) -> None:
+        """Make kernel match desired: fix what drifted, delete veths nobody owns.
+
+        `keep` names host-side veths of endpoints that exist but are not (yet) joined.
+        """
+        wanted = {link.host_if: link for link in desired}
+        present = self.present()
+        for name, link in wanted.items():
+            if name in present:
+                self.ensure_veth(link)
+            else:
+                log.warning(
+                    "endpoint %s (%s): its veth %s is gone; the container lost its network",
+                    link.endpoint_id[:12], link.ip, name,
+                )
+        for name in present - set(wanted) - keep:
+            log.info("removing orphaned veth %s", name)
+            with self._lock:
+                try:
+                    self._ipr.link("del", ifname=name)
+                except NetlinkError as err:
+                    if err.code != errno.ENODEV:
+                        raise Unavailable(f"cannot delete {name}: {err}") from err
+
+
+def default_route_device() -> tuple[str, str, int] | None:
+    """(iface, address, mtu) of the default route's device, if the host has one."""
+    with IPRoute() as ipr:
+        for route in ipr.get_default_routes(family=2):
+            oif = route.get_attr("RTA_OIF")
+            link = ipr.get_links(oif)[0]
+            addrs = ipr.get_addr(family=2, index=oif)
+            if addrs:
+                return link.get_attr("IFLA_IFNAME"), addrs[0].get_attr("IFA_ADDRESS"), link.get_attr("IFLA_MTU")
+    return None
+
+
+def underlay(iface: str = "", public_ip: str = "") -> tuple[str, str, int]:
+    """(iface, public ip, mtu) of the underlay: as configured, else the default route's device,
+    else the first up interface with a global IPv4 address (hosts without a default route)."""
+    with IPRoute() as ipr:
+        candidates = []
+        for addr in ipr.get_addr(family=2):
+            if addr["scope"] != 0:
+                continue
+            index = addr["index"]
+            link = ipr.get_links(index)[0]
+            name = link.get_attr("IFLA_IFNAME")
+            if name.startswith((HOST_PREFIX, "docker", "flannel", "veth", "br-")):
+                continue
+            candidates.append((name, addr.get_attr("IFA_ADDRESS"), link.get_attr("IFLA_MTU")))
+    if iface or public_ip:
+        for name, ip, mtu in candidates:
+            if (not iface or name == iface) and (not public_ip or ip == public_ip):
+                return name, ip, mtu
+        raise Unavailable(f"no interface matches iface={iface!r} public-ip={public_ip!r}")
+    found = default_route_device()
+    if found:
+        return found
+    if candidates:
+        return candidates[0]
+    return "lo", "127.0.0.1", 1500

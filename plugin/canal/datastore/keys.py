@@ -1,0 +1,72 @@
+"""Where each record lives in the datastore: the key layout, in one place.
+
+Addresses are keyed by 8 hex digits so that every subnet is a key-prefix range: a pool's
+allocations are one prefix query, not a scan of the whole cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def ip_hex(ip: ipaddress.IPv4Address | str) -> str:
+    return "%08x" % int(ipaddress.IPv4Address(ip))
+
+
+def hex_prefix(net: ipaddress.IPv4Network) -> str:
+    """The longest hex key prefix shared by every address of net (whole nibbles only)."""
+    return ip_hex(net.network_address)[: net.prefixlen // 4]
+
+
+def cidr_key(net: ipaddress.IPv4Network | str) -> str:
+    return str(net).replace("/", "-")
+
+
+class Keys:
+    def __init__(self, prefix: str, flannel_prefix: str):
+        self.root = prefix.rstrip("/")
+        self.flannel = flannel_prefix.rstrip("/")
+
+    # Canal's own records
+    def pool(self, net: ipaddress.IPv4Network | str) -> str:
+        return f"{self.root}/ipam/pools/{cidr_key(net)}"
+
+    @property
+    def pools(self) -> str:
+        return f"{self.root}/ipam/pools/"
+
+    def address(self, ip: ipaddress.IPv4Address | str) -> str:
+        return f"{self.root}/ipam/addresses/{ip_hex(ip)}"
+
+    @property
+    def addresses(self) -> str:
+        return f"{self.root}/ipam/addresses/"
+
+    def network(self, network_id: str) -> str:
+        return f"{self.root}/networks/{network_id}"
+
+    @property
+    def networks(self) -> str:
+        return f"{self.root}/networks/"
+
+    def endpoint(self, endpoint_id: str) -> str:
+        return f"{self.root}/endpoints/{endpoint_id}"
+
+    @property
+    def endpoints(self) -> str:
+        return f"{self.root}/endpoints/"
+
+    def host(self, name: str) -> str:
+        return f"{self.root}/hosts/{name}"
+
+    # flannel's schema, shared with real flanneld hosts
+    @property
+    def flannel_config(self) -> str:
+        return f"{self.flannel}/config"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.flannel}/subnets/"
+
+    def lease(self, net: ipaddress.IPv4Network | str) -> str:
+        return f"{self.flannel}/subnets/{cidr_key(net)}"

@@ -1,0 +1,293 @@
+"""IPAM: pools and addresses, unique cluster-wide through create-if-absent on one key per IP.
+
+Design choices, each forced by Docker:
+- A network created without `--subnet` gets the pool `0.0.0.0/0`: libnetwork skips its host
+  route-overlap check for it (otherwise the /32 routes of running containers make it call
+  RequestPool forever). Its addresses come from this host's flannel subnet lease.
+- Every container address is a /32 (routed, no L2), whatever the pool.
+- Identical pool requests give identical answers (PoolID derived from the request), so
+  replays, Swarm's manager/node double requests and several hosts creating the same network
+  all land on one pool record.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from canal.datastore.base import Datastore
+from canal.datastore.keys import Keys, hex_prefix, ip_hex
+from canal.errors import BadRequest, Conflict, Exhausted, NotFound
+
+log = logging.getLogger(__name__)
+
+LOCAL_SPACE = "CanalLocal"
+GLOBAL_SPACE = "CanalGlobal"
+DEFAULT_POOL_ID = "canal-default"
+POOL_ID_PREFIX = "canal-pool:"
+ANY_NET = "0.0.0.0/0"
+GATEWAY_OPTION = "com.docker.network.gateway"
+REQUEST_TYPE_OPTION = "RequestAddressType"
+
+KIND_ENDPOINT = "endpoint"
+KIND_GATEWAY = "gateway"
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """What a PoolID stands for; parsed, never looked up, so IDs stay valid across restarts."""
+
+    pool: ipaddress.IPv4Network | None  # None: the default pool (this host's subnet)
+    sub_pool: ipaddress.IPv4Network | None = None
+
+    @property
+    def id(self) -> str:
+        if self.pool is None:
+            return DEFAULT_POOL_ID
+        return POOL_ID_PREFIX + str(self.pool) + (f":{self.sub_pool}" if self.sub_pool else "")
+
+    @staticmethod
+    def parse(pool_id: Any) -> "PoolRef":
+        if pool_id == DEFAULT_POOL_ID:
+            return PoolRef(None)
+        if not isinstance(pool_id, str) or not pool_id.startswith(POOL_ID_PREFIX):
+            raise NotFound(f"unknown PoolID {pool_id!r}: not a canal pool")
+        parts = pool_id[len(POOL_ID_PREFIX):].split(":")
+        try:
+            pool = ipaddress.IPv4Network(parts[0])
+            sub = ipaddress.IPv4Network(parts[1]) if len(parts) > 1 else None
+        except (ValueError, IndexError):
+            raise NotFound(f"unknown PoolID {pool_id!r}: malformed") from None
+        return PoolRef(pool, sub)
+
+
+def _network(value: str, what: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(value, strict=False)
+    except ValueError as err:
+        if ":" in value:
+            raise BadRequest(f"{what} {value!r}: IPv6 is not supported by canal") from None
+        raise BadRequest(f"{what} {value!r} is not an IPv4 CIDR: {err}") from None
+    return net
+
+
+def _usable(net: ipaddress.IPv4Network, ip: ipaddress.IPv4Address) -> bool:
+    """Network and broadcast addresses are never handed out (except in /31 and /32)."""
+    if net.prefixlen >= 31:
+        return True
+    return ip not in (net.network_address, net.broadcast_address)
+
+
+class Ipam:
+    def __init__(
+        self,
+        store: Datastore,
+        keys: Keys,
+        host: str,
+        host_subnet: Callable[[], ipaddress.IPv4Network],
+    ):
+        self.store = store
+        self.keys = keys
+        self.host = host
+        self.host_subnet = host_subnet
+
+    # Pools --------------------------------------------------------------------------------
+
+    def request_pool(
+        self, address_space: str, pool: str, sub_pool: str, options: Mapping[str, str], v6: bool
+    ) -> tuple[str, str, dict[str, str]]:
+        if v6:
+            raise BadRequest("IPv6 is not supported by canal IPAM: create the network without --ipv6")
+        if address_space not in ("", LOCAL_SPACE, GLOBAL_SPACE):
+            raise BadRequest(
+                f"unknown address space {address_space!r}: canal serves {LOCAL_SPACE} and {GLOBAL_SPACE}"
+            )
+        if not pool:
+            if sub_pool:
+                raise BadRequest("--ip-range needs --subnet")
+            # No gateway request follows: the gateway is given here (see module docstring).
+            return DEFAULT_POOL_ID, ANY_NET, {GATEWAY_OPTION: ANY_NET}
+        net = _network(pool, "subnet")
+        if str(net) != pool and str(net.network_address) != pool.split("/")[0]:
+            raise BadRequest(f"subnet {pool!r} has host bits set; did you mean {net}?")
+        if net.prefixlen > 30:
+            raise BadRequest(f"subnet {net} is too small: canal needs /30 or larger")
+        sub = None
+        if sub_pool:
+            sub = _network(sub_pool, "ip-range")
+            if not sub.subnet_of(net):
+                raise BadRequest(f"ip-range {sub} is not inside subnet {net}")
+        for other in self.store.list_json(self.keys.pools).values():
+            other_net = ipaddress.IPv4Network(other["cidr"])
+            if other_net != net and other_net.overlaps(net):
+                raise Conflict(
+                    f"subnet {net} overlaps subnet {other_net} of another canal network; "
+                    "use the same subnet or one that does not overlap"
+                )
+        if self.store.create(self.keys.pool(net), {"cidr": str(net), "gateway": ""}):
+            log.info("pool %s created", net)
+        return PoolRef(net, sub).id, str(net), {}
+
+    def release_pool(self, pool_id: str) -> None:
+        ref = PoolRef.parse(pool_id)
+        if ref.pool is None:
+            return
+        # The same pool may serve other networks (other hosts, Swarm): keep it while in use.
+        if self._allocated(ref.pool):
+            log.info("pool %s still has addresses in use; keeping it", ref.pool)
+            return
+        self.store.delete(self.keys.pool(ref.pool))
+        log.info("pool %s released", ref.pool)
+
+    # Addresses ----------------------------------------------------------------------------
+
+    def request_address(
+        self, pool_id: str, address: str, options: Mapping[str, str] | None
+    ) -> tuple[str, dict[str, str]]:
+        ref = PoolRef.parse(pool_id)
+        kind = KIND_GATEWAY if (options or {}).get(REQUEST_TYPE_OPTION) == GATEWAY_OPTION else KIND_ENDPOINT
+        if ref.pool is None:
+            if kind == KIND_GATEWAY:
+                raise BadRequest("--gateway needs --subnet on a canal network")
+            scope = self.host_subnet()
+        else:
+            scope = ref.pool
+            if self.store.get(self.keys.pool(ref.pool)) is None:
+                raise NotFound(f"pool {ref.pool} does not exist (released?)")
+        if address:
+            ip = self._parse_ip(address, scope)
+            self._reserve(ip, ref, kind)
+        else:
+            ip = self._allocate(ref, scope, kind)
+        if kind == KIND_GATEWAY:
+            self.store.update(self.keys.pool(scope), lambda p: p and {**p, "gateway": str(ip)})
+            return f"{ip}/{scope.prefixlen}", {}
+        return f"{ip}/32", {}
+
+    def release_address(self, pool_id: str, address: str) -> None:
+        ref = PoolRef.parse(pool_id)
+        ip = self._parse_ip(address, None)
+        key = self.keys.address(ip)
+
+        def release(record: Any) -> Any:
+            if record is None:
+                return None
+            if record.get("pool") != ref.id:
+                raise Conflict(f"address {ip} belongs to pool {record.get('pool')}, not {ref.id}")
+            return None
+
+        self.store.update(key, release)
+        log.info("released %s from %s", ip, ref.id)
+
+    def bind(self, ip: ipaddress.IPv4Address, endpoint_id: str, network_id: str) -> None:
+        """Tie an allocated address to its endpoint, so leaks can be told from live addresses."""
+
+        def bind(record: Any) -> Any:
+            if record is None:
+                raise Conflict(f"address {ip} was not allocated by canal IPAM")
+            if record.get("endpoint") not in ("", endpoint_id):
+                raise Conflict(f"address {ip} is already used by endpoint {record['endpoint'][:12]}")
+            return {**record, "endpoint": endpoint_id, "network": network_id}
+
+        self.store.update(self.keys.address(ip), bind)
+
+    def unbind(self, ip: ipaddress.IPv4Address, endpoint_id: str) -> None:
+        def unbind(record: Any) -> Any:
+            if record is None or record.get("endpoint") != endpoint_id:
+                return record
+            return {**record, "endpoint": ""}
+
+        self.store.update(self.keys.address(ip), unbind)
+
+    # Internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_ip(address: str, scope: ipaddress.IPv4Network | None) -> ipaddress.IPv4Address:
+        try:
+            ip = ipaddress.IPv4Address(address.split("/")[0])
+        except ValueError:
+            raise BadRequest(f"address {address!r} is not an IPv4 address") from None
+        if scope is not None:
+            if ip not in scope:
+                raise BadRequest(f"address {ip} is outside the network's subnet {scope}")
+            if not _usable(scope, ip):
+                raise BadRequest(f"address {ip} is the network or broadcast address of {scope}")
+        return ip
+
+    def _record(self, ip: ipaddress.IPv4Address, ref: PoolRef, kind: str) -> dict[str, Any]:
+        return {
+            "ip": str(ip),
+            "pool": ref.id,
+            "kind": kind,
+            "host": self.host,
+            "endpoint": "",
+            "network": "",
+            "time": int(time.time()),
+        }
+
+    def _reserve(self, ip: ipaddress.IPv4Address, ref: PoolRef, kind: str) -> None:
+        if self.store.create(self.keys.address(ip), self._record(ip, ref, kind)):
+            return
+        held = self.store.get_json(self.keys.address(ip)) or {}
+        if kind == KIND_GATEWAY and held.get("kind") == KIND_GATEWAY and held.get("pool") == ref.id:
+            return  # the same gateway requested again (replay, another host): idempotent
+        owner = f" by endpoint {held['endpoint'][:12]}" if held.get("endpoint") else ""
+        raise Conflict(f"address {ip} is already in use{owner} (as {held.get('kind', 'address')} on host {held.get('host', '?')})")
+
+    def _allocated(self, net: ipaddress.IPv4Network) -> set[int]:
+        entries, _ = self.store.list(self.keys.addresses + hex_prefix(net))
+        out = set()
+        for entry in entries:
+            value = int(entry.key.rsplit("/", 1)[1], 16)
+            if value in range(int(net.network_address), int(net.broadcast_address) + 1):
+                out.add(value)
+        return out
+
+    def _ranges(self, ref: PoolRef, scope: ipaddress.IPv4Network) -> list[ipaddress.IPv4Network]:
+        """Where to look, in order: this host's own subnet first when the pool contains it,
+        so most addresses route through the subnet routes and need no /32 route records."""
+        if ref.pool is None:
+            return [scope]
+        if ref.sub_pool is not None:
+            return [ref.sub_pool]
+        try:
+            mine = self.host_subnet()
+        except Exception:  # no lease yet: the whole pool still works
+            return [ref.pool]
+        if mine.subnet_of(ref.pool) and mine != ref.pool:
+            return [mine, ref.pool]
+        return [ref.pool]
+
+    def _allocate(self, ref: PoolRef, scope: ipaddress.IPv4Network, kind: str) -> ipaddress.IPv4Address:
+        gateway = (self.store.get_json(self.keys.pool(scope)) or {}).get("gateway") if ref.pool else ""
+        for _attempt in range(50):
+            free: list[ipaddress.IPv4Address] = []
+            for rng in self._ranges(ref, scope):
+                taken = self._allocated(rng)
+                for value in range(int(rng.network_address), int(rng.broadcast_address) + 1):
+                    ip = ipaddress.IPv4Address(value)
+                    if value in taken or not _usable(rng, ip) or not _usable(scope, ip):
+                        continue
+                    if str(ip) == gateway:
+                        continue
+                    free.append(ip)
+                    if len(free) >= 16:
+                        break
+                if free:
+                    break
+            if not free:
+                where = ref.sub_pool or scope
+                raise Exhausted(f"no free address left in {where}")
+            # A random pick among the lowest free addresses keeps concurrent requests apart.
+            ip = random.choice(free)
+            if self.store.create(self.keys.address(ip), self._record(ip, ref, kind)):
+                log.debug("allocated %s (%s) from %s", ip, kind, ref.id)
+                return ip
+        raise Conflict(f"could not allocate an address in {scope}: too much contention; retry")
+
+
+__all__ = ["Ipam", "PoolRef", "LOCAL_SPACE", "GLOBAL_SPACE", "ip_hex"]

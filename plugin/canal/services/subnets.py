@@ -1,0 +1,193 @@
+"""Host subnet leases in flannel's own schema, so Canal hosts and flanneld hosts share one etcd.
+
+Knows nothing of the kernel (flannel's subnet.Manager vs Backend split): it turns the cluster
+network config and the leases under `<prefix>/subnets/` into "this host owns subnet S".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from canal.datastore.base import Datastore, Guard, Put, dumps
+from canal.datastore.keys import Keys
+from canal.errors import BadRequest, Exhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL = 24 * 3600
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network: ipaddress.IPv4Network
+    subnet_len: int
+    subnet_min: ipaddress.IPv4Network
+    subnet_max: ipaddress.IPv4Network
+    backend: dict
+
+    @property
+    def vni(self) -> int:
+        return int(_ci(self.backend, "VNI", 1))
+
+    @property
+    def port(self) -> int:
+        return int(_ci(self.backend, "Port", 0) or 0)
+
+
+@dataclass(frozen=True)
+class Lease:
+    subnet: ipaddress.IPv4Network
+    public_ip: str
+    vtep_mac: str
+    lease_id: int  # datastore lease; 0 for a reservation (never expires)
+
+
+def _ci(mapping: dict, key: str, default: Any) -> Any:
+    """flannel reads backend keys case-insensitively."""
+    for k, v in mapping.items():
+        if k.lower() == key.lower():
+            return v
+    return default
+
+
+def parse_network_config(raw: dict) -> NetworkConfig:
+    """flannel's config JSON with flannel's defaults; errors name the field."""
+    try:
+        network = ipaddress.IPv4Network(raw["Network"])
+    except KeyError:
+        raise BadRequest("flannel config has no Network field") from None
+    except ValueError as err:
+        raise BadRequest(f"flannel config Network {raw.get('Network')!r}: {err}") from None
+    if network.prefixlen > 28:
+        raise BadRequest(f"flannel config Network {network} is smaller than /28")
+    default_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    subnet_len = int(raw.get("SubnetLen") or default_len)
+    if not network.prefixlen < subnet_len <= 30:
+        raise BadRequest(f"flannel config SubnetLen {subnet_len} does not fit Network {network}")
+    subnets = network.subnets(new_prefix=subnet_len)
+    first = next(subnets)
+    second = next(subnets, first)
+    last = ipaddress.IPv4Network(
+        (int(network.broadcast_address) - (1 << (32 - subnet_len)) + 1, subnet_len)
+    )
+    try:
+        lo = ipaddress.IPv4Network((raw["SubnetMin"], subnet_len), strict=False) if raw.get("SubnetMin") else second
+        hi = ipaddress.IPv4Network((raw["SubnetMax"], subnet_len), strict=False) if raw.get("SubnetMax") else last
+    except ValueError as err:
+        raise BadRequest(f"flannel config SubnetMin/SubnetMax: {err}") from None
+    backend = raw.get("Backend") or {"Type": "udp"}
+    return NetworkConfig(network, subnet_len, lo, hi, backend)
+
+
+class SubnetManager:
+    def __init__(self, store: Datastore, keys: Keys, network: str, subnet_len: int, vni: int, port: int):
+        self.store = store
+        self.keys = keys
+        self.vni = vni
+        self._wanted = {
+            "Network": network,
+            "SubnetLen": subnet_len,
+            "Backend": {"Type": "vxlan", "VNI": vni, "Port": port},
+        }
+
+    def network_config(self) -> NetworkConfig:
+        """Read `<prefix>/config`, creating it from our settings only if absent."""
+        raw = self.store.get_json(self.keys.flannel_config)
+        if raw is None:
+            self.store.create(self.keys.flannel_config, self._wanted)
+            raw = self.store.get_json(self.keys.flannel_config)
+            log.info("created flannel network config %s", raw)
+        elif raw.get("Network") != self._wanted["Network"]:
+            log.warning(
+                "cluster network %s from %s overrides the configured %s",
+                raw.get("Network"), self.keys.flannel_config, self._wanted["Network"],
+            )
+        return parse_network_config(raw)
+
+    def leases(self) -> list[Lease]:
+        entries, _ = self.store.list(self.keys.leases)
+        out = []
+        for entry in entries:
+            lease = lease_from_entry(entry.key[len(self.keys.leases):], entry.value, entry.lease)
+            if lease is not None:
+                out.append(lease)
+        return out
+
+    def acquire(self, public_ip: str, vtep_mac: str, previous: str | None = None) -> Lease:
+        """flannel's order: our own lease by PublicIP, then the previous subnet, then a free one."""
+        cfg = self.network_config()
+        leases = self.leases()
+        for lease in leases:
+            if lease.public_ip == public_ip and lease.subnet.subnet_of(cfg.network):
+                return self._renew(lease, vtep_mac)
+        taken = {lease.subnet for lease in leases}
+        candidates: list[ipaddress.IPv4Network] = []
+        if previous:
+            prev = ipaddress.IPv4Network(previous)
+            if prev.prefixlen == cfg.subnet_len and prev.subnet_of(cfg.network) and prev not in taken:
+                candidates.append(prev)
+        free = [s for s in self._range(cfg) if s not in taken][:100]
+        random.shuffle(free)
+        candidates.extend(free)
+        if not candidates:
+            raise Exhausted(f"no free /{cfg.subnet_len} subnet left in cluster network {cfg.network}")
+        value = self._value(public_ip, vtep_mac)
+        for subnet in candidates[:20]:
+            lease_id = self.store.grant(LEASE_TTL)
+            if self.store.txn([Guard(self.keys.lease(subnet), 0)], [Put(self.keys.lease(subnet), value, lease_id)]):
+                log.info("leased subnet %s for host %s", subnet, public_ip)
+                return Lease(subnet, public_ip, vtep_mac, lease_id)
+            self.store.revoke(lease_id)
+        raise Unavailable("could not lease a subnet: every candidate was taken concurrently; retry")
+
+    def renew(self, lease: Lease) -> Lease:
+        """Keep the lease alive; if it expired meanwhile, take the same subnet back if free."""
+        if lease.lease_id == 0 or self.store.keepalive(lease.lease_id):
+            if self.store.get(self.keys.lease(lease.subnet)) is not None:
+                return lease
+        log.warning("lease on %s was lost; re-acquiring", lease.subnet)
+        return self.acquire(lease.public_ip, lease.vtep_mac, previous=str(lease.subnet))
+
+    def _renew(self, lease: Lease, vtep_mac: str) -> Lease:
+        key = self.keys.lease(lease.subnet)
+        entry = self.store.get(key)
+        value = self._value(lease.public_ip, vtep_mac)
+        if entry is not None and entry.lease == 0:  # a reservation: keep it lease-less
+            if entry.value != value:
+                self.store.txn([Guard(key, entry.mod_revision)], [Put(key, value)])
+            return Lease(lease.subnet, lease.public_ip, vtep_mac, 0)
+        lease_id = self.store.grant(LEASE_TTL)
+        guard = Guard(key, entry.mod_revision if entry else 0)
+        if not self.store.txn([guard], [Put(key, value, lease_id)]):
+            self.store.revoke(lease_id)
+            raise Unavailable(f"lease {key} changed while renewing; retry")
+        if entry is not None and entry.lease:
+            self.store.revoke(entry.lease)
+        return Lease(lease.subnet, lease.public_ip, vtep_mac, lease_id)
+
+    @staticmethod
+    def _range(cfg: NetworkConfig):  # type: ignore[no-untyped-def]
+        step = 1 << (32 - cfg.subnet_len)
+        for start in range(int(cfg.subnet_min.network_address), int(cfg.subnet_max.network_address) + 1, step):
+            yield ipaddress.IPv4Network((start, cfg.subnet_len))
+
+    def _value(self, public_ip: str, vtep_mac: str) -> str:
+        data = {"VNI": self.vni, "VtepMAC": vtep_mac}
+        return dumps({"PublicIP": public_ip, "BackendType": "vxlan", "BackendData": data})
+
+
+def lease_from_entry(name: str, value: str, lease_id: int) -> Lease | None:
+    """Parse `a.b.c.d-len` + flannel's JSON; foreign or broken records are skipped, not fatal."""
+    try:
+        subnet = ipaddress.IPv4Network(name.replace("-", "/"))
+        data = json.loads(value)
+        mac = (data.get("BackendData") or {}).get("VtepMAC", "")
+        return Lease(subnet, str(data.get("PublicIP", "")), mac, lease_id)
+    except (ValueError, AttributeError, TypeError):
+        log.warning("ignoring malformed flannel lease %s=%r", name, value)
+        return None
