@@ -192,7 +192,6 @@ class SimHost:
         argv = ["dockerd", "--data-root", str(self.data_root), "--exec-root", str(self.exec_root),
                 "--pidfile", str(self.workdir / "docker.pid"), "-H", f"unix://{self.docker_sock}",
                 "--config-file", str(self.workdir / "daemon.json"),
-                "--deprecated-key-path", str(self.workdir / "key.json"),  # not /etc/docker
                 "--cgroup-parent", f"/{self.cgroup_parent}"]
         if not any(a.split("=")[0] in ("--bip", "--bridge", "-b") for a in extra):
             argv += ["--bip", self.docker_bip]
@@ -209,9 +208,10 @@ class SimHost:
         if self.dockerd_running():
             raise TestbedError(f"{self.name}: dockerd already running")
         self._dockerd_args = tuple(extra_args)
-        cfg = self.workdir / "daemon.json"
-        if not cfg.exists():
-            cfg.write_text("{}\n")
+        # Own config file (never /etc/docker/daemon.json); the engine key too, which
+        # dockerd 20.10 would otherwise write to /etc/docker/key.json.
+        cfg = {"deprecated-key-path": str(self.workdir / "key.json")}
+        (self.workdir / "daemon.json").write_text(json.dumps(cfg) + "\n")
         self.dockerd = self.popen(self.dockerd_argv(extra_args), self.dockerd_log)
         deadline = time.monotonic() + timeout
         while True:

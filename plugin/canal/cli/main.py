@@ -36,6 +36,7 @@ def serve(cfg: configmod.Config) -> int:
         level=cfg.log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d:%(threadName)s] %(message)s",
     )
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # per-message debug noise
     os.makedirs(os.path.dirname(cfg.socket), exist_ok=True)
     if os.path.exists(cfg.socket):
         if _socket_alive(cfg.socket):
