@@ -97,7 +97,7 @@ class Selector:
 
     def _wrapped(self, min_precedence: int) -> str:
         text = self.canonical()
-        return text
+        return f"({text})" if self._precedence < min_precedence else text
 
 
 @dataclass(frozen=True)
