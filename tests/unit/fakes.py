@@ -1,0 +1,83 @@
+"""Stateful fakes: they keep state and are asserted on by result, not by call sequence."""
+
+from __future__ import annotations
+
+import shlex
+
+from canal.dataplane.iptables import Table, parse_save
+from canal.dataplane.links import EndpointLink
+
+
+class FakeIptables:
+    """Accepts iptables-restore --noflush input and answers save(), like the kernel would."""
+
+    def __init__(self, save_text: str = ""):
+        self.tables: dict[str, Table] = parse_save(save_text) if save_text else {}
+        self.restores: list[str] = []
+        for name in ("filter", "nat"):
+            table = self.tables.setdefault(name, Table(name))
+            builtins = ("INPUT", "FORWARD", "OUTPUT") if name == "filter" else ("PREROUTING", "POSTROUTING")
+            for chain in builtins:
+                table.chains.setdefault(chain, "ACCEPT")
+                table.rules.setdefault(chain, [])
+
+    def save(self) -> dict[str, Table]:
+        return {
+            name: Table(name, dict(t.chains), {c: list(r) for c, r in t.rules.items()})
+            for name, t in self.tables.items()
+        }
+
+    def restore(self, text: str) -> None:
+        self.restores.append(text)
+        table: Table | None = None
+        for line in text.splitlines():
+            if line.startswith("*"):
+                table = self.tables.setdefault(line[1:], Table(line[1:]))
+            elif line == "COMMIT":
+                table = None
+            elif line.startswith(":"):
+                chain = line[1:].split()[0]
+                assert table is not None
+                table.chains[chain] = "-"
+                table.rules[chain] = []  # --noflush still flushes a declared chain
+            else:
+                assert table is not None, f"rule outside a table: {line}"
+                op, chain, *rest = line.split(" ", 2)
+                spec = rest[0] if rest else ""
+                if op == "-A":
+                    assert chain in table.chains, f"no chain {chain}"
+                    table.rules[chain].append(spec)
+                elif op == "-I":
+                    _, spec = spec.split(" ", 1)
+                    table.rules[chain].insert(0, spec)
+                elif op == "-D":
+                    table.rules[chain].remove(spec)
+                elif op == "-F":
+                    table.rules[chain] = []
+                elif op == "-X":
+                    for other, rules in table.rules.items():
+                        assert not any(f"-j {chain}" in r for r in rules), f"{chain} still referenced by {other}"
+                    del table.chains[chain]
+                    del table.rules[chain]
+                else:
+                    raise AssertionError(f"unexpected restore line {shlex.quote(line)}")
+
+
+class FakeLinks:
+    """The kernel's veths as a dict: name -> EndpointLink."""
+
+    def __init__(self) -> None:
+        self.veths: dict[str, EndpointLink] = {}
+
+    def ensure_veth(self, link: EndpointLink) -> None:
+        self.veths[link.host_if] = link
+
+    def delete(self, endpoint_id: str) -> None:
+        self.veths = {n: l for n, l in self.veths.items() if l.endpoint_id != endpoint_id}
+
+    def reconcile(self, desired: list[EndpointLink], keep: set[str]) -> None:
+        wanted = {l.host_if for l in desired}
+        self.veths = {n: l for n, l in self.veths.items() if n in wanted or n in keep}
+
+    def close(self) -> None:
+        pass

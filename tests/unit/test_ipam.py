@@ -1,0 +1,186 @@
+"""IPAM against the real embedded datastore: uniqueness, idempotence, clear refusals."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+
+import pytest
+
+from canal.datastore.keys import Keys
+from canal.errors import BadRequest, Conflict, Exhausted, NotFound
+from canal.services.ipam import DEFAULT_POOL_ID, GATEWAY_OPTION, Ipam
+
+GW = {"RequestAddressType": GATEWAY_OPTION}
+HOST_SUBNET = ipaddress.IPv4Network("100.64.3.0/24")
+
+
+@pytest.fixture
+def ipam(store):
+    return Ipam(store, Keys("/canal/v1", "/coreos.com/network"), "host1", lambda: HOST_SUBNET)
+
+
+def test_default_pool_skips_dockers_overlap_loop(ipam):
+    pool_id, pool, data = ipam.request_pool("CanalLocal", "", "", {}, False)
+    assert (pool_id, pool) == (DEFAULT_POOL_ID, "0.0.0.0/0")
+    assert data == {GATEWAY_OPTION: "0.0.0.0/0"}  # so Docker asks for no gateway
+
+
+def test_default_pool_addresses_are_host_subnet_slash_32(ipam):
+    addr, _ = ipam.request_address(DEFAULT_POOL_ID, "", None)
+    ip = ipaddress.IPv4Interface(addr)
+    assert ip.network.prefixlen == 32 and ip.ip in HOST_SUBNET
+    assert ip.ip not in (HOST_SUBNET.network_address, HOST_SUBNET.broadcast_address)
+
+
+def test_identical_pool_requests_get_identical_answers(ipam):
+    first = ipam.request_pool("CanalLocal", "100.70.0.0/24", "100.70.0.128/25", {}, False)
+    again = ipam.request_pool("CanalLocal", "100.70.0.0/24", "100.70.0.128/25", {}, False)
+    assert first == again
+    assert first[1] == "100.70.0.0/24"
+
+
+@pytest.mark.parametrize(
+    "pool, sub, v6, message",
+    [
+        ("", "", True, "IPv6 is not supported"),
+        ("", "100.70.0.0/25", False, "--ip-range needs --subnet"),
+        ("bogus", "", False, "'bogus' is not an IPv4 CIDR"),
+        ("fd00::/64", "", False, "IPv6 is not supported"),
+        ("100.70.0.1/24", "", False, "has host bits set; did you mean 100.70.0.0/24"),
+        ("100.70.0.0/31", "", False, "too small"),
+        ("100.70.0.0/24", "100.71.0.0/25", False, "not inside subnet"),
+    ],
+)
+def test_bad_pool_requests_name_the_problem(ipam, pool, sub, v6, message):
+    with pytest.raises(BadRequest, match=message):
+        ipam.request_pool("CanalLocal", pool, sub, {}, v6)
+
+
+def test_unknown_address_space_is_refused(ipam):
+    with pytest.raises(BadRequest, match="unknown address space 'LocalDefault'"):
+        ipam.request_pool("LocalDefault", "", "", {}, False)
+
+
+def test_overlapping_pools_are_refused_with_the_other_named(ipam):
+    ipam.request_pool("CanalLocal", "100.70.0.0/24", "", {}, False)
+    with pytest.raises(Conflict, match="overlaps subnet 100.70.0.0/24"):
+        ipam.request_pool("CanalLocal", "100.70.0.0/16", "", {}, False)
+
+
+def test_gateway_request_is_idempotent_and_never_handed_out(ipam):
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.70.0.0/29", "", {}, False)
+    assert ipam.request_address(pool_id, "100.70.0.1", GW)[0] == "100.70.0.1/29"
+    assert ipam.request_address(pool_id, "100.70.0.1", GW)[0] == "100.70.0.1/29"
+    got = {ipam.request_address(pool_id, "", None)[0] for _ in range(5)}
+    assert got == {f"100.70.0.{i}/32" for i in range(2, 7)}
+    with pytest.raises(Exhausted, match="no free address left in 100.70.0.0/29"):
+        ipam.request_address(pool_id, "", None)
+
+
+def test_dynamic_gateway_is_the_first_free_address(ipam):
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.70.0.0/30", "", {}, False)
+    assert ipam.request_address(pool_id, "", GW)[0] in ("100.70.0.1/30", "100.70.0.2/30")
+
+
+def test_ip_range_limits_dynamic_but_not_static_addresses(ipam):
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.70.0.0/24", "100.70.0.128/25", {}, False)
+    for _ in range(10):
+        ip = ipaddress.IPv4Interface(ipam.request_address(pool_id, "", None)[0]).ip
+        assert ip in ipaddress.IPv4Network("100.70.0.128/25")
+    assert ipam.request_address(pool_id, "100.70.0.7", None)[0] == "100.70.0.7/32"
+
+
+def test_static_address_conflicts_and_bounds(ipam):
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.70.0.0/24", "", {}, False)
+    ipam.request_address(pool_id, "100.70.0.7", None)
+    with pytest.raises(Conflict, match="100.70.0.7 is already in use"):
+        ipam.request_address(pool_id, "100.70.0.7", None)
+    with pytest.raises(BadRequest, match="outside the network's subnet 100.70.0.0/24"):
+        ipam.request_address(pool_id, "100.71.0.7", None)
+    with pytest.raises(BadRequest, match="network or broadcast"):
+        ipam.request_address(pool_id, "100.70.0.255", None)
+    with pytest.raises(BadRequest, match="not an IPv4 address"):
+        ipam.request_address(pool_id, "nonsense", None)
+
+
+def test_release_frees_and_is_idempotent(ipam):
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.70.0.0/24", "", {}, False)
+    ipam.request_address(pool_id, "100.70.0.7", None)
+    ipam.release_address(pool_id, "100.70.0.7/32")
+    ipam.release_address(pool_id, "100.70.0.7")
+    assert ipam.request_address(pool_id, "100.70.0.7", None)[0] == "100.70.0.7/32"
+
+
+def test_release_from_the_wrong_pool_is_refused(ipam):
+    a, _, _ = ipam.request_pool("CanalLocal", "100.70.0.0/24", "", {}, False)
+    ipam.request_address(DEFAULT_POOL_ID, "100.64.3.9", None)
+    with pytest.raises(Conflict, match="belongs to pool canal-default"):
+        ipam.release_address(a, "100.64.3.9")
+
+
+def test_pool_is_kept_while_addresses_remain(ipam, store):
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.70.0.0/24", "", {}, False)
+    ipam.request_address(pool_id, "100.70.0.7", None)
+    ipam.release_pool(pool_id)
+    assert store.list_json("/canal/v1/ipam/pools/")
+    ipam.release_address(pool_id, "100.70.0.7")
+    ipam.release_pool(pool_id)
+    ipam.release_pool(pool_id)
+    assert not store.list_json("/canal/v1/ipam/pools/")
+    with pytest.raises(NotFound, match="does not exist"):
+        ipam.request_address(pool_id, "", None)
+
+
+@pytest.mark.parametrize("pool_id", ["", "nope", "canal-pool:garbage", 7])
+def test_unknown_pool_ids_are_not_found(ipam, pool_id):
+    with pytest.raises(NotFound, match="unknown PoolID"):
+        ipam.request_address(pool_id, "", None)
+
+
+def test_concurrent_allocations_are_unique(ipam):
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def grab():
+        for _ in range(10):
+            addr, _ = ipam.request_address(DEFAULT_POOL_ID, "", None)
+            with lock:
+                results.append(addr)
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 80 and len(set(results)) == 80
+
+
+def test_pool_containing_the_host_subnet_prefers_it(ipam):
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.64.0.0/16", "", {}, False)
+    for _ in range(5):
+        ip = ipaddress.IPv4Interface(ipam.request_address(pool_id, "", None)[0]).ip
+        assert ip in HOST_SUBNET
+
+
+def test_addresses_are_unique_across_pools_sharing_space(ipam):
+    """A --subnet over the cluster network and the default pool never hand out one IP twice."""
+    pool_id, _, _ = ipam.request_pool("CanalLocal", "100.64.0.0/16", "", {}, False)
+    seen = set()
+    for i in range(60):
+        addr, _ = ipam.request_address(pool_id if i % 2 else DEFAULT_POOL_ID, "", None)
+        seen.add(ipaddress.IPv4Interface(addr).ip)
+    assert len(seen) == 60
+
+
+def test_bind_ties_an_address_to_one_endpoint(ipam):
+    ipam.request_address(DEFAULT_POOL_ID, "100.64.3.20", None)
+    ip = ipaddress.IPv4Address("100.64.3.20")
+    ipam.bind(ip, "ep1", "net1")
+    ipam.bind(ip, "ep1", "net1")  # replay
+    with pytest.raises(Conflict, match="already used by endpoint ep1"):
+        ipam.bind(ip, "ep2", "net1")
+    ipam.unbind(ip, "ep1")
+    ipam.bind(ip, "ep2", "net1")
+    with pytest.raises(Conflict, match="not allocated by canal"):
+        ipam.bind(ipaddress.IPv4Address("100.64.3.99"), "ep3", "net1")
