@@ -2,7 +2,7 @@
 
 Each host is a network namespace plugged into the Underlay plus a "holder" process that
 owns a private mount namespace with its own tmpfs /run (docker.sock, /run/docker/plugins)
-and a sysfs showing the host's own interfaces.  dockerd, the plugin and `exec()` all run
+and a sysfs showing the host's own interfaces, and a UTS namespace with its own hostname.  dockerd, the plugin and `exec()` all run
 with ``nsenter`` into both namespaces, so default paths work as on a real machine and
 nothing touches the machine's root netns.
 """
@@ -43,6 +43,7 @@ _MAX_SOCKDIR = 48
 
 _HOLDER_SCRIPT = r"""
 set -e
+echo "$CNLT_HOSTNAME" > /proc/sys/kernel/hostname
 mount -t tmpfs -o mode=0755 cnlt-run /run
 mkdir -p /run/docker/plugins /run/.cnlt-sys
 mount -t sysfs cnlt-sys /run/.cnlt-sys
@@ -90,6 +91,7 @@ class SimHost:
         self.address = str(ipaddress.ip_address(ip))  # `ip` is the method
         self.cidr = f"{self.address}/{underlay.prefixlen}"
         self.netns = f"{underlay.run_id}-{name}"
+        self.hostname = name                  # own UTS namespace: plugins key state on it
         self.netns_path = str(NETNS_DIR / self.netns)
         self.port = f"{PREFIX}-{name}"        # veth end in the underlay netns
         self.cgroup_parent = self.netns       # all container cgroups go below this
@@ -138,11 +140,12 @@ class SimHost:
     def _start_holder(self, timeout: float = 15) -> None:
         """Start the process that keeps this host's private mount namespace alive."""
         argv = ["nsenter", f"--net={self.netns_path}", "--",
-                "unshare", "--mount", "--propagation", "private", "--",
+                "unshare", "--mount", "--uts", "--propagation", "private", "--",
                 "sh", "-c", _HOLDER_SCRIPT, "cnlt-holder", *_sys_submounts()]
         with open(self.workdir / "holder.log", "ab") as errlog:
             self.holder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                           stderr=errlog, start_new_session=True)
+                                           stderr=errlog, start_new_session=True,
+                                           env={**os.environ, "CNLT_HOSTNAME": self.hostname})
         assert self.holder.stdout is not None
         ready, _, _ = select.select([self.holder.stdout], [], [], timeout)
         line = self.holder.stdout.readline().decode().strip() if ready else ""
@@ -161,14 +164,14 @@ class SimHost:
         return self.holder.pid
 
     def nsenter_prefix(self) -> List[str]:
-        """argv prefix that runs a command in this host's network + mount namespaces."""
+        """argv prefix that runs a command in this host's network, mount and UTS namespaces."""
         return ["nsenter", f"--mount=/proc/{self.holder_pid}/ns/mnt",
-                f"--net={self.netns_path}", "--"]
+                f"--uts=/proc/{self.holder_pid}/ns/uts", f"--net={self.netns_path}", "--"]
 
     def exec(self, argv: Sequence[str], check: bool = True, timeout: float = 60,
              env: Optional[Mapping[str, str]] = None, input: Any = None
              ) -> subprocess.CompletedProcess:
-        """Run argv inside the host (its netns and private /run, /sys); text output.
+        """Run argv inside the host (its netns, hostname, private /run and /sys); text output.
 
         ``env`` adds variables to the inherited environment.
         """
@@ -352,7 +355,10 @@ class SimHost:
         and the workdir.  Safe to call twice and after a failed setup; never raises."""
         if self._closed:
             return
-        steps = [self._rm_containers, self.stop_plugin, self.stop_dockerd, self._sweep,
+        # dockerd needs ~1 s for an orderly exit; pointless for a host being destroyed, and
+        # _sweep kills its containerd and shims anyway.
+        steps = [self._rm_containers, self.stop_plugin,
+                 lambda: self.stop_dockerd(signal.SIGKILL), self._sweep,
                  lambda: self.underlay.unplug(self.port), self._delete_netns, self._rm_dirs]
         for step in steps:
             try:

@@ -110,13 +110,15 @@ def close_all() -> None:
 
 
 def _on_signal(signum: int, frame: Any) -> None:
-    """First SIGTERM/SIGHUP: unwind (finally blocks + atexit clean up); later ones: ignored."""
+    """First SIGTERM/SIGHUP: unwind like Ctrl-C (test runners stop, finally blocks and
+    fixture finalizers run, atexit closes the rest); later ones are ignored so the
+    cleanup itself is not interrupted."""
     global _signalled
     if _signalled:
         return
     _signalled = True
     print(f"testbed: got signal {signum}, cleaning up", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _install_hooks() -> None:
