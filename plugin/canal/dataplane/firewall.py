@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from canal.dataplane import ipset
-from canal.dataplane.ipset import IpSet
+from canal.dataplane.ipset import IpSet, Ipsets
 from canal.dataplane.iptables import Iptables, Table
 
 log = logging.getLogger(__name__)
@@ -80,17 +79,18 @@ def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
 
 
 class Firewall:
-    def __init__(self, iptables: Iptables):
+    def __init__(self, iptables: Iptables, ipsets: Ipsets | None = None):
         self.iptables = iptables
+        self.ipsets = ipsets or Ipsets()
 
     def apply(self, desired: FirewallState) -> bool:
         """Program desired; True if anything had to change."""
-        ipset.apply(desired.ipsets)
+        self.ipsets.apply(desired.ipsets)
         text = restore_text(desired, self.iptables.save())
         if text:
             log.debug("iptables-restore:\n%s", text)
             self.iptables.restore(text)
-        ipset.destroy_unused({s.name for s in desired.ipsets})
+        self.ipsets.destroy_unused({s.name for s in desired.ipsets})
         return bool(text)
 
     def remove_all(self) -> None:

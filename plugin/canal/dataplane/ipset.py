@@ -61,15 +61,20 @@ def restore_script(desired: list[IpSet], present: dict[str, set[str]]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def apply(desired: list[IpSet]) -> None:
-    script = restore_script(desired, current())
-    if script:
-        run(["ipset", "restore"], input=script, timeout=30)
+class Ipsets:
+    """The kernel's ipsets (of this network namespace), through the ipset command."""
 
+    def current(self) -> dict[str, set[str]]:
+        return current()
 
-def destroy_unused(keep: set[str]) -> None:
-    """Destroy our sets that are not wanted; call after rules stop referencing them."""
-    for name in sorted(set(current()) - keep):
-        proc = run(["ipset", "destroy", name], check=False, timeout=10)
-        if proc.returncode != 0:
-            log.warning("could not destroy ipset %s: %s", name, proc.stderr.strip())
+    def apply(self, desired: list[IpSet]) -> None:
+        script = restore_script(desired, self.current())
+        if script:
+            run(["ipset", "restore"], input=script, timeout=30)
+
+    def destroy_unused(self, keep: set[str]) -> None:
+        """Destroy our sets that are not wanted; call after rules stop referencing them."""
+        for name in sorted(set(self.current()) - keep):
+            proc = run(["ipset", "destroy", name], check=False, timeout=10)
+            if proc.returncode != 0:
+                log.warning("could not destroy ipset %s: %s", name, proc.stderr.strip())

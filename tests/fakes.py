@@ -81,3 +81,26 @@ class FakeLinks:
 
     def close(self) -> None:
         pass
+
+
+class FakeIpsets:
+    """ipsets as a dict; refuses to destroy a set that a rule of `iptables` still references."""
+
+    def __init__(self, iptables: FakeIptables | None = None):
+        self.sets: dict[str, set[str]] = {}
+        self.iptables = iptables
+
+    def current(self) -> dict[str, set[str]]:
+        return {k: set(v) for k, v in self.sets.items()}
+
+    def apply(self, desired) -> None:
+        for ipset in desired:
+            self.sets[ipset.name] = set(ipset.members)
+
+    def destroy_unused(self, keep: set[str]) -> None:
+        for name in set(self.sets) - keep:
+            if self.iptables is not None:
+                for table in self.iptables.tables.values():
+                    for rules in table.rules.values():
+                        assert not any(name in r.split() for r in rules), f"ipset {name} still in use"
+            del self.sets[name]

@@ -1,0 +1,131 @@
+"""Compute (desired.py) and apply (firewall.py) against stateful fakes of iptables and ipset."""
+
+from __future__ import annotations
+
+from fakes import FakeIpsets, FakeIptables
+
+from canal.agent.desired import (
+    CLUSTER_SET,
+    FORWARD,
+    MASQ_SET,
+    POSTROUTING,
+    Snapshot,
+    desired_firewall,
+    desired_links,
+    network_set,
+)
+from canal.dataplane.firewall import Firewall, FirewallState, Jump
+
+DOCKER_SAVE = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A DOCKER-USER -j RETURN
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+COMMIT
+"""
+
+
+def snap(networks=None, endpoints=None):
+    return Snapshot("h1", "100.64.0.0/16", networks or {}, endpoints or {})
+
+
+NET = {"id": "n1", "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0, "host": "h1"}
+EP = {"id": "e1" * 10, "network": "n1", "host": "h1", "ip": "100.64.3.2", "mac": "02:42:64:40:03:02", "mtu": 1450, "joined": True}
+
+
+def firewall():
+    ipt = FakeIptables(DOCKER_SAVE)
+    return Firewall(ipt, FakeIpsets(ipt)), ipt
+
+
+def test_no_networks_means_no_trace():
+    assert desired_firewall(snap()) == FirewallState()
+
+
+def test_routed_endpoints_pass_dockers_forward_drop():
+    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    assert state.chains[("filter", FORWARD)][-2:] == ["-i cnl+ -j ACCEPT", "-o cnl+ -j ACCEPT"]
+    assert Jump("filter", "FORWARD", FORWARD) in state.jumps
+    sets = {s.name: s for s in state.ipsets}
+    assert sets[MASQ_SET].members == {"100.64.3.2"}
+    assert sets[CLUSTER_SET].members == {"100.64.0.0/16"}
+
+
+def test_nat_off_and_internal_networks_are_not_masqueraded():
+    nets = {
+        "n1": {**NET, "nat": False},
+        "n2": {**NET, "id": "n2", "internal": True, "nat": False, "pools": ["100.70.0.0/24"]},
+    }
+    eps = {"e1": EP, "e2": {**EP, "id": "e2" * 10, "network": "n2", "ip": "100.70.0.5"}}
+    state = desired_firewall(snap(nets, eps))
+    sets = {s.name: s for s in state.ipsets}
+    assert sets[MASQ_SET].members == frozenset()
+    assert sets[CLUSTER_SET].members == {"100.64.0.0/16", "100.70.0.0/24"}
+    internal = network_set("n2")
+    assert sets[internal].members == {"100.70.0.5"}
+    assert state.chains[("filter", FORWARD)][0] == (
+        f"-i cnl+ -m set --match-set {internal} src -m set ! --match-set {internal} dst -j DROP"
+    )
+
+
+def test_apply_programs_then_is_a_no_op():
+    fw, ipt = firewall()
+    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    assert fw.apply(state) is True
+    saved = ipt.save()
+    assert saved["filter"].rules["FORWARD"][0] == f"-j {FORWARD}"  # ahead of Docker's chains
+    assert saved["nat"].rules["POSTROUTING"][0] == f"-j {POSTROUTING}"
+    assert saved["nat"].rules[POSTROUTING][-1] == "-j MASQUERADE"
+    assert fw.apply(state) is False  # nothing drifted: no iptables-restore at all
+    assert len(ipt.restores) == 1
+
+
+def test_apply_repairs_tampering():
+    fw, ipt = firewall()
+    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    fw.apply(state)
+    ipt.tables["filter"].rules["FORWARD"].remove(f"-j {FORWARD}")
+    ipt.tables["filter"].rules[FORWARD] = ["-j DROP"]
+    assert fw.apply(state) is True
+    assert ipt.save()["filter"].rules[FORWARD] == state.chains[("filter", FORWARD)]
+    assert ipt.save()["filter"].rules["FORWARD"].count(f"-j {FORWARD}") == 1
+
+
+def test_duplicate_jumps_are_removed():
+    fw, ipt = firewall()
+    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    fw.apply(state)
+    ipt.tables["filter"].rules["FORWARD"].append(f"-j {FORWARD}")
+    fw.apply(state)
+    assert ipt.save()["filter"].rules["FORWARD"].count(f"-j {FORWARD}") == 1
+
+
+def test_removing_everything_leaves_dockers_rules_untouched():
+    fw, ipt = firewall()
+    before = ipt.save()
+    fw.apply(desired_firewall(snap({"n1": NET}, {"e1": EP})))
+    fw.remove_all()
+    after = ipt.save()
+    for name in ("filter", "nat"):
+        assert after[name].rules == before[name].rules
+        assert not any(c.startswith("CANAL-") for c in after[name].chains)
+    assert fw.ipsets.current() == {}
+
+
+def test_desired_links_keep_unjoined_endpoints_veths():
+    eps = {
+        "e1": EP,
+        "e2": {**EP, "id": "e2" * 10, "joined": False, "ip": "100.64.3.3"},
+        "e3": {**EP, "id": "e3" * 10, "host": "h2", "ip": "100.64.4.3"},
+    }
+    links, keep = desired_links(snap({"n1": NET}, eps))
+    assert [link.endpoint_id for link in links] == [EP["id"]]
+    assert keep == {"cnl" + ("e2" * 10)[:12]}
