@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,13 +22,7 @@ from testbed import (IMAGE, REPO, Etcd, SimHost, TestbedError, Underlay, cleanup
                      live_objects)
 from testbed._util import cgroup_dirs, cmdline, ns_id, pids_in_namespaces
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(not all(shutil.which(b) for b in ("dockerd", "docker", "etcd", "etcdctl",
-                                                         "busybox", "nsenter")),
-                       reason="needs docker.io, etcd-server, etcd-client, busybox-static"),
-]
+pytestmark = [pytest.mark.e2e]
 
 
 def netns_names() -> list[str]:

@@ -146,7 +146,7 @@ class Networks:
                 self.delete_endpoint(network_id, ep["id"])
         self.store.delete(self.keys.network(network_id))
         log.info("network %s deleted", network_id[:12])
-        self.changed(False)
+        self.changed(True)  # `docker network rm` returns with no rule or ipset of it left
 
     def network(self, network_id: str) -> dict:
         record = self.store.get_json(self.keys.network(network_id))
