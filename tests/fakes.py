@@ -67,7 +67,10 @@ class FakeLinks:
     """The kernel's veths as a dict: name -> EndpointLink."""
 
     def __init__(self) -> None:
+        import threading
+
         self.veths: dict[str, EndpointLink] = {}
+        self.guard = threading.RLock()
 
     def ensure_veth(self, link: EndpointLink) -> None:
         self.veths[link.host_if] = link
@@ -75,9 +78,9 @@ class FakeLinks:
     def delete(self, endpoint_id: str) -> None:
         self.veths = {n: l for n, l in self.veths.items() if l.endpoint_id != endpoint_id}
 
-    def reconcile(self, desired: list[EndpointLink], keep: set[str]) -> None:
+    def reconcile(self, desired: list[EndpointLink]) -> None:
         wanted = {l.host_if for l in desired}
-        self.veths = {n: l for n, l in self.veths.items() if n in wanted or n in keep}
+        self.veths = {n: l for n, l in self.veths.items() if n in wanted}
 
     def close(self) -> None:
         pass

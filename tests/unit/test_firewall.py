@@ -120,12 +120,10 @@ def test_removing_everything_leaves_dockers_rules_untouched():
     assert fw.ipsets.current() == {}
 
 
-def test_desired_links_keep_unjoined_endpoints_veths():
+def test_desired_links_are_the_joined_local_endpoints():
     eps = {
         "e1": EP,
         "e2": {**EP, "id": "e2" * 10, "joined": False, "ip": "100.64.3.3"},
         "e3": {**EP, "id": "e3" * 10, "host": "h2", "ip": "100.64.4.3"},
     }
-    links, keep = desired_links(snap({"n1": NET}, eps))
-    assert [link.endpoint_id for link in links] == [EP["id"]]
-    assert keep == {"cnl" + ("e2" * 10)[:12]}
+    assert [link.endpoint_id for link in desired_links(snap({"n1": NET}, eps))] == [EP["id"]]

@@ -67,9 +67,10 @@ class Agent:
             return self._done >= target and not self.last_error
 
     def reconcile(self) -> None:
-        snap = self.snapshot()
-        links, keep = desired_links(snap)
-        self.links.reconcile(links, keep)
+        with self.links.guard:
+            snap = self.snapshot()
+            links = desired_links(snap)
+            self.links.reconcile(links)
         if self.firewall.apply(desired_firewall(snap)):
             log.info("firewall updated (%d local endpoints)", len(links))
 

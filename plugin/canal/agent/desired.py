@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import IpSet
-from canal.dataplane.links import HOST_PREFIX, EndpointLink, host_ifname
+from canal.dataplane.links import HOST_PREFIX, EndpointLink
 from canal.services.ipam import ANY_NET
 from canal.services.networks import link_of
 
@@ -37,15 +37,9 @@ def local_endpoints(snap: Snapshot) -> list[Mapping[str, Any]]:
     return [ep for ep in snap.endpoints.values() if ep.get("host") == snap.host]
 
 
-def desired_links(snap: Snapshot) -> tuple[list[EndpointLink], set[str]]:
-    """(links of joined local endpoints, names of veths to keep although not joined)."""
-    joined, keep = [], set()
-    for ep in local_endpoints(snap):
-        if ep.get("joined"):
-            joined.append(link_of(ep))
-        else:
-            keep.add(host_ifname(ep["id"]))
-    return joined, keep
+def desired_links(snap: Snapshot) -> list[EndpointLink]:
+    """Veths of the joined local endpoints; every other cnl* veth goes."""
+    return [link_of(ep) for ep in local_endpoints(snap) if ep.get("joined")]
 
 
 def desired_firewall(snap: Snapshot) -> FirewallState:

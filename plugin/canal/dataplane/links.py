@@ -74,6 +74,9 @@ class Links:
     def __init__(self) -> None:
         self._ipr = IPRoute()
         self._lock = threading.Lock()
+        # Held by Join across "record joined + create veth" and by the reconciler across
+        # "read records + delete unowned veths", so a new veth is never taken for an orphan.
+        self.guard = threading.RLock()
 
     def close(self) -> None:
         with self._lock:
@@ -153,11 +156,8 @@ class Links:
                 if dst:
                     yield f"{dst}/{route['dst_len']}", route.get_attr("RTA_OIF")
 
-    def reconcile(self, desired: list[EndpointLink], keep: set[str]) -> None:
-        """Make kernel match desired: fix what drifted, delete veths nobody owns.
-
-        `keep` names host-side veths of endpoints that exist but are not (yet) joined.
-        """
+    def reconcile(self, desired: list[EndpointLink]) -> None:
+        """Make the kernel match desired: fix what drifted, delete veths of no joined endpoint."""
         wanted = {link.host_if: link for link in desired}
         present = self.present()
         for name, link in wanted.items():
@@ -168,7 +168,7 @@ class Links:
                     "endpoint %s (%s): its veth %s is gone; the container lost its network",
                     link.endpoint_id[:12], link.ip, name,
                 )
-        for name in present - set(wanted) - keep:
+        for name in present - set(wanted):
             log.info("removing orphaned veth %s", name)
             with self._lock:
                 try:

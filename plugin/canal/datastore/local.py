@@ -57,8 +57,10 @@ class LocalDatastore(Datastore):
         except sqlite3.Error as err:
             raise Unavailable(f"cannot open the embedded datastore {path}: {err}") from err
         os.chmod(path, 0o600)
-        self._lock = threading.RLock()
+        self._busy_timeout = busy_timeout
+        self._lock = threading.RLock()  # serialises writers on the one write connection
         self._changed = threading.Condition(self._lock)
+        self._readers = threading.local()  # WAL readers never wait for a writer's fsync
 
     # Transactions -------------------------------------------------------------------------
 
@@ -140,12 +142,18 @@ class LocalDatastore(Datastore):
 
     # Reads --------------------------------------------------------------------------------
 
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+            self._readers.conn = conn
+        return conn
+
     def _read(self, sql: str, args: tuple) -> list[tuple]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as err:
-                raise Unavailable(f"embedded datastore {self.path}: {err}") from err
+        try:
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as err:
+            raise Unavailable(f"embedded datastore {self.path}: {err}") from err
 
     def _live(self) -> str:
         # Keys of expired-but-not-yet-purged leases are already gone, as in etcd.
@@ -159,14 +167,21 @@ class LocalDatastore(Datastore):
         return Entry(*rows[0]) if rows else None
 
     def list(self, prefix: str) -> tuple[list[Entry], int]:
-        with self._lock:
-            rows = self._read(
-                "SELECT key, value, mod_rev, create_rev, lease FROM kv WHERE key >= ? AND key < ? AND "
-                + self._live()
-                + " ORDER BY key",
-                (prefix, prefix + "\uffff"),
-            )
-            rev = self._read("SELECT value FROM meta WHERE name='revision'", ())[0][0]
+        conn = self._reader()
+        try:
+            conn.execute("BEGIN")  # one snapshot: the revision matches the rows
+            try:
+                rows = conn.execute(
+                    "SELECT key, value, mod_rev, create_rev, lease FROM kv WHERE key >= ? AND key < ? AND "
+                    + self._live()
+                    + " ORDER BY key",
+                    (prefix, prefix + "\uffff"),
+                ).fetchall()
+                rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise Unavailable(f"embedded datastore {self.path}: {err}") from err
         return [Entry(*r) for r in rows], rev
 
     # Leases -------------------------------------------------------------------------------
@@ -217,3 +232,7 @@ class LocalDatastore(Datastore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        conn = getattr(self._readers, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._readers.conn = None

@@ -208,8 +208,9 @@ class Networks:
     def join(self, req: protocol.Join) -> dict:
         record = self.endpoint(req.NetworkID, req.EndpointID)
         record = {**record, "joined": True, "sandbox": req.SandboxKey}
-        self.store.put(self.keys.endpoint(req.EndpointID), record)
-        self.links.ensure_veth(link_of(record))
+        with self.links.guard:  # the reconciler must not see the veth before the record
+            self.store.put(self.keys.endpoint(req.EndpointID), record)
+            self.links.ensure_veth(link_of(record))
         log.info("endpoint %s joined (%s via %s)", req.EndpointID[:12], record["ip"], host_ifname(req.EndpointID))
         self.changed(False)
         return protocol.join(peer_ifname(req.EndpointID), "eth", GATEWAY)
@@ -217,7 +218,8 @@ class Networks:
     def leave(self, network_id: str, endpoint_id: str) -> None:
         record = self.endpoint(network_id, endpoint_id)
         self.store.put(self.keys.endpoint(endpoint_id), {**record, "joined": False, "sandbox": ""})
-        self.links.delete(endpoint_id)
+        # The agent deletes the veth: the kernel takes tens of ms for it, which Docker's
+        # container stop need not wait for (the sandbox's own teardown removes it anyway).
         log.info("endpoint %s left", endpoint_id[:12])
         self.changed(False)
 
