@@ -1,0 +1,443 @@
+"""Compile endpoints + policies into this host's whole filter-table state, the way Felix renders it.
+
+Pure: no kernel, no datastore. The output is a FirewallState the applier diffs against
+iptables-save, so every rule is written exactly as iptables-save prints it back (option order
+`-s -d -i -o -p`, then matches, then target); a mismatch would make every apply a rewrite.
+
+Layout (filter table):
+
+    FORWARD -j CANAL-FORWARD                    INPUT -j CANAL-INPUT
+    CANAL-FORWARD: INVALID drop, ESTABLISHED accept, -i cnl+ -> CANAL-FROM-WL,
+                   -o cnl+ -> CANAL-TO-WL, accept what the endpoint chains returned
+    CANAL-INPUT:   the same for workload -> host (scoped to -i cnl+)
+    CANAL-FROM-WL / CANAL-TO-WL: -i/-o <iface> -g CANAL-FW-/CANAL-TW-<id12>; unknown iface: DROP
+    CANAL-FW-<id12> / CANAL-TW-<id12>: clear marks, [anti-spoof, internal-network fence],
+                   policies in order (-j CANAL-PO-/CANAL-PI-<hash>, RETURN on the accept mark,
+                   later policies skipped on the pass mark), default deny if any applied,
+                   then the network profile (egress: allow; ingress: allow from own network).
+    CANAL-PI-/CANAL-PO-<hash>: one policy's rules for one direction.
+
+Endpoint chains DROP what is denied and RETURN what is allowed, so a packet between two local
+containers passes the sender's egress chain and then the receiver's ingress chain.
+
+Scale: the number of rules depends only on the policies and the LOCAL endpoints; which remote
+endpoints a selector matches lives in ipsets (membership changes never rewrite rules).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+from canal.dataplane.firewall import FirewallState, Jump
+from canal.dataplane.ipset import MAX_NAME as MAX_IPSET_NAME
+from canal.dataplane.ipset import IpSet
+from canal.dataplane.links import HOST_PREFIX, host_ifname
+from canal.policy import selector as selectors
+from canal.policy.model import EGRESS, INGRESS, PROTOCOLS, IcmpMatch, Policy, PortRange, Rule
+
+__all__ = [
+    "ACCEPT_MARK",
+    "FORWARD",
+    "FROM_WL",
+    "INPUT",
+    "MAX_CHAIN_NAME",
+    "NETWORK_LABEL",
+    "PASS_MARK",
+    "TO_WL",
+    "EndpointInfo",
+    "NetworkInfo",
+    "compile_filter",
+    "effective_labels",
+    "endpoint_chain",
+    "network_members_set",
+    "policy_chain",
+    "protocol_name",
+    "scoped_selector",
+    "selector_set",
+]
+
+TABLE = "filter"
+FORWARD = "CANAL-FORWARD"
+INPUT = "CANAL-INPUT"
+FROM_WL = "CANAL-FROM-WL"
+TO_WL = "CANAL-TO-WL"
+MAX_CHAIN_NAME = 28  # Felix's limit; iptables allows 28 usable characters
+NETWORK_LABEL = "canal.network"  # built-in label; wins over a container label of the same key
+
+ACCEPT_MARK = 0x10000
+PASS_MARK = 0x20000
+_MARKS = ACCEPT_MARK | PASS_MARK
+CLEAR_MARKS = f"-j MARK --set-xmark 0x0/{_MARKS:#x}"
+RETURN_IF_ACCEPTED = f"-m mark --mark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x} -j RETURN"
+RETURN_IF_PASSED = f"-m mark --mark {PASS_MARK:#x}/{PASS_MARK:#x} -j RETURN"
+UNLESS_PASSED = f"-m mark --mark 0x0/{PASS_MARK:#x}"
+
+MULTIPORT_SLOTS = 15  # xt_multiport: 15 entries, a range takes two
+LOG_PREFIX_MAX = 29  # xt_LOG (legacy) refuses longer prefixes
+_PORT_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 136: "udplite"}
+# iptables' own table, used when /etc/protocols lacks a number (iptables does the same fallback).
+_BUILTIN_PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 50: "esp", 51: "ah", 58: "icmpv6", 132: "sctp", 135: "mh", 136: "udplite"}
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    """One endpoint anywhere in the cluster; `labels` None = container labels not known yet."""
+
+    id: str
+    ip: str
+    network: str  # logical network name
+    host: str
+    labels: Optional[Mapping[str, str]] = None
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    name: str
+    internal: bool = False
+
+
+def effective_labels(endpoint: EndpointInfo) -> Optional[Dict[str, str]]:
+    """Container labels plus built-ins (built-ins win, so a container cannot claim another network)."""
+    if endpoint.labels is None:
+        return None
+    labels = dict(endpoint.labels)
+    labels[NETWORK_LABEL] = endpoint.network
+    return labels
+
+
+def _digest(text: str, length: int = 16) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def endpoint_chain(endpoint_id: str, direction: str) -> str:
+    """CANAL-FW-<id12> (egress: from the workload) or CANAL-TW-<id12> (ingress: to it)."""
+    return ("CANAL-TW-" if direction == INGRESS else "CANAL-FW-") + endpoint_id[:12]
+
+
+def policy_chain(policy: Policy, direction: str) -> str:
+    """CANAL-PI-/CANAL-PO-<hash>; hashed from kind + key since names repeat across networks."""
+    prefix = "CANAL-PI-" if direction == INGRESS else "CANAL-PO-"
+    return prefix + _digest(f"{policy.kind}:{policy.key}")
+
+
+def scoped_selector(text: str, network: Optional[str]) -> selectors.Selector:
+    """A policy's selector as an AST; a NetworkPolicy's is ANDed with `canal.network == <network>`."""
+    parsed = selectors.parse(text)
+    if network is None:
+        return parsed
+    scope = selectors.Compare(NETWORK_LABEL, "==", network)
+    if isinstance(parsed, selectors.All):
+        return scope
+    return selectors.And((parsed, scope))
+
+
+def selector_set(selector: selectors.Selector) -> str:
+    """ipset of endpoint IPs matching `selector`; named by its canonical text, so equal selectors share."""
+    return "canal-sel-" + _digest(selector.canonical())
+
+
+def network_members_set(network: str) -> str:
+    """ipset of every endpoint IP of `network` cluster-wide (labels known or not): the profile's set."""
+    return "canal-net-" + _digest(network)
+
+
+def _cidr_set(nets: Sequence[str]) -> str:
+    return "canal-cidr-" + _digest(",".join(nets))
+
+
+@functools.lru_cache(maxsize=1)
+def _system_protocol_names() -> Dict[int, str]:
+    """number -> name from /etc/protocols: iptables-save prints `-p` through getprotobynumber()."""
+    names: Dict[int, str] = {}
+    try:
+        with open("/etc/protocols", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) >= 2 and fields[1].isdigit():
+                    names.setdefault(int(fields[1]), fields[0])
+    except OSError:
+        pass
+    return names
+
+
+def protocol_name(number: int) -> str:
+    """How iptables-save prints protocol `number` on this host."""
+    return _system_protocol_names().get(number) or _BUILTIN_PROTOCOL_NAMES.get(number) or str(number)
+
+
+def _protocol_number(protocol) -> int:
+    return protocol if isinstance(protocol, int) else PROTOCOLS[protocol]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rule rendering
+
+
+def _merge_ports(ports: Iterable[PortRange]) -> List[PortRange]:
+    """Sorted, overlapping/adjacent ranges merged: fewer multiport slots, and no packet matches two groups."""
+    merged: List[PortRange] = []
+    for start, end in sorted(ports):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _port_groups(ports: Iterable[PortRange]) -> List[str]:
+    """Comma lists for `--dports`, each fitting multiport's 15 slots (a range counts two)."""
+    groups: List[str] = []
+    current: List[str] = []
+    used = 0
+    for start, end in _merge_ports(ports):
+        cost = 1 if start == end else 2
+        if used + cost > MULTIPORT_SLOTS:
+            groups.append(",".join(current))
+            current, used = [], 0
+        current.append(str(start) if start == end else f"{start}:{end}")
+        used += cost
+    if current:
+        groups.append(",".join(current))
+    return groups
+
+
+def _icmp_spec(match: IcmpMatch) -> str:
+    return str(match.type) if match.code is None else f"{match.type}/{match.code}"
+
+
+def _collapse(nets: Sequence[str]) -> List[str]:
+    return [str(n) for n in ipaddress.collapse_addresses(ipaddress.ip_network(n) for n in nets)]
+
+
+class _Compiler:
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointInfo],
+        policies: Sequence[Policy],
+        local_host: str,
+        networks: Mapping[str, NetworkInfo],
+    ) -> None:
+        self.endpoints = endpoints
+        self.policies = sorted(policies, key=lambda p: p.sort_key)
+        self.local = sorted((e for e in endpoints if e.host == local_host), key=lambda e: host_ifname(e.id))
+        self.networks = networks
+        self.labels = {e.id: effective_labels(e) for e in endpoints}
+        self.chains: Dict[str, List[str]] = {}
+        self.sets: Dict[str, IpSet] = {}
+
+    # -- ipsets --------------------------------------------------------------------------------------
+
+    def _selector_match(self, text: str, network: Optional[str], direction: str, negated: bool) -> str:
+        scoped = scoped_selector(text, network)
+        name = selector_set(scoped)
+        if name not in self.sets:
+            members = frozenset(
+                _bare_ip(e.ip)
+                for e in self.endpoints
+                if self.labels[e.id] is not None and scoped.matches(self.labels[e.id])
+            )
+            self.sets[name] = IpSet(name, "hash:ip", members)
+        return f"-m set {'! ' if negated else ''}--match-set {name} {direction}"
+
+    def _network_set(self, network: str) -> str:
+        name = network_members_set(network)
+        if name not in self.sets:
+            members = frozenset(_bare_ip(e.ip) for e in self.endpoints if e.network == network)
+            self.sets[name] = IpSet(name, "hash:ip", members)
+        return name
+
+    def _cidr_match(self, nets: List[str], direction: str, negated: bool) -> str:
+        name = _cidr_set(nets)
+        self.sets.setdefault(name, IpSet(name, "hash:net", frozenset(nets)))
+        return f"-m set {'! ' if negated else ''}--match-set {name} {direction}"
+
+    # -- policy chains -------------------------------------------------------------------------------
+
+    def _rule(self, policy: Policy, rule: Rule) -> List[str]:
+        """iptables rules for one policy rule; [] if it can never match."""
+        head: List[str] = []  # -s / -d / -p, in iptables-save's order
+        matches: List[str] = []
+        network = None if policy.is_global else policy.network
+        for flag, direction, entity in (("-s", "src", rule.source), ("-d", "dst", rule.destination)):
+            nets = [] if "0.0.0.0/0" in entity.nets else _collapse(entity.nets)
+            not_nets = _collapse(entity.not_nets)
+            if "0.0.0.0/0" in not_nets:
+                return []  # excludes every address
+            single = len(nets) == 1
+            if single:
+                head.append(f"{flag} {nets[0]}")
+            elif nets:
+                matches.append(self._cidr_match(nets, direction, False))
+            if len(not_nets) == 1 and not single:
+                head.append(f"! {flag} {not_nets[0]}")
+            elif not_nets:
+                matches.append(self._cidr_match(not_nets, direction, True))
+            if entity.selector is not None:
+                matches.append(self._selector_match(entity.selector, network, direction, False))
+            if entity.not_selector is not None:
+                matches.append(self._selector_match(entity.not_selector, network, direction, True))
+
+        if rule.protocol is not None:
+            number = _protocol_number(rule.protocol)
+            if rule.not_protocol is not None and _protocol_number(rule.not_protocol) == number:
+                return []  # "protocol X and not X"
+            head.append(f"-p {protocol_name(number)}")
+        elif rule.not_protocol is not None:
+            head.append(f"! -p {protocol_name(_protocol_number(rule.not_protocol))}")
+
+        # Positive port lists may need several multiport groups: one iptables rule per combination
+        # (OR); negative groups all go into every rule (AND).
+        negative: List[str] = []
+        for option, entity in (("--sports", rule.source), ("--dports", rule.destination)):
+            negative += [f"-m multiport ! {option} {group}" for group in _port_groups(entity.not_ports)]
+        icmp: List[str] = []
+        if rule.icmp is not None:
+            icmp.append(f"-m icmp --icmp-type {_icmp_spec(rule.icmp)}")
+        if rule.not_icmp is not None:
+            icmp.append(f"-m icmp ! --icmp-type {_icmp_spec(rule.not_icmp)}")
+        sports = [f"-m multiport --sports {g}" for g in _port_groups(rule.source.ports)] or [""]
+        dports = [f"-m multiport --dports {g}" for g in _port_groups(rule.destination.ports)] or [""]
+
+        target = {
+            "Allow": f"-j MARK --set-xmark {ACCEPT_MARK:#x}/{ACCEPT_MARK:#x}",
+            "Pass": f"-j MARK --set-xmark {PASS_MARK:#x}/{PASS_MARK:#x}",
+            "Deny": "-j DROP",
+            "Log": f'-j LOG --log-prefix "{_log_prefix(policy)}"',
+        }[rule.action]
+        out = []
+        for sport in sports:
+            for dport in dports:
+                parts = head + matches + [p for p in (sport, dport) if p] + negative + icmp + [target]
+                out.append(" ".join(parts))
+        if rule.action == "Allow":
+            out.append(RETURN_IF_ACCEPTED)
+        elif rule.action == "Pass":
+            out.append(RETURN_IF_PASSED)
+        return out
+
+    def _policy_chain(self, policy: Policy, direction: str) -> str:
+        name = policy_chain(policy, direction)
+        if name not in self.chains:
+            rules: List[str] = []
+            for rule in policy.rules(direction):
+                rules += self._rule(policy, rule)
+            self.chains[name] = rules
+        return name
+
+    # -- endpoint chains -----------------------------------------------------------------------------
+
+    def _could_apply(self, policy: Policy, endpoint: EndpointInfo, direction: str) -> bool:
+        return direction in policy.types and (policy.is_global or policy.network == endpoint.network)
+
+    def _selects(self, policy: Policy, endpoint: EndpointInfo, direction: str) -> bool:
+        labels = self.labels[endpoint.id]
+        if labels is None or not self._could_apply(policy, endpoint, direction):
+            return False
+        return selectors.parse(policy.selector).matches(labels)
+
+    def _endpoint_chain(self, endpoint: EndpointInfo, direction: str) -> List[str]:
+        ip = _bare_ip(endpoint.ip)
+        rules = [CLEAR_MARKS]
+        if direction == EGRESS:
+            rules.append(f"! -s {ip}/32 -j DROP")  # anti-spoofing: only its own address
+            network = self.networks.get(endpoint.network)
+            if network is not None and network.internal:
+                members = self._network_set(endpoint.network)
+                rules.append(f"-m set ! --match-set {members} dst -j DROP")
+        if self.labels[endpoint.id] is None:
+            if any(self._could_apply(p, endpoint, direction) for p in self.policies):
+                rules.append("-j DROP")  # fail closed until its labels are known
+                return rules
+            applied: List[Policy] = []
+        else:
+            applied = [p for p in self.policies if self._selects(p, endpoint, direction)]
+        may_have_passed = False
+        for policy in applied:
+            chain = self._policy_chain(policy, direction)
+            rules.append(f"{UNLESS_PASSED} -j {chain}" if may_have_passed else f"-j {chain}")
+            rules.append(RETURN_IF_ACCEPTED)
+            may_have_passed = may_have_passed or any(r.action == "Pass" for r in policy.rules(direction))
+        if applied:
+            # Default deny once any policy selects the endpoint, unless one of them passed.
+            rules.append(f"{UNLESS_PASSED} -j DROP" if may_have_passed else "-j DROP")
+        if direction == EGRESS:
+            rules.append("-j RETURN")  # profile: egress allowed
+        else:
+            members = self._network_set(endpoint.network)
+            rules.append(f"-m set --match-set {members} src -j RETURN")  # profile: own network
+            rules.append("-j DROP")
+        return rules
+
+    # -- whole table ---------------------------------------------------------------------------------
+
+    def compile(self) -> FirewallState:
+        wl = f"{HOST_PREFIX}+"
+        self.chains[FORWARD] = [
+            "-m conntrack --ctstate INVALID -j DROP",
+            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i {wl} -j {FROM_WL}",
+            f"-o {wl} -j {TO_WL}",
+            f"-i {wl} -j ACCEPT",
+            f"-o {wl} -j ACCEPT",
+        ]
+        # Scoped to workload interfaces: an unscoped ESTABLISHED accept at the top of INPUT would
+        # bypass the host's own INPUT rules for all of its traffic.
+        self.chains[INPUT] = [
+            f"-i {wl} -m conntrack --ctstate INVALID -j DROP",
+            f"-i {wl} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i {wl} -j {FROM_WL}",
+            f"-i {wl} -j ACCEPT",
+        ]
+        from_wl: List[str] = []
+        to_wl: List[str] = []
+        for endpoint in self.local:
+            ifname = host_ifname(endpoint.id)
+            egress, ingress = endpoint_chain(endpoint.id, EGRESS), endpoint_chain(endpoint.id, INGRESS)
+            from_wl.append(f"-i {ifname} -g {egress}")
+            to_wl.append(f"-o {ifname} -g {ingress}")
+            self.chains[egress] = self._endpoint_chain(endpoint, EGRESS)
+            self.chains[ingress] = self._endpoint_chain(endpoint, INGRESS)
+        self.chains[FROM_WL] = from_wl + ["-j DROP"]  # unknown workload interface: fail closed
+        self.chains[TO_WL] = to_wl + ["-j DROP"]
+
+        for name in self.chains:
+            assert len(name) <= MAX_CHAIN_NAME, name
+        for name in self.sets:
+            assert len(name) <= MAX_IPSET_NAME, name
+        return FirewallState(
+            chains={(TABLE, name): rules for name, rules in sorted(self.chains.items())},
+            jumps=[Jump(TABLE, "FORWARD", FORWARD), Jump(TABLE, "INPUT", INPUT)],
+            ipsets=[self.sets[name] for name in sorted(self.sets)],
+        )
+
+
+def _bare_ip(ip: str) -> str:
+    return ip.split("/", 1)[0]
+
+
+def _log_prefix(policy: Policy) -> str:
+    """`canal <name> ` cut to the LOG target's limit (names are [a-z0-9.-]: nothing to quote)."""
+    room = LOG_PREFIX_MAX - len("canal  ")
+    return f"canal {policy.name[:room]} "
+
+
+def compile_filter(
+    endpoints: Iterable[EndpointInfo],
+    policies: Iterable[Policy],
+    local_host: str,
+    networks: Mapping[str, NetworkInfo],
+) -> FirewallState:
+    """The whole filter-table state for `local_host`: chains, the two built-in jumps, and ipsets.
+
+    Deterministic (same input -> equal state, sorted everywhere) so the applier's diff is a no-op
+    when nothing changed. Returns an empty state when there is nothing of ours on this host.
+    """
+    endpoints = list(endpoints)
+    policies = list(policies)
+    if not networks and not any(e.host == local_host for e in endpoints):
+        return FirewallState()
+    return _Compiler(endpoints, policies, local_host, networks).compile()
