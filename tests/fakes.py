@@ -44,6 +44,10 @@ class FakeIptables:
                 assert table is not None, f"rule outside a table: {line}"
                 op, chain, *rest = line.split(" ", 2)
                 spec = rest[0] if rest else ""
+                target = spec.split("-j ", 1)[1].split()[0] if "-j " in spec else ""
+                target = target or (spec.split("-g ", 1)[1].split()[0] if "-g " in spec else "")
+                if op in ("-A", "-I") and target.startswith("CANAL-"):
+                    assert target in table.chains, f"iptables-restore: Chain '{target}' does not exist"
                 if op == "-A":
                     assert chain in table.chains, f"no chain {chain}"
                     table.rules[chain].append(spec)

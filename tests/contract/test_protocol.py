@@ -81,9 +81,9 @@ def test_container_lifecycle(client, plugin):
     assert info["Value"]["ip"] == ip
     ok(client, "NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NET, "EndpointID": EP})
     ok(client, "NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": EP})
-    assert plugin.networks.endpoint(NET, EP)["joined"] is False  # the agent removes the veth
+    assert plugin.networks.endpoint(NET, EP)["joined"] is False
+    assert plugin.links.veths == {}  # removed by the agent pass Leave asked for
     ok(client, "NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP})
-    assert plugin.links.veths == {}
     ok(client, "IpamDriver.ReleaseAddress", {"PoolID": "canal-default", "Address": ip})
     ok(client, "IpamDriver.ReleaseAddress", {"PoolID": "canal-default", "Address": "0.0.0.0"})
     ok(client, "NetworkDriver.DeleteNetwork", {"NetworkID": NET})

@@ -45,12 +45,12 @@ def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
         wanted = {c: rules for (t, c), rules in desired.chains.items() if t == name}
         jumps = [j for j in desired.jumps if j.table == name]
         lines: list[str] = []
-        for chain, rules in sorted(wanted.items()):
-            if table.rules.get(chain) == rules and chain in table.chains:
-                continue
-            lines.append(f":{chain} - [0:0]")
+        changed = [c for c in sorted(wanted) if not (c in table.chains and table.rules.get(c) == wanted[c])]
+        # Declare every chain before any rule: a jump to a chain declared later is refused.
+        lines.extend(f":{chain} - [0:0]" for chain in changed)
+        for chain in changed:
             lines.append(f"-F {chain}")
-            lines.extend(f"-A {chain} {rule}" for rule in rules)
+            lines.extend(f"-A {chain} {rule}" for rule in wanted[chain])
         for jump in jumps:
             if jump.spec not in table.rules.get(jump.builtin, []):
                 lines.append(f"-I {jump.builtin} 1 {jump.spec}")

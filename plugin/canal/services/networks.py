@@ -199,7 +199,7 @@ class Networks:
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         record = self.endpoint(network_id, endpoint_id)
-        self.links.delete(endpoint_id)
+        # As in leave(), the agent removes a veth still there; `docker network rm` waits for it.
         self.ipam.unbind(ipaddress.IPv4Address(record["ip"]), endpoint_id)
         self.store.delete(self.keys.endpoint(endpoint_id))
         log.info("endpoint %s deleted (%s)", endpoint_id[:12], record["ip"])
