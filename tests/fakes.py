@@ -82,9 +82,11 @@ class FakeLinks:
     def delete(self, endpoint_id: str) -> None:
         self.veths = {n: l for n, l in self.veths.items() if l.endpoint_id != endpoint_id}
 
-    def reconcile(self, desired: list[EndpointLink]) -> None:
-        wanted = {l.host_if for l in desired}
-        self.veths = {n: l for n, l in self.veths.items() if n in wanted}
+    def orphans(self, desired: list[EndpointLink]) -> set[str]:
+        return set(self.veths) - {l.host_if for l in desired}
+
+    def reconcile(self, desired: list[EndpointLink], orphans: set[str]) -> None:
+        self.veths = {n: l for n, l in self.veths.items() if n not in orphans}
 
     def close(self) -> None:
         pass

@@ -30,7 +30,8 @@ class ContractPlugin:
         """What the agent does on a change, run inline: reconcile veths with the records."""
         self.changes += 1
         snap = Snapshot("h1", "100.64.0.0/16", self.store.list_json(self.keys.networks), self.store.list_json(self.keys.endpoints))
-        self.links.reconcile(desired_links(snap))
+        links = desired_links(snap)
+        self.links.reconcile(links, self.links.orphans(links))
 
     def status(self) -> dict:
         return {"host": "h1"}

@@ -67,10 +67,11 @@ class Agent:
             return self._done >= target and not self.last_error
 
     def reconcile(self) -> None:
-        with self.links.guard:
+        with self.links.guard:  # Join holds it across "record + veth": no fresh veth looks orphaned
             snap = self.snapshot()
             links = desired_links(snap)
-            self.links.reconcile(links)
+            orphans = self.links.orphans(links)
+        self.links.reconcile(links, orphans)
         if self.firewall.apply(desired_firewall(snap)):
             log.info("firewall updated (%d local endpoints)", len(links))
 

@@ -156,20 +156,23 @@ class Links:
                 if dst:
                     yield f"{dst}/{route['dst_len']}", route.get_attr("RTA_OIF")
 
-    def reconcile(self, desired: list[EndpointLink]) -> None:
-        """Make the kernel match desired: fix what drifted, delete veths of no joined endpoint."""
-        wanted = {link.host_if: link for link in desired}
+    def orphans(self, desired: list[EndpointLink]) -> set[str]:
+        """Host-side veths of no joined endpoint; decide under `guard`, delete after."""
+        return self.present() - {link.host_if for link in desired}
+
+    def reconcile(self, desired: list[EndpointLink], orphans: set[str]) -> None:
+        """Fix what drifted on the wanted veths; delete the orphans (slow: an RCU wait each)."""
         present = self.present()
-        for name, link in wanted.items():
-            if name in present:
+        for link in desired:
+            if link.host_if in present:
                 self.ensure_veth(link)
             else:
                 log.warning(
                     "endpoint %s (%s): its veth %s is gone; the container lost its network",
-                    link.endpoint_id[:12], link.ip, name,
+                    link.endpoint_id[:12], link.ip, link.host_if,
                 )
-        for name in present - set(wanted):
-            log.info("removing orphaned veth %s", name)
+        for name in sorted(orphans):
+            log.info("removing veth %s (no joined endpoint)", name)
             with self._lock:
                 try:
                     self._ipr.link("del", ifname=name)
