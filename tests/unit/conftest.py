@@ -1,13 +1,212 @@
+"""The `store` fixture runs every datastore-backed test against each backend: the embedded
+SQLite store and a real etcd (started once per session on loopback, wiped before each test)."""
+
 from __future__ import annotations
 
-import pytest
+import atexit
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 
+import pytest
+import requests
+
+from canal.datastore.etcd import EtcdDatastore
 from canal.datastore.local import LocalDatastore
 
+ETCD_MISSING = (
+    "the etcd binary is not installed (looked for `etcd` on PATH and /usr/bin/etcd); the etcd "
+    "half of the datastore tests needs it: apt-get install etcd-server (the project's test "
+    "script does this)"
+)
 
-@pytest.fixture(params=["local"])
+
+def etcd_binary() -> str:
+    found = shutil.which("etcd") or ("/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None)
+    if not found:
+        pytest.fail(ETCD_MISSING, pytrace=False)
+    return found
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out on loopback (held together, so they differ)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class EtcdServer:
+    """A throwaway single-member etcd on 127.0.0.1 with its own data dir (on tmpfs if any).
+
+    Short heartbeat/election settings make it start in well under a second and let etcd
+    honour 1 s lease TTLs (its minimum TTL is 1.5 election timeouts).
+    """
+
+    def __init__(self, name: str = "canal-unit") -> None:
+        self.binary = etcd_binary()
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.dir = tempfile.mkdtemp(prefix="canal-etcd-", dir=base)
+        self.data_dir = os.path.join(self.dir, "data")
+        self.log_path = os.path.join(self.dir, "etcd.log")
+        self.name = name
+        self.proc: subprocess.Popen | None = None
+        self.client_port, self.peer_port = free_ports(2)
+        self.startup_seconds = 0.0
+        atexit.register(self.close)  # even if pytest is killed between setup and teardown
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def argv(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.binary, "--name", self.name, "--data-dir", self.data_dir,
+            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
+            "--heartbeat-interval", "50", "--election-timeout", "500",
+            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+        ]  # fmt: skip
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start (or restart on the same data dir) and wait until /health says true."""
+        if self.running():
+            return
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        if platform.machine() == "aarch64":
+            env["ETCD_UNSUPPORTED_ARCH"] = "arm64"
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"etcd exited with {self.proc.returncode}:\n{self.log_tail()}", pytrace=False)
+            try:
+                if requests.get(self.endpoint + "/health", timeout=0.5).json().get("health") == "true":
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            if time.monotonic() - started > timeout:
+                self.stop()
+                pytest.fail(f"etcd not healthy after {timeout} s:\n{self.log_tail()}", pytrace=False)
+            time.sleep(0.02)
+        self.startup_seconds = time.monotonic() - started
+
+    def stop(self) -> None:
+        """SIGKILL, as a crash would; the data dir stays for start()."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # in case a test left it paused
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, nobody answers — a hung etcd."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def etcdctl(self, *args: str) -> str:
+        env = dict(os.environ, ETCDCTL_API="3")
+        res = subprocess.run(
+            ["etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "2s", *args],
+            check=False, capture_output=True, text=True, timeout=15, env=env,
+        )  # fmt: skip
+        assert res.returncode == 0, f"etcdctl {' '.join(args)}: {res.stderr}"
+        return res.stdout
+
+    def wipe(self) -> None:
+        """Delete every key and revoke every lease: each test starts from an empty key space."""
+        api = self.endpoint + "/v3"
+        everything = {"key": "AA==", "range_end": "AA=="}  # "\0".."\0": all keys
+        requests.post(api + "/kv/deleterange", json=everything, timeout=5).raise_for_status()
+        leases = requests.post(api + "/lease/leases", json={}, timeout=5).json().get("leases") or []
+        for lease in leases:
+            requests.post(api + "/lease/revoke", json={"ID": lease["ID"]}, timeout=5)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        atexit.unregister(self.close)
+
+
+def start_etcd(name: str = "canal-unit") -> EtcdServer:
+    """A started server; a port grabbed by someone else in between gets another try."""
+    for attempt in range(3):
+        server = EtcdServer(name)
+        try:
+            server.start()
+            return server
+        except BaseException:
+            bind_clash = "address already in use" in server.log_tail().lower()
+            server.close()
+            if not bind_clash or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd for the whole session (started only if an etcd-backed test runs)."""
+    server = start_etcd()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def make_etcd() -> Iterator[Callable[[], EtcdServer]]:
+    """Private etcd instances for tests that stop, pause or restart their server."""
+    servers: list[EtcdServer] = []
+
+    def make() -> EtcdServer:
+        servers.append(start_etcd(f"canal-private{len(servers)}"))
+        return servers[-1]
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture(params=["local", "etcd"])
 def store(request, tmp_path):
-    """Every datastore test runs against each backend (etcd joins in the multi-host tier)."""
-    ds = LocalDatastore(str(tmp_path / "canal.db"))
+    """Every datastore test runs against each backend."""
+    if request.param == "local":
+        ds = LocalDatastore(str(tmp_path / "canal.db"))
+    else:
+        server = request.getfixturevalue("etcd_server")
+        if not server.running():
+            pytest.fail(f"the session's etcd died:\n{server.log_tail()}", pytrace=False)
+        server.wipe()
+        ds = EtcdDatastore(server.endpoint, timeout=5.0)
     yield ds
     ds.close()

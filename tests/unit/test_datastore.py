@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
-from canal.datastore.base import Delete, Guard, Put
+import pytest
+
+from canal.config import Config
+from canal.datastore.base import Delete, Guard, Put, open_datastore
+from canal.datastore.etcd import EtcdDatastore
 from canal.datastore.local import LocalDatastore
+from canal.errors import Unavailable
 
 
 def test_put_get_list_sorted_by_key(store):
@@ -72,7 +78,11 @@ def test_lease_expiry_removes_keys(store):
     store.put("/leased", "v", lease=lease)
     store.put("/kept", "v")
     assert store.get("/leased") is not None
-    time.sleep(1.3)
+    # etcd revokes expired leases from a 500 ms loop: the key goes between 1.0 and ~1.5 s.
+    time.sleep(1.0)
+    deadline = time.monotonic() + 1.5
+    while store.get("/leased") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert store.get("/leased") is None
     assert store.keepalive(lease) is False
     assert store.get("/kept") is not None
@@ -114,6 +124,31 @@ def test_watch_times_out_empty(store):
     assert result.events == [] and not result.compacted
 
 
+def test_watch_resumed_from_its_revision_sees_every_event_once(store):
+    _, rev = store.list("/r/")
+    expected = []
+    for i in range(12):
+        store.put(f"/r/{i % 3}", i)
+        expected.append(("put", f"/r/{i % 3}", str(i)))
+        store.put("/elsewhere", i)
+        if i % 4 == 3:
+            store.delete(f"/r/{i % 3}")
+            expected.append(("delete", f"/r/{i % 3}", ""))
+    seen = []
+    empty_rounds = 0
+    while empty_rounds < 2:  # an empty answer must not skip anything either
+        result = store.watch("/r/", rev + 1, timeout=0.3)
+        assert not result.compacted
+        seen += [(e.kind, e.key, e.value) for e in result.events]
+        empty_rounds += not result.events
+        assert result.revision >= rev
+        rev = result.revision
+    store.put("/r/late", "x")
+    late = store.watch("/r/", rev + 1, timeout=2)
+    assert seen == expected
+    assert [(e.kind, e.key) for e in late.events] == [("put", "/r/late")]
+
+
 def test_local_store_survives_reopen(tmp_path):
     path = str(tmp_path / "db")
     first = LocalDatastore(path)
@@ -137,3 +172,160 @@ def test_local_watch_behind_compaction_reports_it(tmp_path):
     finally:
         local.HISTORY = old
         ds.close()
+
+
+# etcd only: what the shared contract cannot show — compaction, outages, failover. ---------
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(call):
+    """(exception raised by call, seconds it took)."""
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as err:
+        call()
+    return err.value, time.monotonic() - started
+
+
+def test_open_datastore_builds_the_etcd_backend():
+    ds = open_datastore(Config(datastore="etcd", etcd_endpoints="http://a:1,http://b:2", etcd_timeout=2.5))
+    assert isinstance(ds, EtcdDatastore)
+    assert ds.endpoints == ["http://a:1", "http://b:2"] and ds.timeout == 2.5
+    ds.close()
+
+
+def test_etcd_watch_behind_compaction_reports_it(etcd_server, monkeypatch):
+    etcd_server.wipe()
+    ds = EtcdDatastore(etcd_server.endpoint, timeout=2)
+    try:
+        ds.put("/c/k", 0)
+        first = ds.get("/c/k").mod_revision
+        for i in range(1, 5):
+            ds.put("/c/k", i)
+        _, rev = ds.list("/c/")
+        etcd_server.etcdctl("compact", str(rev))
+        result = ds.watch("/c/", first, timeout=0)
+        assert result.compacted and result.events == [] and result.revision == rev
+        # The compaction revision itself is still in history.
+        kept = ds.watch("/c/", rev, timeout=2)
+        assert not kept.compacted and [(e.revision, e.value) for e in kept.events] == [(rev, "4")]
+        # etcd's own notice (sent from its watcher-sync loop) is understood as well, for a
+        # compaction that lands between the range check and the watch.
+        monkeypatch.setattr(ds, "_compacted_at", lambda key, revision: None)
+        late = ds.watch("/c/", first, timeout=2)
+        assert late.compacted and late.events == [] and late.revision == rev
+    finally:
+        ds.close()
+
+
+def test_etcd_stopped_raises_unavailable_fast_then_recovers(make_etcd):
+    server = make_etcd()
+    ds = EtcdDatastore(server.endpoint, timeout=1.0)
+    ds.put("/durable", {"x": 1})
+    lease = ds.grant(60)
+    _, rev = ds.list("/")
+    threading.Timer(0.3, server.stop).start()  # dies while a watch is waiting
+    err, took = timed(lambda: ds.watch("/", rev + 1, timeout=10))
+    assert took < ds.timeout + 1 and f"etcd {server.endpoint} unreachable during watch" in str(err)
+    calls = {
+        "get": lambda: ds.get("/durable"),
+        "list": lambda: ds.list("/"),
+        "txn": lambda: ds.put("/new", 1),
+        "grant": lambda: ds.grant(10),
+        "keepalive": lambda: ds.keepalive(lease),
+        "revoke": lambda: ds.revoke(lease + 1),
+        "watch": lambda: ds.watch("/", rev + 1, timeout=10),
+    }
+    for op, call in calls.items():
+        err, took = timed(call)
+        assert took < ds.timeout + 1, (op, took)
+        assert str(err).startswith(f"etcd {server.endpoint} unreachable during {op}: "), str(err)
+        assert "Connection refused" in str(err)
+    server.start()  # same data dir, same EtcdDatastore object
+    assert ds.get_json("/durable") == {"x": 1}
+    assert ds.keepalive(lease) is True
+    ds.put("/after", 2)
+    assert [e.key for e in ds.watch("/", rev + 1, timeout=2).events] == ["/after"]
+    ds.close()
+
+
+def test_etcd_hung_times_out_then_recovers(make_etcd):
+    server = make_etcd()
+    ds = EtcdDatastore(server.endpoint, timeout=0.5)
+    ds.put("/k", 1)  # leaves a pooled connection to a server about to hang
+    _, rev = ds.list("/")
+    server.pause()
+    try:
+        for op, call in (
+            ("get", lambda: ds.get("/k")),
+            ("txn", lambda: ds.put("/k", 2)),
+            ("watch", lambda: ds.watch("/", rev + 1, timeout=10)),
+        ):
+            err, took = timed(call)
+            assert took < ds.timeout + 1, (op, took)
+            assert f"etcd {server.endpoint} unreachable during {op}: no answer within 0.5 s" in str(err)
+        assert "may or may not have been applied" in str(timed(lambda: ds.put("/k", 3))[0])
+    finally:
+        server.resume()
+    assert ds.get_json("/k") in (1, 2, 3)  # the timed-out txns may have landed after all
+    ds.put("/k", 4)
+    assert ds.get_json("/k") == 4
+    ds.close()
+
+
+def test_etcd_fails_over_past_a_dead_endpoint(etcd_server):
+    etcd_server.wipe()
+    dead = f"http://127.0.0.1:{unused_port()}"
+    ds = EtcdDatastore(f"{dead},{etcd_server.endpoint}", timeout=1.0)
+    ds.put("/counter", 0)  # a refused txn was never sent, so it moves on too
+
+    def bump():
+        for _ in range(10):
+            ds.update("/counter", lambda n: n + 1)
+
+    threads = [threading.Thread(target=bump) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ds.get_json("/counter") == 80
+    ds.close()
+
+
+def test_etcd_fails_over_past_a_hung_endpoint(etcd_server):
+    etcd_server.wipe()
+    with socket.socket() as hole:  # accepts connections (kernel backlog), never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        endpoints = f"http://127.0.0.1:{hole.getsockname()[1]},{etcd_server.endpoint}"
+        reads = EtcdDatastore(endpoints, timeout=0.5)
+        started = time.monotonic()
+        assert reads.get("/x") is None  # one timeout, then the next endpoint, same call
+        assert 0.5 <= time.monotonic() - started < 1.5
+        started = time.monotonic()
+        reads.put("/x", 1)  # later calls start from the endpoint that worked
+        assert time.monotonic() - started < 0.3
+        reads.close()
+        # A txn that reached a silent endpoint is not replayed elsewhere (it might have
+        # been applied): the caller hears the outcome is unknown, and the next call works.
+        writes = EtcdDatastore(endpoints, timeout=0.5)
+        err, took = timed(lambda: writes.put("/y", 1))
+        assert "may or may not have been applied" in str(err) and took < 1.5
+        assert writes.get("/y") is None
+        writes.put("/y", 2)
+        assert writes.get_json("/y") == 2
+        writes.close()
+
+
+def test_etcd_all_endpoints_down_names_each():
+    endpoints = [f"http://127.0.0.1:{unused_port()}" for _ in range(2)]
+    ds = EtcdDatastore(",".join(endpoints), timeout=1.0)
+    err, took = timed(lambda: ds.get("/k"))
+    assert took < 1
+    for endpoint in endpoints:
+        assert f"etcd {endpoint} unreachable during get: Connection refused" in str(err)
+    ds.close()

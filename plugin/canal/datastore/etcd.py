@@ -1,0 +1,467 @@
+"""etcd backend: the Datastore interface mapped 1:1 onto etcd's v3 API via its JSON gateway.
+
+Client: plain `requests` against the v3 JSON gateway (/v3/kv/range, /v3/kv/txn, /v3/lease/*,
+/v3/watch), not etcd3gw. etcd3gw speaks the same gateway but hides exactly what this
+interface needs: its reads drop the header revision (`list` must return it), its watch is an
+unbounded background thread per watcher that never reports compaction (`watch` here is a
+bounded long-poll that must), it knows a single endpoint (no failover) and raises its own
+exception family. The gateway's JSON is small and stable, so speaking it directly is less
+code than working around etcd3gw, and still needs no grpc/protobuf pinning. Needs etcd >= 3.4
+(the `/v3` path; 3.3 served it as `/v3beta`).
+
+Failure model: every HTTP request carries the configured timeout (connect and read), and
+refused connections, timeouts, 5xx/429 answers and garbage become `Unavailable` naming the
+endpoint and the operation. With several endpoints a call moves on to the next one and later
+calls start from the one that last worked; nothing is marked dead, so the store recovers by
+itself when etcd comes back. One exception: a `txn` that may have reached etcd (the request
+was sent, then the answer timed out or was a 5xx) is NOT retried elsewhere, because a guarded
+txn replayed after it succeeded reports False ("someone else won") and callers would act on a
+lie (double increments, leaked allocations); it raises `Unavailable` saying the outcome is
+unknown, and the caller's next read shows the truth.
+
+etcd's own timing shows through, and callers should expect it: expired leases are revoked by
+a 500 ms loop (keys outlive their TTL by up to ~0.5 s), and history older than "now" reaches a
+watch through etcd's 100 ms watcher-sync loop. A watch already waiting on an etcd that then
+hangs (not dies) just runs out the caller's timeout, empty; the next call fails fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import requests
+import urllib3.exceptions
+
+from canal.datastore.base import Datastore, Delete, Entry, Event, Guard, Op, Put, WatchResult
+from canal.errors import BadRequest, CanalError, Unavailable
+
+GRPC_NOT_FOUND = 5  # what the gateway reports for an unknown/expired lease
+
+
+class EtcdRejected(CanalError):
+    """etcd understood the request and refused it (4xx): retrying the same call cannot help."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class _Failed(Exception):
+    """One endpoint failed one request; `sent` says whether etcd may have acted on it."""
+
+    def __init__(self, reason: str, sent: bool, verb: str = "unreachable"):
+        super().__init__(reason)
+        self.reason = reason
+        self.sent = sent
+        self.verb = verb
+
+
+def _b64(text: str | bytes) -> str:
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: str | None) -> str:
+    return base64.b64decode(text or "").decode("utf-8", errors="replace")  # foreign binary values
+
+
+def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
+    """(key, range_end) covering every key that starts with prefix, as etcd's clients do."""
+    start = prefix.encode("utf-8") or b"\0"  # etcd refuses an empty key; "\0".."\0" is all keys
+    end = bytearray(prefix.encode("utf-8"))
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return start, b"\0"
+    end[-1] += 1
+    return start, bytes(end)
+
+
+def _reason(err: BaseException, timeout: float) -> str:
+    """A one-line cause: requests' own messages are nested reprs several hundred chars long."""
+    chain: list[BaseException] = []
+    stack: list[Any] = [err]
+    while stack:  # everything err wraps: requests -> MaxRetryError -> NewConnectionError -> OSError
+        cur = stack.pop()
+        if isinstance(cur, BaseException) and all(cur is not c for c in chain):
+            chain.append(cur)
+            stack.extend([getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args])
+    refused = (urllib3.exceptions.NewConnectionError, ConnectionError)
+    if any(isinstance(c, refused) for c in chain):
+        pass  # a refused/reset connection is not a timeout, whatever its class hierarchy says
+    elif any(isinstance(c, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)) for c in chain):
+        return f"no connection within {timeout:g} s"
+    elif any(
+        isinstance(c, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError))
+        for c in chain
+    ):
+        return f"no answer within {timeout:g} s"
+    for cur in chain:
+        if isinstance(cur, OSError) and cur.strerror:
+            return cur.strerror  # "Connection refused", "Name or service not known", ...
+    return f"{type(err).__name__}: {str(err)[:200]}"
+
+
+def _never_sent(err: requests.RequestException) -> bool:
+    """True when the connection was never established, so etcd cannot have seen the request."""
+    if isinstance(err, requests.ConnectTimeout):
+        return True
+    inner = err.args[0] if err.args else None
+    reason = getattr(inner, "reason", inner)
+    return isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
+
+
+def _error_text(error: Any) -> str:
+    """The gateway reports errors inside streams as a string or as {"message": ...}."""
+    return str(error.get("message") or error) if isinstance(error, dict) else str(error)
+
+
+def _int(value: Any) -> int:
+    return int(value or 0)  # the gateway writes int64 as strings and omits zeros
+
+
+def _entry(kv: dict[str, Any]) -> Entry:
+    return Entry(
+        key=_unb64(kv["key"]),
+        value=_unb64(kv.get("value")),
+        mod_revision=_int(kv.get("mod_revision")),
+        create_revision=_int(kv.get("create_revision")),
+        lease=_int(kv.get("lease")),
+    )
+
+
+class EtcdDatastore(Datastore):
+    """Thread-safe: one shared requests.Session (urllib3's pool is thread-safe and etcd sets no
+    cookies), so threads that come and go do not each leak a connection pool."""
+
+    def __init__(self, endpoints: str, timeout: float = 5.0):
+        self.endpoints = [e.strip().rstrip("/") for e in endpoints.split(",") if e.strip()]
+        if not self.endpoints:
+            raise BadRequest(f"no etcd endpoint in {endpoints!r}")
+        if timeout <= 0:
+            raise BadRequest(f"etcd timeout must be positive, not {timeout}")
+        self.timeout = float(timeout)
+        self._lock = threading.Lock()
+        self._preferred = 0  # index of the endpoint that last worked
+        self._session = requests.Session()
+        # etcd is cluster-internal: an HTTP(S)_PROXY inherited from the host must not capture
+        # its traffic (nor .netrc add credentials). A private CA can still come from the env.
+        self._session.trust_env = False
+        self._session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or True
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=len(self.endpoints), pool_maxsize=64, max_retries=0
+        )
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def __repr__(self) -> str:
+        return f"EtcdDatastore({','.join(self.endpoints)!r})"
+
+    # Transport ----------------------------------------------------------------------------
+
+    def _rotation(self) -> list[int]:
+        with self._lock:
+            first = self._preferred
+        n = len(self.endpoints)
+        return [(first + i) % n for i in range(n)]
+
+    def _worked(self, index: int) -> None:
+        with self._lock:
+            self._preferred = index
+
+    def _broke(self, index: int) -> None:
+        with self._lock:
+            if self._preferred == index:  # don't skip past a healthy one another thread found
+                self._preferred = (index + 1) % len(self.endpoints)
+
+    def _check(self, resp: requests.Response, endpoint: str, op: str) -> None:
+        """Raise for a non-200 answer: 5xx/429 are etcd being unwell, other codes a refusal."""
+        if resp.status_code == 200:
+            return
+        try:
+            body = resp.json()
+            message, code = body.get("message") or body.get("error") or "", _int(body.get("code"))
+        except (ValueError, AttributeError):
+            body, message, code = None, resp.text[:200].strip(), 0
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise _Failed(f"HTTP {resp.status_code}: {message}", sent=True, verb="unavailable")
+        if not isinstance(body, dict) or not message:
+            # Not etcd's gateway speaking (a proxy, a web server, etcd < 3.4 without /v3):
+            # nothing was applied, so another endpoint may be tried.
+            raise _Failed(
+                f"HTTP {resp.status_code} {message!r} is not an answer of etcd's v3 JSON gateway "
+                "(etcd >= 3.4 needed)",
+                sent=False,
+                verb="unusable",
+            )
+        raise EtcdRejected(f"etcd {endpoint} rejected {op}: {message} (HTTP {resp.status_code})", code)
+
+    def _call(
+        self, op: str, path: str, body: dict[str, Any], idempotent: bool = True
+    ) -> list[dict[str, Any]]:
+        """POST body to the first endpoint that answers; the answer's JSON messages.
+
+        Streaming RPCs (lease keepalive) answer with one JSON object per line, unary ones
+        with one object: both come back as a list.
+        """
+        failures: list[str] = []
+        for index in self._rotation():
+            endpoint = self.endpoints[index]
+            try:
+                try:
+                    resp = self._session.post(
+                        endpoint + path, json=body, timeout=(self.timeout, self.timeout)
+                    )
+                except requests.RequestException as err:
+                    raise _Failed(_reason(err, self.timeout), sent=not _never_sent(err)) from err
+                self._check(resp, endpoint, op)
+                try:
+                    messages = [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+                except ValueError as err:
+                    raise _Failed(f"unparsable answer {resp.text[:100]!r}", sent=True) from err
+                if not messages:
+                    raise _Failed("empty answer", sent=True)
+                for message in messages:
+                    if message.get("error"):  # a streaming RPC failing after its 200 header
+                        raise _Failed(_error_text(message["error"]), sent=True, verb="unavailable")
+                self._worked(index)
+                return messages
+            except _Failed as failure:
+                self._broke(index)
+                failures.append(f"etcd {endpoint} {failure.verb} during {op}: {failure.reason}")
+                if failure.sent and not idempotent:
+                    failures[-1] += " (it may or may not have been applied)"
+                    break
+        raise Unavailable("; ".join(failures))
+
+    # Reads --------------------------------------------------------------------------------
+
+    def _range(self, op: str, key: bytes, range_end: bytes | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": _b64(key)}
+        if range_end is not None:
+            body["range_end"] = _b64(range_end)
+        return self._call(op, "/v3/kv/range", body)[0]
+
+    def get(self, key: str) -> Entry | None:
+        kvs = self._range("get", key.encode("utf-8")).get("kvs") or []
+        return _entry(kvs[0]) if kvs else None
+
+    def list(self, prefix: str) -> tuple[list[Entry], int]:
+        answer = self._range("list", *_prefix_range(prefix))
+        entries = [_entry(kv) for kv in answer.get("kvs") or []]
+        entries.sort(key=lambda e: e.key)  # etcd already sorts by key bytes; keep the promise local
+        return entries, _int(answer.get("header", {}).get("revision"))
+
+    # Transactions -------------------------------------------------------------------------
+
+    def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
+        compare = []
+        for guard in guards:
+            if guard.mod_revision == 0:  # "absent": an absent key has version 0
+                compare.append(
+                    {"key": _b64(guard.key), "target": "VERSION", "result": "EQUAL", "version": "0"}
+                )
+            else:
+                compare.append(
+                    {
+                        "key": _b64(guard.key),
+                        "target": "MOD",
+                        "result": "EQUAL",
+                        "mod_revision": str(guard.mod_revision),
+                    }
+                )
+        success: list[dict[str, Any]] = []
+        for op in ops:
+            if isinstance(op, Put):
+                put = {"key": _b64(op.key), "value": _b64(op.value)}
+                if op.lease:
+                    put["lease"] = str(op.lease)
+                success.append({"request_put": put})
+            elif isinstance(op, Delete):
+                success.append({"request_delete_range": {"key": _b64(op.key)}})
+            else:
+                raise TypeError(f"not a datastore op: {op!r}")
+        try:
+            answer = self._call(
+                "txn", "/v3/kv/txn", {"compare": compare, "success": success}, idempotent=False
+            )[0]
+        except EtcdRejected as err:
+            if err.code == GRPC_NOT_FOUND:
+                leases = sorted({op.lease for op in ops if isinstance(op, Put) and op.lease})
+                raise Unavailable(f"lease {', '.join(map(str, leases))} has expired: {err}") from err
+            raise
+        return bool(answer.get("succeeded"))
+
+    # Leases -------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        # Not idempotent, but a duplicate grant after a failover only leaves a lease that expires.
+        answer = self._call("grant", "/v3/lease/grant", {"TTL": str(ttl)})[0]
+        lease = _int(answer.get("ID"))
+        if not lease:
+            raise Unavailable(f"etcd granted no lease: {answer}")
+        return lease
+
+    def keepalive(self, lease: int) -> bool:
+        messages = self._call("keepalive", "/v3/lease/keepalive", {"ID": str(lease)})
+        return _int(messages[0].get("result", {}).get("TTL")) > 0  # TTL 0: lease gone
+
+    def revoke(self, lease: int) -> None:
+        try:
+            self._call("revoke", "/v3/lease/revoke", {"ID": str(lease)})
+        except EtcdRejected as err:
+            if err.code != GRPC_NOT_FOUND:  # already expired or revoked: the goal is reached
+                raise
+
+    # Watch --------------------------------------------------------------------------------
+
+    def watch(self, prefix: str, start_revision: int, timeout: float) -> WatchResult:
+        """Long-poll one etcd watch stream until the first events or the deadline.
+
+        Compaction is checked first with a range at start_revision (etcd itself only reports
+        it from its ~100 ms watcher-sync loop, which a short timeout would miss). An empty
+        result returns start_revision - 1: events may still be in flight at the deadline, so
+        it never claims more than it saw. With events, the resume point is the last event's
+        revision (etcd cuts batches at revision boundaries), not the header's.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        key, range_end = _prefix_range(prefix)
+        if start_revision > 0:
+            compacted = self._compacted_at(key, start_revision)
+            if compacted is not None:
+                return WatchResult([], compacted, compacted=True)
+        body = {
+            "create_request": {
+                "key": _b64(key),
+                "range_end": _b64(range_end),
+                "start_revision": str(start_revision),
+            }
+        }
+        failures: list[str] = []
+        for index in self._rotation():
+            endpoint = self.endpoints[index]
+            try:
+                result = self._watch_once(endpoint, body, start_revision, deadline)
+                self._worked(index)
+                return result
+            except _Failed as failure:
+                self._broke(index)
+                failures.append(f"etcd {endpoint} {failure.verb} during watch: {failure.reason}")
+        raise Unavailable("; ".join(failures))
+
+    def _compacted_at(self, key: bytes, revision: int) -> int | None:
+        """The current revision if `revision` is compacted away, else None."""
+        try:
+            self._call(
+                "watch",
+                "/v3/kv/range",
+                {"key": _b64(key), "revision": str(revision), "limit": "1", "keys_only": True},
+            )
+            return None
+        except EtcdRejected as err:
+            if "compacted" in str(err):
+                return _int(self._range("watch", key).get("header", {}).get("revision"))
+            if "future revision" in str(err):
+                return None  # nothing to compact yet: the watch waits for it
+            raise
+
+    def _watch_once(self, endpoint: str, body: dict[str, Any], start: int, deadline: float) -> WatchResult:
+        try:
+            resp = self._session.post(
+                endpoint + "/v3/watch", json=body, stream=True, timeout=(self.timeout, self.timeout)
+            )
+        except requests.RequestException as err:
+            raise _Failed(_reason(err, self.timeout), sent=True) from err
+        try:
+            self._check(resp, endpoint, "watch")
+            created_at: int | None = None
+            events: list[Event] = []
+
+            def created() -> bool:
+                return created_at is not None
+
+            for message in self._messages(resp, created, deadline):
+                if message is None:  # deadline, nothing yet
+                    return WatchResult([], max(0, min(start - 1, created_at or 0)))
+                if message.get("error"):
+                    raise _Failed(_error_text(message["error"]), sent=True, verb="unavailable")
+                result = message.get("result", {})
+                revision = _int(result.get("header", {}).get("revision"))
+                if result.get("created"):
+                    created_at = revision
+                if _int(result.get("compact_revision")):
+                    return WatchResult([], created_at or revision, compacted=True)
+                if result.get("canceled"):
+                    raise _Failed(f"watch canceled: {result.get('cancel_reason', '')}", sent=True)
+                for ev in result.get("events") or []:
+                    kv = ev["kv"]
+                    kind = "delete" if ev.get("type") == "DELETE" else "put"
+                    events.append(
+                        Event(kind, _unb64(kv["key"]), _unb64(kv.get("value")), _int(kv.get("mod_revision")))
+                    )
+                if events and message.get("_last_buffered", True):
+                    return WatchResult(events, events[-1].revision)
+            raise _Failed("watch stream ended", sent=True)
+        finally:
+            resp.close()  # drops the connection, which cancels the watch inside etcd
+
+    def _messages(
+        self, resp: requests.Response, waiting: Callable[[], bool], deadline: float
+    ) -> Iterator[dict[str, Any] | None]:
+        """JSON messages from a gateway stream; None once the deadline passes while `waiting()`.
+
+        Until the watch is created each read gets the request timeout (etcd must answer);
+        afterwards reads get whatever is left of the caller's wait. Messages already
+        received are all yielded before the next read, flagged `_last_buffered` on the last
+        one, so a batch that arrived together is returned together.
+        """
+        chunks = resp.raw.stream(None, decode_content=True)
+        buffer = b""
+        while True:
+            lines = buffer.split(b"\n")
+            buffer = lines.pop()
+            complete = [line for line in lines if line.strip()]
+            for i, line in enumerate(complete):
+                try:
+                    message = json.loads(line)
+                except ValueError as err:
+                    raise _Failed(f"unparsable watch message {line[:100]!r}", sent=True) from err
+                message["_last_buffered"] = i == len(complete) - 1
+                yield message
+            if waiting():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    yield None
+                    return
+                self._set_read_timeout(resp, remaining)
+            try:
+                buffer += next(chunks)
+            except StopIteration:
+                if buffer.strip():
+                    buffer += b"\n"
+                    continue
+                raise _Failed("watch stream ended", sent=True) from None
+            except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as err:
+                if waiting():
+                    yield None
+                    return
+                raise _Failed(_reason(err, self.timeout), sent=True) from err
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as err:
+                raise _Failed(_reason(err, self.timeout), sent=True) from err
+
+    @staticmethod
+    def _set_read_timeout(resp: requests.Response, seconds: float) -> None:
+        """Shorten the socket timeout of a streaming answer to the time left to wait."""
+        conn = getattr(resp.raw, "connection", None)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            sock.settimeout(max(seconds, 0.001))
+
+    def close(self) -> None:
+        self._session.close()
