@@ -105,6 +105,10 @@ class Config:
     iptables_backend: str = _setting(
         "auto", _choice("auto", "nft", "legacy"), "iptables flavour (auto: the one Docker uses)"
     )
+    lease_ttl: int = _setting(86400, _int_range(5, 86400 * 365), "seconds a host's subnet lease lives unrenewed")
+    docker_host: str = _setting(
+        "unix:///var/run/docker.sock", str, "Docker API, read lazily for network names and labels"
+    )
     resync_interval: float = _setting(30.0, float, "seconds between full dataplane re-checks")
     workers_threads: int = _setting(32, _int_range(1, 512), "threads serving Docker's calls")
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error")

@@ -1,24 +1,28 @@
 """Wiring: builds every collaborator from the Config once, in the serving process.
 
-Nothing is built at import time; tests build a Plugin with fakes where they need to.
+Nothing is built at import time; tests build services with fakes where they need to.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
 import threading
 from typing import Any
 
 from canal.agent.agent import Agent
-from canal.agent.desired import Snapshot
+from canal.agent.desired import Snapshot, desired_route_records, desired_vxlan
+from canal.agent.docker_watch import DockerWatch
+from canal.agent.watch import StoreWatch
 from canal.config import Config
 from canal.datastore.base import Datastore, open_datastore
 from canal.datastore.keys import Keys
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
+from canal.dataplane.vxlan import Vxlan
 from canal.errors import Unavailable
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
@@ -26,12 +30,41 @@ from canal.services.subnets import Lease, SubnetManager
 
 log = logging.getLogger(__name__)
 
+SUBNET_ENV = "/run/flannel/subnet.env"
+VXLAN_OVERHEAD = 50
+
 
 def random_mac() -> str:
     """A locally administered unicast MAC, as flannel gives its VXLAN device."""
     octets = [random.randint(0, 255) for _ in range(6)]
     octets[0] = (octets[0] & 0xFE) | 0x02
     return ":".join(f"{o:02x}" for o in octets)
+
+
+def read_subnet_env(path: str = SUBNET_ENV) -> dict[str, str]:
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return {}
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path: str = SUBNET_ENV) -> None:
+    """flannel's format, so tools written for flannel hosts work on Canal hosts too."""
+    first = next(subnet.hosts())
+    text = (
+        f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
+        f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
+    )
+    if read_subnet_env(path) == dict(line.split("=", 1) for line in text.splitlines()):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 class Plugin:
@@ -42,8 +75,12 @@ class Plugin:
         self.keys = Keys(config.etcd_prefix, config.flannel_prefix)
         self.iface, self.public_ip, self.underlay_mtu = linkmod.underlay(config.iface, config.public_ip)
         self.subnets = SubnetManager(
-            self.store, self.keys, config.network, config.subnet_len, config.vxlan_vni, config.vxlan_port
+            self.store, self.keys, config.network, config.subnet_len, config.vxlan_vni, config.vxlan_port,
+            ttl=config.lease_ttl,
         )
+        self.multihost = config.datastore == "etcd"
+        self.vxlan = Vxlan() if self.multihost else None
+        self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
         self.links = linkmod.Links()
@@ -56,13 +93,18 @@ class Plugin:
             "host %s: underlay %s (%s, mtu %d), iptables %s, datastore %s",
             self.host, self.public_ip, self.iface, self.underlay_mtu, backend, config.datastore,
         )
+        steps = [self.publish_routes, self.program_vxlan] if self.multihost else []
         self.agent = Agent(
             self.snapshot,
             self.links,
             Firewall(Iptables(backend)),
             config.resync_interval,
             periodic=self.renew_lease,
+            steps=steps,
+            periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
         )
+        self.docker = DockerWatch(self.store, self.keys, self.host, config.docker_host, config.resync_interval)
+        self.watch = StoreWatch(self.store, [self.keys.root + "/", self.keys.leases], self.agent.trigger)
 
     def start(self) -> None:
         linkmod.enable_forwarding()
@@ -72,19 +114,43 @@ class Plugin:
             log.error("could not lease a host subnet yet: %s", err)
         self.agent.start()
         self.agent.trigger()
+        self.docker.start()
+        self.watch.start()
 
     def stop(self) -> None:
+        self.watch.stop()
+        self.docker.stop()
         self.agent.stop()
         self.links.close()
         self.store.close()
 
     def _changed(self, sync: bool) -> None:
+        self.docker.poke()
         if sync and not self.agent.trigger(wait=10):
             raise Unavailable(f"the dataplane could not be programmed: {self.agent.last_error or 'timed out'}")
         if not sync:
             self.agent.trigger()
 
-    # Host subnet lease ----------------------------------------------------------------------
+    # Host subnet lease ------------------------------------------------------------------------
+
+    @property
+    def flannel_mode(self) -> str:
+        if self._flannel_mode is None:
+            self._flannel_mode = self._detect_flannel_mode()
+        return self._flannel_mode
+
+    def _detect_flannel_mode(self) -> str:
+        """external: a real flanneld owns this host's lease and VXLAN device; we use its subnet."""
+        if not self.multihost or self.config.flannel_mode == "embedded":
+            return "embedded"
+        env = read_subnet_env()
+        mac = self.vxlan.device_mac(self.config.vxlan_vni) if self.vxlan else None
+        ours = (self.store.get_json(self.keys.host(self.host)) or {}).get("vtep_mac")
+        if self.config.flannel_mode == "external":
+            if not env:
+                raise Unavailable(f"flannel-mode external, but {SUBNET_ENV} is missing: is flanneld running?")
+            return "external"
+        return "external" if env and mac and mac != ours else "embedded"
 
     def _host_record(self) -> dict[str, Any]:
         def fill(record: Any) -> Any:
@@ -97,20 +163,63 @@ class Plugin:
     def host_subnet(self) -> ipaddress.IPv4Network:
         with self._lease_lock:
             if self.lease is None:
+                if self.flannel_mode == "external":
+                    env = read_subnet_env()
+                    subnet = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network
+                    self.lease = Lease(subnet, self.public_ip, "", 0)
+                    log.info("host %s uses flanneld's subnet %s", self.host, subnet)
+                    return subnet
                 record = self._host_record()
                 self.lease = self.subnets.acquire(self.public_ip, record["vtep_mac"], record.get("subnet"))
-                if record.get("subnet") != str(self.lease.subnet):
-                    self.store.update(self.keys.host(self.host), lambda r: {**(r or {}), "subnet": str(self.lease.subnet)})  # type: ignore[union-attr]
-                log.info("host %s owns subnet %s", self.host, self.lease.subnet)
+                subnet = str(self.lease.subnet)
+                if record.get("subnet") != subnet:
+                    self.store.update(self.keys.host(self.host), lambda r: {**(r or {}), "subnet": subnet})
+                log.info("host %s owns subnet %s (flannel %s)", self.host, self.lease.subnet, self.flannel_mode)
             return self.lease.subnet
 
     def renew_lease(self) -> None:
+        if self.flannel_mode == "external":
+            return
         with self._lease_lock:
             if self.lease is not None:
                 self.lease = self.subnets.renew(self.lease)
 
     def default_mtu(self) -> int:
-        return self.config.mtu or max(576, self.underlay_mtu - 50)
+        if self.config.mtu:
+            return self.config.mtu
+        if self._flannel_mode == "external":
+            mtu = read_subnet_env().get("FLANNEL_MTU", "")
+            if mtu.isdigit():
+                return int(mtu)
+        return max(576, self.underlay_mtu - VXLAN_OVERHEAD)
+
+    # Multi-host steps of the reconcile pass --------------------------------------------------
+
+    def program_vxlan(self, snap: Snapshot) -> None:
+        if self.vxlan is None or snap.own_subnet is None:
+            return
+        if self.flannel_mode == "embedded":
+            record = self._host_record()
+            self.vxlan.ensure_device(
+                self.config.vxlan_vni, self.config.vxlan_port, self.public_ip, self.iface,
+                record["vtep_mac"], self.underlay_mtu - VXLAN_OVERHEAD, snap.own_subnet,
+            )
+            write_subnet_env(str(self.subnets.network_config().network), snap.own_subnet, self.default_mtu())
+        elif not self.vxlan.exists(self.config.vxlan_vni):
+            raise Unavailable(f"flannel.{self.config.vxlan_vni} is missing: is flanneld running?")
+        self.vxlan.apply(desired_vxlan(snap), self.config.vxlan_vni)
+
+    def publish_routes(self, snap: Snapshot) -> None:
+        """Keep this host's /32 route records equal to what its endpoints need."""
+        wanted = desired_route_records(snap)
+        for ip, record in wanted.items():
+            if snap.routes.get(ip) != record:
+                self.store.put(self.keys.route(ip), record)
+        for ip, record in snap.routes.items():
+            if record.get("host") == self.host and ip not in wanted:
+                self.store.delete(self.keys.route(ip))
+
+    # Status and snapshot ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         return {
@@ -118,13 +227,13 @@ class Plugin:
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
             "datastore": self.config.datastore,
+            "flannel_mode": self._flannel_mode or "undecided",
             "scope": self.config.scope,
             "mtu": self.default_mtu(),
             "last_error": self.agent.last_error,
+            "docker_error": self.docker.last_error,
             "endpoints": len(self.networks.local_endpoints()),
         }
-
-    # Snapshot for the agent -------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -132,4 +241,7 @@ class Plugin:
             cluster_network=self.subnets.network_config().network.with_prefixlen,
             networks=self.store.list_json(self.keys.networks),
             endpoints=self.store.list_json(self.keys.endpoints),
+            own_subnet=self.lease.subnet if self.lease else None,
+            leases=tuple(self.subnets.leases()) if self.multihost else (),
+            routes={r["ip"]: r for r in self.store.list_json(self.keys.routes).values()} if self.multihost else {},
         )

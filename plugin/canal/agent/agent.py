@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from canal.agent.desired import Snapshot, desired_firewall, desired_links
 from canal.dataplane.firewall import Firewall
@@ -26,12 +26,16 @@ class Agent:
         firewall: Firewall,
         interval: float,
         periodic: Callable[[], None] = lambda: None,
+        steps: Sequence[Callable[[Snapshot], object]] = (),
+        periodic_interval: float | None = None,
     ):
         self.snapshot = snapshot
         self.links = links
         self.firewall = firewall
         self.interval = interval
-        self.periodic = periodic  # e.g. lease renewal, run on the timer only
+        self.periodic = periodic  # e.g. lease renewal, run on its own timer only
+        self.periodic_interval = periodic_interval or interval
+        self.steps = list(steps)  # more compute+apply steps (VXLAN peers, route records)
         self._cond = threading.Condition()
         self._requested = 0
         self._done = 0
@@ -71,6 +75,8 @@ class Agent:
             snap = self.snapshot()
             links = desired_links(snap)
             orphans = self.links.orphans(links)
+        for step in self.steps:
+            step(snap)
         self.links.reconcile(links, orphans)
         if self.firewall.apply(desired_firewall(snap)):
             log.info("firewall updated (%d local endpoints)", len(links))
@@ -81,14 +87,15 @@ class Agent:
         while True:
             with self._cond:
                 if self._requested == self._done and not self._stopping:
-                    self._cond.wait(min(self.interval, backoff) if self.last_error else self.interval)
+                    wait = min(self.interval, self.periodic_interval)
+                    self._cond.wait(min(wait, backoff) if self.last_error else wait)
                 if self._stopping:
                     return
                 target = self._requested
             try:
                 if time.monotonic() >= next_periodic:
                     self.periodic()
-                    next_periodic = time.monotonic() + self.interval
+                    next_periodic = time.monotonic() + self.periodic_interval
                 self.reconcile()
                 self.last_error = ""
                 backoff = 1.0

@@ -6,14 +6,18 @@ Tested without root; the applier (canal.agent.agent) diffs the result against th
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import IpSet
 from canal.dataplane.links import HOST_PREFIX, EndpointLink
+from canal.dataplane.vxlan import HostRoute, Peer, VxlanState
+from canal.dataplane.vxlan import desired_vxlan as vxlan_state
 from canal.services.ipam import ANY_NET
 from canal.services.networks import link_of
+from canal.services.subnets import Lease
 
 FORWARD = "CANAL-FORWARD"
 POSTROUTING = "CANAL-POSTROUTING"
@@ -25,8 +29,11 @@ MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
 class Snapshot:
     host: str
     cluster_network: str
-    networks: Mapping[str, Mapping[str, Any]]  # network id -> record
+    networks: Mapping[str, Mapping[str, Any]]  # network id -> record (all hosts)
     endpoints: Mapping[str, Mapping[str, Any]]  # endpoint id -> record (all hosts)
+    own_subnet: ipaddress.IPv4Network | None = None
+    leases: tuple[Lease, ...] = ()  # every host's flannel lease, ours included
+    routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # /32 route records
 
 
 def network_set(network_id: str) -> str:
@@ -78,3 +85,30 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         ipsets=sets,
     )
 
+
+
+def desired_route_records(snap: Snapshot) -> dict[str, dict[str, Any]]:
+    """ip -> record for our joined endpoints outside our subnet (a --ip from elsewhere, a
+    Swarm task address): peers route those /32s to our VTEP instead of the subnet's owner."""
+    if snap.own_subnet is None:
+        return {}
+    out = {}
+    for ep in local_endpoints(snap):
+        ip = ipaddress.IPv4Address(ep["ip"])
+        if ep.get("joined") and ip not in snap.own_subnet:
+            out[str(ip)] = {"ip": str(ip), "host": snap.host, "subnet": str(snap.own_subnet)}
+    return out
+
+
+def desired_vxlan(snap: Snapshot) -> VxlanState:
+    peers = [
+        Peer(lease.subnet, lease.public_ip, lease.vtep_mac)
+        for lease in snap.leases
+        if lease.subnet != snap.own_subnet
+    ]
+    host_routes = [
+        HostRoute(ipaddress.IPv4Address(record["ip"]), ipaddress.IPv4Network(record["subnet"]))
+        for record in snap.routes.values()
+        if record.get("host") != snap.host
+    ]
+    return vxlan_state(peers, host_routes, snap.own_subnet)

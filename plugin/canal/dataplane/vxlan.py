@@ -11,7 +11,6 @@ by reading what the device holds rather than remembering what it once added.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import re
 import socket

@@ -56,6 +56,14 @@ class Keys:
     def endpoints(self) -> str:
         return f"{self.root}/endpoints/"
 
+    def route(self, ip: ipaddress.IPv4Address | str) -> str:
+        """A /32 owned by a host outside its own subnet, routed to it by every peer."""
+        return f"{self.root}/routes/{ip_hex(ip)}"
+
+    @property
+    def routes(self) -> str:
+        return f"{self.root}/routes/"
+
     def host(self, name: str) -> str:
         return f"{self.root}/hosts/{name}"
 

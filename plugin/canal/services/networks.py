@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -32,7 +33,10 @@ OPTION_ALIASES = {
     "canal.nat": "nat",
     "mtu": "mtu",
     "com.docker.network.driver.mtu": "mtu",
+    "network": "name",
+    "canal.network": "name",
 }
+NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -53,6 +57,7 @@ class NetworkSpec:
     internal: bool
     nat: bool
     mtu: int  # 0: the host default
+    name: str = ""  # the logical network name given with -o network=NAME ("": learn Docker's)
 
     def record(self, host: str) -> dict:
         return {
@@ -62,6 +67,8 @@ class NetworkSpec:
             "nat": self.nat,
             "mtu": self.mtu,
             "host": host,
+            "name": self.name,
+            "explicit_name": bool(self.name),
         }
 
 
@@ -72,7 +79,7 @@ def parse_network(req: protocol.CreateNetwork) -> NetworkSpec:
         raise BadRequest(f"CreateNetwork: {GENERIC} must be an object")
     if _bool(ENABLE_IPV6, options.get(ENABLE_IPV6, False)) or req.IPv6Data:
         raise BadRequest("IPv6 is not supported by canal: create the network without --ipv6")
-    settings: dict[str, Any] = {"nat": True, "mtu": 0}
+    settings: dict[str, Any] = {"nat": True, "mtu": 0, "name": ""}
     for name, value in generic.items():
         key = OPTION_ALIASES.get(name)
         if key is None:
@@ -80,6 +87,10 @@ def parse_network(req: protocol.CreateNetwork) -> NetworkSpec:
             raise BadRequest(f"unknown option {name!r} for a canal network; known options: {known}")
         if key == "nat":
             settings["nat"] = _bool(name, value)
+        elif key == "name":
+            if not isinstance(value, str) or not NETWORK_NAME.fullmatch(value):
+                raise BadRequest(f"option {name}={value!r}: a network name is [A-Za-z0-9][A-Za-z0-9_.-]*")
+            settings["name"] = value
         else:
             try:
                 mtu = int(value)
@@ -101,7 +112,8 @@ def parse_network(req: protocol.CreateNetwork) -> NetworkSpec:
     if not pools:
         raise BadRequest("CreateNetwork: no IPv4 pool; create the network with --ipam-driver canal")
     internal = _bool(INTERNAL, options.get(INTERNAL, False))
-    return NetworkSpec(req.NetworkID, tuple(pools), internal, settings["nat"] and not internal, settings["mtu"])
+    nat = settings["nat"] and not internal
+    return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"])
 
 
 def container_mac(ip: ipaddress.IPv4Address) -> str:

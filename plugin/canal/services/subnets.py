@@ -85,7 +85,10 @@ def parse_network_config(raw: dict) -> NetworkConfig:
 
 
 class SubnetManager:
-    def __init__(self, store: Datastore, keys: Keys, network: str, subnet_len: int, vni: int, port: int):
+    def __init__(
+        self, store: Datastore, keys: Keys, network: str, subnet_len: int, vni: int, port: int, ttl: int = LEASE_TTL
+    ):
+        self.ttl = ttl
         self.store = store
         self.keys = keys
         self.vni = vni
@@ -138,7 +141,7 @@ class SubnetManager:
             raise Exhausted(f"no free /{cfg.subnet_len} subnet left in cluster network {cfg.network}")
         value = self._value(public_ip, vtep_mac)
         for subnet in candidates[:20]:
-            lease_id = self.store.grant(LEASE_TTL)
+            lease_id = self.store.grant(self.ttl)
             if self.store.txn([Guard(self.keys.lease(subnet), 0)], [Put(self.keys.lease(subnet), value, lease_id)]):
                 log.info("leased subnet %s for host %s", subnet, public_ip)
                 return Lease(subnet, public_ip, vtep_mac, lease_id)
@@ -161,7 +164,7 @@ class SubnetManager:
             if entry.value != value:
                 self.store.txn([Guard(key, entry.mod_revision)], [Put(key, value)])
             return Lease(lease.subnet, lease.public_ip, vtep_mac, 0)
-        lease_id = self.store.grant(LEASE_TTL)
+        lease_id = self.store.grant(self.ttl)
         guard = Guard(key, entry.mod_revision if entry else 0)
         if not self.store.txn([guard], [Put(key, value, lease_id)]):
             self.store.revoke(lease_id)

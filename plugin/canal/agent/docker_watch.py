@@ -1,0 +1,149 @@
+"""Learns what Docker never tells a driver: network names and container labels.
+
+Never from inside a handler (ContainerInspect there deadlocks on the container lock, see
+libnetwork-plugin#49): this thread reads Docker's API on its own, triggered by Docker events,
+by the plugin's handlers (poke) and by a timer, and writes what it learns into the
+endpoint and network records, where every host's policy compiler sees it. Until then an
+endpoint's labels are unknown (None) and the compiler fails closed for it.
+
+It uses the container *list* (which carries labels and each network's EndpointID and does
+not take per-container locks), never ContainerInspect.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from canal.datastore.base import Datastore
+from canal.datastore.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+class DockerWatch:
+    def __init__(
+        self,
+        store: Datastore,
+        keys: Keys,
+        host: str,
+        docker_host: str,
+        interval: float = 30.0,
+        client_factory: Callable[[], Any] | None = None,
+    ):
+        self.store = store
+        self.keys = keys
+        self.host = host
+        self.docker_host = docker_host
+        self.interval = interval
+        self._client_factory = client_factory or self._default_client
+        self._client: Any = None
+        self._cond = threading.Condition()
+        self._poked = False
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self.last_error = ""
+
+    def _default_client(self) -> Any:
+        import docker
+
+        return docker.DockerClient(base_url=self.docker_host, timeout=10)
+
+    def start(self) -> None:
+        for target, name in ((self._run, "canal-docker"), (self._events, "canal-docker-events")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def poke(self) -> None:
+        """Something changed (a handler ran, an event came): resolve soon."""
+        with self._cond:
+            self._poked = True
+            self._cond.notify_all()
+
+    # Resolution -----------------------------------------------------------------------------
+
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def resolve(self) -> int:
+        """One pass; returns how many local endpoints still have unknown labels."""
+        api = self.client().api
+        names = {n["Id"]: n["Name"] for n in api.networks()}
+        by_endpoint: dict[str, dict[str, Any]] = {}
+        for container in api.containers(all=True):
+            networks = (container.get("NetworkSettings") or {}).get("Networks") or {}
+            for settings in networks.values():
+                endpoint_id = (settings or {}).get("EndpointID")
+                if endpoint_id:
+                    by_endpoint[endpoint_id] = container
+        for network_id, record in self.store.list_json(self.keys.networks).items():
+            if record.get("host") != self.host or network_id not in names or record.get("explicit_name"):
+                continue
+            name = names[network_id]
+            if record.get("name") != name:
+                self.store.update(self.keys.network(network_id), lambda r, n=name: r and {**r, "name": n})
+                log.info("network %s is named %s", network_id[:12], name)
+        unknown = 0
+        for endpoint_id, record in self.store.list_json(self.keys.endpoints).items():
+            if record.get("host") != self.host:
+                continue
+            container = by_endpoint.get(endpoint_id)
+            if container is None:
+                unknown += record.get("labels") is None
+                continue
+            labels = dict(container.get("Labels") or {})
+            cname = (container.get("Names") or ["/?"])[0].lstrip("/")
+            if record.get("labels") != labels or record.get("container") != container["Id"]:
+                self.store.update(
+                    self.keys.endpoint(endpoint_id),
+                    lambda r, l=labels, c=container["Id"], n=cname: r
+                    and {**r, "labels": l, "container": c, "container_name": n},
+                )
+                log.info("endpoint %s belongs to container %s, labels %s", endpoint_id[:12], cname, labels)
+        return unknown
+
+    def _run(self) -> None:
+        unknown = 0
+        while True:
+            with self._cond:
+                if not self._poked and not self._stopping:
+                    # Poll quickly while some endpoint waits for its labels (an event may be
+                    # missed, e.g. while Docker restarts); slowly otherwise.
+                    self._cond.wait(0.5 if unknown or self.last_error else self.interval)
+                if self._stopping:
+                    return
+                self._poked = False
+            try:
+                unknown = self.resolve()
+                self.last_error = ""
+            except Exception as err:  # Docker down or restarting: try again soon
+                self._client = None
+                if not self.last_error:
+                    log.warning("cannot read Docker's API at %s yet: %s", self.docker_host, err)
+                self.last_error = str(err)
+
+    def _events(self) -> None:
+        while not self._stopping:
+            try:
+                client = self._client_factory()
+                stream = client.events(
+                    decode=True,
+                    filters={"type": ["container", "network"], "event": ["start", "create", "connect", "disconnect", "update"]},
+                )
+                for _event in stream:
+                    self.poke()
+                    if self._stopping:
+                        return
+            except Exception as err:
+                log.debug("docker event stream ended: %s", err)
+            time.sleep(1)
