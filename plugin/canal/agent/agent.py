@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from canal.agent.desired import Snapshot, desired_firewall, desired_links
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.links import Links
+from canal.errors import CanalError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,10 @@ class Agent:
                 backoff = 1.0
             except Exception as err:  # keep the loop alive; the next pass retries
                 self.last_error = f"{type(err).__name__}: {err}"
-                log.exception("reconcile failed (retrying in %.0fs): %s", backoff, err)
+                if isinstance(err, CanalError):  # expected kinds (datastore down, ...): no stack
+                    log.warning("reconcile failed (retrying in %.0fs): %s", backoff, err)
+                else:
+                    log.exception("reconcile failed (retrying in %.0fs): %s", backoff, err)
                 backoff = min(backoff * 2, 30.0)
             with self._cond:
                 self._done = max(self._done, target)

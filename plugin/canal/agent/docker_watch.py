@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from canal.datastore.base import Datastore
 from canal.datastore.keys import Keys
+from canal.errors import CanalError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ class DockerWatch:
             try:
                 unknown = self.resolve()
                 self.last_error = ""
+            except CanalError as err:  # the datastore is down: try again soon
+                if not self.last_error:
+                    log.warning("cannot record what Docker says: %s", err)
+                self.last_error = str(err)
             except Exception as err:  # Docker down or restarting: try again soon
                 self._client = None
                 if not self.last_error:
