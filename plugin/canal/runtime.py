@@ -22,7 +22,7 @@ from canal.datastore.keys import Keys
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
-from canal.dataplane.vxlan import Vxlan
+from canal.dataplane.vxlan import Vxlan, VxlanState
 from canal.errors import Unavailable
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
@@ -205,9 +205,14 @@ class Plugin:
                 record["vtep_mac"], self.underlay_mtu - VXLAN_OVERHEAD, snap.own_subnet,
             )
             write_subnet_env(str(self.subnets.network_config().network), snap.own_subnet, self.default_mtu())
-        elif not self.vxlan.exists(self.config.vxlan_vni):
+            self.vxlan.apply(desired_vxlan(snap), self.config.vxlan_vni)
+            return
+        if not self.vxlan.exists(self.config.vxlan_vni):
             raise Unavailable(f"flannel.{self.config.vxlan_vni} is missing: is flanneld running?")
-        self.vxlan.apply(desired_vxlan(snap), self.config.vxlan_vni)
+        # flanneld programs the peers' subnets; we add only the /32s it cannot know about.
+        state = desired_vxlan(snap)
+        host_routes = {dst: gw for dst, gw in state.routes.items() if dst.prefixlen == 32}
+        self.vxlan.apply(VxlanState({}, {}, host_routes), self.config.vxlan_vni, routes_only=True)
 
     def publish_routes(self, snap: Snapshot) -> None:
         """Keep this host's /32 route records equal to what its endpoints need."""

@@ -308,9 +308,11 @@ class Vxlan:
 
     # -- peers ----------------------------------------------------------------------------
 
-    def apply(self, state: VxlanState, vni: int | None = None) -> bool:
+    def apply(self, state: VxlanState, vni: int | None = None, routes_only: bool = False) -> bool:
         """Converge flannel.N (default: the last ensured device) on `state`; True if anything
-        changed. Order: stale routes out; neighbours, FDB, routes in; stale FDB, neighbours out."""
+        changed. Order: stale routes out; neighbours, FDB, routes in; stale FDB, neighbours out.
+
+        routes_only: a real flanneld owns the device's neighbours and FDB; touch only our routes."""
         vni = self._vni if vni is None else vni
         if vni is None:
             raise Unavailable("vxlan apply before ensure_device: which flannel.N?")
@@ -320,7 +322,7 @@ class Vxlan:
                 index = self._index(name)
                 if index is None:
                     raise Unavailable(f"{name} does not exist; ensure_device first")
-                return self._apply(index, name, state)
+                return self._apply(index, name, state, routes_only)
             except NetlinkError as err:
                 raise Unavailable(f"{name}: netlink: {err}") from err
 
@@ -340,7 +342,7 @@ class Vxlan:
         ]
         return neighbors, fdb, routes
 
-    def _apply(self, index: int, name: str, state: VxlanState) -> bool:
+    def _apply(self, index: int, name: str, state: VxlanState, routes_only: bool) -> bool:
         neighbors, fdb, routes = self._read(index)
         ours: dict[IPv4Network, IPv4Address | None] = {}
         foreign: set[IPv4Network] = set()
@@ -370,6 +372,9 @@ class Vxlan:
         # 1. routes that go (first: nothing may still send to a VTEP whose entries are removed)
         for dst in sorted(set(ours) - set(state.routes)):
             route("del", dst)
+        if routes_only:
+            neighbors, fdb = {}, {}
+            state = VxlanState({}, {}, state.routes)
         # 2. neighbours in
         for ip, mac in sorted(state.neighbors.items()):
             have = neighbors.get(str(ip))
