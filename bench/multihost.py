@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Benchmark (issue 3): cross-host TCP throughput and ping latency between two containers on
+two simulated hosts — over Canal, over Docker's own overlay network (a two-node swarm,
+--attachable) and over the bare underlay — in one run. Namespaces only.
+
+    .venv/bin/python bench/multihost.py [--seconds 5] [--repeat 3]
+
+Target: Canal >= 0.95 x Docker overlay throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "plugin")]
+
+from testbed import IMAGE, Etcd, SimHost, Underlay, wait_until  # noqa: E402
+
+
+def netns_of(host: SimHost, container: str) -> str:
+    return f"--net=/proc/{host.container_pid(container)}/ns/net"
+
+
+def iperf(client: SimHost, client_ns: list[str], server_ip: str, seconds: int) -> float:
+    out = client.exec(["nsenter", *client_ns, "iperf3", "-c", server_ip, "-t", str(seconds), "-J"],
+                      timeout=seconds + 30).stdout
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def ping_ms(client: SimHost, client_ns: list[str], target: str, count: int = 20) -> float:
+    out = client.exec(["nsenter", *client_ns, "ping", "-c", str(count), "-i", "0.05", "-q", target]).stdout
+    return float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    ul = Underlay()
+    try:
+        etcd = Etcd(ul)
+        h1, h2 = (SimHost(ul, f"m{i}", f"198.18.0.{i}") for i in (1, 2))
+        for h in (h1, h2):
+            h.start_dockerd()
+            h.load_image()
+            h.start_plugin(["--datastore", "etcd", "--etcd-endpoints", etcd.endpoint,
+                            "--network", "100.64.0.0/16", "--docker-host", f"unix://{h.docker_sock}"])
+            h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "canalnet")
+        h1.docker("swarm", "init", "--advertise-addr", h1.address)
+        token = h1.docker("swarm", "join-token", "-q", "worker").stdout.strip()
+        h2.docker("swarm", "join", "--token", token, f"{h1.address}:2377")
+        h1.docker("network", "create", "-d", "overlay", "--attachable", "--subnet", "100.96.0.0/24", "ovl")
+        servers = {}
+        for kind in ("canalnet", "ovl"):
+            h1.docker("run", "-d", "--name", f"srv-{kind}", "--network", kind, IMAGE, "sleep", "100000")
+            h2.docker("run", "-d", "--name", f"cli-{kind}", "--network", kind, IMAGE, "sleep", "100000")
+            data = h1.docker_json("inspect", f"srv-{kind}")[0]["NetworkSettings"]["Networks"][kind]
+            servers[kind] = data["IPAddress"]
+            h1.exec(["nsenter", netns_of(h1, f"srv-{kind}"), "iperf3", "-s", "-D"])
+            wait_until(lambda k=kind: h2.exec(["nsenter", netns_of(h2, f"cli-{k}"), "ping", "-c1", "-W1", servers[k]],
+                                               check=False).returncode == 0, timeout=30)
+        h1.exec(["iperf3", "-s", "-D"])  # the bare underlay, host to host
+        paths = {
+            "canal": (lambda: [netns_of(h2, "cli-canalnet")], servers["canalnet"]),
+            "overlay": (lambda: [netns_of(h2, "cli-ovl")], servers["ovl"]),
+            "underlay": (lambda: [], h1.address),
+        }
+        gbps: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(args.repeat):  # interleaved, so drift hits every path alike
+            for name, (ns, target) in paths.items():
+                gbps[name].append(iperf(h2, ns(), target, args.seconds))
+        lat = {name: ping_ms(h2, ns(), target) for name, (ns, target) in paths.items()}
+        print(f"TCP throughput (iperf3, {args.seconds}s x {args.repeat}, median) and ping rtt (avg of 20):")
+        for name in paths:
+            print(f"  {name:9} {statistics.median(gbps[name]):7.2f} Gbit/s   {lat[name]:.3f} ms")
+        canal, overlay, under = (statistics.median(gbps[k]) for k in ("canal", "overlay", "underlay"))
+        print(f"  canal/overlay throughput {canal / overlay:.3f} (target >= 0.95)")
+        print(f"  canal/underlay throughput {canal / under:.3f}")
+        print(f"  latency canal/overlay {lat['canal'] / lat['overlay']:.3f}, canal/underlay {lat['canal'] / lat['underlay']:.3f}")
+    finally:
+        ul.close()
+
+
+if __name__ == "__main__":
+    main()
