@@ -26,6 +26,7 @@ from canal.dataplane.vxlan import Vxlan, VxlanState
 from canal.errors import Unavailable
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
+from canal.services.policies import Policies, endpoint_rows
 from canal.services.subnets import Lease, SubnetManager
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,12 @@ class Plugin:
         self.links = linkmod.Links()
         self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet)
         self.networks = Networks(
-            self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed
+            self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed,
+            forget=linkmod.forget_connections,
+            request=lambda: self.agent.request(),
+            settle=self._settle,
         )
+        self.policies = Policies(self.store, self.keys, self._changed)
         backend = detect_backend(config.iptables_backend)
         log.info(
             "host %s: underlay %s (%s, mtu %d), iptables %s, datastore %s",
@@ -130,6 +135,10 @@ class Plugin:
             raise Unavailable(f"the dataplane could not be programmed: {self.agent.last_error or 'timed out'}")
         if not sync:
             self.agent.trigger()
+
+    def _settle(self, generation: int) -> None:
+        if not self.agent.wait(generation, 10):
+            raise Unavailable(f"the dataplane could not be programmed: {self.agent.last_error or 'timed out'}")
 
     # Host subnet lease ------------------------------------------------------------------------
 
@@ -249,4 +258,8 @@ class Plugin:
             own_subnet=self.lease.subnet if self.lease else None,
             leases=tuple(self.subnets.leases()) if self.multihost else (),
             routes={r["ip"]: r for r in self.store.list_json(self.keys.routes).values()} if self.multihost else {},
+            policies=tuple(self.policies.list()),
         )
+
+    def endpoint_list(self) -> list[dict[str, Any]]:
+        return endpoint_rows(self.snapshot())

@@ -74,10 +74,18 @@ def test_canal_and_flanneld_hosts_route_to_each_other(hosts):
     # Canal programmed the flanneld host from its lease alone ...
     wait_until(lambda: str(FLANNEL_SUBNET) in h1.ip("route", "show", "dev", "flannel.1").stdout, timeout=10)
     assert FLANNEL_MAC in h1.exec(["bridge", "fdb", "show", "dev", "flannel.1"]).stdout
-    # ... and packets flow both ways between a Canal container and the flanneld host's VTEP.
+    # ... and packets flow between a Canal container and the flanneld host's VTEP: outward
+    # freely, inward once a policy lets the flannel subnet in (Canal's default isolation).
     flannel_vtep = str(FLANNEL_SUBNET.network_address)
     assert h1.container_exec("web", "ping", "-c1", "-W2", flannel_vtep, check=False).returncode == 0
-    assert f1.exec(["ping", "-c1", "-W2", "-I", flannel_vtep, web], check=False).returncode == 0
+    assert f1.exec(["ping", "-c1", "-W2", "-I", flannel_vtep, web], check=False).returncode != 0
+    policy = {"apiVersion": "canal/v1", "kind": "GlobalNetworkPolicy", "metadata": {"name": "from-flannel"},
+              "spec": {"ingress": [{"action": "Allow", "source": {"nets": [str(FLANNEL_SUBNET)]}}]}}
+    h1.exec([h1.plugin_argv()[0], "-m", "canal", "policy", "apply", "-f", "-"], input=json.dumps(policy))
+    try:
+        assert f1.exec(["ping", "-c1", "-W2", "-I", flannel_vtep, web], check=False).returncode == 0
+    finally:
+        h1.exec([h1.plugin_argv()[0], "-m", "canal", "policy", "delete", "from-flannel"])
 
 
 def test_canal_on_top_of_flanneld_uses_its_subnet_and_device(hosts):
@@ -95,6 +103,7 @@ def test_canal_on_top_of_flanneld_uses_its_subnet_and_device(hosts):
         there = ip_of(f1, "onflannel", "appnet2")
         assert ipaddress.ip_address(there) in FLANNEL_SUBNET
         assert h1.container_exec("oncanal", "ping", "-c1", "-W2", there, check=False).returncode == 0
+        assert f1.container_exec("onflannel", "ping", "-c1", "-W2", ip_of(h1, "oncanal", "appnet2"), check=False).returncode == 0
         # flanneld's device, lease and MTU were left alone.
         assert FLANNEL_MAC in f1.ip("link", "show", "flannel.1").stdout
         lease_after = etcd.etcdctl("get", "/coreos.com/network/subnets/100.64.200.0-24", "--print-value-only").stdout

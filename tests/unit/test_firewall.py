@@ -6,14 +6,15 @@ from fakes import FakeIpsets, FakeIptables
 
 from canal.agent.desired import (
     CLUSTER_SET,
-    FORWARD,
     MASQ_SET,
     POSTROUTING,
     Snapshot,
     desired_firewall,
     desired_links,
-    network_set,
+    endpoint_infos,
+    network_infos,
 )
+from canal.policy.compiler import FORWARD, network_members_set
 from canal.dataplane.firewall import Firewall, FirewallState, Jump
 
 DOCKER_SAVE = """*filter
@@ -57,6 +58,7 @@ def test_routed_endpoints_pass_dockers_forward_drop():
     sets = {s.name: s for s in state.ipsets}
     assert sets[MASQ_SET].members == {"100.64.3.2"}
     assert sets[CLUSTER_SET].members == {"100.64.0.0/16"}
+    assert sets[network_members_set("n1")].members == {"100.64.3.2"}  # no name learned yet: the id
 
 
 def test_nat_off_and_internal_networks_are_not_masqueraded():
@@ -69,11 +71,27 @@ def test_nat_off_and_internal_networks_are_not_masqueraded():
     sets = {s.name: s for s in state.ipsets}
     assert sets[MASQ_SET].members == frozenset()
     assert sets[CLUSTER_SET].members == {"100.64.0.0/16", "100.70.0.0/24"}
-    internal = network_set("n2")
-    assert sets[internal].members == {"100.70.0.5"}
-    assert state.chains[("filter", FORWARD)][0] == (
-        f"-i cnl+ -m set --match-set {internal} src -m set ! --match-set {internal} dst -j DROP"
-    )
+    assert network_infos(snap(nets, eps))["n2"].internal
+
+
+def test_networks_are_one_across_hosts_by_learned_name():
+    nets = {
+        "id-on-h1": {**NET, "id": "id-on-h1", "name": "appnet"},
+        "id-on-h2": {**NET, "id": "id-on-h2", "host": "h2", "name": "appnet"},
+    }
+    eps = {
+        "e1": {**EP, "network": "id-on-h1"},
+        "e2": {**EP, "id": "e2" * 10, "host": "h2", "network": "id-on-h2", "ip": "100.64.4.2", "labels": {"a": "b"}},
+        "e3": {**EP, "id": "e3" * 10, "network": "id-on-h1", "joined": False, "ip": "100.64.3.9"},
+        "e4": {**EP, "id": "e4" * 10, "host": "h2", "joined": False, "ip": "100.64.4.9"},
+    }
+    infos = {e.ip: e for e in endpoint_infos(snap(nets, eps))}
+    # Remote endpoints count once joined; ours from creation on (chains ready before Join).
+    assert set(infos) == {"100.64.3.2", "100.64.4.2", "100.64.3.9"}
+    assert infos["100.64.4.2"].network == "appnet" and infos["100.64.4.2"].labels == {"a": "b"}
+    assert infos["100.64.3.2"].labels is None  # not learned yet: the compiler fails closed
+    sets = {s.name: s for s in desired_firewall(snap(nets, eps)).ipsets}
+    assert sets[network_members_set("appnet")].members == {"100.64.3.2", "100.64.4.2", "100.64.3.9"}
 
 
 def test_apply_programs_then_is_a_no_op():

@@ -55,21 +55,28 @@ class Agent:
         if self._thread:
             self._thread.join(timeout)
 
-    def trigger(self, wait: float = 0) -> bool:
-        """Ask for a pass; with wait > 0, block until a pass that started after now is done."""
+    def request(self) -> int:
+        """Ask for a pass; returns its generation, to wait() for later."""
         with self._cond:
             self._requested += 1
-            target = self._requested
             self._cond.notify_all()
-            if wait <= 0:
-                return True
-            deadline = time.monotonic() + wait
-            while self._done < target and not self._stopping:
+            return self._requested
+
+    def wait(self, generation: int, timeout: float) -> bool:
+        """Block until a pass that started after request() returned `generation` is done."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._done < generation and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._cond.wait(remaining)
-            return self._done >= target and not self.last_error
+            return self._done >= generation and not self.last_error
+
+    def trigger(self, wait: float = 0) -> bool:
+        """Ask for a pass; with wait > 0, block until a pass that started after now is done."""
+        generation = self.request()
+        return self.wait(generation, wait) if wait > 0 else True
 
     def reconcile(self) -> None:
         with self.links.guard:  # Join holds it across "record + veth": no fresh veth looks orphaned

@@ -5,21 +5,21 @@ Tested without root; the applier (canal.agent.agent) diffs the result against th
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import IpSet
-from canal.dataplane.links import HOST_PREFIX, EndpointLink
+from canal.dataplane.links import EndpointLink
 from canal.dataplane.vxlan import HostRoute, Peer, VxlanState
 from canal.dataplane.vxlan import desired_vxlan as vxlan_state
 from canal.services.ipam import ANY_NET
+from canal.policy.compiler import EndpointInfo, NetworkInfo, compile_filter
+from canal.policy.model import Policy
 from canal.services.networks import link_of
 from canal.services.subnets import Lease
 
-FORWARD = "CANAL-FORWARD"
 POSTROUTING = "CANAL-POSTROUTING"
 CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network + canal pools
 MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
@@ -34,10 +34,7 @@ class Snapshot:
     own_subnet: ipaddress.IPv4Network | None = None
     leases: tuple[Lease, ...] = ()  # every host's flannel lease, ours included
     routes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # /32 route records
-
-
-def network_set(network_id: str) -> str:
-    return "canal-n-" + hashlib.sha256(network_id.encode()).hexdigest()[:16]
+    policies: tuple[Policy, ...] = ()
 
 
 def local_endpoints(snap: Snapshot) -> list[Mapping[str, Any]]:
@@ -49,19 +46,35 @@ def desired_links(snap: Snapshot) -> list[EndpointLink]:
     return [link_of(ep) for ep in local_endpoints(snap) if ep.get("joined")]
 
 
-def desired_firewall(snap: Snapshot) -> FirewallState:
-    forward: list[str] = []
-    sets: list[IpSet] = []
-    for network_id, network in sorted(snap.networks.items()):
-        if not network.get("internal"):
-            continue
-        # Internal networks: their containers reach members of the same network only.
-        name = network_set(network_id)
-        members = frozenset(ep["ip"] for ep in snap.endpoints.values() if ep.get("network") == network_id)
-        sets.append(IpSet(name, "hash:ip", members))
-        forward.append(f"-i {HOST_PREFIX}+ -m set --match-set {name} src -m set ! --match-set {name} dst -j DROP")
-    forward += [f"-i {HOST_PREFIX}+ -j ACCEPT", f"-o {HOST_PREFIX}+ -j ACCEPT"]
+def network_name(snap: Snapshot, network_id: str) -> str:
+    """The logical, cluster-wide name: learned from Docker (or -o network=NAME); until then the
+    Docker network ID, which isolates the network from its namesakes on other hosts meanwhile."""
+    return snap.networks.get(network_id, {}).get("name") or network_id
 
+
+def endpoint_infos(snap: Snapshot) -> list[EndpointInfo]:
+    """Joined endpoints everywhere, plus our own not yet joined: their chains are programmed
+    between CreateEndpoint and Join, so a container's first packet finds them in place."""
+    return [
+        EndpointInfo(ep["id"], ep["ip"], network_name(snap, ep["network"]), ep["host"], ep.get("labels"))
+        for ep in snap.endpoints.values()
+        if ep.get("joined") or ep.get("host") == snap.host
+    ]
+
+
+def network_infos(snap: Snapshot) -> dict[str, NetworkInfo]:
+    out: dict[str, NetworkInfo] = {}
+    for network_id, record in snap.networks.items():
+        name = network_name(snap, network_id)
+        out[name] = NetworkInfo(name, bool(record.get("internal")) or out.get(name, NetworkInfo(name)).internal)
+    return out
+
+
+def desired_firewall(snap: Snapshot) -> FirewallState:
+    """filter: policy and isolation (the compiler); nat: masquerade of outbound traffic."""
+    if not any(n.get("host") == snap.host for n in snap.networks.values()):
+        return FirewallState()  # nothing of ours on this host: leave no trace
+    state = compile_filter(endpoint_infos(snap), snap.policies, snap.host, network_infos(snap))
     nets = {snap.cluster_network}
     for network in snap.networks.values():
         nets.update(p for p in network.get("pools", ()) if p and p != ANY_NET)
@@ -71,20 +84,14 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         if snap.networks.get(ep.get("network", ""), {}).get("nat", True)
         and not snap.networks.get(ep.get("network", ""), {}).get("internal")
     )
-    sets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
-    postrouting = [
+    state.ipsets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
+    state.chains[("nat", POSTROUTING)] = [
         f"-m set ! --match-set {MASQ_SET} src -j RETURN",
         f"-m set --match-set {CLUSTER_SET} dst -j RETURN",
         "-j MASQUERADE",
     ]
-    if not snap.networks:
-        return FirewallState()  # nothing of ours on this host: leave no trace
-    return FirewallState(
-        chains={("filter", FORWARD): forward, ("nat", POSTROUTING): postrouting},
-        jumps=[Jump("filter", "FORWARD", FORWARD), Jump("nat", "POSTROUTING", POSTROUTING)],
-        ipsets=sets,
-    )
-
+    state.jumps.append(Jump("nat", "POSTROUTING", POSTROUTING))
+    return state
 
 
 def desired_route_records(snap: Snapshot) -> dict[str, dict[str, Any]]:

@@ -131,6 +131,29 @@ def create_app(plugin: Any) -> Flask:
     def call_stats() -> Response:
         return _answer(stats.summary())
 
+    @app.post("/canal/v1/policies")
+    def apply_policies() -> Response:
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("documents"), str):
+            raise BadRequest('POST /canal/v1/policies: body must be {"documents": "<YAML or JSON text>"}')
+        return _answer({"results": plugin.policies.apply(body["documents"])})
+
+    @app.get("/canal/v1/policies")
+    def list_policies() -> Response:
+        return _answer({"policies": [p.to_dict() for p in plugin.policies.list()]})
+
+    @app.get("/canal/v1/policies/<path:ref>")
+    def get_policy(ref: str) -> Response:
+        return _answer(plugin.policies.find(ref).to_dict())
+
+    @app.delete("/canal/v1/policies/<path:ref>")
+    def delete_policy(ref: str) -> Response:
+        return _answer({"deleted": plugin.policies.delete(ref).key})
+
+    @app.get("/canal/v1/endpoints")
+    def list_endpoints() -> Response:
+        return _answer({"endpoints": plugin.endpoint_list()})
+
     @app.errorhandler(CanalError)
     def canal_error(err: CanalError) -> Response:
         log.warning("%s %s: %s", request.path, type(err).__name__, err)

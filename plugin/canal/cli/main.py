@@ -12,7 +12,7 @@ from typing import Any
 
 from canal import config as configmod
 from canal.cli.client import AdminClient
-from canal.errors import CanalError
+from canal.errors import BadRequest, CanalError
 
 log = logging.getLogger("canal")
 
@@ -36,7 +36,6 @@ def serve(cfg: configmod.Config) -> int:
         level=cfg.log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d:%(threadName)s] %(message)s",
     )
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # per-message debug noise
     os.makedirs(os.path.dirname(cfg.socket), exist_ok=True)
     if os.path.exists(cfg.socket):
         if _socket_alive(cfg.socket):
@@ -77,19 +76,59 @@ def serve(cfg: configmod.Config) -> int:
     return 0
 
 
-def _print(data: Any, output: str) -> None:
+def _print(data: Any, output: str, columns: list[str] | None = None) -> None:
     if output == "json":
         print(json.dumps(data, indent=2, sort_keys=True))
     elif output == "yaml":
         import yaml
 
-        print(yaml.safe_dump(data, sort_keys=True), end="")
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    elif columns is not None and isinstance(data, list):
+        _table([[_cell(row.get(c)) for c in columns] for row in data], [c.upper() for c in columns])
     elif isinstance(data, dict):
         width = max((len(str(k)) for k in data), default=0)
         for key, value in data.items():
-            print(f"{str(key).ljust(width)}  {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+            print(f"{str(key).ljust(width)}  {_cell(value)}")
     else:
         print(data)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "<unknown>"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _policy_row(doc: dict) -> dict:
+    meta, spec = doc["metadata"], doc["spec"]
+    return {
+        "name": meta["name"],
+        "kind": doc["kind"],
+        "network": meta.get("network", "(all)"),
+        "order": spec.get("order", "-"),
+        "selector": spec.get("selector") or "all()",
+        "types": spec.get("types"),
+    }
+
+
+def _read_file(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError as err:
+        raise BadRequest(f"cannot read {path}: {err.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,16 +136,54 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the plugin (Docker network + IPAM driver)")
     configmod.add_arguments(serve_p)
-    for name, help_text in (("status", "show the running plugin's state"), ("stats", "per-call handling times")):
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--socket", default=os.environ.get("CANAL_SOCKET", "/run/docker/plugins/canal.sock"))
+
+    def client_args(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--socket", default=os.environ.get("CANAL_SOCKET", "/run/docker/plugins/canal.sock"),
+                         help="the plugin's socket (env CANAL_SOCKET)")
         cmd.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+
+    for name, help_text in (("status", "show the running plugin's state"), ("stats", "per-call handling times")):
+        client_args(sub.add_parser(name, help=help_text))
+    policy = sub.add_parser("policy", help="label policies").add_subparsers(dest="verb", required=True)
+    apply_p = policy.add_parser("apply", help="create or update the policies in a YAML/JSON file")
+    apply_p.add_argument("-f", "--filename", required=True, help="file, or - for standard input")
+    client_args(apply_p)
+    client_args(policy.add_parser("list", help="list policies"))
+    for verb in ("get", "delete"):
+        cmd = policy.add_parser(verb, help=f"{verb} one policy: NAME, NETWORK/NAME or global/NAME")
+        cmd.add_argument("name")
+        client_args(cmd)
+    endpoint = sub.add_parser("endpoint", help="endpoints").add_subparsers(dest="verb", required=True)
+    client_args(endpoint.add_parser("list", help="every endpoint of the cluster, with labels and policies"))
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             sys.exit(serve(configmod.load(vars(args))))
         client = AdminClient(args.socket)
-        _print(client.get(f"/canal/v1/{args.command}"), args.output)
+        if args.command in ("status", "stats"):
+            _print(client.get(f"/canal/v1/{args.command}"), args.output)
+        elif args.command == "endpoint":
+            columns = ["container", "network", "host", "ip", "labels", "policies"]
+            _print(client.get("/canal/v1/endpoints")["endpoints"], args.output, columns)
+        elif args.verb == "apply":
+            results = client.post("/canal/v1/policies", {"documents": _read_file(args.filename)})["results"]
+            if args.output == "table":
+                for row in results:
+                    print(f"{row['kind']} {row['policy']} {row['result']}")
+            else:
+                _print(results, args.output)
+        elif args.verb == "list":
+            docs = client.get("/canal/v1/policies")["policies"]
+            if args.output == "table":
+                _print([_policy_row(d) for d in docs], "table", ["name", "kind", "network", "order", "selector", "types"])
+            else:
+                _print(docs, args.output)
+        elif args.verb == "get":
+            doc = client.get(f"/canal/v1/policies/{args.name}")
+            _print(doc, "yaml" if args.output == "table" else args.output)
+        elif args.verb == "delete":
+            print(f"deleted {client.request('DELETE', f'/canal/v1/policies/{args.name}')['deleted']}")
     except CanalError as err:
         print(f"canal: {err}", file=sys.stderr)
         sys.exit(2)

@@ -21,6 +21,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from canal.errors import Unavailable
 
 log = logging.getLogger(__name__)
+# pyroute2 resets its logger to level 0 when imported; its per-message debug output would
+# drown ours.
+logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 HOST_PREFIX = "cnl"  # host-side veth: cnl + 12 chars of the endpoint ID (15 = IFNAMSIZ-1)
 PEER_PREFIX = "cnp"  # container side, until Docker moves and renames it
@@ -218,3 +221,14 @@ def underlay(iface: str = "", public_ip: str = "") -> tuple[str, str, int]:
     if candidates:
         return candidates[0]
     return "lo", "127.0.0.1", 1500
+
+
+def forget_connections(ip: str) -> None:
+    """Drop conntrack entries to and from a departed endpoint's address, as Felix does: a new
+    container that gets the address must not inherit the old one's NAT and accept state."""
+    from canal.dataplane.cmd import run
+
+    for direction in ("--orig-src", "--orig-dst"):
+        proc = run(["conntrack", "-D", direction, ip], check=False, timeout=5)
+        if proc.returncode not in (0, 1):  # 1: nothing to delete
+            log.warning("conntrack -D %s %s failed: %s", direction, ip, proc.stderr.strip())

@@ -64,6 +64,15 @@ class Keys:
     def routes(self) -> str:
         return f"{self.root}/routes/"
 
+    def policy(self, network: str | None, name: str) -> str:
+        """Global policies and each network's policies live apart: a network may be named 'global'."""
+        scope = "global" if network is None else f"net/{network}"
+        return f"{self.root}/policies/{scope}/{name}"
+
+    @property
+    def policies(self) -> str:
+        return f"{self.root}/policies/"
+
     def host(self, name: str) -> str:
         return f"{self.root}/hosts/{name}"
 

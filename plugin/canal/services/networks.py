@@ -131,6 +131,9 @@ class Networks:
         host: str,
         default_mtu: Callable[[], int],
         changed: Callable[[bool], None],
+        forget: Callable[[str], None] = lambda ip: None,
+        request: Callable[[], int] = lambda: 0,
+        settle: Callable[[int], None] = lambda generation: None,
     ):
         self.store = store
         self.keys = keys
@@ -139,6 +142,13 @@ class Networks:
         self.host = host
         self.default_mtu = default_mtu
         self.changed = changed  # changed(sync): ask the agent to reconcile (and wait if sync)
+        self.forget = forget  # forget(ip): drop the conntrack state of a departed address
+        # request() starts an agent pass and returns its generation; settle(g) waits for it.
+        # CreateEndpoint requests the pass that programs the endpoint's chains, Join settles it:
+        # the work overlaps Docker's sandbox setup, and no first packet meets a missing chain.
+        self.request = request
+        self.settle = settle
+        self._pending: dict[str, int] = {}
 
     # Networks -----------------------------------------------------------------------------
 
@@ -206,14 +216,17 @@ class Networks:
             "created": existing["created"] if existing else time.time(),
         }
         self.store.put(self.keys.endpoint(req.EndpointID), record)
+        self._pending[req.EndpointID] = self.request()
         log.info("endpoint %s created in network %s with %s", req.EndpointID[:12], req.NetworkID[:12], ip)
         return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         record = self.endpoint(network_id, endpoint_id)
+        self._pending.pop(endpoint_id, None)
         # As in leave(), the agent removes a veth still there; `docker network rm` waits for it.
         self.ipam.unbind(ipaddress.IPv4Address(record["ip"]), endpoint_id)
         self.store.delete(self.keys.endpoint(endpoint_id))
+        self.forget(record["ip"])
         log.info("endpoint %s deleted (%s)", endpoint_id[:12], record["ip"])
         self.changed(False)
 
@@ -223,6 +236,8 @@ class Networks:
         with self.links.guard:  # the reconciler must not see the veth before the record
             self.store.put(self.keys.endpoint(req.EndpointID), record)
             self.links.ensure_veth(link_of(record))
+        generation = self._pending.pop(req.EndpointID, None)
+        self.settle(generation if generation is not None else self.request())
         log.info("endpoint %s joined (%s via %s)", req.EndpointID[:12], record["ip"], host_ifname(req.EndpointID))
         self.changed(False)
         return protocol.join(peer_ifname(req.EndpointID), "eth", GATEWAY)
