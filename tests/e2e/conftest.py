@@ -43,7 +43,8 @@ def underlay() -> Iterator[Underlay]:
 
 def start_host(ul: Underlay, name: str, ip: str, plugin_args: list[str]) -> SimHost:
     host = SimHost(ul, name, ip)
-    host.start_dockerd()
+    # Also on Docker's default socket (in the host's private /run), where the plugin looks.
+    host.start_dockerd(["-H", "unix:///run/docker.sock"])
     host.load_image()
     host.start_plugin(plugin_args)
     return host
@@ -79,7 +80,7 @@ def h1(host) -> Iterator[SimHost]:
     if not host.plugin_running():
         host.start_plugin(["--network", CLUSTER, "--log-level", "debug"])
     if not host.dockerd_running():
-        host.start_dockerd()
+        host.start_dockerd(["-H", "unix:///run/docker.sock"])
     ids = host.docker("ps", "-aq").stdout.split()
     if ids:
         host.docker("rm", "-f", *ids)

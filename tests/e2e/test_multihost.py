@@ -203,3 +203,27 @@ def test_etcd_outage(c):
     h1.docker("rm", "-f", "late", check=False)
     daemon(h1, "after", "appnet")
     assert ping(h1, "after", target)
+
+
+def test_policy_applied_on_one_host_is_in_force_on_all(c):
+    _, h1, h2 = c
+    for h in (h1, h2):
+        net(h, "appnet")
+    daemon(h1, "db", "appnet", "--label", "role=db", cmd=("sh", "-c", "while true; do echo pong-db | nc -l -p 5432; done"))
+    daemon(h2, "web", "appnet", "--label", "role=web")
+    daemon(h2, "batch", "appnet", "--label", "role=batch")
+    db = ip_of(h1, "db", "appnet")
+
+    def tcp(src):
+        out = h2.container_exec(src, "sh", "-c", f"nc -w 1 {db} 5432 </dev/null", check=False, timeout=20).stdout
+        return "pong-db" in out
+
+    assert tcp("web") and tcp("batch")  # one logical network across hosts: open by default
+    doc = {"apiVersion": "canal/v1", "kind": "NetworkPolicy", "metadata": {"name": "db-from-web", "network": "appnet"},
+           "spec": {"selector": "role == 'db'", "ingress": [
+               {"action": "Allow", "protocol": "TCP", "source": {"selector": "role == 'web'"}, "destination": {"ports": [5432]}}]}}
+    h2.exec([h2.plugin_argv()[0], "-m", "canal", "policy", "apply", "-f", "-"], input=json.dumps(doc))
+    wait_until(lambda: not tcp("batch"), timeout=5)  # enforced on h1, applied on h2
+    assert tcp("web")
+    h1.exec([h1.plugin_argv()[0], "-m", "canal", "policy", "delete", "db-from-web"])
+    wait_until(lambda: tcp("batch"), timeout=5)
