@@ -85,7 +85,7 @@ class FakeLinks:
     def orphans(self, desired: list[EndpointLink]) -> set[str]:
         return set(self.veths) - {l.host_if for l in desired}
 
-    def reconcile(self, desired: list[EndpointLink], orphans: set[str]) -> None:
+    def reconcile(self, desired: list[EndpointLink], orphans: set[str], full: bool = True) -> None:
         self.veths = {n: l for n, l in self.veths.items() if n not in orphans}
 
     def close(self) -> None:
@@ -102,7 +102,7 @@ class FakeIpsets:
     def current(self) -> dict[str, set[str]]:
         return {k: set(v) for k, v in self.sets.items()}
 
-    def apply(self, desired) -> None:
+    def apply(self, desired, read_back: bool = True) -> None:
         for ipset in desired:
             self.sets[ipset.name] = set(ipset.members)
 

@@ -15,7 +15,7 @@ from typing import Any
 from canal.agent.agent import Agent
 from canal.agent.desired import Snapshot, desired_route_records, desired_vxlan
 from canal.agent.docker_watch import DockerWatch
-from canal.agent.watch import StoreWatch
+from canal.agent.mirror import Mirror
 from canal.config import Config
 from canal.datastore.base import Datastore, open_datastore
 from canal.datastore.keys import Keys
@@ -23,11 +23,12 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.vxlan import Vxlan, VxlanState
-from canal.errors import Unavailable
+from canal.errors import BadRequest, Unavailable
+from canal.policy.model import Policy
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
 from canal.services.policies import Policies, endpoint_rows
-from canal.services.subnets import Lease, SubnetManager
+from canal.services.subnets import Lease, SubnetManager, lease_from_json, parse_network_config
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Plugin:
         self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
+        self._vxlan_applied: VxlanState | None = None
         self.links = linkmod.Links()
         self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet)
         self.networks = Networks(
@@ -108,8 +110,12 @@ class Plugin:
             steps=steps,
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
         )
-        self.docker = DockerWatch(self.store, self.keys, self.host, config.docker_host, config.resync_interval)
-        self.watch = StoreWatch(self.store, [self.keys.root + "/", self.keys.leases], self.agent.trigger)
+        self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
+        self.docker = DockerWatch(
+            self.store, self.keys, self.host, config.docker_host, config.resync_interval, read=self.mirror.json
+        )
+        self._policy_cache: dict[str, tuple[Any, Policy]] = {}
+        self._vtep_mac = ""
 
     def start(self) -> None:
         linkmod.enable_forwarding()
@@ -117,13 +123,15 @@ class Plugin:
             self.host_subnet()
         except Exception as err:  # Docker calls still get answers; IPAM retries the lease
             log.error("could not lease a host subnet yet: %s", err)
+        self.mirror.start()
+        if not self.mirror.wait_ready(5):
+            log.warning("datastore not read yet; the dataplane waits for it")
         self.agent.start()
         self.agent.trigger()
         self.docker.start()
-        self.watch.start()
 
     def stop(self) -> None:
-        self.watch.stop()
+        self.mirror.stop()
         self.docker.stop()
         self.agent.stop()
         self.links.close()
@@ -204,26 +212,30 @@ class Plugin:
 
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
-    def program_vxlan(self, snap: Snapshot) -> None:
+    def program_vxlan(self, snap: Snapshot, full: bool) -> None:
         if self.vxlan is None or snap.own_subnet is None:
             return
+        state = desired_vxlan(snap)
+        if not full and state == self._vxlan_applied:
+            return  # event passes skip the kernel read-back when nothing changed
         if self.flannel_mode == "embedded":
-            record = self._host_record()
+            if not self._vtep_mac:
+                self._vtep_mac = self._host_record()["vtep_mac"]
             self.vxlan.ensure_device(
                 self.config.vxlan_vni, self.config.vxlan_port, self.public_ip, self.iface,
-                record["vtep_mac"], self.underlay_mtu - VXLAN_OVERHEAD, snap.own_subnet,
+                self._vtep_mac, self.underlay_mtu - VXLAN_OVERHEAD, snap.own_subnet,
             )
-            write_subnet_env(str(self.subnets.network_config().network), snap.own_subnet, self.default_mtu())
-            self.vxlan.apply(desired_vxlan(snap), self.config.vxlan_vni)
-            return
-        if not self.vxlan.exists(self.config.vxlan_vni):
-            raise Unavailable(f"flannel.{self.config.vxlan_vni} is missing: is flanneld running?")
-        # flanneld programs the peers' subnets; we add only the /32s it cannot know about.
-        state = desired_vxlan(snap)
-        host_routes = {dst: gw for dst, gw in state.routes.items() if dst.prefixlen == 32}
-        self.vxlan.apply(VxlanState({}, {}, host_routes), self.config.vxlan_vni, routes_only=True)
+            write_subnet_env(snap.cluster_network, snap.own_subnet, self.default_mtu())
+            self.vxlan.apply(state, self.config.vxlan_vni)
+        else:
+            if not self.vxlan.exists(self.config.vxlan_vni):
+                raise Unavailable(f"flannel.{self.config.vxlan_vni} is missing: is flanneld running?")
+            # flanneld programs the peers' subnets; we add only the /32s it cannot know about.
+            host_routes = {dst: gw for dst, gw in state.routes.items() if dst.prefixlen == 32}
+            self.vxlan.apply(VxlanState({}, {}, host_routes), self.config.vxlan_vni, routes_only=True)
+        self._vxlan_applied = state
 
-    def publish_routes(self, snap: Snapshot) -> None:
+    def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's /32 route records equal to what its endpoints need."""
         wanted = desired_route_records(snap)
         for ip, record in wanted.items():
@@ -250,16 +262,45 @@ class Plugin:
         }
 
     def snapshot(self) -> Snapshot:
+        """From the mirror: memory, not datastore round trips, on every pass."""
+        flannel = self.mirror.json(self.keys.flannel + "/")
+        raw = flannel.get("config")  # absent only before the first lease created it
+        network = (parse_network_config(raw) if raw else self.subnets.network_config()).network.with_prefixlen
+        leases = []
+        for name, data in flannel.items():
+            if name.startswith("subnets/"):
+                lease = lease_from_json(name[len("subnets/"):], data)
+                if lease is not None:
+                    leases.append(lease)
         return Snapshot(
             host=self.host,
-            cluster_network=self.subnets.network_config().network.with_prefixlen,
-            networks=self.store.list_json(self.keys.networks),
-            endpoints=self.store.list_json(self.keys.endpoints),
+            cluster_network=network,
+            networks=self.mirror.json(self.keys.networks),
+            endpoints=self.mirror.json(self.keys.endpoints),
             own_subnet=self.lease.subnet if self.lease else None,
-            leases=tuple(self.subnets.leases()) if self.multihost else (),
-            routes={r["ip"]: r for r in self.store.list_json(self.keys.routes).values()} if self.multihost else {},
-            policies=tuple(self.policies.list()),
+            leases=tuple(leases) if self.multihost else (),
+            routes={r["ip"]: r for r in self.mirror.json(self.keys.routes).values()} if self.multihost else {},
+            policies=self._policies(self.mirror.json(self.keys.policies)),
         )
+
+    def _policies(self, raw: dict[str, Any]) -> tuple[Policy, ...]:
+        """Parsed once per change, not per pass; a stored policy that no longer validates is
+        skipped with a warning rather than taking the whole dataplane down."""
+        out = []
+        for key, doc in raw.items():
+            cached = self._policy_cache.get(key)
+            if cached is None or cached[0] is not doc:
+                try:
+                    cached = (doc, Policy.from_dict(doc))
+                except BadRequest as err:
+                    log.warning("stored policy %s is invalid, ignored: %s", key, err)
+                    continue
+                self._policy_cache[key] = cached
+            out.append(cached[1])
+        for key in set(self._policy_cache) - set(raw):
+            del self._policy_cache[key]
+        return tuple(sorted(out, key=lambda p: p.sort_key))
 
     def endpoint_list(self) -> list[dict[str, Any]]:
         return endpoint_rows(self.snapshot())
+

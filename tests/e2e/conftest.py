@@ -15,6 +15,8 @@ import pytest
 from testbed import IMAGE, SimHost, Underlay, cleanup_leftovers
 
 CLUSTER = "100.64.0.0/16"
+# A short full-resync period, so repair of tampered state is seen within a test's patience.
+PLUGIN_ARGS = ["--network", CLUSTER, "--log-level", "debug", "--resync-interval", "5"]
 REQUIRED = ("dockerd", "docker", "busybox", "nsenter", "ipset", "iptables-nft-save", "etcd", "etcdctl")
 
 
@@ -52,7 +54,7 @@ def start_host(ul: Underlay, name: str, ip: str, plugin_args: list[str]) -> SimH
 
 @pytest.fixture(scope="module")
 def host(underlay) -> Iterator[SimHost]:
-    h = start_host(underlay, "h1", "198.18.0.1", ["--network", CLUSTER, "--log-level", "debug"])
+    h = start_host(underlay, "h1", "198.18.0.1", PLUGIN_ARGS)
     try:
         yield h
     finally:
@@ -78,7 +80,7 @@ def h1(host) -> Iterator[SimHost]:
     """The module's host, cleaned after each test; the cleanup itself is checked."""
     yield host
     if not host.plugin_running():
-        host.start_plugin(["--network", CLUSTER, "--log-level", "debug"])
+        host.start_plugin(PLUGIN_ARGS)
     if not host.dockerd_running():
         host.start_dockerd(["-H", "unix:///run/docker.sock"])
     ids = host.docker("ps", "-aq").stdout.split()
@@ -92,4 +94,4 @@ def h1(host) -> Iterator[SimHost]:
     assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
 
 
-__all__ = ["CLUSTER", "IMAGE", "canal_leftovers", "start_host"]
+__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "start_host"]

@@ -27,7 +27,7 @@ class Agent:
         firewall: Firewall,
         interval: float,
         periodic: Callable[[], None] = lambda: None,
-        steps: Sequence[Callable[[Snapshot], object]] = (),
+        steps: Sequence[Callable[[Snapshot, bool], object]] = (),
         periodic_interval: float | None = None,
     ):
         self.snapshot = snapshot
@@ -78,20 +78,33 @@ class Agent:
         generation = self.request()
         return self.wait(generation, wait) if wait > 0 else True
 
-    def reconcile(self) -> None:
+    def reconcile(self, full: bool = True) -> None:
+        """One pass. full: also read the kernel back and repair drift (the timer's passes);
+        otherwise diff against what was last programmed (event-driven passes, fast)."""
+        marks = [time.perf_counter()]
         with self.links.guard:  # Join holds it across "record + veth": no fresh veth looks orphaned
             snap = self.snapshot()
             links = desired_links(snap)
             orphans = self.links.orphans(links)
+        marks.append(time.perf_counter())
         for step in self.steps:
-            step(snap)
-        self.links.reconcile(links, orphans)
-        if self.firewall.apply(desired_firewall(snap)):
-            log.info("firewall updated (%d local endpoints)", len(links))
+            step(snap, full)
+        self.links.reconcile(links, orphans, full)
+        marks.append(time.perf_counter())
+        state = desired_firewall(snap)
+        marks.append(time.perf_counter())
+        changed = self.firewall.apply(state, read_back=full)
+        marks.append(time.perf_counter())
+        spans = " ".join(
+            f"{name} {1000 * (b - a):.1f}ms"
+            for name, a, b in zip(("snapshot", "links", "compile", "firewall"), marks, marks[1:])
+        )
+        log.log(logging.INFO if changed else logging.DEBUG, "pass: %s%s", spans, " (firewall changed)" if changed else "")
 
     def _run(self) -> None:
         backoff = 1.0
         next_periodic = 0.0
+        next_full = 0.0
         while True:
             with self._cond:
                 if self._requested == self._done and not self._stopping:
@@ -101,10 +114,13 @@ class Agent:
                     return
                 target = self._requested
             try:
+                full = time.monotonic() >= next_full or bool(self.last_error)
                 if time.monotonic() >= next_periodic:
                     self.periodic()
                     next_periodic = time.monotonic() + self.periodic_interval
-                self.reconcile()
+                self.reconcile(full)
+                if full:
+                    next_full = time.monotonic() + self.interval
                 self.last_error = ""
                 backoff = 1.0
             except Exception as err:  # keep the loop alive; the next pass retries

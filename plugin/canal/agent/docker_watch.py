@@ -33,8 +33,10 @@ class DockerWatch:
         docker_host: str,
         interval: float = 30.0,
         client_factory: Callable[[], Any] | None = None,
+        read: Callable[[str], dict[str, Any]] | None = None,
     ):
         self.store = store
+        self.read = read or store.list_json  # the agent's mirror: memory, not a datastore list
         self.keys = keys
         self.host = host
         self.docker_host = docker_host
@@ -87,7 +89,7 @@ class DockerWatch:
                 endpoint_id = (settings or {}).get("EndpointID")
                 if endpoint_id:
                     by_endpoint[endpoint_id] = container
-        for network_id, record in self.store.list_json(self.keys.networks).items():
+        for network_id, record in self.read(self.keys.networks).items():
             if record.get("host") != self.host or network_id not in names or record.get("explicit_name"):
                 continue
             name = names[network_id]
@@ -95,7 +97,7 @@ class DockerWatch:
                 self.store.update(self.keys.network(network_id), lambda r, n=name: r and {**r, "name": n})
                 log.info("network %s is named %s", network_id[:12], name)
         unknown = 0
-        for endpoint_id, record in self.store.list_json(self.keys.endpoints).items():
+        for endpoint_id, record in self.read(self.keys.endpoints).items():
             if record.get("host") != self.host:
                 continue
             container = by_endpoint.get(endpoint_id)
@@ -120,7 +122,7 @@ class DockerWatch:
                 if not self._poked and not self._stopping:
                     # Poll quickly while some endpoint waits for its labels (an event may be
                     # missed, e.g. while Docker restarts); slowly otherwise.
-                    self._cond.wait(0.5 if unknown or self.last_error else self.interval)
+                    self._cond.wait(0.1 if unknown else 1.0 if self.last_error else self.interval)
                 if self._stopping:
                     return
                 self._poked = False

@@ -78,18 +78,40 @@ def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+def tables_of(state: FirewallState) -> dict[str, Table]:
+    """The tables as they look when exactly `state` is programmed (as far as we own them)."""
+    tables: dict[str, Table] = {}
+    for (name, chain), rules in state.chains.items():
+        table = tables.setdefault(name, Table(name))
+        table.chains[chain] = "-"
+        table.rules[chain] = list(rules)
+    for jump in state.jumps:
+        table = tables.setdefault(jump.table, Table(jump.table))
+        table.rules.setdefault(jump.builtin, []).append(jump.spec)
+    return tables
+
+
 class Firewall:
+    """Event-driven passes diff against what was last programmed (no iptables-save);
+    read-back passes diff against the kernel and so repair tampering (Felix's refresh)."""
+
     def __init__(self, iptables: Iptables, ipsets: Ipsets | None = None):
         self.iptables = iptables
         self.ipsets = ipsets or Ipsets()
+        self._applied: FirewallState | None = None
 
-    def apply(self, desired: FirewallState) -> bool:
+    def apply(self, desired: FirewallState, read_back: bool = True) -> bool:
         """Program desired; True if anything had to change."""
-        self.ipsets.apply(desired.ipsets)
-        text = restore_text(desired, self.iptables.save())
+        if not read_back and self._applied == desired:
+            return False
+        self.ipsets.apply(desired.ipsets, read_back)
+        current = self.iptables.save() if read_back or self._applied is None else tables_of(self._applied)
+        text = restore_text(desired, current)
         if text:
             log.debug("iptables-restore:\n%s", text)
+            self._applied = None
             self.iptables.restore(text)
+        self._applied = desired
         self.ipsets.destroy_unused({s.name for s in desired.ipsets})
         return bool(text)
 

@@ -73,6 +73,17 @@ class WatchResult:
 class Datastore(ABC):
     """Backends raise `Unavailable` for transport failures and timeouts, never hang."""
 
+    # Called as hook(revision, ops) after each successful txn of this process, so an
+    # in-memory mirror sees our own writes at once, before their watch events arrive.
+    commit_hooks: list[Callable[[int, Sequence[Op]], None]]
+
+    def on_commit(self, hook: Callable[[int, Sequence[Op]], None]) -> None:
+        self.__dict__.setdefault("commit_hooks", []).append(hook)
+
+    def _committed(self, revision: int, ops: Sequence[Op]) -> None:
+        for hook in self.__dict__.get("commit_hooks", ()):
+            hook(revision, ops)
+
     @abstractmethod
     def get(self, key: str) -> Entry | None: ...
 

@@ -296,7 +296,10 @@ class EtcdDatastore(Datastore):
                 leases = sorted({op.lease for op in ops if isinstance(op, Put) and op.lease})
                 raise Unavailable(f"lease {', '.join(map(str, leases))} has expired: {err}") from err
             raise
-        return bool(answer.get("succeeded"))
+        applied = bool(answer.get("succeeded"))
+        if applied and ops:
+            self._committed(_int(answer.get("header", {}).get("revision")), ops)
+        return applied
 
     # Leases -------------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class LocalDatastore(Datastore):
             raise Unavailable(f"cannot open the embedded datastore {path}: {err}") from err
         os.chmod(path, 0o600)
         self._busy_timeout = busy_timeout
+        self._revision = 0  # of this process's last committed write
         self._lock = threading.RLock()  # serialises writers on the one write connection
         self._changed = threading.Condition(self._lock)
         self._readers = threading.local()  # WAL readers never wait for a writer's fsync
@@ -93,6 +94,7 @@ class LocalDatastore(Datastore):
                                 "UPDATE meta SET value=max(value, ?) WHERE name='compacted'", (floor,)
                             )
                     cur.execute("COMMIT")
+                    self._revision = rev
                 except BaseException:
                     cur.execute("ROLLBACK")
                     raise
@@ -138,7 +140,11 @@ class LocalDatastore(Datastore):
                         events.append(("delete", op.key, ""))
             return True
 
-        return self._write(body)
+        with self._lock:
+            applied = self._write(body)
+            if applied and ops:
+                self._committed(self._revision, ops)
+        return applied
 
     # Reads --------------------------------------------------------------------------------
 

@@ -226,6 +226,14 @@ class _Compiler:
         self.local = sorted((e for e in endpoints if e.host == local_host), key=lambda e: host_ifname(e.id))
         self.networks = networks
         self.labels = {e.id: effective_labels(e) for e in endpoints}
+        # Endpoints grouped by identical labels (a service's replicas share them): each
+        # selector is evaluated once per distinct label set, not once per endpoint.
+        groups: Dict[tuple, List[str]] = {}
+        for e in endpoints:
+            labels = self.labels[e.id]
+            if labels is not None:
+                groups.setdefault(tuple(sorted(labels.items())), []).append(_bare_ip(e.ip))
+        self.groups = [(dict(key), ips) for key, ips in groups.items()]
         self.chains: Dict[str, List[str]] = {}
         self.sets: Dict[str, IpSet] = {}
 
@@ -235,11 +243,7 @@ class _Compiler:
         scoped = scoped_selector(text, network)
         name = selector_set(scoped)
         if name not in self.sets:
-            members = frozenset(
-                _bare_ip(e.ip)
-                for e in self.endpoints
-                if self.labels[e.id] is not None and scoped.matches(self.labels[e.id])
-            )
+            members = frozenset(ip for labels, ips in self.groups if scoped.matches(labels) for ip in ips)
             self.sets[name] = IpSet(name, "hash:ip", members)
         return f"-m set {'! ' if negated else ''}--match-set {name} {direction}"
 

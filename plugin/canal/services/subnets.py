@@ -187,10 +187,17 @@ class SubnetManager:
 def lease_from_entry(name: str, value: str, lease_id: int) -> Lease | None:
     """Parse `a.b.c.d-len` + flannel's JSON; foreign or broken records are skipped, not fatal."""
     try:
+        return lease_from_json(name, json.loads(value), lease_id)
+    except ValueError:
+        log.warning("ignoring malformed flannel lease %s=%r", name, value)
+        return None
+
+
+def lease_from_json(name: str, data: Any, lease_id: int = 0) -> Lease | None:
+    try:
         subnet = ipaddress.IPv4Network(name.replace("-", "/"))
-        data = json.loads(value)
         mac = (data.get("BackendData") or {}).get("VtepMAC", "")
         return Lease(subnet, str(data.get("PublicIP", "")), mac, lease_id)
     except (ValueError, AttributeError, TypeError):
-        log.warning("ignoring malformed flannel lease %s=%r", name, value)
+        log.warning("ignoring malformed flannel lease %s=%r", name, data)
         return None
