@@ -145,3 +145,28 @@ def test_desired_links_are_the_joined_local_endpoints():
         "e3": {**EP, "id": "e3" * 10, "host": "h2", "ip": "100.64.4.3"},
     }
     assert [link.endpoint_id for link in desired_links(snap({"n1": NET}, eps))] == [EP["id"]]
+
+
+def test_ipset_script_changes_members_in_place_or_swaps():
+    from canal.dataplane.ipset import IpSet, restore_script
+
+    big = IpSet("canal-x", "hash:ip", frozenset(f"10.0.{i // 250}.{i % 250}" for i in range(200)))
+    present = {"canal-x": set(big.members) - {"10.0.0.7"} | {"10.9.9.9"}}
+    script = restore_script([big], present)
+    assert script == "del canal-x 10.9.9.9 -exist\nadd canal-x 10.0.0.7 -exist\n"
+    assert restore_script([big], {"canal-x": set(big.members)}) == ""
+    fresh = restore_script([big], {})
+    assert fresh.splitlines()[0].startswith("create canal-x-tmp hash:ip")
+    assert "swap canal-x-tmp canal-x" in fresh and fresh.count("\nadd canal-x-tmp ") == 200
+    net = IpSet("canal-n", "hash:net", frozenset({"10.0.0.1/32"}))
+    assert restore_script([net], {"canal-n": {"10.0.0.1"}}) == ""  # ipset prints /32 bare
+
+
+def test_event_passes_diff_against_memory_and_read_back_repairs():
+    fw, ipt = firewall()
+    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    assert fw.apply(state, read_back=False) is True
+    ipt.tables["filter"].rules[FORWARD] = []  # tampering
+    assert fw.apply(state, read_back=False) is False  # memory says all is well
+    assert fw.apply(state, read_back=True) is True  # the timer's pass reads the kernel
+    assert ipt.save()["filter"].rules[FORWARD] == state.chains[("filter", FORWARD)]

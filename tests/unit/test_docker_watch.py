@@ -1,0 +1,76 @@
+"""Network names and container labels learned from Docker's list APIs, never per container."""
+
+from __future__ import annotations
+
+from canal.agent.docker_watch import DockerWatch
+from canal.datastore.keys import Keys
+
+KEYS = Keys("/canal/v1", "/coreos.com/network")
+
+
+class FakeAPI:
+    def __init__(self):
+        self.network_list = [{"Id": "n" * 64, "Name": "appnet"}]
+        self.container_list = [
+            {"Id": "c" * 64, "Names": ["/web1"], "Labels": {"role": "web"},
+             "NetworkSettings": {"Networks": {"appnet": {"EndpointID": "e" * 64}}}},
+        ]
+
+    def networks(self):
+        return self.network_list
+
+    def containers(self, all=False):
+        return self.container_list
+
+
+class FakeClient:
+    def __init__(self):
+        self.api = FakeAPI()
+
+
+def watch(store, client):
+    return DockerWatch(store, KEYS, "h1", "unix:///nowhere", client_factory=lambda: client)
+
+
+def test_names_and_labels_are_recorded(store):
+    store.put(KEYS.network("n" * 64), {"id": "n" * 64, "host": "h1", "name": "", "explicit_name": False})
+    store.put(KEYS.network("x" * 64), {"id": "x" * 64, "host": "h2", "name": ""})  # another host's
+    store.put(KEYS.endpoint("e" * 64), {"id": "e" * 64, "host": "h1", "network": "n" * 64})
+    store.put(KEYS.endpoint("f" * 64), {"id": "f" * 64, "host": "h1", "network": "n" * 64})
+    client = FakeClient()
+    assert watch(store, client).resolve() == 1  # f... is not in Docker's list (yet)
+    assert store.get_json(KEYS.network("n" * 64))["name"] == "appnet"
+    assert store.get_json(KEYS.network("x" * 64))["name"] == ""
+    record = store.get_json(KEYS.endpoint("e" * 64))
+    assert record["labels"] == {"role": "web"} and record["container_name"] == "web1"
+    assert store.get_json(KEYS.endpoint("f" * 64)).get("labels") is None
+    client.api.container_list[0]["Labels"] = {"role": "db"}  # docker update cannot, but a
+    watch(store, client).resolve()                             # replaced container can
+    assert store.get_json(KEYS.endpoint("e" * 64))["labels"] == {"role": "db"}
+
+
+def test_an_explicit_network_name_is_kept(store):
+    store.put(KEYS.network("n" * 64), {"id": "n" * 64, "host": "h1", "name": "shared", "explicit_name": True})
+    watch(store, FakeClient()).resolve()
+    assert store.get_json(KEYS.network("n" * 64))["name"] == "shared"
+
+
+def test_docker_down_is_retried_not_fatal(store):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise ConnectionError("no docker yet")
+
+    w = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0.05, client_factory=broken)
+    w.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while len(calls) < 3 and time.monotonic() < deadline:
+            w.poke()
+            time.sleep(0.05)
+        assert len(calls) >= 3 and "no docker yet" in w.last_error
+    finally:
+        w.stop()

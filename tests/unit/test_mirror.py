@@ -1,0 +1,91 @@
+"""The agent's in-memory mirror: own commits, watch events and re-lists in any order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from canal.agent.mirror import Mirror
+from canal.datastore.base import Delete, Put
+
+
+def mirror(store, prefixes=("/c/",)):
+    changes = threading.Event()
+    m = Mirror(store, list(prefixes), changes.set, timeout=0.2)
+    m.start()
+    assert m.wait_ready(5)
+    return m, changes
+
+
+def until(check, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_initial_list_and_own_commits_are_seen_at_once(store):
+    store.put("/c/a/1", {"v": 1})
+    m, changes = mirror(store)
+    try:
+        assert m.json("/c/a/") == {"1": {"v": 1}}
+        changes.clear()
+        store.put("/c/a/2", {"v": 2})  # visible without waiting for the watch
+        assert m.json("/c/a/") == {"1": {"v": 1}, "2": {"v": 2}}
+        assert changes.is_set()
+        store.delete("/c/a/1")
+        assert m.json("/c/a/") == {"2": {"v": 2}}
+    finally:
+        m.stop()
+
+
+def test_writes_from_elsewhere_arrive_by_watch(store, tmp_path):
+    m, _ = mirror(store)
+    try:
+        # A second writer that the mirror's hook does not see (another host, another process).
+        other = type(store).__new__(type(store))
+        other.__dict__.update({k: v for k, v in store.__dict__.items() if k != "commit_hooks"})
+        other.txn([], [Put("/c/b/x", '"remote"')])
+        until(lambda: m.json("/c/b/") == {"x": "remote"})
+        other.txn([], [Delete("/c/b/x")])
+        until(lambda: m.json("/c/b/") == {})
+    finally:
+        m.stop()
+
+
+def test_older_updates_never_overwrite_newer(store):
+    m, _ = mirror(store)
+    try:
+        m._commit(100, [Put("/c/k/1", '"new"')])
+        m._commit(50, [Put("/c/k/1", '"old"')])  # a late watch event of an earlier write
+        assert m.json("/c/k/") == {"1": "new"}
+        m._commit(40, [Delete("/c/k/1")])
+        assert m.json("/c/k/") == {"1": "new"}
+        m._commit(101, [Delete("/c/k/1")])
+        assert m.json("/c/k/") == {}
+    finally:
+        m.stop()
+
+
+def test_keys_outside_the_prefixes_are_ignored_and_reads_are_per_directory(store):
+    m, _ = mirror(store)
+    try:
+        store.put("/elsewhere/x", 1)
+        store.put("/c/ipam/addresses/0a000001", {"ip": "10.0.0.1"})
+        store.put("/c/endpoints/e1", {"id": "e1"})
+        assert m.json("/c/endpoints/") == {"e1": {"id": "e1"}}
+        assert "0a000001" not in str(m.json("/c/endpoints/"))
+        assert m.json("/c/").keys() == {"ipam/addresses/0a000001", "endpoints/e1"}
+    finally:
+        m.stop()
+
+
+def test_relist_drops_keys_deleted_while_not_watching(store):
+    m, _ = mirror(store)
+    try:
+        m._commit(10 ** 9, [Put("/c/z/newer", '"mine"')])  # an own commit newer than any list
+        m._set("/c/z/ghost", 1, '"stale"')
+        m._relist("/c/")
+        assert m.json("/c/z/") == {"newer": "mine"}
+    finally:
+        m.stop()
