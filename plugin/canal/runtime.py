@@ -87,7 +87,7 @@ class Plugin:
         self.lease: Lease | None = None
         self._vxlan_applied: VxlanState | None = None
         self.links = linkmod.Links()
-        self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet)
+        self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, lambda: self.subnets.network_config().network)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed,
             forget=linkmod.forget_connections,

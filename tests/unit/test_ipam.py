@@ -184,3 +184,56 @@ def test_bind_ties_an_address_to_one_endpoint(ipam):
     ipam.bind(ip, "ep2", "net1")
     with pytest.raises(Conflict, match="not allocated by canal"):
         ipam.bind(ipaddress.IPv4Address("100.64.3.99"), "ep3", "net1")
+
+
+# Swarm (Docker's global address space): the manager allocates, every node asks again -------
+
+CLUSTER = ipaddress.IPv4Network("100.64.0.0/16")
+
+
+@pytest.fixture
+def swarm(store):
+    keys = Keys("/canal/v1", "/coreos.com/network")
+    manager = Ipam(store, keys, "manager", lambda: ipaddress.IPv4Network("100.64.3.0/24"), lambda: CLUSTER)
+    node = Ipam(store, keys, "node", lambda: ipaddress.IPv4Network("100.64.9.0/24"), lambda: CLUSTER)
+    return manager, node
+
+
+def test_swarm_default_pool_is_the_cluster_network_on_manager_and_nodes(swarm):
+    manager, node = swarm
+    pool_id, pool, data = manager.request_pool("CanalGlobal", "", "", {"com.docker.network.ipam.serial": "true"}, False)
+    assert (pool_id, pool, data) == ("canal-cluster", "100.64.0.0/16", {})
+    assert node.request_pool("CanalGlobal", "100.64.0.0/16", "", {}, False) == (pool_id, pool, data)
+    gw, _ = manager.request_address(pool_id, "", GW)
+    assert node.request_address(pool_id, gw.split("/")[0], GW)[0] == gw  # node replays it
+    manager.release_pool(pool_id)  # no pool record to drop, no error
+
+
+def test_task_address_claimed_by_the_node_then_bound_and_released(swarm):
+    manager, node = swarm
+    pool_id, _, _ = manager.request_pool("CanalGlobal", "", "", {}, False)
+    task, _ = manager.request_address(pool_id, "", {"com.docker.network.ipam.serial": "true"})
+    ip = task.split("/")[0]
+    assert node.request_address(pool_id, ip, None)[0] == task  # the node claims, no conflict
+    node.bind(ipaddress.IPv4Address(ip), "ep-task", "swarmnet")
+    with pytest.raises(Conflict, match="already in use"):
+        node.request_address(pool_id, ip, None)  # bound now: a second claim is refused
+    manager.release_address(pool_id, ip)  # manager first: kept while the container runs
+    with pytest.raises(Conflict):
+        node.request_address(pool_id, ip, None)
+    node.unbind(ipaddress.IPv4Address(ip), "ep-task")
+    node.release_address(pool_id, ip)
+    manager.release_address(pool_id, ip)  # a late second release is harmless
+    assert node.request_address(pool_id, ip, None)[0] == task
+
+
+def test_swarm_user_subnet_is_shared_but_local_ones_are_not(swarm, store):
+    manager, node = swarm
+    shared, _, _ = manager.request_pool("CanalGlobal", "100.90.0.0/24", "", {}, False)
+    assert shared == "canal-gpool:100.90.0.0/24"
+    ip = manager.request_address(shared, "", None)[0].split("/")[0]
+    assert node.request_address(shared, ip, None)[0] == f"{ip}/32"
+    local, _, _ = manager.request_pool("CanalLocal", "100.91.0.0/24", "", {}, False)
+    ip = manager.request_address(local, "", None)[0].split("/")[0]
+    with pytest.raises(Conflict, match="already in use"):
+        node.request_address(local, ip, None)  # local pools: a second request is a real duplicate

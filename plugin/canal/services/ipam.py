@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 LOCAL_SPACE = "CanalLocal"
 GLOBAL_SPACE = "CanalGlobal"
-DEFAULT_POOL_ID = "canal-default"
-POOL_ID_PREFIX = "canal-pool:"
+DEFAULT_POOL_ID = "canal-default"  # local networks without --subnet: this host's subnet
+CLUSTER_POOL_ID = "canal-cluster"  # Swarm networks without --subnet: the whole cluster network
+POOL_ID_PREFIX = "canal-pool:"  # local networks with --subnet
+SHARED_POOL_ID_PREFIX = "canal-gpool:"  # Swarm networks with --subnet
 ANY_NET = "0.0.0.0/0"
 GATEWAY_OPTION = "com.docker.network.gateway"
 REQUEST_TYPE_OPTION = "RequestAddressType"
@@ -39,30 +41,43 @@ KIND_GATEWAY = "gateway"
 
 @dataclass(frozen=True)
 class PoolRef:
-    """What a PoolID stands for; parsed, never looked up, so IDs stay valid across restarts."""
+    """What a PoolID stands for; parsed, never looked up, so IDs stay valid across restarts.
+
+    Shared pools (Docker's global address space, i.e. Swarm) see every request twice — the
+    manager allocates, then the node running the task asks for the same address — so a
+    request for an allocated but unbound address there is a claim, not a conflict.
+    """
 
     pool: ipaddress.IPv4Network | None  # None: the default pool (this host's subnet)
     sub_pool: ipaddress.IPv4Network | None = None
+    shared: bool = False
+    cluster: bool = False  # the cluster network itself: no pool record, overlaps allowed
 
     @property
     def id(self) -> str:
+        if self.cluster:
+            return CLUSTER_POOL_ID
         if self.pool is None:
             return DEFAULT_POOL_ID
-        return POOL_ID_PREFIX + str(self.pool) + (f":{self.sub_pool}" if self.sub_pool else "")
+        prefix = SHARED_POOL_ID_PREFIX if self.shared else POOL_ID_PREFIX
+        return prefix + str(self.pool) + (f":{self.sub_pool}" if self.sub_pool else "")
 
     @staticmethod
-    def parse(pool_id: Any) -> "PoolRef":
+    def parse(pool_id: Any, cluster: Callable[[], ipaddress.IPv4Network] | None = None) -> "PoolRef":
         if pool_id == DEFAULT_POOL_ID:
             return PoolRef(None)
-        if not isinstance(pool_id, str) or not pool_id.startswith(POOL_ID_PREFIX):
+        if pool_id == CLUSTER_POOL_ID and cluster is not None:
+            return PoolRef(cluster(), shared=True, cluster=True)
+        if not isinstance(pool_id, str) or not pool_id.startswith((POOL_ID_PREFIX, SHARED_POOL_ID_PREFIX)):
             raise NotFound(f"unknown PoolID {pool_id!r}: not a canal pool")
-        parts = pool_id[len(POOL_ID_PREFIX):].split(":")
+        shared = pool_id.startswith(SHARED_POOL_ID_PREFIX)
+        parts = pool_id.split(":", 1)[1].split(":")
         try:
             pool = ipaddress.IPv4Network(parts[0])
             sub = ipaddress.IPv4Network(parts[1]) if len(parts) > 1 else None
         except (ValueError, IndexError):
             raise NotFound(f"unknown PoolID {pool_id!r}: malformed") from None
-        return PoolRef(pool, sub)
+        return PoolRef(pool, sub, shared)
 
 
 def _network(value: str, what: str) -> ipaddress.IPv4Network:
@@ -89,11 +104,13 @@ class Ipam:
         keys: Keys,
         host: str,
         host_subnet: Callable[[], ipaddress.IPv4Network],
+        cluster_network: Callable[[], ipaddress.IPv4Network] | None = None,
     ):
         self.store = store
         self.keys = keys
         self.host = host
         self.host_subnet = host_subnet
+        self.cluster_network = cluster_network or host_subnet
 
     # Pools --------------------------------------------------------------------------------
 
@@ -106,9 +123,14 @@ class Ipam:
             raise BadRequest(
                 f"unknown address space {address_space!r}: canal serves {LOCAL_SPACE} and {GLOBAL_SPACE}"
             )
+        shared = address_space == GLOBAL_SPACE
+        if not pool and sub_pool:
+            raise BadRequest("--ip-range needs --subnet")
+        if shared and (not pool or (pool == str(self.cluster_network()) and not sub_pool)):
+            # Swarm: the manager allocates task addresses anywhere in the cluster network;
+            # each node then asks again for the same pool by its CIDR: one answer for both.
+            return CLUSTER_POOL_ID, str(self.cluster_network()), {}
         if not pool:
-            if sub_pool:
-                raise BadRequest("--ip-range needs --subnet")
             # No gateway request follows: the gateway is given here (see module docstring).
             return DEFAULT_POOL_ID, ANY_NET, {GATEWAY_OPTION: ANY_NET}
         net = _network(pool, "subnet")
@@ -130,11 +152,11 @@ class Ipam:
                 )
         if self.store.create(self.keys.pool(net), {"cidr": str(net), "gateway": ""}):
             log.info("pool %s created", net)
-        return PoolRef(net, sub).id, str(net), {}
+        return PoolRef(net, sub, shared).id, str(net), {}
 
     def release_pool(self, pool_id: str) -> None:
-        ref = PoolRef.parse(pool_id)
-        if ref.pool is None:
+        ref = PoolRef.parse(pool_id, self.cluster_network)
+        if ref.pool is None or ref.cluster:
             return
         # The same pool may serve other networks (other hosts, Swarm): keep it while in use.
         if self._allocated(ref.pool):
@@ -148,7 +170,7 @@ class Ipam:
     def request_address(
         self, pool_id: str, address: str, options: Mapping[str, str] | None
     ) -> tuple[str, dict[str, str]]:
-        ref = PoolRef.parse(pool_id)
+        ref = PoolRef.parse(pool_id, self.cluster_network)
         kind = KIND_GATEWAY if (options or {}).get(REQUEST_TYPE_OPTION) == GATEWAY_OPTION else KIND_ENDPOINT
         if ref.pool is None:
             if kind == KIND_GATEWAY:
@@ -156,7 +178,7 @@ class Ipam:
             scope = self.host_subnet()
         else:
             scope = ref.pool
-            if self.store.get(self.keys.pool(ref.pool)) is None:
+            if not ref.cluster and self.store.get(self.keys.pool(ref.pool)) is None:
                 raise NotFound(f"pool {ref.pool} does not exist (released?)")
         if address:
             ip = self._parse_ip(address, scope)
@@ -164,12 +186,13 @@ class Ipam:
         else:
             ip = self._allocate(ref, scope, kind)
         if kind == KIND_GATEWAY:
-            self.store.update(self.keys.pool(scope), lambda p: p and {**p, "gateway": str(ip)})
+            if not ref.cluster:
+                self.store.update(self.keys.pool(scope), lambda p: p and {**p, "gateway": str(ip)})
             return f"{ip}/{scope.prefixlen}", {}
         return f"{ip}/32", {}
 
     def release_address(self, pool_id: str, address: str) -> None:
-        ref = PoolRef.parse(pool_id)
+        ref = PoolRef.parse(pool_id, self.cluster_network)
         ip = self._parse_ip(address, None)
         key = self.keys.address(ip)
 
@@ -178,10 +201,16 @@ class Ipam:
                 return None
             if record.get("pool") != ref.id:
                 raise Conflict(f"address {ip} belongs to pool {record.get('pool')}, not {ref.id}")
+            if record.get("endpoint"):
+                # Still bound to a live endpoint: a Swarm manager releasing a task address
+                # before the node's container is gone, or a failed duplicate `--ip` start.
+                log.info("address %s still used by endpoint %s; kept", ip, record["endpoint"][:12])
+                return record
             return None
 
-        self.store.update(key, release)
-        log.info("released %s from %s", ip, ref.id)
+        if self.store.get(key) is not None:
+            self.store.update(key, release)
+            log.info("released %s from %s", ip, ref.id)
 
     def bind(self, ip: ipaddress.IPv4Address, endpoint_id: str, network_id: str) -> None:
         """Tie an allocated address to its endpoint, so leaks can be told from live addresses."""
@@ -233,8 +262,11 @@ class Ipam:
         if self.store.create(self.keys.address(ip), self._record(ip, ref, kind)):
             return
         held = self.store.get_json(self.keys.address(ip)) or {}
-        if kind == KIND_GATEWAY and held.get("kind") == KIND_GATEWAY and held.get("pool") == ref.id:
+        same = held.get("kind") == kind and held.get("pool") == ref.id
+        if same and kind == KIND_GATEWAY:
             return  # the same gateway requested again (replay, another host): idempotent
+        if same and ref.shared and not held.get("endpoint"):
+            return  # a Swarm node claiming the address its manager allocated for the task
         owner = f" by endpoint {held['endpoint'][:12]}" if held.get("endpoint") else ""
         raise Conflict(f"address {ip} is already in use{owner} (as {held.get('kind', 'address')} on host {held.get('host', '?')})")
 
@@ -254,6 +286,8 @@ class Ipam:
             return [scope]
         if ref.sub_pool is not None:
             return [ref.sub_pool]
+        if ref.shared:
+            return [ref.pool]  # the manager allocates for tasks landing on any node
         try:
             mine = self.host_subnet()
         except Exception:  # no lease yet: the whole pool still works
@@ -263,7 +297,7 @@ class Ipam:
         return [ref.pool]
 
     def _allocate(self, ref: PoolRef, scope: ipaddress.IPv4Network, kind: str) -> ipaddress.IPv4Address:
-        gateway = (self.store.get_json(self.keys.pool(scope)) or {}).get("gateway") if ref.pool else ""
+        gateway = (self.store.get_json(self.keys.pool(scope)) or {}).get("gateway") if ref.pool and not ref.cluster else ""
         for _attempt in range(50):
             free: list[ipaddress.IPv4Address] = []
             for rng in self._ranges(ref, scope):
@@ -290,4 +324,4 @@ class Ipam:
         raise Conflict(f"could not allocate an address in {scope}: too much contention; retry")
 
 
-__all__ = ["Ipam", "PoolRef", "LOCAL_SPACE", "GLOBAL_SPACE", "ip_hex"]
+__all__ = ["Ipam", "PoolRef", "LOCAL_SPACE", "GLOBAL_SPACE", "CLUSTER_POOL_ID", "ip_hex"]
