@@ -81,9 +81,6 @@ class Config:
     """Every setting of the plugin. Field name `foo_bar` ↔ flag `--foo-bar` ↔ env `CANAL_FOO_BAR`."""
 
     socket: str = _setting("/run/docker/plugins/canal.sock", str, "unix socket Docker talks to")
-    admin_socket: str = _setting(
-        "", str, "root-only unix socket for the canal CLI (default: <socket dir>/canal-admin.sock)"
-    )
     state_dir: str = _setting("/var/lib/canal", str, "directory for the embedded datastore")
     datastore: str = _setting("local", _choice("local", "etcd"), "datastore backend")
     etcd_endpoints: str = _setting("http://127.0.0.1:2379", _endpoints, "etcd URLs, comma-separated")
@@ -112,10 +109,6 @@ class Config:
     resync_interval: float = _setting(30.0, float, "seconds between full dataplane re-checks")
     workers_threads: int = _setting(32, _int_range(1, 512), "threads serving Docker's calls")
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error")
-
-    @property
-    def admin_socket_path(self) -> str:
-        return self.admin_socket or os.path.join(os.path.dirname(self.socket), "canal-admin.sock")
 
     @property
     def host_name(self) -> str:
