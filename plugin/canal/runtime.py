@@ -112,7 +112,8 @@ class Plugin:
         )
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
         self.docker = DockerWatch(
-            self.store, self.keys, self.host, config.docker_host, config.resync_interval, read=self.mirror.json
+            self.store, self.keys, self.host, config.docker_host, config.resync_interval, read=self.mirror.json,
+            collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
         )
         self._policy_cache: dict[str, tuple[Any, Policy]] = {}
         self._vtep_mac = ""

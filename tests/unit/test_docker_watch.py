@@ -74,3 +74,33 @@ def test_docker_down_is_retried_not_fatal(store):
         assert len(calls) >= 3 and "no docker yet" in w.last_error
     finally:
         w.stop()
+
+
+def test_what_docker_forgot_is_collected_after_a_grace_period(store):
+    import time as _time
+
+    from canal.services.ipam import Ipam
+
+    ipam = Ipam(store, KEYS, "h1", lambda: __import__("ipaddress").IPv4Network("100.64.3.0/24"))
+    live = ipam.request_address("canal-default", "100.64.3.10", None)[0].split("/")[0]
+    lost = ipam.request_address("canal-default", "100.64.3.11", None)[0].split("/")[0]
+    aux = ipam.request_address("canal-default", "100.64.3.12", None)[0].split("/")[0]
+    store.put(KEYS.endpoint("e" * 64), {"id": "e" * 64, "host": "h1", "network": "n" * 64, "ip": live, "created": 0})
+    store.put(KEYS.endpoint("g" * 64), {"id": "g" * 64, "host": "h1", "network": "n" * 64, "ip": "100.64.3.13", "created": 0})
+    store.put(KEYS.endpoint("r" * 64), {"id": "r" * 64, "host": "h2", "network": "n" * 64, "ip": "100.64.4.1", "created": 0})
+    ipam.bind(__import__("ipaddress").IPv4Address(live), "e" * 64, "n" * 64)
+    removed, released = [], []
+    client = FakeClient()
+    client.api.network_list[0]["IPAM"] = {"Config": [{"AuxiliaryAddresses": {"printer": aux}}]}
+    w = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0, client_factory=lambda: client,
+                    collect_endpoint=lambda n, e: removed.append(e),
+                    collect_address=lambda p, ip: released.append(ip), grace=0)
+    _time.sleep(0.01)
+    w.resolve()
+    assert removed == ["g" * 64]  # unknown to Docker; e... is a live container's; r... is h2's
+    assert released == [lost]  # unbound and not an aux address
+    patient = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0, client_factory=lambda: client,
+                          collect_endpoint=lambda n, e: removed.append(e),
+                          collect_address=lambda p, ip: released.append(ip), grace=1e12)
+    patient.resolve()
+    assert removed == ["g" * 64] and released == [lost]  # young records are left alone

@@ -34,8 +34,18 @@ class DockerWatch:
         interval: float = 30.0,
         client_factory: Callable[[], Any] | None = None,
         read: Callable[[str], dict[str, Any]] | None = None,
+        collect_endpoint: Callable[[str, str], None] | None = None,
+        collect_address: Callable[[str, str], None] | None = None,
+        grace: float = 60.0,
     ):
         self.store = store
+        # Garbage collection of what Docker forgot (a DeleteEndpoint or ReleaseAddress lost
+        # while the plugin was down): endpoint records and unbound addresses of this host that
+        # Docker no longer knows about, older than `grace` seconds, are removed.
+        self.collect_endpoint = collect_endpoint
+        self.collect_address = collect_address
+        self.grace = grace
+        self._last_gc = 0.0
         self.read = read or store.list_json  # the agent's mirror: memory, not a datastore list
         self.keys = keys
         self.host = host
@@ -81,7 +91,8 @@ class DockerWatch:
     def resolve(self) -> int:
         """One pass; returns how many local endpoints still have unknown labels."""
         api = self.client().api
-        names = {n["Id"]: n["Name"] for n in api.networks()}
+        docker_networks = api.networks()
+        names = {n["Id"]: n["Name"] for n in docker_networks}
         by_endpoint: dict[str, dict[str, Any]] = {}
         for container in api.containers(all=True):
             networks = (container.get("NetworkSettings") or {}).get("Networks") or {}
@@ -113,7 +124,35 @@ class DockerWatch:
                     and {**r, "labels": l, "container": c, "container_name": n},
                 )
                 log.info("endpoint %s belongs to container %s, labels %s", endpoint_id[:12], cname, labels)
+        if time.monotonic() - self._last_gc > self.interval:
+            self._last_gc = time.monotonic()
+            self.collect(set(by_endpoint), docker_networks)
         return unknown
+
+    def collect(self, known_endpoints: set[str], docker_networks: list[dict[str, Any]]) -> None:
+        now = time.time()
+        if self.collect_endpoint is not None:
+            for endpoint_id, record in self.read(self.keys.endpoints).items():
+                if record.get("host") == self.host and endpoint_id not in known_endpoints:
+                    if now - float(record.get("created", now)) > self.grace:
+                        log.warning("endpoint %s (%s): Docker no longer knows it; removing it",
+                                    endpoint_id[:12], record.get("ip"))
+                        self.collect_endpoint(record["network"], endpoint_id)
+        if self.collect_address is None:
+            return
+        reserved = {  # --aux-address: allocated, never bound, yet in use
+            ip
+            for network in docker_networks
+            for config in ((network.get("IPAM") or {}).get("Config") or [])
+            for ip in ((config or {}).get("AuxiliaryAddresses") or {}).values()
+        }
+        for record in self.read(self.keys.addresses).values():
+            mine = record.get("host") == self.host and record.get("kind") == "endpoint"
+            local_pool = not str(record.get("pool", "")).startswith(("canal-gpool:", "canal-cluster"))
+            if mine and local_pool and not record.get("endpoint") and record.get("ip") not in reserved:
+                if now - float(record.get("time", now)) > self.grace:
+                    log.warning("address %s: allocated but never used by Docker; releasing it", record["ip"])
+                    self.collect_address(record["pool"], record["ip"])
 
     def _run(self) -> None:
         unknown = 0
