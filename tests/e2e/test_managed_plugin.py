@@ -1,0 +1,401 @@
+"""Canal as a managed plugin: built without any image registry (scripts/build-plugin), pushed to
+a real registry on the underlay, installed with `docker plugin install` on two simulated hosts
+sharing one etcd, then used, disabled, reconfigured, re-enabled and removed.
+
+Each host's dockerd also listens on /run/docker.sock inside the host (its private /run), where
+the plugin's mount of the host's /run finds it; that /run is made rshared first, as on a
+systemd host, so a mount leaking out of the plugin would show up in the host's mount table.
+Each host also gets its own /var/lib (a directory of its workdir bind-mounted in its private
+mount namespace), so the plugin's default `state` mount is used as is and the machine's
+/var/lib is never written, whatever Docker does with mount settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import IMAGE
+
+from canal import config as configmod
+from testbed import REPO, Etcd, SimHost, TestbedError, Underlay, wait_until
+from testbed._util import (cgroup_dirs, cmdline, log_tail, ns_id, pids_in_namespaces,
+                           remove_cgroups, run, stop_popen)
+
+pytestmark = pytest.mark.e2e
+
+CLUSTER = "100.64.0.0/16"
+BUILD = REPO / "scripts" / "build-plugin"
+#: Every plugin id installed here: dockerd 20.10 puts a plugin's cgroups at the hierarchies'
+#: roots, named by that id (not below the host's --cgroup-parent), so they are removed by id.
+PLUGIN_IDS: list[str] = []
+SETTINGS = ["CANAL_DATASTORE=etcd", f"CANAL_NETWORK={CLUSTER}", "CANAL_LOG_LEVEL=debug",
+            "CANAL_ETCD_TIMEOUT=2", "CANAL_RESYNC_INTERVAL=5"]
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def test_config_json_declares_every_setting_a_user_needs():
+    cfg = json.loads((REPO / "config.json").read_text())
+    assert cfg["interface"] == {"types": ["docker.networkdriver/1.0", "docker.ipamdriver/1.0"],
+                                "socket": "canal.sock"}
+    assert cfg["network"] == {"type": "host"}
+    assert "canal serve" in " ".join(cfg["entrypoint"])
+    env = {e["name"]: e for e in cfg["env"]}
+    fixed = {"CANAL_SOCKET": "/run/docker/plugins/canal.sock", "CANAL_STATE_DIR": "/host/var/lib/canal"}
+    for name, value in fixed.items():
+        assert env[name]["value"] == value and env[name]["settable"] == []
+    known = {configmod.env_name(f.name): f for f in dataclasses.fields(configmod.Config)}
+    assert set(env) <= set(known), set(env) - set(known)
+    for name in set(known) - {"CANAL_ADMIN_SOCKET"} - set(fixed):
+        assert env.get(name, {}).get("settable") == ["value"], f"{name} is not settable"
+        field = known[name]
+        value = getattr(configmod.load({}, {name: env[name]["value"]}), field.name)
+        if name != "CANAL_DOCKER_HOST":  # the one default that differs: the mounted /run
+            assert value == field.default, f"{name}: config.json says {value!r}, config.py {field.default!r}"
+    # Sources that exist on every fresh host: Docker refuses to start a plugin whose
+    # bind-mount source is missing.
+    assert {m["source"] for m in cfg["mounts"]} == {"/var/lib", "/run"}
+    assert env["CANAL_DOCKER_HOST"]["value"] == "unix:///run/docker.sock"
+
+
+# ------------------------------------------------------------------------------ test bed
+
+
+class Registry:
+    """Debian's docker-registry (distribution 2.8) inside the underlay netns, plain HTTP."""
+
+    def __init__(self, ul: Underlay, port: int = 5000) -> None:
+        self.ul = ul
+        self.address = f"{ul.gateway_ip}:{port}"
+        self.dir = ul.run_dir / "registry"
+        self.dir.mkdir()
+        config = self.dir / "config.yml"
+        config.write_text(
+            "version: 0.1\n"
+            "log:\n  level: warn\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.dir / 'data'}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.address}\n"
+        )
+        self.log = self.dir / "registry.log"
+        self.proc = ul.popen(["docker-registry", "serve", str(config)], self.log)
+        try:
+            wait_until(self._answers, timeout=20, interval=0.2, what=f"registry on {self.address}")
+        except Exception:
+            self.close()
+            raise
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"docker-registry exited:\n{log_tail(self.log)}")
+        return self.ul.exec(["busybox", "wget", "-q", "-O", "-", f"http://{self.address}/v2/"],
+                            check=False, timeout=5).returncode == 0
+
+    def close(self) -> None:
+        stop_popen(self.proc)
+
+
+def _install_registry_package() -> None:
+    if not shutil.which("docker-registry"):
+        run(["bash", "-c", f"source {REPO}/scripts/lib.sh && apt_install docker-registry"], timeout=600)
+
+
+@pytest.fixture(scope="session")
+def plugin_rootfs() -> Path:
+    """The plugin's build directory (config.json + rootfs/), built once per machine: cached
+    by scripts/build-plugin, keyed by a hash of the tree."""
+    _install_registry_package()
+    started = time.monotonic()
+    res = run([str(BUILD), "--rootfs-only"], timeout=1800)
+    print(f"\nbuild-plugin --rootfs-only: {time.monotonic() - started:.0f} s\n{res.stderr.strip()}")
+    return Path(res.stdout.strip().splitlines()[-1])
+
+
+def plugin_enabled(h: SimHost, ref: str) -> bool | None:
+    out = h.docker("plugin", "ls", "--format", "{{.Name}} {{.Enabled}}").stdout.split("\n")
+    for line in out:
+        if line.split(" ")[0] == ref:
+            return line.split(" ")[1] == "true"
+    return None
+
+
+def plugin_pids(h: SimHost) -> list[int]:
+    """Processes of the managed plugin living in this host (its netns: network type host)."""
+    return [p for p in pids_in_namespaces(net=[ns_id(h.netns_path)]) if "canal serve" in cmdline(p)]
+
+
+def run_mounts(h: SimHost) -> set[str]:
+    """Mount points below /run in the host's mount namespace, but for the machine's own
+    /run/netns entries (hidden under the host's tmpfs, they come and go with other test beds)."""
+    return {m for m in h.exec(["findmnt", "-rn", "-o", "TARGET"]).stdout.split()
+            if m.startswith("/run/") and not m.startswith("/run/netns")}
+
+
+@dataclasses.dataclass
+class Bed:
+    etcd: Etcd
+    registry: Registry
+    h1: SimHost
+    h2: SimHost
+    ref: str
+    run_mounts: dict[str, set[str]]  # per host, before any plugin ran
+
+    @property
+    def hosts(self) -> tuple[SimHost, SimHost]:
+        return (self.h1, self.h2)
+
+
+def install(h: SimHost, ref: str, *settings: str) -> None:
+    h.docker("plugin", "install", "--grant-all-permissions", ref, *settings, timeout=600)
+    PLUGIN_IDS.append(h.docker("plugin", "inspect", "-f", "{{.Id}}", ref).stdout.strip())
+
+
+def install_etcd(h: SimHost, ref: str, etcd: Etcd) -> None:
+    install(h, ref, f"CANAL_ETCD_ENDPOINTS={etcd.endpoint}", *SETTINGS)
+
+
+def plugin_output(h: SimHost) -> str:
+    """What the plugin printed: dockerd logs it with a plugin= field."""
+    text = h.dockerd_log.read_text(errors="replace") if h.dockerd_log.exists() else ""
+    return "\n".join(line for line in text.splitlines() if " plugin=" in line)
+
+
+def remove_everything(h: SimHost, ref: str) -> None:
+    if not h.dockerd_running():
+        return
+    ids = h.docker("ps", "-aq").stdout.split()
+    if ids:
+        h.docker("rm", "-f", *ids, check=False)
+    if plugin_enabled(h, ref) is not None:
+        for net in h.docker("network", "ls", "--filter", f"driver={ref}", "-q").stdout.split():
+            h.docker("network", "rm", net, check=False)
+        h.docker("plugin", "rm", "-f", ref, check=False)
+
+
+@pytest.fixture(scope="module")
+def bed(plugin_rootfs) -> Iterator[Bed]:
+    ul = Underlay()
+    registry = None
+    hosts: list[SimHost] = []
+    ref = ""
+    try:
+        etcd = Etcd(ul)
+        registry = Registry(ul)
+        ref = f"{registry.address}/canal:test"
+        for i in (1, 2):
+            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
+            varlib = h.workdir / "varlib"
+            varlib.mkdir()
+            h.exec(["mount", "--bind", str(varlib), "/var/lib"])  # this host's own /var/lib
+            h.exec(["mount", "--make-rshared", "/run"])  # as on a systemd host
+            h.start_dockerd(["--insecure-registry", registry.address, "-H", "unix:///run/docker.sock"])
+            h.load_image()
+            hosts.append(h)
+        baseline = {h.name: run_mounts(h) for h in hosts}
+        h1, h2 = hosts
+        started = time.monotonic()
+        # Cached since the session's build, unless the tree changed in between (then rebuilt).
+        run([str(BUILD), ref], timeout=1800,
+            env={"DOCKER_HOST": f"unix://{h1.docker_sock}", "DOCKER_CONFIG": str(h1.workdir / "docker-cli")})
+        created = time.monotonic()
+        h1.docker("plugin", "push", ref, timeout=600)
+        h1.docker("plugin", "rm", ref)
+        pushed = time.monotonic()
+        for h in hosts:
+            install_etcd(h, ref, etcd)
+        print(f"\nplugin create {created - started:.0f} s, push {pushed - created:.0f} s, "
+              f"install on 2 hosts {time.monotonic() - pushed:.0f} s")
+        yield Bed(etcd, registry, h1, h2, ref, baseline)
+        for h in hosts:
+            out = plugin_output(h)
+            assert "Traceback" not in out, out[out.index("Traceback") - 2000:][:6000]
+    finally:
+        for h in hosts:
+            try:
+                remove_everything(h, ref)
+            except Exception as exc:  # noqa: BLE001 - the hosts are destroyed below anyway
+                print(f"cleanup of {h.name}: {exc!r}")
+        if registry is not None:
+            registry.close()
+        ul.close()
+        for plugin_id in PLUGIN_IDS:  # left only where a plugin was killed, not removed
+            remove_cgroups(cgroup_dirs(plugin_id))
+
+
+@pytest.fixture
+def b(bed) -> Iterator[Bed]:
+    """The module's bed with the plugin installed and enabled on both hosts; containers and
+    Canal networks are removed after each test."""
+    for h in bed.hosts:
+        if plugin_enabled(h, bed.ref) is None:
+            install_etcd(h, bed.ref, bed.etcd)
+        elif not plugin_enabled(h, bed.ref):
+            h.docker("plugin", "enable", bed.ref)
+    yield bed
+    for h in bed.hosts:
+        ids = h.docker("ps", "-aq").stdout.split()
+        if ids:
+            h.docker("rm", "-f", *ids)
+        if plugin_enabled(h, bed.ref) is not None:
+            nets = h.docker("network", "ls", "--filter", f"driver={bed.ref}", "-q").stdout.split()
+            if nets:
+                h.docker("network", "rm", *nets)
+        assert not [l for l in h.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def net(b: Bed, h: SimHost, name: str, *opts: str) -> None:
+    h.docker("network", "create", "-d", b.ref, "--ipam-driver", b.ref, *opts, name)
+
+
+def daemon(h: SimHost, name: str, network: str) -> None:
+    h.docker("run", "-d", "--name", name, "--network", network, IMAGE, "sleep", "1000")
+
+
+def ip_of(h: SimHost, container: str, network: str) -> str:
+    return h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def mtu_of(h: SimHost, container: str) -> int:
+    return int(h.container_exec(container, "cat", "/sys/class/net/eth0/mtu").stdout)
+
+
+def pings(h: SimHost, container: str, target: str, timeout: float = 15) -> bool:
+    """Reachable within `timeout` (the first packets may race the peers' route programming)."""
+    def once() -> bool:
+        return h.container_exec(container, "ping", "-c1", "-W1", target, check=False).returncode == 0
+    try:
+        return bool(wait_until(once, timeout=timeout, interval=0.2, what=f"ping {target}"))
+    except TestbedError:
+        return False
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_installed_from_the_registry_and_enabled_on_both_hosts(b):
+    for h in b.hosts:
+        assert plugin_enabled(h, b.ref) is True
+        [info] = h.docker_json("plugin", "inspect", b.ref)
+        env = info["Settings"]["Env"]
+        assert f"CANAL_ETCD_ENDPOINTS={b.etcd.endpoint}" in env and f"CANAL_NETWORK={CLUSTER}" in env
+        assert info["PluginReference"] == b.ref
+        mounts = {m["Name"]: m["Source"] for m in info["Settings"]["Mounts"]}
+        assert mounts == {"state": "/var/lib", "run": "/run"}
+        assert len(plugin_pids(h)) >= 1
+        # Nothing the plugin mounts (its runtime dir at /run/docker/plugins) leaks into the
+        # host's rshared /run.
+        assert run_mounts(h) == b.run_mounts[h.name]
+
+
+def test_containers_on_two_hosts_talk(b):
+    for h in b.hosts:
+        net(b, h, "appnet")
+    daemon(b.h1, "c1", "appnet")
+    daemon(b.h2, "c2", "appnet")
+    ip1, ip2 = ip_of(b.h1, "c1", "appnet"), ip_of(b.h2, "c2", "appnet")
+    assert ip1 != ip2
+    assert pings(b.h1, "c1", ip2) and pings(b.h2, "c2", ip1)
+    # The plugin read Docker's API through the mounted /run/docker.sock (lazily, after start).
+    def names() -> list[str]:
+        out = b.etcd.etcdctl("get", "--prefix", "/canal/v1/networks/", "--print-value-only").stdout
+        return sorted(json.loads(line).get("name") or "" for line in out.splitlines() if line.startswith("{"))
+    wait_until(lambda: names() == ["appnet", "appnet"], timeout=20, what="network names learned from Docker")
+
+
+def test_disable_enable_keeps_connectivity_allocations_and_takes_new_settings(b):
+    h1, h2 = b.hosts
+    for h in b.hosts:
+        net(b, h, "appnet")
+    daemon(h1, "c1", "appnet")
+    daemon(h2, "c2", "appnet")
+    ip1, ip2 = ip_of(h1, "c1", "appnet"), ip_of(h2, "c2", "appnet")
+    assert pings(h1, "c1", ip2)
+    assert mtu_of(h2, "c2") == 1450
+
+    refused = h2.docker("plugin", "set", b.ref, "CANAL_MTU=1400", check=False)
+    assert refused.returncode != 0  # settings change only while disabled
+    h2.docker("plugin", "disable", "-f", b.ref)
+    assert plugin_enabled(h2, b.ref) is False
+    wait_until(lambda: not plugin_pids(h2), timeout=15, what="the plugin process to stop")
+    # The dataplane lives in the kernel: running containers keep talking without the plugin.
+    assert pings(h1, "c1", ip2) and pings(h2, "c2", ip1)
+
+    h2.docker("plugin", "set", b.ref, "CANAL_MTU=1400")
+    [info] = h2.docker_json("plugin", "inspect", b.ref)
+    assert "CANAL_MTU=1400" in info["Settings"]["Env"]
+    h2.docker("plugin", "enable", b.ref)
+    assert plugin_enabled(h2, b.ref) is True
+
+    assert pings(h1, "c1", ip2) and pings(h2, "c2", ip1)
+    daemon(h2, "c3", "appnet")
+    ip3 = ip_of(h2, "c3", "appnet")
+    assert ip3 not in (ip1, ip2)  # the allocations survived the restart
+    assert mtu_of(h2, "c3") == 1400 and mtu_of(h2, "c2") == 1450  # the new setting applies
+    assert pings(h2, "c3", ip1) and pings(h1, "c1", ip3)
+
+
+def test_plugin_comes_back_with_dockerd_before_its_api_listens(b):
+    """dockerd restores managed plugins before its API socket exists: the plugin must start
+    without Docker's API (it reads it lazily) and serve the restored network."""
+    h1, h2 = b.hosts
+    for h in b.hosts:
+        net(b, h, "appnet")
+    daemon(h1, "c1", "appnet")
+    ip1 = ip_of(h1, "c1", "appnet")
+    h2.restart_dockerd()
+    assert plugin_enabled(h2, b.ref) is True
+    daemon(h2, "c2", "appnet")
+    assert pings(h2, "c2", ip1) and pings(h1, "c1", ip_of(h2, "c2", "appnet"))
+
+
+def test_plugin_rm_leaves_nothing_behind(b):
+    for h in b.hosts:
+        net(b, h, "appnet")
+        daemon(h, f"x{h.name}", "appnet")
+    for h in b.hosts:
+        h.docker("rm", "-f", f"x{h.name}")
+        h.docker("network", "rm", "appnet")
+        h.docker("plugin", "rm", "-f", b.ref)
+        assert plugin_enabled(h, b.ref) is None
+        wait_until(lambda h=h: not plugin_pids(h), timeout=15, what="the plugin process to exit")
+        assert not [l for l in h.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
+        assert run_mounts(h) == b.run_mounts[h.name]
+
+
+def test_local_datastore_keeps_allocations_across_disable_enable_and_upgrade(bed):
+    """The embedded datastore lives in the host's /var/lib/canal, outside the plugin's rootfs:
+    created on first use (a fresh host needs no mkdir) and kept by disable, enable, upgrade."""
+    h1 = bed.h1
+    remove_everything(h1, bed.ref)
+    state = h1.workdir / "varlib" / "canal"  # the host's /var/lib/canal
+    shutil.rmtree(state, ignore_errors=True)
+    try:
+        install(h1, bed.ref, "CANAL_DATASTORE=local", f"CANAL_NETWORK={CLUSTER}", "CANAL_LOG_LEVEL=debug")
+        net(bed, h1, "localnet")
+        daemon(h1, "l1", "localnet")
+        assert (state / "canal.db").is_file()
+        h1.docker("plugin", "disable", "-f", bed.ref)
+        h1.docker("plugin", "enable", bed.ref)
+        daemon(h1, "l2", "localnet")
+        h1.docker("plugin", "disable", "-f", bed.ref)
+        h1.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check",
+                  bed.ref, bed.ref, timeout=600)
+        [info] = h1.docker_json("plugin", "inspect", bed.ref)
+        assert "CANAL_DATASTORE=local" in info["Settings"]["Env"]  # settings survive the upgrade
+        h1.docker("plugin", "enable", bed.ref)
+        daemon(h1, "l3", "localnet")
+        ips = [ip_of(h1, c, "localnet") for c in ("l1", "l2", "l3")]
+        assert len(set(ips)) == 3, ips
+        assert pings(h1, "l3", ips[0]) and pings(h1, "l1", ips[1])
+    finally:
+        remove_everything(h1, bed.ref)
+    assert not [l for l in h1.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
