@@ -82,6 +82,9 @@ class Config:
 
     socket: str = _setting("/run/docker/plugins/canal.sock", str, "unix socket Docker talks to")
     state_dir: str = _setting("/var/lib/canal", str, "directory for the embedded datastore")
+    sysctl_dir: str = _setting(
+        "/proc/sys", str, "where sysctls are written (the managed plugin: the host's, mounted rw)"
+    )
     datastore: str = _setting("local", _choice("local", "etcd"), "datastore backend")
     etcd_endpoints: str = _setting("http://127.0.0.1:2379", _endpoints, "etcd URLs, comma-separated")
     etcd_prefix: str = _setting("/canal/v1", str, "key prefix for Canal's own records in etcd")

@@ -86,7 +86,7 @@ class Plugin:
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
         self._vxlan_applied: VxlanState | None = None
-        self.links = linkmod.Links()
+        self.links = linkmod.Links(config.sysctl_dir)
         self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, lambda: self.subnets.network_config().network)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed,
@@ -119,7 +119,7 @@ class Plugin:
         self._vtep_mac = ""
 
     def start(self) -> None:
-        linkmod.enable_forwarding()
+        linkmod.enable_forwarding(self.config.sysctl_dir)
         try:
             self.host_subnet()
         except Exception as err:  # Docker calls still get answers; IPAM retries the lease

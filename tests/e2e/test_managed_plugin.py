@@ -48,12 +48,13 @@ def test_config_json_declares_every_setting_a_user_needs():
     assert cfg["network"] == {"type": "host"}
     assert "canal serve" in " ".join(cfg["entrypoint"])
     env = {e["name"]: e for e in cfg["env"]}
-    fixed = {"CANAL_SOCKET": "/run/docker/plugins/canal.sock", "CANAL_STATE_DIR": "/host/var/lib/canal"}
+    fixed = {"CANAL_SOCKET": "/run/docker/plugins/canal.sock", "CANAL_STATE_DIR": "/host/var/lib/canal",
+             "CANAL_SYSCTL_DIR": "/host/proc/sys"}
     for name, value in fixed.items():
         assert env[name]["value"] == value and env[name]["settable"] == []
     known = {configmod.env_name(f.name): f for f in dataclasses.fields(configmod.Config)}
     assert set(env) <= set(known), set(env) - set(known)
-    for name in set(known) - {"CANAL_ADMIN_SOCKET"} - set(fixed):
+    for name in set(known) - set(fixed):
         assert env.get(name, {}).get("settable") == ["value"], f"{name} is not settable"
         field = known[name]
         value = getattr(configmod.load({}, {name: env[name]["value"]}), field.name)
@@ -61,7 +62,7 @@ def test_config_json_declares_every_setting_a_user_needs():
             assert value == field.default, f"{name}: config.json says {value!r}, config.py {field.default!r}"
     # Sources that exist on every fresh host: Docker refuses to start a plugin whose
     # bind-mount source is missing.
-    assert {m["source"] for m in cfg["mounts"]} == {"/var/lib", "/run"}
+    assert {m["source"] for m in cfg["mounts"]} == {"/var/lib", "/run", "/proc/sys/net"}
     assert env["CANAL_DOCKER_HOST"]["value"] == "unix:///run/docker.sock"
 
 
@@ -289,7 +290,7 @@ def test_installed_from_the_registry_and_enabled_on_both_hosts(b):
         assert f"CANAL_ETCD_ENDPOINTS={b.etcd.endpoint}" in env and f"CANAL_NETWORK={CLUSTER}" in env
         assert info["PluginReference"] == b.ref
         mounts = {m["Name"]: m["Source"] for m in info["Settings"]["Mounts"]}
-        assert mounts == {"state": "/var/lib", "run": "/run"}
+        assert mounts == {"state": "/var/lib", "run": "/run", "sysctl": "/proc/sys/net"}
         assert len(plugin_pids(h)) >= 1
         # Nothing the plugin mounts (its runtime dir at /run/docker/plugins) leaks into the
         # host's rshared /run.

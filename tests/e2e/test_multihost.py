@@ -111,6 +111,9 @@ def test_containers_on_two_hosts_talk_ip_and_tcp(c):
     assert "vxlan id 1" in details and "dstport 8472" in details and "nolearning" in details
     assert "mtu 1450" in details
     assert lease_of(etcd, h1)["BackendData"]["VtepMAC"] in details
+    env = h1.exec(["cat", "/run/flannel/subnet.env"]).stdout.split()
+    first = ipaddress.ip_network(subnet_of(h1)).network_address + 1
+    assert env == [f"FLANNEL_NETWORK={CLUSTER}", f"FLANNEL_SUBNET={first}/24", "FLANNEL_MTU=1450", "FLANNEL_IPMASQ=true"]
 
 
 def test_full_size_packet_crosses_with_df(c):

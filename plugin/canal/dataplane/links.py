@@ -60,22 +60,25 @@ class EndpointLink:
         return peer_ifname(self.endpoint_id)
 
 
-def _sysctl(path: str, value: str) -> None:
+def _sysctl(root: str, path: str, value: str) -> None:
     try:
-        with open("/proc/sys/" + path, "w") as handle:
+        with open(f"{root}/{path}", "w") as handle:
             handle.write(value)
     except OSError as err:
         raise Unavailable(f"cannot set sysctl {path.replace('/', '.')}={value}: {err}") from err
 
 
-def enable_forwarding() -> None:
-    _sysctl("net/ipv4/ip_forward", "1")
+def enable_forwarding(sysctl_dir: str = "/proc/sys") -> None:
+    _sysctl(sysctl_dir, "net/ipv4/ip_forward", "1")
 
 
 class Links:
     """One netlink socket, serialised: pyroute2 sockets are not thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, sysctl_dir: str = "/proc/sys") -> None:
+        # A managed plugin's /proc/sys is read-only (Docker mounts it so); the host's
+        # /proc/sys/net is mounted writable elsewhere instead of granting CAP_SYS_ADMIN.
+        self.sysctl_dir = sysctl_dir
         self._ipr = IPRoute()
         self._lock = threading.Lock()
         # Held by Join across "record joined + create veth" and by the reconciler across
@@ -117,9 +120,9 @@ class Links:
         if index is None:
             raise Unavailable(f"veth {link.host_if} vanished while configuring it")
         conf = f"net/ipv4/conf/{link.host_if}/"
-        _sysctl(conf + "proxy_arp", "1")
-        _sysctl(conf + "forwarding", "1")
-        _sysctl(f"net/ipv4/neigh/{link.host_if}/proxy_delay", "0")
+        _sysctl(self.sysctl_dir, conf + "proxy_arp", "1")
+        _sysctl(self.sysctl_dir, conf + "forwarding", "1")
+        _sysctl(self.sysctl_dir, f"net/ipv4/neigh/{link.host_if}/proxy_delay", "0")
         self._ipr.link("set", index=index, state="up", mtu=link.mtu)
         try:
             self._ipr.addr("add", index=index, address=GATEWAY, prefixlen=32, scope=RT_SCOPE_LINK)
