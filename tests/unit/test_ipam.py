@@ -204,6 +204,7 @@ def test_swarm_default_pool_is_the_cluster_network_on_manager_and_nodes(swarm):
     pool_id, pool, data = manager.request_pool("CanalGlobal", "", "", {"com.docker.network.ipam.serial": "true"}, False)
     assert (pool_id, pool, data) == ("canal-cluster", "100.64.0.0/16", {})
     assert node.request_pool("CanalGlobal", "100.64.0.0/16", "", {}, False) == (pool_id, pool, data)
+    assert node.request_pool("CanalLocal", "100.64.0.0/16", "", {}, False) == (pool_id, pool, data)
     gw, _ = manager.request_address(pool_id, "", GW)
     assert node.request_address(pool_id, gw.split("/")[0], GW)[0] == gw  # node replays it
     manager.release_pool(pool_id)  # no pool record to drop, no error
@@ -230,7 +231,7 @@ def test_task_address_claimed_by_the_node_then_bound_and_released(swarm):
 def test_swarm_user_subnet_is_shared_but_local_ones_are_not(swarm, store):
     manager, node = swarm
     shared, _, _ = manager.request_pool("CanalGlobal", "100.90.0.0/24", "", {}, False)
-    assert shared == "canal-gpool:100.90.0.0/24"
+    assert node.request_pool("CanalLocal", "100.90.0.0/24", "", {}, False)[0] == shared  # same pool
     ip = manager.request_address(shared, "", None)[0].split("/")[0]
     assert node.request_address(shared, ip, None)[0] == f"{ip}/32"
     local, _, _ = manager.request_pool("CanalLocal", "100.91.0.0/24", "", {}, False)

@@ -129,6 +129,12 @@ class DockerWatch:
             self.collect(set(by_endpoint), docker_networks)
         return unknown
 
+    def _shared_pool(self, pool_id: str) -> bool:
+        """Swarm pools: the manager allocates task addresses that stay unbound until a node
+        runs the task; they are the manager's to release."""
+        cidr = pool_id.split(":")[1] if pool_id.startswith("canal-pool:") else ""
+        return bool(cidr) and bool((self.read(self.keys.pools).get(cidr.replace("/", "-")) or {}).get("shared"))
+
     def collect(self, known_endpoints: set[str], docker_networks: list[dict[str, Any]]) -> None:
         now = time.time()
         if self.collect_endpoint is not None:
@@ -148,7 +154,7 @@ class DockerWatch:
         }
         for record in self.read(self.keys.addresses).values():
             mine = record.get("host") == self.host and record.get("kind") == "endpoint"
-            local_pool = not str(record.get("pool", "")).startswith(("canal-gpool:", "canal-cluster"))
+            local_pool = record.get("pool") != "canal-cluster" and not self._shared_pool(record.get("pool", ""))
             if mine and local_pool and not record.get("endpoint") and record.get("ip") not in reserved:
                 if now - float(record.get("time", now)) > self.grace:
                     log.warning("address %s: allocated but never used by Docker; releasing it", record["ip"])

@@ -29,8 +29,7 @@ LOCAL_SPACE = "CanalLocal"
 GLOBAL_SPACE = "CanalGlobal"
 DEFAULT_POOL_ID = "canal-default"  # local networks without --subnet: this host's subnet
 CLUSTER_POOL_ID = "canal-cluster"  # Swarm networks without --subnet: the whole cluster network
-POOL_ID_PREFIX = "canal-pool:"  # local networks with --subnet
-SHARED_POOL_ID_PREFIX = "canal-gpool:"  # Swarm networks with --subnet
+POOL_ID_PREFIX = "canal-pool:"  # networks with --subnet
 ANY_NET = "0.0.0.0/0"
 GATEWAY_OPTION = "com.docker.network.gateway"
 REQUEST_TYPE_OPTION = "RequestAddressType"
@@ -43,14 +42,12 @@ KIND_GATEWAY = "gateway"
 class PoolRef:
     """What a PoolID stands for; parsed, never looked up, so IDs stay valid across restarts.
 
-    Shared pools (Docker's global address space, i.e. Swarm) see every request twice — the
-    manager allocates, then the node running the task asks for the same address — so a
-    request for an allocated but unbound address there is a claim, not a conflict.
+    IDs do not depend on the address space: a Swarm manager asks in Docker's global space and
+    the nodes (for the same network) in the local one, and both must land on the same pool.
     """
 
     pool: ipaddress.IPv4Network | None  # None: the default pool (this host's subnet)
     sub_pool: ipaddress.IPv4Network | None = None
-    shared: bool = False
     cluster: bool = False  # the cluster network itself: no pool record, overlaps allowed
 
     @property
@@ -59,25 +56,23 @@ class PoolRef:
             return CLUSTER_POOL_ID
         if self.pool is None:
             return DEFAULT_POOL_ID
-        prefix = SHARED_POOL_ID_PREFIX if self.shared else POOL_ID_PREFIX
-        return prefix + str(self.pool) + (f":{self.sub_pool}" if self.sub_pool else "")
+        return POOL_ID_PREFIX + str(self.pool) + (f":{self.sub_pool}" if self.sub_pool else "")
 
     @staticmethod
     def parse(pool_id: Any, cluster: Callable[[], ipaddress.IPv4Network] | None = None) -> "PoolRef":
         if pool_id == DEFAULT_POOL_ID:
             return PoolRef(None)
         if pool_id == CLUSTER_POOL_ID and cluster is not None:
-            return PoolRef(cluster(), shared=True, cluster=True)
-        if not isinstance(pool_id, str) or not pool_id.startswith((POOL_ID_PREFIX, SHARED_POOL_ID_PREFIX)):
+            return PoolRef(cluster(), cluster=True)
+        if not isinstance(pool_id, str) or not pool_id.startswith(POOL_ID_PREFIX):
             raise NotFound(f"unknown PoolID {pool_id!r}: not a canal pool")
-        shared = pool_id.startswith(SHARED_POOL_ID_PREFIX)
-        parts = pool_id.split(":", 1)[1].split(":")
+        parts = pool_id[len(POOL_ID_PREFIX):].split(":")
         try:
             pool = ipaddress.IPv4Network(parts[0])
             sub = ipaddress.IPv4Network(parts[1]) if len(parts) > 1 else None
         except (ValueError, IndexError):
             raise NotFound(f"unknown PoolID {pool_id!r}: malformed") from None
-        return PoolRef(pool, sub, shared)
+        return PoolRef(pool, sub)
 
 
 def _network(value: str, what: str) -> ipaddress.IPv4Network:
@@ -126,7 +121,7 @@ class Ipam:
         shared = address_space == GLOBAL_SPACE
         if not pool and sub_pool:
             raise BadRequest("--ip-range needs --subnet")
-        if shared and (not pool or (pool == str(self.cluster_network()) and not sub_pool)):
+        if (shared and not pool) or (pool == str(self.cluster_network()) and not sub_pool):
             # Swarm: the manager allocates task addresses anywhere in the cluster network;
             # each node then asks again for the same pool by its CIDR: one answer for both.
             return CLUSTER_POOL_ID, str(self.cluster_network()), {}
@@ -150,9 +145,13 @@ class Ipam:
                     f"subnet {net} overlaps subnet {other_net} of another canal network; "
                     "use the same subnet or one that does not overlap"
                 )
-        if self.store.create(self.keys.pool(net), {"cidr": str(net), "gateway": ""}):
+        # "shared": a Swarm pool (requested in the global space), where task addresses are
+        # allocated by the manager and claimed again by the node running the task.
+        if self.store.create(self.keys.pool(net), {"cidr": str(net), "gateway": "", "shared": shared}):
             log.info("pool %s created", net)
-        return PoolRef(net, sub, shared).id, str(net), {}
+        elif shared:
+            self.store.update(self.keys.pool(net), lambda p: p and {**p, "shared": True})
+        return PoolRef(net, sub).id, str(net), {}
 
     def release_pool(self, pool_id: str) -> None:
         ref = PoolRef.parse(pool_id, self.cluster_network)
@@ -265,10 +264,17 @@ class Ipam:
         same = held.get("kind") == kind and held.get("pool") == ref.id
         if same and kind == KIND_GATEWAY:
             return  # the same gateway requested again (replay, another host): idempotent
-        if same and ref.shared and not held.get("endpoint"):
+        if same and not held.get("endpoint") and self._shared(ref):
             return  # a Swarm node claiming the address its manager allocated for the task
         owner = f" by endpoint {held['endpoint'][:12]}" if held.get("endpoint") else ""
         raise Conflict(f"address {ip} is already in use{owner} (as {held.get('kind', 'address')} on host {held.get('host', '?')})")
+
+    def _shared(self, ref: PoolRef) -> bool:
+        if ref.cluster:
+            return True
+        if ref.pool is None:
+            return False
+        return bool((self.store.get_json(self.keys.pool(ref.pool)) or {}).get("shared"))
 
     def _allocated(self, net: ipaddress.IPv4Network) -> set[int]:
         entries, _ = self.store.list(self.keys.addresses + hex_prefix(net))
@@ -286,7 +292,7 @@ class Ipam:
             return [scope]
         if ref.sub_pool is not None:
             return [ref.sub_pool]
-        if ref.shared:
+        if self._shared(ref):
             return [ref.pool]  # the manager allocates for tasks landing on any node
         try:
             mine = self.host_subnet()
