@@ -33,14 +33,14 @@ def watch(store, client):
 
 
 def test_names_and_labels_are_recorded(store):
-    store.put(KEYS.network("n" * 64), {"id": "n" * 64, "host": "h1", "name": "", "explicit_name": False})
-    store.put(KEYS.network("x" * 64), {"id": "x" * 64, "host": "h2", "name": ""})  # another host's
+    store.put(KEYS.network("h1", "n" * 64), {"id": "n" * 64, "host": "h1", "name": "", "explicit_name": False})
+    store.put(KEYS.network("h2", "x" * 64), {"id": "x" * 64, "host": "h2", "name": ""})  # another host's
     store.put(KEYS.endpoint("e" * 64), {"id": "e" * 64, "host": "h1", "network": "n" * 64})
     store.put(KEYS.endpoint("f" * 64), {"id": "f" * 64, "host": "h1", "network": "n" * 64})
     client = FakeClient()
     assert watch(store, client).resolve() == 1  # f... is not in Docker's list (yet)
-    assert store.get_json(KEYS.network("n" * 64))["name"] == "appnet"
-    assert store.get_json(KEYS.network("x" * 64))["name"] == ""
+    assert store.get_json(KEYS.network("h1", "n" * 64))["name"] == "appnet"
+    assert store.get_json(KEYS.network("h2", "x" * 64))["name"] == ""
     record = store.get_json(KEYS.endpoint("e" * 64))
     assert record["labels"] == {"role": "web"} and record["container_name"] == "web1"
     assert store.get_json(KEYS.endpoint("f" * 64)).get("labels") is None
@@ -50,9 +50,9 @@ def test_names_and_labels_are_recorded(store):
 
 
 def test_an_explicit_network_name_is_kept(store):
-    store.put(KEYS.network("n" * 64), {"id": "n" * 64, "host": "h1", "name": "shared", "explicit_name": True})
+    store.put(KEYS.network("h1", "n" * 64), {"id": "n" * 64, "host": "h1", "name": "shared", "explicit_name": True})
     watch(store, FakeClient()).resolve()
-    assert store.get_json(KEYS.network("n" * 64))["name"] == "shared"
+    assert store.get_json(KEYS.network("h1", "n" * 64))["name"] == "shared"
 
 
 def test_docker_down_is_retried_not_fatal(store):

@@ -52,7 +52,7 @@ def test_no_networks_means_no_trace():
 
 
 def test_routed_endpoints_pass_dockers_forward_drop():
-    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
     assert state.chains[("filter", FORWARD)][-2:] == ["-i cnl+ -j ACCEPT", "-o cnl+ -j ACCEPT"]
     assert Jump("filter", "FORWARD", FORWARD) in state.jumps
     sets = {s.name: s for s in state.ipsets}
@@ -63,8 +63,8 @@ def test_routed_endpoints_pass_dockers_forward_drop():
 
 def test_nat_off_and_internal_networks_are_not_masqueraded():
     nets = {
-        "n1": {**NET, "nat": False},
-        "n2": {**NET, "id": "n2", "internal": True, "nat": False, "pools": ["100.70.0.0/24"]},
+        "h1/n1": {**NET, "nat": False},
+        "h1/n2": {**NET, "id": "n2", "internal": True, "nat": False, "pools": ["100.70.0.0/24"]},
     }
     eps = {"e1": EP, "e2": {**EP, "id": "e2" * 10, "network": "n2", "ip": "100.70.0.5"}}
     state = desired_firewall(snap(nets, eps))
@@ -76,8 +76,8 @@ def test_nat_off_and_internal_networks_are_not_masqueraded():
 
 def test_networks_are_one_across_hosts_by_learned_name():
     nets = {
-        "id-on-h1": {**NET, "id": "id-on-h1", "name": "appnet"},
-        "id-on-h2": {**NET, "id": "id-on-h2", "host": "h2", "name": "appnet"},
+        "h1/id-on-h1": {**NET, "id": "id-on-h1", "name": "appnet"},
+        "h2/id-on-h2": {**NET, "id": "id-on-h2", "host": "h2", "name": "appnet"},
     }
     eps = {
         "e1": {**EP, "network": "id-on-h1"},
@@ -96,7 +96,7 @@ def test_networks_are_one_across_hosts_by_learned_name():
 
 def test_apply_programs_then_is_a_no_op():
     fw, ipt = firewall()
-    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
     assert fw.apply(state) is True
     saved = ipt.save()
     assert saved["filter"].rules["FORWARD"][0] == f"-j {FORWARD}"  # ahead of Docker's chains
@@ -108,7 +108,7 @@ def test_apply_programs_then_is_a_no_op():
 
 def test_apply_repairs_tampering():
     fw, ipt = firewall()
-    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
     fw.apply(state)
     ipt.tables["filter"].rules["FORWARD"].remove(f"-j {FORWARD}")
     ipt.tables["filter"].rules[FORWARD] = ["-j DROP"]
@@ -119,7 +119,7 @@ def test_apply_repairs_tampering():
 
 def test_duplicate_jumps_are_removed():
     fw, ipt = firewall()
-    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
     fw.apply(state)
     ipt.tables["filter"].rules["FORWARD"].append(f"-j {FORWARD}")
     fw.apply(state)
@@ -129,7 +129,7 @@ def test_duplicate_jumps_are_removed():
 def test_removing_everything_leaves_dockers_rules_untouched():
     fw, ipt = firewall()
     before = ipt.save()
-    fw.apply(desired_firewall(snap({"n1": NET}, {"e1": EP})))
+    fw.apply(desired_firewall(snap({"h1/n1": NET}, {"e1": EP})))
     fw.remove_all()
     after = ipt.save()
     for name in ("filter", "nat"):
@@ -144,7 +144,7 @@ def test_desired_links_are_the_joined_local_endpoints():
         "e2": {**EP, "id": "e2" * 10, "joined": False, "ip": "100.64.3.3"},
         "e3": {**EP, "id": "e3" * 10, "host": "h2", "ip": "100.64.4.3"},
     }
-    assert [link.endpoint_id for link in desired_links(snap({"n1": NET}, eps))] == [EP["id"]]
+    assert [link.endpoint_id for link in desired_links(snap({"h1/n1": NET}, eps))] == [EP["id"]]
 
 
 def test_ipset_script_changes_members_in_place_or_swaps():
@@ -164,9 +164,21 @@ def test_ipset_script_changes_members_in_place_or_swaps():
 
 def test_event_passes_diff_against_memory_and_read_back_repairs():
     fw, ipt = firewall()
-    state = desired_firewall(snap({"n1": NET}, {"e1": EP}))
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
     assert fw.apply(state, read_back=False) is True
     ipt.tables["filter"].rules[FORWARD] = []  # tampering
     assert fw.apply(state, read_back=False) is False  # memory says all is well
     assert fw.apply(state, read_back=True) is True  # the timer's pass reads the kernel
     assert ipt.save()["filter"].rules[FORWARD] == state.chains[("filter", FORWARD)]
+
+
+def test_a_swarm_network_has_one_id_and_a_record_per_node():
+    nets = {
+        "h1/swarmid": {**NET, "id": "swarmid", "name": "svcnet"},
+        "h2/swarmid": {**NET, "id": "swarmid", "host": "h2", "name": "svcnet"},
+    }
+    eps = {"e1": {**EP, "network": "swarmid"}, "e2": {**EP, "id": "e2" * 10, "host": "h2", "network": "swarmid", "ip": "100.64.0.9"}}
+    state = desired_firewall(snap(nets, eps))  # h1 still has its own record: chains stay
+    assert state.chains and {e.network for e in endpoint_infos(snap(nets, eps))} == {"svcnet"}
+    del nets["h2/swarmid"]  # h2 left the network: h1 keeps its own view
+    assert desired_firewall(snap(nets, eps)).chains

@@ -29,7 +29,7 @@ MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
 class Snapshot:
     host: str
     cluster_network: str
-    networks: Mapping[str, Mapping[str, Any]]  # network id -> record (all hosts)
+    networks: Mapping[str, Mapping[str, Any]]  # "host/network id" -> record (all hosts)
     endpoints: Mapping[str, Mapping[str, Any]]  # endpoint id -> record (all hosts)
     own_subnet: ipaddress.IPv4Network | None = None
     leases: tuple[Lease, ...] = ()  # every host's flannel lease, ours included
@@ -46,17 +46,22 @@ def desired_links(snap: Snapshot) -> list[EndpointLink]:
     return [link_of(ep) for ep in local_endpoints(snap) if ep.get("joined")]
 
 
-def network_name(snap: Snapshot, network_id: str) -> str:
-    """The logical, cluster-wide name: learned from Docker (or -o network=NAME); until then the
-    Docker network ID, which isolates the network from its namesakes on other hosts meanwhile."""
-    return snap.networks.get(network_id, {}).get("name") or network_id
+def network_of(snap: Snapshot, endpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    return snap.networks.get(f"{endpoint.get('host')}/{endpoint.get('network')}", {})
+
+
+def network_name(snap: Snapshot, endpoint: Mapping[str, Any]) -> str:
+    """The logical, cluster-wide name of an endpoint's network: learned from Docker (or
+    -o network=NAME); until then the Docker network ID, which isolates the network from its
+    namesakes on other hosts meanwhile (a Swarm network has one ID everywhere)."""
+    return network_of(snap, endpoint).get("name") or endpoint["network"]
 
 
 def endpoint_infos(snap: Snapshot) -> list[EndpointInfo]:
     """Joined endpoints everywhere, plus our own not yet joined: their chains are programmed
     between CreateEndpoint and Join, so a container's first packet finds them in place."""
     return [
-        EndpointInfo(ep["id"], ep["ip"], network_name(snap, ep["network"]), ep["host"], ep.get("labels"))
+        EndpointInfo(ep["id"], ep["ip"], network_name(snap, ep), ep["host"], ep.get("labels"))
         for ep in snap.endpoints.values()
         if ep.get("joined") or ep.get("host") == snap.host
     ]
@@ -64,8 +69,8 @@ def endpoint_infos(snap: Snapshot) -> list[EndpointInfo]:
 
 def network_infos(snap: Snapshot) -> dict[str, NetworkInfo]:
     out: dict[str, NetworkInfo] = {}
-    for network_id, record in snap.networks.items():
-        name = network_name(snap, network_id)
+    for record in snap.networks.values():
+        name = record.get("name") or record["id"]
         out[name] = NetworkInfo(name, bool(record.get("internal")) or out.get(name, NetworkInfo(name)).internal)
     return out
 
@@ -81,8 +86,7 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     masq = frozenset(
         ep["ip"]
         for ep in local_endpoints(snap)
-        if snap.networks.get(ep.get("network", ""), {}).get("nat", True)
-        and not snap.networks.get(ep.get("network", ""), {}).get("internal")
+        if network_of(snap, ep).get("nat", True) and not network_of(snap, ep).get("internal")
     )
     state.ipsets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
     state.chains[("nat", POSTROUTING)] = [

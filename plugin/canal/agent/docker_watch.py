@@ -100,12 +100,13 @@ class DockerWatch:
                 endpoint_id = (settings or {}).get("EndpointID")
                 if endpoint_id:
                     by_endpoint[endpoint_id] = container
-        for network_id, record in self.read(self.keys.networks).items():
+        for record in self.read(self.keys.networks).values():
+            network_id = record.get("id", "")
             if record.get("host") != self.host or network_id not in names or record.get("explicit_name"):
                 continue
             name = names[network_id]
             if record.get("name") != name:
-                self.store.update(self.keys.network(network_id), lambda r, n=name: r and {**r, "name": n})
+                self.store.update(self.keys.network(self.host, network_id), lambda r, n=name: r and {**r, "name": n})
                 log.info("network %s is named %s", network_id[:12], name)
         unknown = 0
         for endpoint_id, record in self.read(self.keys.endpoints).items():

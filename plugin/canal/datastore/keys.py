@@ -42,8 +42,9 @@ class Keys:
     def addresses(self) -> str:
         return f"{self.root}/ipam/addresses/"
 
-    def network(self, network_id: str) -> str:
-        return f"{self.root}/networks/{network_id}"
+    def network(self, host: str, network_id: str) -> str:
+        """Per host: a Swarm network has one ID on every node, and each node's record is its own."""
+        return f"{self.root}/networks/{host}/{network_id}"
 
     @property
     def networks(self) -> str:

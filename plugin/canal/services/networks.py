@@ -154,7 +154,7 @@ class Networks:
 
     def create_network(self, req: protocol.CreateNetwork) -> None:
         spec = parse_network(req)
-        self.store.put(self.keys.network(spec.id), spec.record(self.host))
+        self.store.put(self.keys.network(self.host, spec.id), spec.record(self.host))
         log.info("network %s created (pools %s, internal=%s, nat=%s)", spec.id[:12], spec.pools, spec.internal, spec.nat)
         self.changed(True)  # base chains must exist before the first packet
 
@@ -166,12 +166,12 @@ class Networks:
             if ep["network"] == network_id:
                 log.warning("network %s: removing stale endpoint %s", network_id[:12], ep["id"][:12])
                 self.delete_endpoint(network_id, ep["id"])
-        self.store.delete(self.keys.network(network_id))
+        self.store.delete(self.keys.network(self.host, network_id))
         log.info("network %s deleted", network_id[:12])
         self.changed(True)  # `docker network rm` returns with no rule or ipset of it left
 
     def network(self, network_id: str) -> dict:
-        record = self.store.get_json(self.keys.network(network_id))
+        record = self.store.get_json(self.keys.network(self.host, network_id))
         if record is None:
             raise NotFound(f"network {network_id[:12]} is not a canal network")
         return record

@@ -96,7 +96,7 @@ def endpoint_rows(snap: "Snapshot") -> list[dict[str, Any]]:
 
     rows = []
     for ep in sorted(snap.endpoints.values(), key=lambda e: (e["host"], e["ip"])):
-        info = EndpointInfo(ep["id"], ep["ip"], network_name(snap, ep["network"]), ep["host"], ep.get("labels"))
+        info = EndpointInfo(ep["id"], ep["ip"], network_name(snap, ep), ep["host"], ep.get("labels"))
         rows.append({
             "endpoint": ep["id"][:12],
             "container": ep.get("container_name", ""),
