@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from testbed import IMAGE, SimHost, Underlay, cleanup_leftovers
+from testbed import IMAGE, REPO, SimHost, Underlay, cleanup_leftovers
+from testbed._util import run
 
 CLUSTER = "100.64.0.0/16"
 # A short full-resync period, so repair of tampered state is seen within a test's patience.
@@ -92,6 +95,22 @@ def h1(host) -> Iterator[SimHost]:
     assert canal_leftovers(host) == {"veths": [], "routes": [], "iptables": [], "ipsets": []}
     log = host.plugin_log.read_text(errors="replace") if host.plugin_log.exists() else ""
     assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
+
+
+def _install_registry_package() -> None:
+    if not shutil.which("docker-registry"):
+        run(["bash", "-c", f"source {REPO}/scripts/lib.sh && apt_install docker-registry"], timeout=600)
+
+
+@pytest.fixture(scope="session")
+def plugin_rootfs() -> Path:
+    """The managed plugin's build directory (config.json + rootfs/), built once per machine:
+    cached by scripts/build-plugin, keyed by a hash of the tree."""
+    _install_registry_package()
+    started = time.monotonic()
+    res = run([str(REPO / "scripts" / "build-plugin"), "--rootfs-only"], timeout=1800)
+    print(f"\nbuild-plugin --rootfs-only: {time.monotonic() - started:.0f} s\n{res.stderr.strip()}")
+    return Path(res.stdout.strip().splitlines()[-1])
 
 
 __all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "start_host"]

@@ -17,7 +17,6 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import IMAGE
@@ -100,22 +99,6 @@ class Registry:
 
     def close(self) -> None:
         stop_popen(self.proc)
-
-
-def _install_registry_package() -> None:
-    if not shutil.which("docker-registry"):
-        run(["bash", "-c", f"source {REPO}/scripts/lib.sh && apt_install docker-registry"], timeout=600)
-
-
-@pytest.fixture(scope="session")
-def plugin_rootfs() -> Path:
-    """The plugin's build directory (config.json + rootfs/), built once per machine: cached
-    by scripts/build-plugin, keyed by a hash of the tree."""
-    _install_registry_package()
-    started = time.monotonic()
-    res = run([str(BUILD), "--rootfs-only"], timeout=1800)
-    print(f"\nbuild-plugin --rootfs-only: {time.monotonic() - started:.0f} s\n{res.stderr.strip()}")
-    return Path(res.stdout.strip().splitlines()[-1])
 
 
 def plugin_enabled(h: SimHost, ref: str) -> bool | None:
