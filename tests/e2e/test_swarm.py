@@ -242,6 +242,48 @@ def canal_cli(h: SimHost, ref: str, *args: str, input: str | None = None) -> str
     return h.exec([h.plugin_argv()[0], "-m", "canal", *args, "--socket", sock], input=input).stdout
 
 
+def node_id(h: SimHost) -> str:
+    return h.docker("info", "-f", "{{.Swarm.NodeID}}").stdout.strip()
+
+
+def canal_state_of(sw: Swarm, h: SimHost) -> dict:
+    """What a node holds of ours: veths, canal routes, endpoint records naming it."""
+    out = sw.etcd.etcdctl("get", "--prefix", "/canal/v1/endpoints/", "--print-value-only").stdout
+    endpoints = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {
+        "veths": [l for l in h.ip("-o", "link").stdout.splitlines() if ": cnl" in l],
+        "endpoints": [e["ip"] for e in endpoints if e["host"] == h.name],
+    }
+
+
+def test_drain_and_leave_leave_nothing_on_the_node(sw):
+    swarm_net(sw, "movable")
+    service(sw, "roam", "movable", "--endpoint-mode", "dnsrr", replicas=4)
+    assert canal_state_of(sw, sw.worker)["veths"]
+    worker = node_id(sw.worker)
+    sw.manager.docker("node", "update", "--availability", "drain", worker)
+    try:
+        wait_until(lambda: canal_state_of(sw, sw.worker) == {"veths": [], "endpoints": []}, timeout=60,
+                   what="drained node empty")
+        wait_until(lambda: running_tasks(sw, "roam") == 4, timeout=90, what="tasks moved")
+        ips = [task_ip(h, cid, "movable") for h, cid in tasks(sw, "roam")]
+        assert len(set(ips)) == 4 and all(h is sw.manager for h, _ in tasks(sw, "roam"))
+    finally:
+        sw.manager.docker("node", "update", "--availability", "active", worker)
+    # Leave: the node's task containers go, and with them everything of ours on it.
+    sw.manager.docker("service", "scale", "--detach", "roam=6")
+    sw.manager.docker("service", "update", "--detach", "--force", "roam")  # spread again
+    wait_until(lambda: canal_state_of(sw, sw.worker)["veths"], timeout=90, what="tasks back on the worker")
+    sw.worker.docker("swarm", "leave", "--force")
+    try:
+        wait_until(lambda: canal_state_of(sw, sw.worker) == {"veths": [], "endpoints": []}, timeout=60,
+                   what="left node empty")
+    finally:
+        token = sw.manager.docker("swarm", "join-token", "-q", "worker").stdout.strip()
+        sw.worker.docker("swarm", "join", "--token", token, f"{sw.manager.address}:2377")
+        sw.manager.docker("node", "rm", "--force", worker, check=False)
+
+
 def vip_service(sw: Swarm) -> tuple[str, list[str]]:
     swarm_net(sw, "vipnet")
     service(sw, "vip", "vipnet", cmd=("sh", "-c", "while true; do echo pong-vip | nc -l -p 8080; done"))
