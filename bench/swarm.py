@@ -18,7 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "e2e"), os.path.join(HERE, "..", "plugin")]
 
-from test_managed_plugin import Registry  # noqa: E402
+from test_managed_plugin import Registry, plugin_host  # noqa: E402
 
 from testbed import IMAGE, REPO, Etcd, SimHost, Underlay, wait_until  # noqa: E402
 from testbed._util import cgroup_dirs, remove_cgroups, run  # noqa: E402
@@ -63,15 +63,7 @@ def main() -> None:
         etcd = Etcd(ul)
         registry = Registry(ul)
         ref = f"{registry.address}/canal:bench"
-        nodes = []
-        for i in (1, 2):
-            h = SimHost(ul, f"w{i}", f"198.18.0.{i}")
-            varlib = h.workdir / "varlib"
-            varlib.mkdir()
-            h.exec(["mount", "--bind", str(varlib), "/var/lib"])
-            h.start_dockerd(["--insecure-registry", registry.address, "-H", "unix:///run/docker.sock"])
-            h.load_image()
-            nodes.append(h)
+        nodes = [plugin_host(ul, f"w{i}", f"198.18.0.{i}", registry) for i in (1, 2)]
         manager, worker = nodes
         run([str(REPO / "scripts" / "build-plugin"), ref], timeout=1800,
             env={"DOCKER_HOST": f"unix://{manager.docker_sock}", "DOCKER_CONFIG": str(manager.workdir / "cli")})

@@ -121,6 +121,19 @@ def run_mounts(h: SimHost) -> set[str]:
             if m.startswith("/run/") and not m.startswith("/run/netns")}
 
 
+def plugin_host(ul: Underlay, name: str, ip: str, registry: Registry) -> SimHost:
+    """A simulated host ready for the managed plugin: its own /var/lib, an rshared /run (as on
+    a systemd host), a dockerd trusting the test registry and listening on /run/docker.sock."""
+    h = SimHost(ul, name, ip)
+    varlib = h.workdir / "varlib"
+    varlib.mkdir()
+    h.exec(["mount", "--bind", str(varlib), "/var/lib"])
+    h.exec(["mount", "--make-rshared", "/run"])
+    h.start_dockerd(["--insecure-registry", registry.address, "-H", "unix:///run/docker.sock"])
+    h.load_image()
+    return h
+
+
 @dataclasses.dataclass
 class Bed:
     etcd: Etcd
@@ -173,14 +186,7 @@ def bed(plugin_rootfs) -> Iterator[Bed]:
         registry = Registry(ul)
         ref = f"{registry.address}/canal:test"
         for i in (1, 2):
-            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
-            varlib = h.workdir / "varlib"
-            varlib.mkdir()
-            h.exec(["mount", "--bind", str(varlib), "/var/lib"])  # this host's own /var/lib
-            h.exec(["mount", "--make-rshared", "/run"])  # as on a systemd host
-            h.start_dockerd(["--insecure-registry", registry.address, "-H", "unix:///run/docker.sock"])
-            h.load_image()
-            hosts.append(h)
+            hosts.append(plugin_host(ul, f"h{i}", f"198.18.0.{i}", registry))
         baseline = {h.name: run_mounts(h) for h in hosts}
         h1, h2 = hosts
         started = time.monotonic()

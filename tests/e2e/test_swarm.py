@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import IMAGE
-from test_managed_plugin import Registry, plugin_enabled, remove_everything
+from test_managed_plugin import Registry, plugin_enabled, plugin_host, remove_everything
 
 from testbed import REPO, Etcd, SimHost, TestbedError, Underlay, wait_until
 from testbed._util import cgroup_dirs, remove_cgroups, run
@@ -50,14 +50,7 @@ def swarm(plugin_rootfs) -> Iterator[Swarm]:
         registry = Registry(ul)
         ref = f"{registry.address}/canal:swarm"
         for i in (1, 2):
-            h = SimHost(ul, f"s{i}", f"198.18.0.{i}")
-            varlib = h.workdir / "varlib"
-            varlib.mkdir()
-            h.exec(["mount", "--bind", str(varlib), "/var/lib"])
-            h.exec(["mount", "--make-rshared", "/run"])
-            h.start_dockerd(["--insecure-registry", registry.address, "-H", "unix:///run/docker.sock"])
-            h.load_image()
-            nodes.append(h)
+            nodes.append(plugin_host(ul, f"s{i}", f"198.18.0.{i}", registry))
         manager, worker = nodes
         # plugin_rootfs built (or found cached) the rootfs; this only runs `docker plugin create`.
         run([str(REPO / "scripts" / "build-plugin"), ref], timeout=1800,

@@ -34,6 +34,18 @@ RT_SCOPE_LINK = 253
 RTPROT_CANAL = 101  # our routes carry their own protocol number, so we find (only) them again
 
 
+def delete_link(ipr: IPRoute, name: str) -> bool:
+    """Delete a link by name; False if it was already gone (every caller is idempotent)."""
+    try:
+        ipr.link("del", ifname=name)
+    except NetlinkError as err:
+        if err.code in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
+            return False
+        raise Unavailable(f"cannot delete {name}: {err}") from err
+    log.info("deleted %s", name)
+    return True
+
+
 def host_ifname(endpoint_id: str) -> str:
     return HOST_PREFIX + endpoint_id[:12]
 
@@ -141,12 +153,7 @@ class Links:
         """Remove both ends and the route (the route goes with the device)."""
         with self._lock:
             for name in (host_ifname(endpoint_id), peer_ifname(endpoint_id)):
-                try:
-                    self._ipr.link("del", ifname=name)
-                    log.info("deleted %s", name)
-                except NetlinkError as err:
-                    if err.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                        raise Unavailable(f"cannot delete {name}: {err}") from err
+                delete_link(self._ipr, name)
 
     def present(self) -> set[str]:
         """Names of the host-side veths that exist now (from sysfs: a netlink dump of every
@@ -186,11 +193,7 @@ class Links:
         for name in sorted(orphans):
             log.info("removing veth %s (no joined endpoint)", name)
             with self._lock:
-                try:
-                    self._ipr.link("del", ifname=name)
-                except NetlinkError as err:
-                    if err.code != errno.ENODEV:
-                        raise Unavailable(f"cannot delete {name}: {err}") from err
+                delete_link(self._ipr, name)
 
 
 def default_route_device() -> tuple[str, str, int] | None:

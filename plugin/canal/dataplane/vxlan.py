@@ -23,6 +23,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
+from canal.dataplane.links import delete_link
 from canal.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -203,12 +204,7 @@ class Vxlan:
         """Idempotent; the kernel drops the device's neighbours, FDB and routes with it."""
         name = device_name(vni)
         with self._lock:
-            try:
-                self._ipr.link("del", ifname=name)
-                log.info("deleted %s", name)
-            except NetlinkError as err:
-                if err.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                    raise Unavailable(f"cannot delete {name}: {err}") from err
+            delete_link(self._ipr, name)
 
     def ensure_device(
         self, vni: int, port: int, local_ip: str, underlay_ifname: str, mac: str, mtu: int,
