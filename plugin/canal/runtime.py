@@ -86,11 +86,13 @@ class Plugin:
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
         self._vxlan_applied: VxlanState | None = None
+        self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
+        self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
         self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, lambda: self.subnets.network_config().network)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed,
-            forget=linkmod.forget_connections,
+            forget=self._forget,
             request=lambda: self.agent.request(),
             settle=self._settle,
         )
@@ -100,7 +102,7 @@ class Plugin:
             "host %s: underlay %s (%s, mtu %d), iptables %s, datastore %s",
             self.host, self.public_ip, self.iface, self.underlay_mtu, backend, config.datastore,
         )
-        steps = [self.publish_routes, self.program_vxlan] if self.multihost else []
+        steps = [self.forget_departed] + ([self.publish_routes, self.program_vxlan] if self.multihost else [])
         self.agent = Agent(
             self.snapshot,
             self.links,
@@ -144,6 +146,21 @@ class Plugin:
             raise Unavailable(f"the dataplane could not be programmed: {self.agent.last_error or 'timed out'}")
         if not sync:
             self.agent.trigger()
+
+    def _forget(self, ip: str) -> None:
+        """Queue a departed address for the next pass: DeleteEndpoint need not wait for
+        conntrack, and a new endpoint's Join waits for a pass that flushes first."""
+        with self._departed_lock:
+            self._departed.add(ip)
+        self.agent.request()
+
+    def forget_departed(self, snap: Snapshot, full: bool) -> None:
+        # Even if the address was handed out again meanwhile: its new container cannot have
+        # sent anything yet, as its Join waits for this very pass.
+        with self._departed_lock:
+            departed, self._departed = self._departed, set()
+        for ip in sorted(departed):
+            linkmod.forget_connections(ip)
 
     def _settle(self, generation: int) -> None:
         if not self.agent.wait(generation, 10):
