@@ -234,7 +234,8 @@ class Vxlan:
                         self._ipr.link(
                             "add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=local_ip,
                             vxlan_port=port or DEFAULT_PORT, vxlan_learning=0, vxlan_link=underlay,
-                            address=mac, mtu=mtu,
+                            # as flanneld's (and Docker's overlay) device: no outer UDP checksum
+                            vxlan_udp_csum=0, address=mac, mtu=mtu,
                         )
                         log.info("created %s (vni %d, local %s, port %d, dev %s)", name, vni, local_ip,
                                  port or DEFAULT_PORT, underlay_ifname)
