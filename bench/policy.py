@@ -118,9 +118,11 @@ def main() -> None:
         store = EtcdDatastore(etcd.endpoint)
         admin = AdminClient(host.plugin_socket)
         host.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", NETWORK)
-        # The synthetic endpoints belong to a network of the same name on a synthetic host.
-        store.put("/canal/v1/networks/synthetic-net", {"id": "synthetic-net", "pools": ["0.0.0.0/0"], "internal": False,
-                                                        "nat": True, "mtu": 0, "host": "synthetic0", "name": NETWORK})
+        # The synthetic endpoints belong to a network of the same name on each synthetic host.
+        for h in range(20):
+            store.put(f"/canal/v1/networks/synthetic{h}/synthetic-net", {
+                "id": "synthetic-net", "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0,
+                "host": f"synthetic{h}", "name": NETWORK})
         for i in range(args.policies):  # one local container selected by each policy
             host.docker("run", "-d", "--name", f"r{i}", "--network", NETWORK, "--label", f"role=r{i}", IMAGE, "sleep", "100000")
         admin.post("/canal/v1/policies", {"documents": "\n---\n".join(json.dumps(policy(i)) for i in range(args.policies))})
