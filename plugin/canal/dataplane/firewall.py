@@ -114,6 +114,3 @@ class Firewall:
         self._applied = desired
         self.ipsets.destroy_unused({s.name for s in desired.ipsets})
         return bool(text)
-
-    def remove_all(self) -> None:
-        self.apply(FirewallState())

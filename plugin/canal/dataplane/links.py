@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -162,14 +161,6 @@ class Links:
             return {name for name in os.listdir("/sys/class/net") if name.startswith(HOST_PREFIX)}
         except OSError as err:
             raise Unavailable(f"cannot list network interfaces: {err}") from err
-
-    def routes(self) -> Iterator[tuple[str, int]]:
-        """(destination, oif) of every route Canal installed."""
-        with self._lock:
-            for route in self._ipr.get_routes(family=2, proto=RTPROT_CANAL):
-                dst = route.get_attr("RTA_DST")
-                if dst:
-                    yield f"{dst}/{route['dst_len']}", route.get_attr("RTA_OIF")
 
     def orphans(self, desired: list[EndpointLink]) -> set[str]:
         """Host-side veths of no joined endpoint; decide under `guard`, delete after."""
