@@ -86,13 +86,19 @@ def h1(host) -> Iterator[SimHost]:
         host.start_plugin(PLUGIN_ARGS)
     if not host.dockerd_running():
         host.start_dockerd(["-H", "unix:///run/docker.sock"])
+    clear(host)
+    assert canal_leftovers(host) == {"veths": [], "routes": [], "iptables": [], "ipsets": []}
+
+
+def clear(host: SimHost, driver: str = "canal") -> None:
+    """Remove every container and canal network of a host (through Docker, as a user would),
+    then check the plugin logged no unexpected exception while the test ran."""
     ids = host.docker("ps", "-aq").stdout.split()
     if ids:
         host.docker("rm", "-f", *ids)
-    nets = host.docker("network", "ls", "--filter", "driver=canal", "-q").stdout.split()
+    nets = host.docker("network", "ls", "--filter", f"driver={driver}", "-q").stdout.split()
     if nets:
         host.docker("network", "rm", *nets)
-    assert canal_leftovers(host) == {"veths": [], "routes": [], "iptables": [], "ipsets": []}
     log = host.plugin_log.read_text(errors="replace") if host.plugin_log.exists() else ""
     assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
 
@@ -113,4 +119,4 @@ def plugin_rootfs() -> Path:
     return Path(res.stdout.strip().splitlines()[-1])
 
 
-__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "start_host"]
+__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "start_host"]

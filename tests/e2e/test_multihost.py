@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import IMAGE
+from conftest import IMAGE, clear
 
 from testbed import Etcd, SimHost, Underlay, wait_until
 
@@ -53,15 +53,8 @@ def c(cluster):
     for h in (h1, h2):
         if not h.plugin_running():
             h.start_plugin(plugin_args(h, etcd))
-        ids = h.docker("ps", "-aq").stdout.split()
-        if ids:
-            h.docker("rm", "-f", *ids)
-        nets = h.docker("network", "ls", "--filter", "driver=canal", "-q").stdout.split()
-        if nets:
-            h.docker("network", "rm", *nets)
+        clear(h)
         assert not [l for l in h.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
-        log = h.plugin_log.read_text(errors="replace")
-        assert "Traceback" not in log, log[log.index("Traceback") - 1500 :][:5000]
     # Nothing of any network is left in the shared datastore either.
     left = etcd.etcdctl("get", "--prefix", "--keys-only", "/canal/v1/").stdout.split()
     assert [k for k in left if "/hosts/" not in k] == []

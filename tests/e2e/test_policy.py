@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import CLUSTER, IMAGE, start_host
+from conftest import CLUSTER, IMAGE, clear, start_host
 
 from testbed import SimHost, wait_until
 
@@ -30,13 +30,7 @@ def h(host):
     for doc in canal(host, "policy", "list", "-o", "json"):
         meta = doc["metadata"]
         canal(host, "policy", "delete", f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}", raw=True)
-    ids = host.docker("ps", "-aq").stdout.split()
-    if ids:
-        host.docker("rm", "-f", *ids)
-    nets = host.docker("network", "ls", "--filter", "driver=canal", "-q").stdout.split()
-    if nets:
-        host.docker("network", "rm", *nets)
-    assert "Traceback" not in host.plugin_log.read_text(errors="replace")
+    clear(host)
 
 
 def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False, check: bool = True):
