@@ -14,12 +14,11 @@ from typing import Iterator
 
 import pytest
 
-from testbed import IMAGE, REPO, SimHost, Underlay, cleanup_leftovers
+from e2e_support import PLUGIN_ARGS, canal_leftovers, clear, start_host
+
+from testbed import REPO, SimHost, Underlay, cleanup_leftovers
 from testbed._util import run
 
-CLUSTER = "100.64.0.0/16"
-# A short full-resync period, so repair of tampered state is seen within a test's patience.
-PLUGIN_ARGS = ["--network", CLUSTER, "--log-level", "debug", "--resync-interval", "5"]
 REQUIRED = ("dockerd", "docker", "busybox", "nsenter", "ipset", "iptables-nft-save", "etcd", "etcdctl")
 
 
@@ -46,15 +45,6 @@ def underlay() -> Iterator[Underlay]:
         ul.close()
 
 
-def start_host(ul: Underlay, name: str, ip: str, plugin_args: list[str]) -> SimHost:
-    host = SimHost(ul, name, ip)
-    # Also on Docker's default socket (in the host's private /run), where the plugin looks.
-    host.start_dockerd(["-H", "unix:///run/docker.sock"])
-    host.load_image()
-    host.start_plugin(plugin_args)
-    return host
-
-
 @pytest.fixture(scope="module")
 def host(underlay) -> Iterator[SimHost]:
     h = start_host(underlay, "h1", "198.18.0.1", PLUGIN_ARGS)
@@ -62,20 +52,6 @@ def host(underlay) -> Iterator[SimHost]:
         yield h
     finally:
         h.close()
-
-
-def canal_leftovers(host: SimHost) -> dict[str, list[str]]:
-    """Everything of ours still in the host's kernel."""
-    links = [l.split(":")[1].strip().split("@")[0] for l in host.ip("-o", "link").stdout.splitlines()]
-    routes = host.ip("route", "show", "proto", "101").stdout.split("\n")
-    chains = [l for l in host.exec(["iptables-nft-save"]).stdout.splitlines() if "CANAL" in l]
-    sets = host.exec(["ipset", "list", "-n"]).stdout.split()
-    return {
-        "veths": [l for l in links if l.startswith(("cnl", "cnp"))],
-        "routes": [r for r in routes if r.strip()],
-        "iptables": chains,
-        "ipsets": [s for s in sets if s.startswith("canal-")],
-    }
 
 
 @pytest.fixture
@@ -88,19 +64,6 @@ def h1(host) -> Iterator[SimHost]:
         host.start_dockerd(["-H", "unix:///run/docker.sock"])
     clear(host)
     assert canal_leftovers(host) == {"veths": [], "routes": [], "iptables": [], "ipsets": []}
-
-
-def clear(host: SimHost, driver: str = "canal") -> None:
-    """Remove every container and canal network of a host (through Docker, as a user would),
-    then check the plugin logged no unexpected exception while the test ran."""
-    ids = host.docker("ps", "-aq").stdout.split()
-    if ids:
-        host.docker("rm", "-f", *ids)
-    nets = host.docker("network", "ls", "--filter", f"driver={driver}", "-q").stdout.split()
-    if nets:
-        host.docker("network", "rm", *nets)
-    log = host.plugin_log.read_text(errors="replace") if host.plugin_log.exists() else ""
-    assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
 
 
 def _install_registry_package() -> None:
@@ -118,5 +81,3 @@ def plugin_rootfs() -> Path:
     print(f"\nbuild-plugin --rootfs-only: {time.monotonic() - started:.0f} s\n{res.stderr.strip()}")
     return Path(res.stdout.strip().splitlines()[-1])
 
-
-__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "start_host"]

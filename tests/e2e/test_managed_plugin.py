@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import IMAGE
+from e2e_support import IMAGE
 
 from canal import config as configmod
 from testbed import REPO, Etcd, SimHost, TestbedError, Underlay, wait_until

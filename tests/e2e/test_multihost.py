@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import IMAGE, clear
+from e2e_support import IMAGE, clear
 
 from testbed import Etcd, SimHost, Underlay, wait_until
 

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from conftest import CLUSTER, IMAGE, clear, start_host
+from e2e_support import CLUSTER, IMAGE, clear, start_host
 
 from testbed import SimHost, wait_until
 

@@ -6,7 +6,7 @@ import ipaddress
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import CLUSTER, IMAGE, PLUGIN_ARGS, canal_leftovers
+from e2e_support import CLUSTER, IMAGE, PLUGIN_ARGS, canal_leftovers
 
 from testbed import wait_until
 

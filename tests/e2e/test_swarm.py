@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from conftest import IMAGE
+from e2e_support import IMAGE
 from test_managed_plugin import Registry, plugin_enabled, plugin_host, remove_everything
 
 from testbed import REPO, Etcd, SimHost, TestbedError, Underlay, wait_until
