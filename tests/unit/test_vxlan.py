@@ -8,13 +8,17 @@ an oracle independent of the pyroute2 code under test. Underlay 198.18.0.0/15, o
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
+import queue
 import select
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -155,13 +159,64 @@ def netns() -> Iterator[Callable[[], str]]:
     assert not errors, errors
 
 
+class InNetns:
+    """Calls an object's methods from one thread that joined netns `ns` (setns is per thread):
+    every netlink socket it opens and uses lives there.
+
+    Not pyroute2's IPRoute(netns=...): that forks a helper process which, now and then,
+    returned into the forked pytest and ran its fixture teardowns (deleting our namespaces)."""
+
+    def __init__(self, ns: str, factory: Callable[[], Any]) -> None:
+        self._calls: "queue.Queue[Any]" = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, args=(ns,), daemon=True)
+        self._thread.start()
+        self._target = self._call(factory)
+
+    def _serve(self, ns: str) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            ok = libc.setns(fd, 0x40000000) == 0  # CLONE_NEWNET, this thread only
+        finally:
+            os.close(fd)
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            func, reply = item
+            try:
+                if not ok:
+                    raise OSError(ctypes.get_errno(), f"setns {ns}")
+                reply.put((True, func()))
+            except BaseException as err:  # handed to the caller's thread
+                reply.put((False, err))
+
+    def _call(self, func: Callable[[], Any]) -> Any:
+        reply: "queue.Queue[Any]" = queue.Queue()
+        self._calls.put((func, reply))
+        ok, value = reply.get(timeout=60)
+        if not ok:
+            raise value
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+        return lambda *a, **kw: self._call(lambda: attr(*a, **kw))
+
+    def stop(self) -> None:
+        self._calls.put(None)
+        self._thread.join(5)
+
+
 class Host:
     """One simulated host: a namespace with an underlay interface `u0` and our applier."""
 
     def __init__(self, ns: str, ip: str) -> None:
         self.ns = ns
         self.ip = ip
-        self.vx = Vxlan(netns=ns)
+        self.vx = InNetns(ns, Vxlan)
 
     def ensure(self, subnet: N = OWN, mac: str = MAC1, vni: int = 1, port: int = 0,
                mtu: int = 1450, local: str | None = None) -> None:
@@ -191,6 +246,7 @@ def host(netns: Callable[[], str]) -> Iterator[Host]:
     h = Host(ns, "198.18.0.1")
     yield h
     h.vx.close()
+    h.vx.stop()
 
 
 def expect_peers(h: Host, *peers: Peer) -> None:

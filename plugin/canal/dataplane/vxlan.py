@@ -145,12 +145,12 @@ class Vxlan:
     sockets are not thread-safe). `netns` (a name under /run/netns) lets tests run it in a
     throwaway namespace; the product passes None."""
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self) -> None:
+        """Binds to the network namespace of the calling thread (tests create it in one)."""
         try:
-            self._ipr = IPRoute(netns=netns) if netns else IPRoute()
+            self._ipr = IPRoute()
         except (OSError, NetlinkError) as err:
-            raise Unavailable(f"cannot open netlink{' in netns ' + netns if netns else ''}: {err}") from err
-        self._netns = netns
+            raise Unavailable(f"cannot open netlink: {err}") from err
         self._lock = threading.Lock()
         self._vni: int | None = None  # the device of the last ensure_device, apply's default
 
