@@ -89,7 +89,7 @@ class Plugin:
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
-        self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, lambda: self.subnets.network_config().network)
+        self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, self.cluster_network)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed,
             forget=self._forget,
@@ -279,11 +279,19 @@ class Plugin:
             "endpoints": len(self.networks.local_endpoints()),
         }
 
+    def cluster_network(self) -> ipaddress.IPv4Network:
+        """flannel's Network, from the mirror (IPAM asks on every Swarm call: no etcd round trip)."""
+        try:
+            raw = self.mirror.json(self.keys.flannel + "/").get("config")
+        except Unavailable:  # the mirror is not listed yet
+            raw = None
+        # Absent only before the first lease created it: read (and create) it then.
+        return (parse_network_config(raw) if raw else self.subnets.network_config()).network
+
     def snapshot(self) -> Snapshot:
         """From the mirror: memory, not datastore round trips, on every pass."""
         flannel = self.mirror.json(self.keys.flannel + "/")
-        raw = flannel.get("config")  # absent only before the first lease created it
-        network = (parse_network_config(raw) if raw else self.subnets.network_config()).network.with_prefixlen
+        network = self.cluster_network().with_prefixlen
         leases = []
         for name, data in flannel.items():
             if name.startswith("subnets/"):
