@@ -244,7 +244,8 @@ def test_etcd_stopped_raises_unavailable_fast_then_recovers(make_etcd):
         err, took = timed(call)
         assert took < ds.timeout + 1, (op, took)
         assert str(err).startswith(f"etcd {server.endpoint} unreachable during {op}: "), str(err)
-        assert "Connection refused" in str(err)
+        # A pooled connection to the stopped etcd may see a reset before later ones are refused.
+        assert "Connection refused" in str(err) or "Connection reset by peer" in str(err), str(err)
     server.start()  # same data dir, same EtcdDatastore object
     assert ds.get_json("/durable") == {"x": 1}
     assert ds.keepalive(lease) is True
