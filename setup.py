@@ -12,7 +12,7 @@ setup(
         "gunicorn>=20.1",
         "pyroute2>=0.7",
         "docker>=6.0",
-        "etcd3gw>=2.1",
+        "requests>=2.28",
         "PyYAML>=6.0",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
