@@ -41,13 +41,54 @@ class Unavailable(CanalError):
     status = 503
 
 
-class CommandFailed(Unavailable):
-    """An external command failed; keeps argv, rc and output so logs show exactly what ran."""
+class CommandError(CanalError):
+    """Base of what can go wrong running an external command (iptables, ipset, conntrack);
+    keeps argv so logs show exactly what ran. Catch this for "any command trouble"."""
+
+    def __init__(self, argv: list[str], message: str):
+        self.argv = list(argv)
+        super().__init__(message)
+
+
+class CommandFailed(CommandError):
+    """The command ran and refused (non-zero exit, e.g. a malformed iptables-restore input):
+    permanent, retrying the same input fails the same way, so a 500 carrying the cause."""
+
+    status = 500
 
     def __init__(self, argv: list[str], rc: int | None, stdout: str, stderr: str, reason: str = ""):
-        self.argv = list(argv)
         self.rc = rc
         self.stdout = stdout
         self.stderr = stderr
         detail = reason or (stderr.strip() or stdout.strip() or "no output")
-        super().__init__(f"command {' '.join(self.argv)!r} failed (rc={rc}): {detail}")
+        super().__init__(argv, f"command {' '.join(argv)!r} failed (rc={rc}): {detail}")
+
+
+class CommandTimedOut(CommandError, Unavailable):
+    """The command did not finish in time (xtables lock held, kernel busy): transient, 503."""
+
+    status = 503
+
+    def __init__(self, argv: list[str], timeout: float, stdout: str = "", stderr: str = ""):
+        self.timeout = timeout
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(argv, f"command {' '.join(argv)!r} timed out after {timeout:g}s")
+
+
+class ToolMissing(CommandError):
+    """A binary the plugin needs is not installed: nothing works until an admin installs it."""
+
+    status = 500
+
+    def __init__(self, tool: str, argv: list[str] | None = None, hint: str = ""):
+        self.tool = tool
+        message = f"{tool} is not installed" + (f": {hint}" if hint else "")
+        super().__init__(argv or [tool], message)
+
+
+class UnsafeInput(CanalError):
+    """A value about to reach a kernel tool's input (iptables-restore, ipset restore) is
+    malformed — a record that bypassed validation. Refused rather than interpreted."""
+
+    status = 500

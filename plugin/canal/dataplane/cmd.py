@@ -1,7 +1,9 @@
 """The one wrapper for external commands (iptables, ipset, ...).
 
 Every call has a timeout, because a handler blocked on a hung command blocks Docker with it;
-every failure is a CommandFailed carrying argv, rc and output, so logs show exactly what ran.
+every failure carries argv (and rc and output), so logs show exactly what ran. Failures are
+split by what a caller can do about them: CommandFailed (the tool refused: permanent),
+CommandTimedOut (transient, an Unavailable) and ToolMissing (install the tool).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import logging
 import subprocess
 from typing import Sequence
 
-from canal.errors import CommandFailed
+from canal.errors import CommandFailed, CommandTimedOut, ToolMissing
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +25,20 @@ def run(
     timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Run argv (never through a shell); raise CommandFailed on non-zero exit if check."""
+    """Run argv (never through a shell); raise CommandFailed on non-zero exit if check.
+
+    A missing binary or a timeout raises even with check=False: the caller asked for a
+    result the command never produced."""
     argv = list(argv)
     try:
         proc = subprocess.run(
             argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
         )
     except FileNotFoundError:
-        raise CommandFailed(argv, None, "", "", reason=f"{argv[0]} is not installed") from None
+        raise ToolMissing(argv[0], argv) from None
     except subprocess.TimeoutExpired as err:
-        raise CommandFailed(
-            argv, None, _text(err.stdout), _text(err.stderr), reason=f"timed out after {timeout:g}s"
-        ) from None
+        log.warning("%s timed out after %gs", argv, timeout)
+        raise CommandTimedOut(argv, timeout, _text(err.stdout), _text(err.stderr)) from None
     if check and proc.returncode != 0:
         raise CommandFailed(argv, proc.returncode, proc.stdout, proc.stderr)
     log.debug("ran %s rc=%s", argv, proc.returncode)

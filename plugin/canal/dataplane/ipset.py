@@ -2,19 +2,30 @@
 
 Rules reference sets by name, so membership changes (endpoints coming and going) touch sets
 only, never iptables rules.
+
+`ipset restore` reads one command per line, so set names, types and members are checked before
+they become input: a member that is not an IPv4 address/CIDR (a record that smuggled
+"\nadd canal-nets 0.0.0.0/1" in) can match nothing in the kernel anyway, so it is dropped with a
+warning; a bad name or type is a bug, refused as UnsafeInput.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 
 from canal.dataplane.cmd import run
+from canal.errors import UnsafeInput
 
 log = logging.getLogger(__name__)
 
 PREFIX = "canal-"
 MAX_NAME = 31
+KINDS = ("hash:ip", "hash:net")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,30}")
+_MEMBER = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?")
 
 
 @dataclass(frozen=True)
@@ -42,15 +53,38 @@ def _normal(member: str) -> str:
     return member[:-3] if member.endswith("/32") else member
 
 
+def _valid_member(member: object) -> bool:
+    if not isinstance(member, str) or not _MEMBER.fullmatch(member):
+        return False
+    try:
+        ipaddress.IPv4Network(member, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def checked(ipset: IpSet) -> IpSet:
+    """`ipset` with only well-formed members; UnsafeInput for a bad name or type."""
+    if not isinstance(ipset.name, str) or not _NAME.fullmatch(ipset.name):
+        raise UnsafeInput(f"ipset name {str(ipset.name)[:80]!r} is malformed, refused")
+    if ipset.kind not in KINDS:
+        raise UnsafeInput(f"ipset {ipset.name}: type {str(ipset.kind)[:40]!r} is not one of {', '.join(KINDS)}")
+    bad = [m for m in ipset.members if not _valid_member(m)]
+    if not bad:
+        return ipset
+    log.warning("ipset %s: dropping %d malformed member(s), e.g. %r", ipset.name, len(bad), str(bad[0])[:80])
+    return IpSet(ipset.name, ipset.kind, frozenset(m for m in ipset.members if m not in bad))
+
+
 def restore_script(desired: list[IpSet], present: dict[str, set[str]]) -> str:
     """The `ipset restore` input that brings changed sets to their desired members: small
     changes as adds and dels on the live set (one endpoint joining touches one line), large
     ones by filling a temporary set and swapping it in."""
     lines: list[str] = []
-    for ipset in desired:
+    for ipset in map(checked, desired):
         want = {_normal(m) for m in ipset.members}
         if ipset.name in present:
-            have = {_normal(m) for m in present[ipset.name]}
+            have = {_normal(m) for m in present[ipset.name] if _valid_member(m)}
             if have == want:
                 continue
             added, removed = want - have, have - want
@@ -83,6 +117,7 @@ class Ipsets:
         return current()
 
     def apply(self, desired: list[IpSet], read_back: bool = True) -> None:
+        desired = [checked(s) for s in desired]
         if read_back or self._known is None:
             self._known = self.current()
         script = restore_script(desired, self._known)

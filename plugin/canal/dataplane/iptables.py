@@ -3,6 +3,10 @@
 Debian 12 ships both nft and legacy iptables; rules written with the wrong one are invisible to
 the other (python-iptables writes legacy tables even where Docker uses nft). So we detect
 which one holds Docker's chains and use only that one.
+
+iptables-restore input is text where one newline starts a new command, so every line we send
+is checked against the restore grammar first (see check_restore): a value that smuggled a
+newline or a control character into a chain name or rule is refused, never interpreted.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from canal.dataplane.cmd import run
-from canal.errors import CommandFailed, Unavailable
+from canal.errors import CommandError, ToolMissing, UnsafeInput, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +32,15 @@ def _binary(backend: str, tool: str) -> str:
     plain = f"iptables-{tool}" if tool else "iptables"
     if shutil.which(plain):
         return plain
-    raise Unavailable(f"neither {name} nor {plain} is installed: install the iptables package")
+    raise ToolMissing(name, hint=f"neither {name} nor {plain} is installed: install the iptables package")
 
 
 def _rule_count(backend: str) -> tuple[bool, int]:
     """(holds Docker's chains, number of rules) for one backend; (False, -1) if unusable."""
     try:
         text = run([_binary(backend, "save")], timeout=10).stdout
-    except (CommandFailed, Unavailable):
+    except (CommandError, Unavailable) as err:
+        log.debug("iptables backend %s unusable: %s", backend, err)
         return False, -1
     docker = bool(re.search(r"^:DOCKER", text, re.M))
     return docker, sum(1 for line in text.splitlines() if line.startswith("-A "))
@@ -82,6 +87,29 @@ def parse_save(text: str) -> dict[str, Table]:
     return tables
 
 
+TABLES = ("filter", "nat", "mangle", "raw", "security")
+# iptables chain names: at most 28 characters, no whitespace, not starting with '-'.
+_CHAIN = r"[!-,.-~][!-~]{0,27}"
+_DECLARATION = re.compile(rf":({_CHAIN}) (?:ACCEPT|DROP|RETURN|QUEUE|-)(?: \[[0-9]+:[0-9]+\])?")
+_COMMAND = re.compile(rf"-[AIDRFXZNEP] ({_CHAIN})(?: [^\x00-\x1f\x7f]*)?")
+
+
+def check_restore(text: str) -> None:
+    """Refuse iptables-restore input with a line outside the restore grammar (a table header,
+    a chain declaration, one command, COMMIT, a comment) or with a control character:
+    defence in depth behind the API's validation, for records from other hosts."""
+    if text and not text.endswith("\n"):
+        raise UnsafeInput("iptables-restore input does not end with a newline")
+    for number, line in enumerate(text.split("\n")[:-1], 1):
+        if line.startswith("*") and line[1:] in TABLES:
+            continue
+        if line == "COMMIT" or (line.startswith("#") and not re.search(r"[\x00-\x1f\x7f]", line)):
+            continue
+        if _DECLARATION.fullmatch(line) or _COMMAND.fullmatch(line):
+            continue
+        raise UnsafeInput(f"iptables-restore input line {number} is malformed, refused: {line[:120]!r}")
+
+
 class Iptables:
     def __init__(self, backend: str):
         self.backend = backend
@@ -93,4 +121,5 @@ class Iptables:
 
     def restore(self, text: str) -> None:
         """One atomic transaction per table; --noflush keeps everything we do not own."""
+        check_restore(text)
         run([self._restore, "--noflush", "--wait", "5"], input=text, timeout=30)
