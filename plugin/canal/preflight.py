@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 from canal import config as configmod
 from canal.dataplane import cmd
-from canal.errors import CanalError, CommandFailed
+from canal.errors import CanalError
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,10 @@ def _runs(argv: list[str], runner: Runner) -> Optional[str]:
     """None if the read-only command argv succeeds, else why not (its first line of output)."""
     try:
         runner(argv, timeout=10, check=True)
-    except CommandFailed as err:
-        return _first_line(err.stderr) if err.rc is not None else str(err)
+    except CanalError as err:  # refused, timed out, vanished: every kind of command error
+        if getattr(err, "rc", None) is not None:
+            return _first_line(getattr(err, "stderr", "") or getattr(err, "stdout", ""))
+        return str(err)
     return None
 
 

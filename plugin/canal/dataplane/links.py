@@ -14,11 +14,12 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from canal.errors import Unavailable
+from canal.errors import CanalError, Unavailable
 
 log = logging.getLogger(__name__)
 # pyroute2 resets its logger to level 0 when imported; its per-message debug output would
@@ -80,7 +81,27 @@ def _sysctl(root: str, path: str, value: str) -> None:
 
 
 def enable_forwarding(sysctl_dir: str = "/proc/sys") -> None:
-    _sysctl(sysctl_dir, "net/ipv4/ip_forward", "1")
+    """Turn on IPv4 forwarding (routed endpoints need it; the kernel carries it over to
+    conf/all/forwarding). A failure names the directory and the setting that moves it, since
+    the usual cause is a read-only /proc/sys (Docker mounts a managed plugin's so)."""
+    path = f"{sysctl_dir}/net/ipv4/ip_forward"
+    try:
+        with open(path) as handle:
+            before = handle.read().strip()
+    except OSError as err:
+        raise Unavailable(
+            f"cannot read sysctl net.ipv4.ip_forward at {path}: {err.strerror} (is --sysctl-dir "
+            f"{sysctl_dir!r} right? the managed plugin uses /host/proc/sys)"
+        ) from err
+    try:  # written even if already 1: a no-op, but a read-only tree fails now, not at a Join
+        _sysctl(sysctl_dir, "net/ipv4/ip_forward", "1")
+    except Unavailable as err:
+        raise Unavailable(
+            f"{err} (canal needs {sysctl_dir}/net writable: run as root; the managed plugin mounts "
+            "the host's /proc/sys/net rw at /host/proc/sys/net)"
+        ) from err.__cause__
+    if before != "1":
+        log.info("enabled IPv4 forwarding (%s was %s)", path, before or "empty")
 
 
 class Links:
@@ -226,12 +247,66 @@ def underlay(iface: str = "", public_ip: str = "") -> tuple[str, str, int]:
     return "lo", "127.0.0.1", 1500
 
 
-def forget_connections(ip: str) -> None:
-    """Drop conntrack entries to and from a departed endpoint's address, as Felix does: a new
-    container that gets the address must not inherit the old one's NAT and accept state."""
-    from canal.dataplane.cmd import run
+@dataclass(frozen=True)
+class Forgotten:
+    """What a conntrack flush achieved: truthy when every address was flushed (or had no
+    state). `failed` pairs each address left with stale state with the reason."""
 
-    for direction in ("--orig-src", "--orig-dst"):
-        proc = run(["conntrack", "-D", direction, ip], check=False, timeout=5)
-        if proc.returncode not in (0, 1):  # 1: nothing to delete
-            log.warning("conntrack -D %s %s failed: %s", direction, ip, proc.stderr.strip())
+    flushed: tuple[str, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return not self.failed
+
+    @property
+    def tool_missing(self) -> bool:
+        """conntrack itself is missing: retrying before someone installs it is pointless."""
+        return any(reason.startswith("conntrack is not installed") for _, reason in self.failed)
+
+
+def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> Forgotten:
+    """Drop conntrack entries to and from departed endpoints' addresses, as Felix does: a new
+    container that gets an address must not inherit the old one's NAT and accept state.
+
+    Never raises: a missing `conntrack` or a failing flush costs stale state for those
+    addresses, never the pass (and with it an unrelated Join) that called this. Each address
+    is flushed on its own, so one failure leaves the others flushed; one log line per call
+    names every address left behind and why. `runner` defaults to canal.dataplane.cmd.run."""
+    if runner is None:
+        from canal.dataplane.cmd import run as runner
+    flushed: list[str] = []
+    failed: list[tuple[str, str]] = []
+    for raw in ips:
+        try:
+            ip = str(ipaddress.IPv4Address(raw))  # from records: never let one become an option
+        except ValueError:
+            failed.append((str(raw)[:64], "not an IPv4 address"))
+            continue
+        reason = ""
+        for direction in ("--orig-src", "--orig-dst"):
+            try:
+                proc = runner(["conntrack", "-D", direction, ip], check=False, timeout=5)
+            except CanalError as err:  # not installed, timed out (whichever error type cmd.run uses)
+                reason = str(err)
+                if "is not installed" in reason:
+                    reason = "conntrack is not installed (apt-get install conntrack)"
+                break
+            if proc.returncode not in (0, 1):  # 1: nothing to delete
+                reason = f"conntrack -D {direction} rc={proc.returncode}: {(proc.stderr or '').strip()[:200]}"
+                break
+        if reason:
+            failed.append((ip, reason))
+        else:
+            flushed.append(ip)
+    if failed:
+        reasons: dict[str, list[str]] = {}
+        for ip, reason in failed:
+            reasons.setdefault(reason, []).append(ip)
+        log.warning(
+            "conntrack state of %d departed address(es) not flushed, new holders of them may inherit "
+            "old connections' state (%d flushed): %s",
+            len(failed), len(flushed), "; ".join(f"{', '.join(a)}: {r}" for r, a in reasons.items()),
+        )
+    elif flushed:
+        log.debug("conntrack state flushed for %s", ", ".join(flushed))
+    return Forgotten(tuple(flushed), tuple(failed))
