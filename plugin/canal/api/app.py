@@ -1,7 +1,8 @@
 """The Flask app: thin handlers (parse → service → answer) and one error handler.
 
 Every answer is JSON with Docker's plugin content type; every error is a 4xx/5xx with
-{"Err": message} — the one shape both driver types accept.
+{"Err": message} — the one shape both driver types accept. Bodies are bounded (MAX_BODY → 413,
+nesting and number sizes → 400, see protocol.decode) before any handler runs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def _answer(body: dict, status: int = 200) -> Response:
 def create_app(plugin: Any) -> Flask:
     """`plugin` is a canal.runtime.Plugin (or a test double with the same services)."""
     app = Flask("canal")
+    app.config["MAX_CONTENT_LENGTH"] = p.MAX_BODY
     stats = CallStats()
     app.extensions["canal_stats"] = stats
     nets = plugin.networks
@@ -72,9 +74,7 @@ def create_app(plugin: Any) -> Flask:
             started = time.perf_counter()
             ok = False
             try:
-                body = request.get_json(force=True, silent=True)
-                if body is None and request.get_data():
-                    raise BadRequest(f"{call}: request body is not valid JSON")
+                body = p.decode(call, request.get_data())
                 result = handler(p.parse(call, cls, body)) if cls else handler()
                 ok = True
                 return _answer(result)
@@ -133,7 +133,7 @@ def create_app(plugin: Any) -> Flask:
 
     @app.post("/canal/v1/policies")
     def apply_policies() -> Response:
-        body = request.get_json(force=True, silent=True)
+        body = p.decode("POST /canal/v1/policies", request.get_data())
         if not isinstance(body, dict) or not isinstance(body.get("documents"), str):
             raise BadRequest('POST /canal/v1/policies: body must be {"documents": "<YAML or JSON text>"}')
         return _answer({"results": plugin.policies.apply(body["documents"])})
@@ -156,7 +156,7 @@ def create_app(plugin: Any) -> Flask:
 
     @app.errorhandler(CanalError)
     def canal_error(err: CanalError) -> Response:
-        log.warning("%s %s: %s", request.path, type(err).__name__, err)
+        log.warning("%r %s: %s", request.path, type(err).__name__, err)
         return _answer(p.error(str(err)), err.status)
 
     @app.errorhandler(HTTPException)
@@ -164,6 +164,8 @@ def create_app(plugin: Any) -> Flask:
         message = f"{request.method} {request.path}: {err.name}"
         if err.code == 404:
             message = f"unknown call {request.path!r}"
+        elif err.code == 413:
+            message = f"{request.method} {request.path}: request body larger than {p.MAX_BODY} bytes"
         return _answer(p.error(message), err.code or 500)
 
     @app.errorhandler(Exception)

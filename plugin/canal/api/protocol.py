@@ -1,26 +1,309 @@
 """libnetwork's remote NetworkDriver and IpamDriver protocol: every request and response shape.
 
-One dataclass per request, validated at the boundary: a missing or mistyped field is a
-BadRequest naming the call and the field, before any service sees it. Docker sends `null` for
-empty maps and lists; those become empty values here so services never test for None.
+Docker's requests are untrusted input (a user picks `--subnet`, `--mac-address`, `-o` options;
+anything on the socket can call us), so every request is parsed strictly here, at the edge,
+into one dataclass per call with values already validated and normalised: IDs are exactly
+Docker's formats, addresses are canonical IPv4 CIDRs, a MAC is a unicast MAC in lower case,
+option maps hold only bounded JSON values. A bad value is a BadRequest naming the call and the
+field, before any service, datastore record or kernel tool (iptables-restore and ipset read
+newline-separated commands) sees it. Docker sends `null` for empty maps and lists; those become
+empty values here so services never test for None.
+
+`decode` turns the raw body into JSON with limits (nesting depth, number sizes) so a hostile
+body costs a 400, never a RecursionError or a 500.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Type, TypeVar
+from typing import Any, Callable, Type, TypeVar
 
 from canal.errors import BadRequest
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
+MAX_BODY = 1 << 20  # bytes; Docker's largest request (CreateEndpoint with a port map) is far below
+MAX_DEPTH = 32  # JSON nesting; Docker's deepest request is 4 levels
+MAX_NUMBER_DIGITS = 20  # a JSON integer literal; int64 has 19 digits
+MAX_STRING = 65536  # any string inside a request
+MAX_KEY = 1024  # any option key
+MAX_ITEMS = 65536  # entries of any one list or map (a port map of a big range is thousands)
+
 T = TypeVar("T")
 
+# libnetwork's IDs (stringid: 64 lowercase hex) and Swarm's (swarmkit identity: 25 base-36).
+NETWORK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-z]{25}")
+ENDPOINT_ID = re.compile(r"[0-9a-f]{64}")
+_IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_IPV4_CIDR = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}/[0-9]{1,2}")
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
+_TOKEN = re.compile(r"[!-~]{1,256}")  # PoolID, AddressSpace: printable ASCII, no spaces
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
-def _required() -> Any:
-    return field(metadata={"required": True})
+
+class _Refused(Exception):
+    """Internal: `problem` with the value at `path`; parse() adds the call name."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"field {path} {problem}")
+
+
+def _show(value: Any) -> str:
+    """A refused value for an error message: quoted, escaped (newlines stay visible), clipped."""
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    return _kind(value)
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+# Field checks: (path, value) -> normalised value, or _Refused ------------------------------------
+
+
+def _check_network_id(path: str, value: str) -> str:
+    if not NETWORK_ID.fullmatch(value):
+        raise _Refused(path, f"must be 64 lowercase hex digits (or a 25-character Swarm ID), got {_show(value)}")
+    return value
+
+
+def _check_endpoint_id(path: str, value: str) -> str:
+    if not ENDPOINT_ID.fullmatch(value):
+        raise _Refused(path, f"must be 64 lowercase hex digits, got {_show(value)}")
+    return value
+
+
+def _check_token(path: str, value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise _Refused(path, f"must be at most 256 printable ASCII characters without spaces, got {_show(value)}")
+    return value
+
+
+def _check_space(path: str, value: str) -> str:
+    return _check_token(path, value) if value else value
+
+
+def _interface(value: str) -> ipaddress.IPv4Interface | None:
+    """`a.b.c.d/len` in canonical spelling (no leading zeros, ASCII digits), else None."""
+    if not _IPV4_CIDR.fullmatch(value):
+        return None
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError:
+        return None
+    return iface if str(iface) == value else None
+
+
+def _not_v4(path: str, value: str, want: str) -> _Refused:
+    if ":" in value and "\n" not in value and len(value) < 64:
+        return _Refused(path, f"must be {want}, got {_show(value)}: IPv6 is not supported by canal")
+    return _Refused(path, f"must be {want}, got {_show(value)}: not an IPv4 CIDR")
+
+
+def _check_pool(path: str, value: str) -> str:
+    """A network in canonical form (Docker's 0.0.0.0/0 included): what the pool record and the
+    ipsets hold, so nothing else may pass."""
+    iface = _interface(value)
+    if iface is None or str(iface.network) != value:
+        if iface is not None:
+            return _refuse_host_bits(path, value, iface)
+        raise _not_v4(path, value, "an IPv4 network a.b.c.d/len")
+    return value
+
+
+def _refuse_host_bits(path: str, value: str, iface: ipaddress.IPv4Interface) -> str:
+    raise _Refused(path, f"must be an IPv4 network, got {_show(value)} (host bits set; did you mean {iface.network}?)")
+
+
+def _check_request_cidr(path: str, value: str) -> str:
+    """RequestPool's Pool/SubPool: a CIDR or "". Host bits are left to IPAM, which explains them."""
+    if value and _interface(value) is None:
+        raise _not_v4(path, value, "an IPv4 CIDR a.b.c.d/len or empty")
+    return value
+
+
+def _check_cidr_or_empty(path: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Refused(path, f"must be a string, got {_kind(value)}")
+    if value and _interface(value) is None:
+        raise _not_v4(path, value, "an IPv4 CIDR a.b.c.d/len or empty")
+    return value
+
+
+def _check_ip_or_empty(path: str, value: str) -> str:
+    if not value:
+        return value
+    ok = bool(_IPV4.fullmatch(value))
+    if ok:
+        try:
+            ok = str(ipaddress.IPv4Address(value)) == value
+        except ValueError:
+            ok = False
+    if not ok:
+        raise _Refused(path, f"must be an IPv4 address a.b.c.d, got {_show(value)}: not an IPv4 address")
+    return value
+
+
+def _check_ip(path: str, value: str) -> str:
+    return _check_ip_or_empty(path, value)
+
+
+def _check_string(path: str, value: Any, limit: int = MAX_STRING) -> str:
+    if not isinstance(value, str):
+        raise _Refused(path, f"must be a string, got {_kind(value)}")
+    if len(value) > limit:
+        raise _Refused(path, f"is longer than {limit} characters")
+    if _CONTROL.search(value):
+        raise _Refused(path, f"must not contain control characters, got {_show(value)}")
+    return value
+
+
+def _check_sandbox_key(path: str, value: str) -> str:
+    _check_string(path, value, 4096)
+    if value and not value.startswith("/"):
+        raise _Refused(path, f"must be an absolute path, got {_show(value)}")
+    return value
+
+
+def _check_value(path: str, value: Any) -> Any:
+    """Any JSON value inside an option map: bounded sizes (depth is bounded by decode)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) >= 1 << 63:
+            raise _Refused(path, "is a number out of range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _Refused(path, "must be a finite number")
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise _Refused(path, f"is longer than {MAX_STRING} characters")
+        return value
+    if isinstance(value, list):
+        if len(value) > MAX_ITEMS:
+            raise _Refused(path, f"has more than {MAX_ITEMS} entries")
+        return [_check_value(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return _check_map(path, value)
+    raise _Refused(path, f"has an unsupported type {_kind(value)}")
+
+
+def _check_map(path: str, value: dict) -> dict:
+    if len(value) > MAX_ITEMS:
+        raise _Refused(path, f"has more than {MAX_ITEMS} entries")
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or len(key) > MAX_KEY or _CONTROL.search(key):
+            raise _Refused(path, f"has a key that is not a string of at most {MAX_KEY} printable characters: {_show(key)}")
+        out[key] = _check_value(f"{path}.{key}" if len(key) <= 64 else f"{path}[...]", item)
+    return out
+
+
+def _check_ipv4_data(path: str, value: list) -> list:
+    """IPv4Data: what IPAM answered, echoed by Docker: canonical pools and gateways only."""
+    if len(value) > 64:
+        raise _Refused(path, "has more than 64 entries")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(entry, dict):
+            raise _Refused(where, f"must be an object, got {_kind(entry)}")
+        space = entry.get("AddressSpace")
+        space = "" if space is None else space
+        if not isinstance(space, str):
+            raise _Refused(f"{where}.AddressSpace", f"must be a string, got {_kind(space)}")
+        _check_space(f"{where}.AddressSpace", space)
+        pool = entry.get("Pool")
+        if pool is None:
+            raise _Refused(f"{where}.Pool", "is missing")
+        if not isinstance(pool, str):
+            raise _Refused(f"{where}.Pool", f"must be a string, got {_kind(pool)}")
+        _check_pool(f"{where}.Pool", pool)
+        gateway = entry.get("Gateway")
+        gateway = _check_cidr_or_empty(f"{where}.Gateway", "" if gateway is None else gateway)
+        aux = entry.get("AuxAddresses")
+        aux = {} if aux is None else aux
+        if not isinstance(aux, dict):
+            raise _Refused(f"{where}.AuxAddresses", f"must be an object, got {_kind(aux)}")
+        if len(aux) > 4096:
+            raise _Refused(f"{where}.AuxAddresses", "has more than 4096 entries")
+        checked_aux = {}
+        for name, address in aux.items():
+            _check_string(f"{where}.AuxAddresses", name, 256)
+            if not name:
+                raise _Refused(f"{where}.AuxAddresses", "has an empty name")
+            checked_aux[name] = _check_cidr_or_empty(f"{where}.AuxAddresses.{name}", address)
+            if not address:
+                raise _Refused(f"{where}.AuxAddresses.{name}", "must be an IPv4 CIDR a.b.c.d/len, got ''")
+        out.append({"AddressSpace": space, "Pool": pool, "Gateway": gateway, "AuxAddresses": checked_aux})
+    return out
+
+
+def _check_ipv6_data(path: str, value: list) -> list:
+    # Refused by the network service ("IPv6 is not supported"); only bounded here.
+    return _check_value(path, value)
+
+
+def _check_mac(path: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Refused(path, f"must be a string, got {_kind(value)}")
+    if not value:
+        return value
+    if not _MAC.fullmatch(value):
+        raise _Refused(path, f"must be a MAC address aa:bb:cc:dd:ee:ff or empty, got {_show(value)}")
+    mac = value.lower()
+    first = int(mac[:2], 16)
+    if first & 1 or mac == "00:00:00:00:00:00":
+        raise _Refused(path, f"must be a unicast MAC address, got {_show(value)}")
+    return mac
+
+
+def _check_interface(path: str, value: dict) -> dict:
+    address = value.get("Address")
+    address = "" if address is None else address
+    if not isinstance(address, str):
+        raise _Refused(f"{path}.Address", f"must be a string, got {_kind(address)}")
+    if address and _interface(address) is None:
+        raise _Refused(f"{path}.Address", f"must be an IPv4 CIDR a.b.c.d/len or empty: bad address {_show(address)}")
+    v6 = value.get("AddressIPv6")
+    v6 = _check_string(f"{path}.AddressIPv6", "" if v6 is None else v6, 256)
+    mac = value.get("MacAddress")
+    mac = _check_mac(f"{path}.MacAddress", "" if mac is None else mac)
+    return {"Address": address, "AddressIPv6": v6, "MacAddress": mac}
+
+
+def _check_discovery_type(path: str, value: int) -> int:
+    if not 0 <= value < 1 << 31:
+        raise _Refused(path, "is out of range")
+    return value
+
+
+def _field(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING,
+           check: Callable[[str, Any], Any] | None = None, required: bool = False) -> Any:
+    metadata = {"required": required, "check": check}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    if default is not dataclasses.MISSING:
+        return field(default=default, metadata=metadata)
+    return field(metadata=metadata)
+
+
+def _required(check: Callable[[str, Any], Any] | None = None) -> Any:
+    return _field(check=check, required=True)
+
+
+def _options() -> Any:
+    return _field(factory=dict, check=_check_map)
 
 
 @dataclass(frozen=True)
@@ -33,56 +316,57 @@ class Empty:
 
 @dataclass(frozen=True)
 class CreateNetwork:
-    NetworkID: str = _required()
-    Options: dict = field(default_factory=dict)
-    IPv4Data: list = field(default_factory=list)
-    IPv6Data: list = field(default_factory=list)
+    NetworkID: str = _required(_check_network_id)
+    Options: dict = _options()
+    IPv4Data: list = _field(factory=list, check=_check_ipv4_data)  # normalised dicts, see above
+    IPv6Data: list = _field(factory=list, check=_check_ipv6_data)
 
 
 @dataclass(frozen=True)
 class AllocateNetwork:
-    NetworkID: str = _required()
-    Options: dict = field(default_factory=dict)
-    IPv4Data: list = field(default_factory=list)
-    IPv6Data: list = field(default_factory=list)
+    NetworkID: str = _required(_check_network_id)
+    Options: dict = _options()
+    IPv4Data: list = _field(factory=list, check=_check_ipv4_data)
+    IPv6Data: list = _field(factory=list, check=_check_ipv6_data)
 
 
 @dataclass(frozen=True)
 class NetworkRef:
     """DeleteNetwork, FreeNetwork."""
 
-    NetworkID: str = _required()
+    NetworkID: str = _required(_check_network_id)
 
 
 @dataclass(frozen=True)
 class CreateEndpoint:
-    NetworkID: str = _required()
-    EndpointID: str = _required()
-    Interface: dict = field(default_factory=dict)
-    Options: dict = field(default_factory=dict)
+    NetworkID: str = _required(_check_network_id)
+    EndpointID: str = _required(_check_endpoint_id)
+    # {"Address": CIDR or "", "AddressIPv6": str, "MacAddress": lower-case MAC or ""}
+    Interface: dict = _field(factory=dict, check=_check_interface)
+    Options: dict = _options()
 
 
 @dataclass(frozen=True)
 class EndpointRef:
     """EndpointOperInfo, DeleteEndpoint, Leave, Program/RevokeExternalConnectivity."""
 
-    NetworkID: str = _required()
-    EndpointID: str = _required()
-    Options: dict = field(default_factory=dict)
+    NetworkID: str = _required(_check_network_id)
+    EndpointID: str = _required(_check_endpoint_id)
+    Options: dict = _options()
 
 
 @dataclass(frozen=True)
 class Join:
-    NetworkID: str = _required()
-    EndpointID: str = _required()
-    SandboxKey: str = ""
-    Options: dict = field(default_factory=dict)
+    NetworkID: str = _required(_check_network_id)
+    EndpointID: str = _required(_check_endpoint_id)
+    SandboxKey: str = _field(default="", check=_check_sandbox_key)
+    Options: dict = _options()
 
 
 @dataclass(frozen=True)
 class Discovery:
-    DiscoveryType: int = 0
-    DiscoveryData: Any = None
+    DiscoveryType: int = _field(default=0, check=_check_discovery_type)
+    DiscoveryData: Any = _field(default=None, check=_check_value)
 
 
 # IpamDriver ---------------------------------------------------------------------------------
@@ -90,36 +374,39 @@ class Discovery:
 
 @dataclass(frozen=True)
 class RequestPool:
-    AddressSpace: str = ""
-    Pool: str = ""
-    SubPool: str = ""
-    Options: dict = field(default_factory=dict)
+    AddressSpace: str = _field(default="", check=_check_space)
+    Pool: str = _field(default="", check=_check_request_cidr)
+    SubPool: str = _field(default="", check=_check_request_cidr)
+    Options: dict = _options()
     V6: bool = False
 
 
 @dataclass(frozen=True)
 class ReleasePool:
-    PoolID: str = _required()
+    PoolID: str = _required(_check_token)
 
 
 @dataclass(frozen=True)
 class RequestAddress:
-    PoolID: str = _required()
-    Address: str = ""
-    Options: dict = field(default_factory=dict)
+    PoolID: str = _required(_check_token)
+    Address: str = _field(default="", check=_check_ip_or_empty)
+    Options: dict = _options()
 
 
 @dataclass(frozen=True)
 class ReleaseAddress:
-    PoolID: str = _required()
-    Address: str = _required()
+    PoolID: str = _required(_check_token)
+    Address: str = _required(_check_ip)
 
 
 _TYPE_NAMES = {str: "a string", dict: "an object", list: "an array", bool: "a boolean", int: "a number"}
 
 
 def parse(call: str, cls: Type[T], body: Any) -> T:
-    """Validate Docker's JSON for `call` into `cls`; raise BadRequest naming the bad field."""
+    """Validate Docker's JSON for `call` into `cls`; raise BadRequest naming the bad field.
+
+    Unknown top-level fields are ignored: newer Docker versions add some, and nothing reads them.
+    """
     if body is None:
         body = {}
     if not isinstance(body, dict):
@@ -140,6 +427,12 @@ def parse(call: str, cls: Type[T], body: Any) -> T:
             )
         if want is str and f.metadata.get("required") and not value:
             raise BadRequest(f"{call}: field {f.name} is empty")
+        check = f.metadata.get("check")
+        if check is not None:
+            try:
+                value = check(f.name, value)
+            except _Refused as err:
+                raise BadRequest(f"{call}: {err}") from None
         values[f.name] = value
     return cls(**values)
 
@@ -148,6 +441,67 @@ def _is(value: Any, want: type) -> bool:
     if want is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, want)
+
+
+# Raw bodies -----------------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise _TooLarge(f"a number with more than {MAX_NUMBER_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    if len(text) > 64:
+        raise _TooLarge("a number literal longer than 64 characters")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _TooLarge(f"a number out of range ({text[:20]})")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise _TooLarge(f"{name}, which is not JSON")
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True if `value` nests lists/maps more than `limit` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def decode(what: str, data: bytes) -> Any:
+    """The JSON value of a request body (None for an empty one), within the limits above;
+    BadRequest naming `what` otherwise. Never a RecursionError or a huge int."""
+    if not data.strip():
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"{what}: request body is not valid JSON (not UTF-8)") from None
+    try:
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except _TooLarge as err:
+        raise BadRequest(f"{what}: request body has {err}") from None
+    except RecursionError:
+        raise BadRequest(f"{what}: request body is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError:
+        raise BadRequest(f"{what}: request body is not valid JSON") from None
+    if too_deep(value):
+        raise BadRequest(f"{what}: request body is nested deeper than {MAX_DEPTH} levels")
+    return value
 
 
 # Responses ----------------------------------------------------------------------------------
