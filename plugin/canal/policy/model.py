@@ -215,15 +215,29 @@ class Policy:
 # Loading
 
 
+# Input limits: a policy file is written by people; these are far above any real one and far
+# below what makes parsing expensive (PyYAML is pure Python here, ~1 s per MiB).
+MAX_INPUT = 256 * 1024  # bytes of YAML/JSON text
+MAX_DOCUMENTS = 128  # documents per apply: etcd's default --max-txn-ops, one transaction
+MAX_NESTING = 32  # a policy is 6 levels deep; deeper is an attack on the parser
+MAX_NUMBER = 20  # characters of an integer literal (int64 has 19 digits)
+
+
 def load_documents(text: str) -> List[Policy]:
     """Policies from YAML (one or more `---` documents) or JSON (an object or a list of objects).
 
     All or nothing: the first invalid document refuses the whole input, so a half-applied batch
     never leaves policy in a state nobody wrote. Empty documents are skipped; indexes are 1-based.
+    Input is bounded (size, documents, nesting, number length) and YAML anchors/aliases are
+    refused: a few KiB of nested aliases expand to gigabytes ("billion laughs").
     """
     if not isinstance(text, str):
         raise BadRequest(f"policy input must be text, got {type(text).__name__}")
+    if len(text) > MAX_INPUT or len(text.encode("utf-8", "surrogatepass")) > MAX_INPUT:
+        raise BadRequest(f"policy input is larger than {MAX_INPUT // 1024} KiB; split it into several files")
     documents, skip_empty = _parse_text(text)
+    if len(documents) > MAX_DOCUMENTS:
+        raise BadRequest(f"policy input has {len(documents)} documents; at most {MAX_DOCUMENTS} per apply")
     policies: List[Policy] = []
     seen: Dict[str, Tuple[str, int]] = {}
     for index, document in enumerate(documents, 1):
@@ -237,6 +251,11 @@ def load_documents(text: str) -> List[Policy]:
             policy = _policy(document)
         except _Invalid as err:
             raise BadRequest(f"{label}: {err}") from None
+        except RecursionError:  # a selector nested past the parser's stack
+            raise BadRequest(f"{label}: a value is nested too deeply") from None
+        except (ValueError, OverflowError) as err:  # e.g. a digit int() refuses ("²"), a huge number
+            detail = "it has too many digits" if "limit" in str(err) else _clip(str(err), 120)
+            raise BadRequest(f"{label}: a value is not a valid number: {detail}") from None
         if policy.key in seen and seen[policy.key][0] == policy.kind:
             first = seen[policy.key][1]
             raise BadRequest(f"{label}: metadata.name: {policy.kind} {policy.key!r} already defined by document {first}")
@@ -250,19 +269,37 @@ def _parse_text(text: str) -> Tuple[list, bool]:
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
         try:
-            data = json.loads(text, object_pairs_hook=_json_object, parse_constant=_json_constant)
+            data = json.loads(
+                text, object_pairs_hook=_json_object, parse_constant=_json_constant, parse_int=_json_int
+            )
         except _Invalid as err:
             raise BadRequest(f"invalid JSON: {err}") from None
+        except RecursionError:
+            raise BadRequest(f"invalid JSON: nested deeper than {MAX_NESTING} levels") from None
         except ValueError as err:
             try:  # YAML flow style (`{kind: ...}`) also starts with a brace
                 return _parse_yaml(text), True
             except BadRequest:
                 raise BadRequest(f"invalid JSON: {err}") from None
+        if _too_deep(data):
+            raise BadRequest(f"invalid JSON: nested deeper than {MAX_NESTING} levels")
         return (data if isinstance(data, list) else [data]), False
     documents = _parse_yaml(text)
     if len(documents) == 1 and isinstance(documents[0], list):  # one YAML list: like a JSON list
         return documents[0], False
     return documents, True
+
+
+def _too_deep(value: Any) -> bool:
+    """True if lists/maps nest more than MAX_NESTING deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_NESTING:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _json_object(pairs: list) -> dict:
@@ -278,8 +315,40 @@ def _json_constant(name: str) -> NoReturn:
     raise _Invalid("", f"{name} is not a number")
 
 
+def _json_int(text: str) -> int:
+    if len(text) > MAX_NUMBER:
+        raise _Invalid("", f"number {text[:MAX_NUMBER]}... is longer than {MAX_NUMBER} characters")
+    return int(text)
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and never reads `1:30` as the sexagesimal int 90."""
+    """SafeLoader that refuses duplicate keys, anchors and aliases (no "billion laughs", no
+    merge keys), nesting deeper than MAX_NESTING and overlong numbers, and never reads `1:30`
+    as the sexagesimal int 90."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not allowed in policy input; write the value out", event.start_mark
+            )
+        if getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, f"anchor &{event.anchor} is not allowed in policy input", event.start_mark
+            )
+        if self._depth >= MAX_NESTING:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_NESTING} levels", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -301,15 +370,25 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     return out
 
 
+def _overlong(node: yaml.ScalarNode) -> NoReturn:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"number {node.value[:MAX_NUMBER]}... is longer than {MAX_NUMBER} characters", node.start_mark
+    )
+
+
 def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
     if ":" in node.value:  # YAML 1.1 base 60: "1:30" would become 90, e.g. in a port range
         return node.value
+    if len(node.value) > MAX_NUMBER:
+        _overlong(node)
     return yaml.SafeLoader.construct_yaml_int(loader, node)
 
 
 def _construct_float(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
     if ":" in node.value:
         return node.value
+    if len(node.value) > 64:
+        _overlong(node)
     return yaml.SafeLoader.construct_yaml_float(loader, node)
 
 
@@ -319,10 +398,17 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
 def _parse_yaml(text: str) -> list:
+    documents = []
     try:
-        return list(yaml.load_all(text, Loader=_StrictLoader))
+        for document in yaml.load_all(text, Loader=_StrictLoader):
+            documents.append(document)
+            if len(documents) > MAX_DOCUMENTS:
+                break  # load_documents refuses the input; parse no further
     except yaml.YAMLError as err:
         raise BadRequest(f"invalid YAML: {_yaml_message(err)}") from None
+    except RecursionError:
+        raise BadRequest(f"invalid YAML: nested deeper than {MAX_NESTING} levels") from None
+    return documents
 
 
 def _yaml_message(err: yaml.YAMLError) -> str:
