@@ -7,7 +7,10 @@ import json
 import socket
 from typing import Any
 
-from canal.errors import BadRequest, CanalError, NotFound, Unavailable
+from canal.errors import BadRequest, CanalError, Conflict, NotFound, Unavailable
+
+# The plugin's status codes back to the error kinds it raised (413: a body over its limit).
+_KINDS = {400: BadRequest, 404: NotFound, 409: Conflict, 413: BadRequest, 503: Unavailable}
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -43,7 +46,7 @@ class AdminClient:
             raise Unavailable(f"{method} {path}: answer is not JSON: {data[:200]!r}") from None
         if response.status >= 400:
             message = decoded.get("Err", "") if isinstance(decoded, dict) else str(decoded)
-            kind = {400: BadRequest, 404: NotFound}.get(response.status, CanalError)
+            kind = _KINDS.get(response.status, CanalError)
             raise kind(message or f"{method} {path}: HTTP {response.status}")
         return decoded
 
