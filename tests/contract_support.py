@@ -21,7 +21,7 @@ from canal.agent.desired import Snapshot, desired_firewall, desired_links
 from canal.api.app import create_app
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import check_restore
-from canal.dataplane.ipset import restore_script
+from canal.dataplane.ipset import checked, restore_script
 from canal.datastore.keys import Keys
 from canal.datastore.local import LocalDatastore
 from canal.services.ipam import Ipam
@@ -40,7 +40,9 @@ class CheckedIptables(FakeIptables):
 
 class CheckedIpsets(FakeIpsets):
     def apply(self, desired, read_back: bool = True) -> None:
-        restore_script(desired, self.current())  # refuses bad names; drops bad members
+        """As the real Ipsets: only checked sets (bad names refused, bad members dropped)."""
+        desired = [checked(s) for s in desired]
+        restore_script(desired, self.current())
         super().apply(desired, read_back)
 
 
