@@ -3,8 +3,8 @@
 The logic runs against injected collaborators (which, runner, vxlan support, a sysctl tree in
 tmp_path); the parts that meet the kernel — opening sysctls for writing, the vxlan probe, the
 command line — run for real inside throwaway network namespaces (`cnlt<pid>-pf<n>`, found by
-the test bed's leftover cleanup after a crash). Nothing is written to any sysctl, and the
-machine's own namespace is never entered.
+the test bed's leftover cleanup after a crash). The only sysctl written is a throwaway
+namespace's ip_forward, and the machine's own namespace is never entered.
 """
 
 from __future__ import annotations
@@ -241,6 +241,16 @@ def links(ns: str) -> list[str]:
     return sorted(line.split(":")[1].strip().split("@")[0] for line in sh("ip", "-n", ns, "-o", "link").stdout.splitlines())
 
 
+def test_enable_forwarding_names_a_wrong_sysctl_dir(sysctls: Path, tmp_path: Path) -> None:
+    from canal.dataplane.links import enable_forwarding
+    from canal.errors import Unavailable
+
+    enable_forwarding(str(sysctls))
+    assert (sysctls / "net/ipv4/ip_forward").read_text() == "1"
+    with pytest.raises(Unavailable, match=r"is --sysctl-dir '.*/nowhere' right\? the managed plugin uses /host/proc/sys"):
+        enable_forwarding(str(tmp_path / "nowhere"))
+
+
 def test_writable_opens_without_writing(sysctls: Path) -> None:
     target = sysctls / preflight.FORWARDING_SYSCTLS[0]
     assert preflight.writable(str(target)) is None
@@ -252,7 +262,8 @@ def test_writable_opens_without_writing(sysctls: Path) -> None:
 def test_managed_plugin_layout_read_only_proc_sys_writable_host_mount(netns: Callable[[], str], tmp_path: Path) -> None:
     """As Docker runs a managed plugin: /proc/sys read-only, the host's /proc/sys/net bound
     rw at /host/proc/sys/net. The read-only tree is refused (real EROFS, seen by open()), the
-    mount passes; in a private mount namespace of a throwaway netns, nothing is written."""
+    mount passes, and enable_forwarding writes through it (in a private mount namespace of a
+    throwaway netns: its ip_forward is the only value written)."""
     ns = netns()
     host = tmp_path / "host" / "proc" / "sys"
     (host / "net").mkdir(parents=True)
@@ -263,12 +274,25 @@ def test_managed_plugin_layout_read_only_proc_sys_writable_host_mount(netns: Cal
     out = py_in(
         ns,
         "import json\n"
-        f"print(json.dumps([p.sysctl_problems('/proc/sys'), p.sysctl_problems({str(host)!r})]))",
+        "from canal.dataplane.links import enable_forwarding\n"
+        "from canal.errors import Unavailable\n"
+        f"found = [p.sysctl_problems('/proc/sys'), p.sysctl_problems({str(host)!r})]\n"
+        "try:\n"
+        "    enable_forwarding('/proc/sys')\n"
+        "    found.append('written')\n"
+        "except Unavailable as err:\n"
+        "    found.append(str(err))\n"
+        f"enable_forwarding({str(host)!r})\n"  # the plugin's own step at start, through the mount
+        "found.append(open('/proc/sys/net/ipv4/ip_forward').read().strip())\n"
+        "print(json.dumps(found))",
         "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
     )
-    read_only, mounted = json.loads(out.splitlines()[-1])
+    read_only, mounted, refused, forwarding = json.loads(out.splitlines()[-1])
     assert len(read_only) == 2 and all("(Read-only file system)" in p for p in read_only), read_only
     assert mounted == []
+    assert "net.ipv4.ip_forward=1" in refused and "Read-only file system" in refused, refused
+    assert "the managed plugin mounts the host's /proc/sys/net rw at /host/proc/sys/net" in refused
+    assert forwarding == "1"  # written in the throwaway namespace only
     # Control: the same tree before the read-only remount passes.
     assert json.loads(py_in(ns, "import json; print(json.dumps(p.sysctl_problems('/proc/sys')))")) == []
 
