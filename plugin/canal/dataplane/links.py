@@ -272,8 +272,9 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
     addresses, never the pass (and with it an unrelated Join) that called this. Each address
     is flushed on its own, so one failure leaves the others flushed; one log line per call
     names every address left behind and why. `runner` defaults to canal.dataplane.cmd.run."""
-    if runner is None:
-        from canal.dataplane.cmd import run as runner
+    from canal.dataplane.cmd import run
+
+    call = runner or run
     flushed: list[str] = []
     failed: list[tuple[str, str]] = []
     for raw in ips:
@@ -285,7 +286,7 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
         reason = ""
         for direction in ("--orig-src", "--orig-dst"):
             try:
-                proc = runner(["conntrack", "-D", direction, ip], check=False, timeout=5)
+                proc = call(["conntrack", "-D", direction, ip], check=False, timeout=5)
             except CanalError as err:  # not installed, timed out (whichever error type cmd.run uses)
                 reason = str(err)
                 if "is not installed" in reason:
