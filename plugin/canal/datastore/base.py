@@ -163,12 +163,32 @@ def dumps(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def open_datastore(config: "Any") -> Datastore:
-    """The backend named by config.datastore; imported lazily so `local` needs no etcd client."""
+def open_datastore(config: "Any", check: bool = True) -> Datastore:
+    """The backend named by config.datastore; imported lazily so `local` needs no etcd client.
+
+    For etcd, `check` first asks every endpoint once: TLS or credentials etcd refuses raise
+    EtcdAccessDenied (a BadRequest naming the setting), so a plugin that could never work
+    refuses to start; an etcd that is merely unreachable is only logged (the plugin retries).
+    """
     if config.datastore == "etcd":
         from canal.datastore.etcd import EtcdDatastore
 
-        return EtcdDatastore(config.etcd_endpoints, timeout=config.etcd_timeout)
+        store = EtcdDatastore(
+            config.etcd_endpoints,
+            timeout=config.etcd_timeout,
+            cafile=config.etcd_cafile,
+            certfile=config.etcd_certfile,
+            keyfile=config.etcd_keyfile,
+            username=config.etcd_username,
+            password=config.etcd_password_value() if config.etcd_username else "",
+        )
+        if check:
+            try:
+                store.check([config.etcd_prefix, config.flannel_prefix])
+            except BaseException:
+                store.close()
+                raise
+        return store
     from canal.datastore.local import LocalDatastore
 
     return LocalDatastore(config.db_path)
