@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import requests
-
 from canal.datastore.etcd import EtcdDatastore
 from canal.datastore.local import LocalDatastore
 
@@ -53,7 +52,12 @@ class EtcdServer:
     honour 1 s lease TTLs (its minimum TTL is 1.5 election timeouts).
     """
 
-    def __init__(self, name: str = "canal-unit") -> None:
+    def __init__(self, name: str = "canal-unit", pki: Pki | None = None, client_cert_auth: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.pki = pki  # serve https with pki's server certificate
+        self.client_cert_auth = client_cert_auth
+        self.extra_args = tuple(extra_args)
+        self.root_password = ""  # set by enable_auth()
         self.binary = etcd_binary()
         base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         self.dir = tempfile.mkdtemp(prefix="canal-etcd-", dir=base)
@@ -67,12 +71,24 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.pki else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
+
+    def _tls_kwargs(self) -> dict:
+        """requests arguments of a client the server accepts (the test's own health checks)."""
+        if not self.pki:
+            return {}
+        return {"verify": self.pki.ca, "cert": (self.pki.client_cert, self.pki.client_key)}
 
     def argv(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls: list[str] = []
+        if self.pki:
+            tls = ["--cert-file", self.pki.server_cert, "--key-file", self.pki.server_key]
+            if self.client_cert_auth:
+                tls += ["--trusted-ca-file", self.pki.ca, "--client-cert-auth"]
         return [
-            self.binary, "--name", self.name, "--data-dir", self.data_dir,
+            self.binary, *tls, *self.extra_args, "--name", self.name, "--data-dir", self.data_dir,
             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
@@ -106,7 +122,8 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 pytest.fail(f"etcd exited with {self.proc.returncode}:\n{self.log_tail()}", pytrace=False)
             try:
-                if requests.get(self.endpoint + "/health", timeout=0.5).json().get("health") == "true":
+                health = requests.get(self.endpoint + "/health", timeout=0.5, **self._tls_kwargs())
+                if health.json().get("health") == "true":
                     break
             except (requests.RequestException, ValueError):
                 pass
@@ -134,12 +151,31 @@ class EtcdServer:
 
     def etcdctl(self, *args: str) -> str:
         env = dict(os.environ, ETCDCTL_API="3")
+        tls: list[str] = []
+        if self.pki:
+            tls = ["--cacert", self.pki.ca, "--cert", self.pki.client_cert, "--key", self.pki.client_key]
+        if self.root_password:
+            tls += ["--user", f"root:{self.root_password}"]
         res = subprocess.run(
-            ["etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "2s", *args],
+            ["etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "2s", *tls, *args],
             check=False, capture_output=True, text=True, timeout=15, env=env,
         )  # fmt: skip
         assert res.returncode == 0, f"etcdctl {' '.join(args)}: {res.stderr}"
         return res.stdout
+
+    def enable_auth(self, root_password: str, users: dict[str, tuple[str, list[str]]]) -> None:
+        """etcd RBAC as its docs give it: root (role root), then each user with a role granting
+        readwrite on its prefixes, then `auth enable`. users: name -> (password, prefixes)."""
+        self.etcdctl("user", "add", f"root:{root_password}", "--interactive=false")
+        self.etcdctl("user", "grant-role", "root", "root")
+        for name, (password, prefixes) in users.items():
+            self.etcdctl("user", "add", f"{name}:{password}", "--interactive=false")
+            self.etcdctl("role", "add", f"role-{name}")
+            for prefix in prefixes:
+                self.etcdctl("role", "grant-permission", f"role-{name}", "readwrite", prefix, "--prefix=true")
+            self.etcdctl("user", "grant-role", name, f"role-{name}")
+        self.etcdctl("auth", "enable")
+        self.root_password = root_password
 
     def wipe(self) -> None:
         """Delete every key and revoke every lease: each test starts from an empty key space."""
@@ -156,10 +192,10 @@ class EtcdServer:
         atexit.unregister(self.close)
 
 
-def start_etcd(name: str = "canal-unit") -> EtcdServer:
+def start_etcd(name: str = "canal-unit", **options) -> EtcdServer:
     """A started server; a port grabbed by someone else in between gets another try."""
     for attempt in range(3):
-        server = EtcdServer(name)
+        server = EtcdServer(name, **options)
         try:
             server.start()
             return server
@@ -210,3 +246,60 @@ def store(request, tmp_path):
         ds = EtcdDatastore(server.endpoint, timeout=5.0)
     yield ds
     ds.close()
+
+
+# ------------------------------------------------------------------ TLS: a throwaway PKI
+
+
+def openssl(*args: str, cwd: str) -> None:
+    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, f"openssl {' '.join(args)}: {res.stderr}"
+
+
+class Pki:
+    """A CA with a server certificate (127.0.0.1) and a client certificate, made with the
+    openssl CLI, plus a second, unrelated CA with its own client certificate (the "other CA"
+    of the rejection tests). EC P-256 keys: quick to make. Files only, in `dir`."""
+
+    def __init__(self, dir: str) -> None:
+        if not shutil.which("openssl"):
+            pytest.fail("the openssl CLI is missing: apt-get install openssl", pytrace=False)
+        self.dir = dir
+        self.ca, self.ca_key = self._ca("canal-test-ca")
+        self.server_cert, self.server_key = self._leaf(
+            "server", "127.0.0.1", self.ca, self.ca_key,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+        )  # clientAuth too: etcd's gateway dials its own gRPC port with the server certificate
+        self.client_cert, self.client_key = self._leaf(
+            "client", "canal", self.ca, self.ca_key, "extendedKeyUsage=clientAuth"
+        )
+        self.other_ca, other_ca_key = self._ca("canal-test-other-ca")
+        self.other_client_cert, self.other_client_key = self._leaf(
+            "other-client", "canal", self.other_ca, other_ca_key, "extendedKeyUsage=clientAuth"
+        )
+        # The right client certificate's key, encrypted: etcd clients need unencrypted keys.
+        self.encrypted_key = os.path.join(dir, "client-encrypted.key")
+        openssl("pkey", "-in", self.client_key, "-aes256", "-passout", "pass:secret-passphrase",
+                "-out", self.encrypted_key, cwd=dir)
+
+    def _ca(self, name: str) -> tuple[str, str]:
+        crt, key = os.path.join(self.dir, f"{name}.crt"), os.path.join(self.dir, f"{name}.key")
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", key, "-out", crt, "-days", "2", "-subj", f"/CN={name}", cwd=self.dir)
+        return crt, key
+
+    def _leaf(self, name: str, cn: str, ca: str, ca_key: str, extensions: str) -> tuple[str, str]:
+        crt, key = os.path.join(self.dir, f"{name}.crt"), os.path.join(self.dir, f"{name}.key")
+        csr, ext = os.path.join(self.dir, f"{name}.csr"), os.path.join(self.dir, f"{name}.ext")
+        with open(ext, "w") as handle:
+            handle.write(extensions + "\n")
+        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", key, "-out", csr, "-subj", f"/CN={cn}", cwd=self.dir)
+        openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+                "-out", crt, "-days", "2", "-extfile", ext, cwd=self.dir)
+        return crt, key
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    return Pki(str(tmp_path_factory.mktemp("canal-pki")))
