@@ -92,6 +92,7 @@ def test_open_datastore_takes_the_tls_settings_from_the_config(tls_etcd, pki):
         store.close()
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")  # the control's
 def test_wrong_ca_is_refused_naming_cafile(tls_etcd, pki):
     store = tls_store(tls_etcd, pki, cafile=pki.other_ca)
     try:
@@ -325,5 +326,27 @@ def test_password_file_is_read_and_used(auth_etcd, tmp_path):
     store = open_datastore(cfg)
     try:
         assert store.get("/canal/v1/nothing") is None
+    finally:
+        store.close()
+
+
+def test_credentials_work_before_and_after_etcd_turns_auth_on(make_etcd, caplog):
+    """Credentials given while etcd has auth off are not an error (calls go without a token);
+    once an operator enables auth, the next call authenticates by itself."""
+    server = make_etcd()
+    store = auth_store(server)
+    try:
+        with caplog.at_level(logging.WARNING):
+            store.check(PREFIXES)
+            assert store.create("/canal/v1/before", 1)
+        assert "auth is not enabled" in caplog.text
+        server.enable_auth("root-" + PASSWORD, {"canal": (PASSWORD, PREFIXES)})
+        # Positive control: etcd now refuses calls without a token.
+        anonymous = EtcdDatastore(server.endpoint, timeout=3)
+        with pytest.raises(EtcdAccessDenied, match="--etcd-username"):
+            anonymous.check(PREFIXES)
+        anonymous.close()
+        assert store.get("/canal/v1/before").json() == 1
+        assert store.create("/canal/v1/after", 2)
     finally:
         store.close()

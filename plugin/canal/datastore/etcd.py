@@ -278,7 +278,8 @@ class EtcdDatastore(Datastore):
         self._lock = threading.Lock()
         self._preferred = 0  # index of the endpoint that last worked
         self._auth_lock = threading.Lock()
-        self._token: str | None = None  # None: not authenticated (yet, or auth is off in etcd)
+        self._token: str | None = None  # None: not authenticated yet, or auth is off in etcd
+        self._authenticated = False  # True once etcd answered (with a token or "auth is off")
         self._session = requests.Session()
         # etcd is cluster-internal: an HTTP(S)_PROXY inherited from the host must not capture
         # its traffic (nor .netrc add credentials). A private CA can still come from the env.
@@ -424,15 +425,17 @@ class EtcdDatastore(Datastore):
         if not self.username:
             return None
         with self._auth_lock:
-            if self._token is None:
+            if not self._authenticated:
                 self._token = self._authenticate()
+                self._authenticated = True
             return self._token
 
     def _reauthenticate(self, stale: str | None) -> str | None:
         """A new token, unless another thread already replaced the stale one."""
         with self._auth_lock:
-            if self._token is None or self._token == stale:
+            if self._token == stale:  # None too: etcd had auth off and has turned it on
                 self._token = self._authenticate()
+                self._authenticated = True
             return self._token
 
     def _authenticate(self, endpoint: str | None = None) -> str | None:
@@ -558,9 +561,9 @@ class EtcdDatastore(Datastore):
 
     def _probe(self, endpoint: str, prefixes: Sequence[str]) -> None:
         token = self._authenticate(endpoint) if self.username else None
-        if token is not None:
+        if self.username:
             with self._auth_lock:
-                self._token = token
+                self._token, self._authenticated = token, True
         for prefix in prefixes or ["/"]:
             key, range_end = _prefix_range(prefix)
             body = {"key": _b64(key), "range_end": _b64(range_end), "limit": "1", "keys_only": True}
