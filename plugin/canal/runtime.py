@@ -6,29 +6,43 @@ Nothing is built at import time; tests build services with fakes where they need
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import random
 import threading
-from typing import Any
+import time
+from typing import Any, Optional
 
 from canal.agent.agent import Agent
-from canal.agent.desired import Snapshot, desired_route_records, desired_vxlan
+from canal.agent.desired import Snapshot, desired_route_records, desired_vxlan, endpoint_rows
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
 from canal.config import Config
-from canal.datastore.base import Datastore, open_datastore
+from canal.datastore.base import Datastore, Delete, Guard, open_datastore
 from canal.datastore.keys import Keys
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.vxlan import Vxlan, VxlanState
-from canal.errors import BadRequest, Unavailable
+from canal.errors import BadRequest, CanalError, Conflict, Unavailable
 from canal.policy.model import Policy
+from canal.records import (
+    AddressRecord,
+    EndpointRecord,
+    HostRecord,
+    Lease,
+    NetworkRecord,
+    RecordError,
+    RouteRecord,
+    ipv4,
+    replace,
+    safe,
+)
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
-from canal.services.policies import Policies, endpoint_rows
-from canal.services.subnets import Lease, SubnetManager, lease_from_json, parse_network_config
+from canal.services.policies import Policies
+from canal.services.subnets import NetworkConfig, SubnetManager, parse_network_config
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +128,10 @@ class Plugin:
         )
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
         self.docker = DockerWatch(
-            self.store, self.keys, self.host, config.docker_host, config.resync_interval, read=self.mirror.json,
+            self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,
             collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
         )
-        self._policy_cache: dict[str, tuple[Any, Policy]] = {}
+        self._network_config: Optional[NetworkConfig] = None  # last valid flannel config seen
         self._vtep_mac = ""
 
     def start(self) -> None:
@@ -160,7 +174,10 @@ class Plugin:
         with self._departed_lock:
             departed, self._departed = self._departed, set()
         for ip in sorted(departed):
-            linkmod.forget_connections(ip)
+            try:  # a side step: one failure must not stop the other flushes, nor the pass
+                linkmod.forget_connections(ip)
+            except CanalError as err:
+                log.warning("could not flush the connections of departed address %s: %s", ip, err)
 
     def _settle(self, generation: int) -> None:
         if not self.agent.wait(generation, 10):
@@ -180,20 +197,60 @@ class Plugin:
             return "embedded"
         env = read_subnet_env()
         mac = self.vxlan.device_mac(self.config.vxlan_vni) if self.vxlan else None
-        ours = (self.store.get_json(self.keys.host(self.host)) or {}).get("vtep_mac")
+        record = self._read_host_record()
+        ours = record.vtep_mac if record else None
         if self.config.flannel_mode == "external":
             if not env:
                 raise Unavailable(f"flannel-mode external, but {SUBNET_ENV} is missing: is flanneld running?")
             return "external"
         return "external" if env and mac and mac != ours else "embedded"
 
-    def _host_record(self) -> dict[str, Any]:
-        def fill(record: Any) -> Any:
-            record = dict(record or {})
-            record.setdefault("vtep_mac", random_mac())
-            return record
+    def _read_host_record(self) -> HostRecord | None:
+        raw = self.store.get_json(self.keys.host(self.host))
+        if raw is None:
+            return None
+        try:
+            return HostRecord.parse(raw, self.host)
+        except RecordError as err:
+            log.error("host record %s is malformed (%s); writing a new one", self.keys.host(self.host), err)
+            return None
 
-        return self.store.update(self.keys.host(self.host), fill)
+    def check_identity(self) -> None:
+        """One identity per host name: a live host record with our name but another underlay
+        address is a second machine (a clone, a copied config) — refuse rather than let the two
+        overwrite each other's records and silently break cross-host traffic."""
+        record = self._read_host_record()
+        if record is None or not record.public_ip or record.public_ip == self.public_ip:
+            return
+        alive = False
+        if record.subnet is not None:
+            entry = self.store.get(self.keys.lease(record.subnet))
+            if entry is not None:
+                try:
+                    alive = Lease.parse(str(record.subnet).replace("/", "-"), json.loads(entry.value)).public_ip == record.public_ip
+                except (ValueError, CanalError):
+                    alive = False
+        if alive:
+            raise Conflict(
+                f"host name {self.host!r} is already used by a live host at {record.public_ip} "
+                f"(subnet {record.subnet}, VTEP {record.vtep_mac}); this host is {self.public_ip}. "
+                "Give each host its own name with --hostname (CANAL_HOSTNAME)"
+            )
+
+    def _host_record(self) -> HostRecord:
+        """Our host record, created (with a fresh VTEP MAC) on first start."""
+
+        def fill(raw: Any) -> Any:
+            try:
+                record = HostRecord.parse(raw, self.host) if raw is not None else None
+            except RecordError:
+                record = None
+            if record is None:
+                record = HostRecord(self.host, random_mac())
+            return replace(record, public_ip=self.public_ip, renewed=time.time()).to_json()
+
+        self.check_identity()
+        return HostRecord.parse(self.store.update(self.keys.host(self.host), fill), self.host)
 
     def host_subnet(self) -> ipaddress.IPv4Network:
         with self._lease_lock:
@@ -205,12 +262,25 @@ class Plugin:
                     log.info("host %s uses flanneld's subnet %s", self.host, subnet)
                     return subnet
                 record = self._host_record()
-                self.lease = self.subnets.acquire(self.public_ip, record["vtep_mac"], record.get("subnet"))
-                subnet = str(self.lease.subnet)
-                if record.get("subnet") != subnet:
-                    self.store.update(self.keys.host(self.host), lambda r: {**(r or {}), "subnet": subnet})
+                previous = str(record.subnet) if record.subnet else None
+                self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous)
+                if record.subnet != self.lease.subnet:
+                    subnet = self.lease.subnet
+                    self._update_host(lambda r: replace(r, subnet=subnet))
                 log.info("host %s owns subnet %s (flannel %s)", self.host, self.lease.subnet, self.flannel_mode)
             return self.lease.subnet
+
+    def _update_host(self, change: Any) -> None:
+        def apply(raw: Any) -> Any:
+            try:
+                record = HostRecord.parse(raw, self.host) if raw is not None else None
+            except RecordError:
+                record = None
+            if record is None:
+                return raw
+            return change(record).to_json()
+
+        self.store.update(self.keys.host(self.host), apply)
 
     def renew_lease(self) -> None:
         if self.flannel_mode == "external":
@@ -218,6 +288,45 @@ class Plugin:
         with self._lease_lock:
             if self.lease is not None:
                 self.lease = self.subnets.renew(self.lease)
+                now = time.time()
+                self._update_host(lambda r: replace(r, renewed=now))
+        if self.multihost:
+            self.collect_departed_hosts()
+
+    def collect_departed_hosts(self) -> None:
+        """Remove the records of hosts gone for good: no live lease of theirs, and no renewal
+        for two lease TTLs (twice, so that clock skew between hosts cannot collect a live one).
+        Any host may do it; every delete is guarded or idempotent."""
+        now = time.time()
+        live_ips = {lease.public_ip for lease in self._leases()}
+        hosts = self.mirror.records(self.keys.root + "/hosts/", lambda name, raw: HostRecord.parse(raw, name))
+        for name, record in hosts.items():
+            if name == self.host or record.public_ip in live_ips or not record.renewed:
+                continue
+            if now - record.renewed < 2 * self.config.lease_ttl:
+                continue
+            log.warning("host %s (%s) is gone: no lease, last renewal %.0f s ago; removing its records",
+                        name, record.public_ip or "?", now - record.renewed)
+            self._collect_host(name)
+
+    def _collect_host(self, name: str) -> None:
+        endpoints = self.mirror.records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key))
+        theirs = {ep_id for ep_id, ep in endpoints.items() if ep.host == name}
+        ops: list[Delete] = [Delete(self.keys.endpoint(ep_id)) for ep_id in sorted(theirs)]
+        ops += [Delete(self.keys.network(name, net.id)) for net in self._networks().values() if net.host == name]
+        ops += [Delete(self.keys.route(r.ip)) for r in self._routes().values() if r.host == name]
+        addresses = self.mirror.records(self.keys.addresses, lambda key, raw: AddressRecord.parse(raw))
+        ops += [
+            Delete(self.keys.address(a.ip))
+            for a in addresses.values()
+            if (a.host == name and a.kind == "endpoint" and (not a.endpoint or a.endpoint in theirs))
+            or (a.endpoint and a.endpoint in theirs)
+        ]
+        for start in range(0, len(ops), 100):  # etcd's default limit of operations per txn is 128
+            self.store.txn([], ops[start:start + 100])
+        entry = self.store.get(self.keys.host(name))
+        if entry is not None:
+            self.store.txn([Guard(entry.key, entry.mod_revision)], [Delete(entry.key)])
 
     def default_mtu(self) -> int:
         if self.config.mtu:
@@ -238,7 +347,7 @@ class Plugin:
             return  # event passes skip the kernel read-back when nothing changed
         if self.flannel_mode == "embedded":
             if not self._vtep_mac:
-                self._vtep_mac = self._host_record()["vtep_mac"]
+                self._vtep_mac = self._host_record().vtep_mac
             self.vxlan.ensure_device(
                 self.config.vxlan_vni, self.config.vxlan_port, self.public_ip, self.iface,
                 self._vtep_mac, self.underlay_mtu - VXLAN_OVERHEAD, snap.own_subnet,
@@ -258,10 +367,10 @@ class Plugin:
         wanted = desired_route_records(snap)
         for ip, record in wanted.items():
             if snap.routes.get(ip) != record:
-                self.store.put(self.keys.route(ip), record)
+                self.store.put(self.keys.route(record.ip), record.to_json())
         for ip, record in snap.routes.items():
-            if record.get("host") == self.host and ip not in wanted:
-                self.store.delete(self.keys.route(ip))
+            if record.host == self.host and ip not in wanted:
+                self.store.delete(self.keys.route(record.ip))
 
     # Status and snapshot ----------------------------------------------------------------------
 
@@ -277,56 +386,99 @@ class Plugin:
             "last_error": self.agent.last_error,
             "docker_error": self.docker.last_error,
             "endpoints": len(self.networks.local_endpoints()),
+            "quarantined": {key: why for key, (_rev, why) in sorted(self.mirror.quarantined.items())},
+            "quarantined_total": self.mirror.quarantined_total,
         }
 
     def cluster_network(self) -> ipaddress.IPv4Network:
-        """flannel's Network, from the mirror (IPAM asks on every Swarm call: no etcd round trip)."""
+        """flannel's Network, from the mirror (IPAM asks on every Swarm call: no etcd round trip).
+        A config record that stops parsing is quarantined; the last valid one stays in force."""
         try:
-            raw = self.mirror.json(self.keys.flannel + "/").get("config")
+            configs = self.mirror.records(self.keys.flannel + "/", self._flannel_config)
         except Unavailable:  # the mirror is not listed yet
-            raw = None
-        # Absent only before the first lease created it: read (and create) it then.
-        return (parse_network_config(raw) if raw else self.subnets.network_config()).network
+            configs = {}
+        config = configs.get("config")
+        if config is not None:
+            self._network_config = config
+        elif self._network_config is None:
+            # Absent only before the first lease created it (or malformed from the start).
+            self._network_config = self.subnets.network_config()
+        return self._network_config.network
+
+    @staticmethod
+    def _flannel_config(name: str, raw: Any) -> Any:
+        """Only the config is parsed here; leases are parsed by _leases()."""
+        return parse_network_config(raw) if name == "config" else None
+
+    def _leases(self) -> list[Lease]:
+        leases = self.mirror.records(
+            self.keys.leases,
+            lambda name, raw: Lease.parse(name, raw),
+        )
+        return list(leases.values())
+
+    def _networks(self) -> dict[str, NetworkRecord]:
+        return self.mirror.records(self.keys.networks, lambda key, raw: NetworkRecord.parse(raw, key))
+
+    def _routes(self) -> dict[str, RouteRecord]:
+        records = self.mirror.records(self.keys.routes, self._route)
+        return {str(r.ip): r for r in records.values()}
+
+    @staticmethod
+    def _route(key: str, raw: Any) -> RouteRecord:
+        try:
+            key_ip = ipv4(str(ipaddress.IPv4Address(int(key, 16))), "route key")
+        except ValueError:
+            raise RecordError(f"route key {safe(key)} is not 8 hex digits") from None
+        return RouteRecord.parse(raw, key_ip)
 
     def snapshot(self) -> Snapshot:
-        """From the mirror: memory, not datastore round trips, on every pass."""
-        flannel = self.mirror.json(self.keys.flannel + "/")
+        """From the mirror: memory, not datastore round trips, on every pass. Malformed records
+        are quarantined by the mirror and absent here."""
         network = self.cluster_network().with_prefixlen
-        leases = []
-        for name, data in flannel.items():
-            if name.startswith("subnets/"):
-                lease = lease_from_json(name[len("subnets/"):], data)
-                if lease is not None:
-                    leases.append(lease)
+        policies, broken = self._policies()
         return Snapshot(
             host=self.host,
             cluster_network=network,
-            networks=self.mirror.json(self.keys.networks),
-            endpoints=self.mirror.json(self.keys.endpoints),
+            networks=self._networks(),
+            endpoints=self.mirror.records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key)),
             own_subnet=self.lease.subnet if self.lease else None,
-            leases=tuple(leases) if self.multihost else (),
-            routes={r["ip"]: r for r in self.mirror.json(self.keys.routes).values()} if self.multihost else {},
-            policies=self._policies(self.mirror.json(self.keys.policies)),
+            leases=tuple(self._leases()) if self.multihost else (),
+            routes=self._routes() if self.multihost else {},
+            policies=policies,
+            broken_policy_scopes=broken,
         )
 
-    def _policies(self, raw: dict[str, Any]) -> tuple[Policy, ...]:
-        """Parsed once per change, not per pass; a stored policy that no longer validates is
-        skipped with a warning rather than taking the whole dataplane down."""
-        out = []
-        for key, doc in raw.items():
-            cached = self._policy_cache.get(key)
-            if cached is None or cached[0] is not doc:
-                try:
-                    cached = (doc, Policy.from_dict(doc))
-                except BadRequest as err:
-                    log.warning("stored policy %s is invalid, ignored: %s", key, err)
-                    continue
-                self._policy_cache[key] = cached
-            out.append(cached[1])
-        for key in set(self._policy_cache) - set(raw):
-            del self._policy_cache[key]
-        return tuple(sorted(out, key=lambda p: p.sort_key))
+    def _policies(self) -> tuple[tuple[Policy, ...], frozenset[Optional[str]]]:
+        """Stored policies, parsed once per change (the mirror caches typed records). One that no
+        longer validates is quarantined and closes every endpoint its scope could select."""
+        parsed = self.mirror.records(self.keys.policies, _stored_policy)
+        prefix = self.keys.policies
+        broken: set[Optional[str]] = set()
+        for key in self.mirror.quarantined:
+            if key.startswith(prefix):
+                broken.add(_policy_scope(key[len(prefix):]))
+        return tuple(sorted(parsed.values(), key=lambda p: p.sort_key)), frozenset(broken)
 
     def endpoint_list(self) -> list[dict[str, Any]]:
         return endpoint_rows(self.snapshot())
 
+
+def _policy_scope(rel: str) -> Optional[str]:
+    """The scope of a policy key relative to the policies prefix: `global/NAME` -> None,
+    `net/NETWORK/NAME` -> NETWORK; anything else is treated as global (closes everything)."""
+    parts = rel.split("/")
+    if len(parts) == 3 and parts[0] == "net" and parts[1]:
+        return parts[1]
+    return None
+
+
+def _stored_policy(rel: str, raw: Any) -> Policy:
+    policy = Policy.from_dict(raw)
+    scope = _policy_scope(rel)
+    expected = f"net/{policy.network}/{policy.name}" if policy.network is not None else f"global/{policy.name}"
+    if rel != expected:
+        raise RecordError(f"policy {policy.key} is stored under another key {safe(rel)}")
+    if scope != policy.network:
+        raise RecordError(f"policy {policy.key} is stored in the scope of another network")
+    return policy

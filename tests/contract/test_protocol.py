@@ -81,7 +81,7 @@ def test_container_lifecycle(client, plugin):
     assert info["Value"]["ip"] == ip
     ok(client, "NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NET, "EndpointID": EP})
     ok(client, "NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": EP})
-    assert plugin.networks.endpoint(NET, EP)["joined"] is False
+    assert plugin.networks.endpoint(NET, EP).joined is False
     assert plugin.links.veths == {}  # removed by the agent pass Leave asked for
     ok(client, "NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP})
     ok(client, "IpamDriver.ReleaseAddress", {"PoolID": "canal-default", "Address": ip})
@@ -114,7 +114,7 @@ def test_endpoint_replay_is_idempotent(client):
 def test_network_options(client, plugin):
     create_network(client, generic={"nat": "false", "com.docker.network.driver.mtu": "1400"})
     record = plugin.networks.network(NET)
-    assert record["nat"] is False and record["mtu"] == 1400
+    assert record.nat is False and record.mtu == 1400
 
 
 def test_swarm_allocate_network_echoes_options(client):

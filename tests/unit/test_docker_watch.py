@@ -6,11 +6,22 @@ from canal.agent.docker_watch import DockerWatch
 from canal.datastore.keys import Keys
 
 KEYS = Keys("/canal/v1", "/coreos.com/network")
+NET, OTHER = "a" * 64, "b" * 64
+
+
+def endpoint(ep_id, host="h1", ip="100.64.3.2", **extra):
+    """A complete endpoint record as CreateEndpoint writes it."""
+    return {"id": ep_id, "host": host, "network": NET, "ip": ip, "mac": "02:42:64:40:03:02", "mtu": 1450,
+            "joined": True, "created": 0, **extra}
+
+
+def network(net_id, host="h1", **extra):
+    return {"id": net_id, "host": host, "pools": ["0.0.0.0/0"], "name": "", "explicit_name": False, **extra}
 
 
 class FakeAPI:
     def __init__(self):
-        self.network_list = [{"Id": "n" * 64, "Name": "appnet"}]
+        self.network_list = [{"Id": NET, "Name": "appnet"}]
         self.container_list = [
             {"Id": "c" * 64, "Names": ["/web1"], "Labels": {"role": "web"},
              "NetworkSettings": {"Networks": {"appnet": {"EndpointID": "e" * 64}}}},
@@ -33,14 +44,14 @@ def watch(store, client):
 
 
 def test_names_and_labels_are_recorded(store):
-    store.put(KEYS.network("h1", "n" * 64), {"id": "n" * 64, "host": "h1", "name": "", "explicit_name": False})
-    store.put(KEYS.network("h2", "x" * 64), {"id": "x" * 64, "host": "h2", "name": ""})  # another host's
-    store.put(KEYS.endpoint("e" * 64), {"id": "e" * 64, "host": "h1", "network": "n" * 64})
-    store.put(KEYS.endpoint("f" * 64), {"id": "f" * 64, "host": "h1", "network": "n" * 64})
+    store.put(KEYS.network("h1", NET), network(NET))
+    store.put(KEYS.network("h2", OTHER), network(OTHER, host="h2"))  # another host's
+    store.put(KEYS.endpoint("e" * 64), endpoint("e" * 64))
+    store.put(KEYS.endpoint("f" * 64), endpoint("f" * 64, ip="100.64.3.3"))
     client = FakeClient()
     assert watch(store, client).resolve() == 1  # f... is not in Docker's list (yet)
-    assert store.get_json(KEYS.network("h1", "n" * 64))["name"] == "appnet"
-    assert store.get_json(KEYS.network("h2", "x" * 64))["name"] == ""
+    assert store.get_json(KEYS.network("h1", NET))["name"] == "appnet"
+    assert store.get_json(KEYS.network("h2", OTHER))["name"] == ""
     record = store.get_json(KEYS.endpoint("e" * 64))
     assert record["labels"] == {"role": "web"} and record["container_name"] == "web1"
     assert store.get_json(KEYS.endpoint("f" * 64)).get("labels") is None
@@ -50,9 +61,9 @@ def test_names_and_labels_are_recorded(store):
 
 
 def test_an_explicit_network_name_is_kept(store):
-    store.put(KEYS.network("h1", "n" * 64), {"id": "n" * 64, "host": "h1", "name": "shared", "explicit_name": True})
+    store.put(KEYS.network("h1", NET), network(NET, name="shared", explicit_name=True))
     watch(store, FakeClient()).resolve()
-    assert store.get_json(KEYS.network("h1", "n" * 64))["name"] == "shared"
+    assert store.get_json(KEYS.network("h1", NET))["name"] == "shared"
 
 
 def test_docker_down_is_retried_not_fatal(store):
@@ -85,10 +96,10 @@ def test_what_docker_forgot_is_collected_after_a_grace_period(store):
     live = ipam.request_address("canal-default", "100.64.3.10", None)[0].split("/")[0]
     lost = ipam.request_address("canal-default", "100.64.3.11", None)[0].split("/")[0]
     aux = ipam.request_address("canal-default", "100.64.3.12", None)[0].split("/")[0]
-    store.put(KEYS.endpoint("e" * 64), {"id": "e" * 64, "host": "h1", "network": "n" * 64, "ip": live, "created": 0})
-    store.put(KEYS.endpoint("g" * 64), {"id": "g" * 64, "host": "h1", "network": "n" * 64, "ip": "100.64.3.13", "created": 0})
-    store.put(KEYS.endpoint("r" * 64), {"id": "r" * 64, "host": "h2", "network": "n" * 64, "ip": "100.64.4.1", "created": 0})
-    ipam.bind(__import__("ipaddress").IPv4Address(live), "e" * 64, "n" * 64)
+    store.put(KEYS.endpoint("e" * 64), endpoint("e" * 64, ip=live))
+    store.put(KEYS.endpoint("d" * 64), endpoint("d" * 64, ip="100.64.3.13"))
+    store.put(KEYS.endpoint("f" * 64), endpoint("f" * 64, host="h2", ip="100.64.4.1"))
+    store.update(KEYS.address(live), lambda r: {**r, "endpoint": "e" * 64, "network": NET})
     removed, released = [], []
     client = FakeClient()
     client.api.network_list[0]["IPAM"] = {"Config": [{"AuxiliaryAddresses": {"printer": aux}}]}
@@ -97,10 +108,10 @@ def test_what_docker_forgot_is_collected_after_a_grace_period(store):
                     collect_address=lambda p, ip: released.append(ip), grace=0)
     _time.sleep(0.01)
     w.resolve()
-    assert removed == ["g" * 64]  # unknown to Docker; e... is a live container's; r... is h2's
+    assert removed == ["d" * 64]  # unknown to Docker; e... is a live container's; f... is h2's
     assert released == [lost]  # unbound and not an aux address
     patient = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0, client_factory=lambda: client,
                           collect_endpoint=lambda n, e: removed.append(e),
                           collect_address=lambda p, ip: released.append(ip), grace=1e12)
     patient.resolve()
-    assert removed == ["g" * 64] and released == [lost]  # young records are left alone
+    assert removed == ["d" * 64] and released == [lost]  # young records are left alone

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from fakes import FakeIpsets, FakeIptables
 
 from canal.agent.desired import (
@@ -16,6 +18,7 @@ from canal.agent.desired import (
 )
 from canal.policy.compiler import FORWARD, network_members_set
 from canal.dataplane.firewall import Firewall, FirewallState, Jump
+from canal.records import EndpointRecord, NetworkRecord
 
 DOCKER_SAVE = """*filter
 :INPUT ACCEPT [0:0]
@@ -34,12 +37,23 @@ COMMIT
 """
 
 
+def hid(name: str) -> str:
+    """A libnetwork-shaped ID (64 lowercase hex) for a short test name."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+N1, N2, SWARM_ID = hid("n1"), hid("n2"), "swarmid" + "0" * 18
+
+
 def snap(networks=None, endpoints=None):
-    return Snapshot("h1", "100.64.0.0/16", networks or {}, endpoints or {})
+    """Typed records from raw dicts, keyed as the mirror keys them."""
+    nets = {f"{n['host']}/{n['id']}": NetworkRecord.parse(n) for n in (networks or {}).values()}
+    eps = {e["id"]: EndpointRecord.parse(e) for e in (endpoints or {}).values()}
+    return Snapshot("h1", "100.64.0.0/16", nets, eps)
 
 
-NET = {"id": "n1", "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0, "host": "h1"}
-EP = {"id": "e1" * 10, "network": "n1", "host": "h1", "ip": "100.64.3.2", "mac": "02:42:64:40:03:02", "mtu": 1450, "joined": True}
+NET = {"id": N1, "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0, "host": "h1"}
+EP = {"id": "e1" * 32, "network": N1, "host": "h1", "ip": "100.64.3.2", "mac": "02:42:64:40:03:02", "mtu": 1450, "joined": True}
 
 
 def firewall():
@@ -58,32 +72,32 @@ def test_routed_endpoints_pass_dockers_forward_drop():
     sets = {s.name: s for s in state.ipsets}
     assert sets[MASQ_SET].members == {"100.64.3.2"}
     assert sets[CLUSTER_SET].members == {"100.64.0.0/16"}
-    assert sets[network_members_set("n1")].members == {"100.64.3.2"}  # no name learned yet: the id
+    assert sets[network_members_set(N1)].members == {"100.64.3.2"}  # no name learned yet: the id
 
 
 def test_nat_off_and_internal_networks_are_not_masqueraded():
     nets = {
         "h1/n1": {**NET, "nat": False},
-        "h1/n2": {**NET, "id": "n2", "internal": True, "nat": False, "pools": ["100.70.0.0/24"]},
+        "h1/n2": {**NET, "id": N2, "internal": True, "nat": False, "pools": ["100.70.0.0/24"]},
     }
-    eps = {"e1": EP, "e2": {**EP, "id": "e2" * 10, "network": "n2", "ip": "100.70.0.5"}}
+    eps = {"e1": EP, "e2": {**EP, "id": "e2" * 32, "network": N2, "ip": "100.70.0.5"}}
     state = desired_firewall(snap(nets, eps))
     sets = {s.name: s for s in state.ipsets}
     assert sets[MASQ_SET].members == frozenset()
     assert sets[CLUSTER_SET].members == {"100.64.0.0/16", "100.70.0.0/24"}
-    assert network_infos(snap(nets, eps))["n2"].internal
+    assert network_infos(snap(nets, eps))[N2].internal
 
 
 def test_networks_are_one_across_hosts_by_learned_name():
     nets = {
-        "h1/id-on-h1": {**NET, "id": "id-on-h1", "name": "appnet"},
-        "h2/id-on-h2": {**NET, "id": "id-on-h2", "host": "h2", "name": "appnet"},
+        "h1/id-on-h1": {**NET, "id": hid("on-h1"), "name": "appnet"},
+        "h2/id-on-h2": {**NET, "id": hid("on-h2"), "host": "h2", "name": "appnet"},
     }
     eps = {
-        "e1": {**EP, "network": "id-on-h1"},
-        "e2": {**EP, "id": "e2" * 10, "host": "h2", "network": "id-on-h2", "ip": "100.64.4.2", "labels": {"a": "b"}},
-        "e3": {**EP, "id": "e3" * 10, "network": "id-on-h1", "joined": False, "ip": "100.64.3.9"},
-        "e4": {**EP, "id": "e4" * 10, "host": "h2", "joined": False, "ip": "100.64.4.9"},
+        "e1": {**EP, "network": hid("on-h1")},
+        "e2": {**EP, "id": "e2" * 32, "host": "h2", "network": hid("on-h2"), "ip": "100.64.4.2", "labels": {"a": "b"}},
+        "e3": {**EP, "id": "e3" * 32, "network": hid("on-h1"), "joined": False, "ip": "100.64.3.9"},
+        "e4": {**EP, "id": "e4" * 32, "host": "h2", "joined": False, "ip": "100.64.4.9"},
     }
     infos = {e.ip: e for e in endpoint_infos(snap(nets, eps))}
     # Remote endpoints count once joined; ours from creation on (chains ready before Join).
@@ -141,8 +155,8 @@ def test_removing_everything_leaves_dockers_rules_untouched():
 def test_desired_links_are_the_joined_local_endpoints():
     eps = {
         "e1": EP,
-        "e2": {**EP, "id": "e2" * 10, "joined": False, "ip": "100.64.3.3"},
-        "e3": {**EP, "id": "e3" * 10, "host": "h2", "ip": "100.64.4.3"},
+        "e2": {**EP, "id": "e2" * 32, "joined": False, "ip": "100.64.3.3"},
+        "e3": {**EP, "id": "e3" * 32, "host": "h2", "ip": "100.64.4.3"},
     }
     assert [link.endpoint_id for link in desired_links(snap({"h1/n1": NET}, eps))] == [EP["id"]]
 
@@ -174,10 +188,10 @@ def test_event_passes_diff_against_memory_and_read_back_repairs():
 
 def test_a_swarm_network_has_one_id_and_a_record_per_node():
     nets = {
-        "h1/swarmid": {**NET, "id": "swarmid", "name": "svcnet"},
-        "h2/swarmid": {**NET, "id": "swarmid", "host": "h2", "name": "svcnet"},
+        "h1/swarmid": {**NET, "id": SWARM_ID, "name": "svcnet"},
+        "h2/swarmid": {**NET, "id": SWARM_ID, "host": "h2", "name": "svcnet"},
     }
-    eps = {"e1": {**EP, "network": "swarmid"}, "e2": {**EP, "id": "e2" * 10, "host": "h2", "network": "swarmid", "ip": "100.64.0.9"}}
+    eps = {"e1": {**EP, "network": SWARM_ID}, "e2": {**EP, "id": "e2" * 32, "host": "h2", "network": SWARM_ID, "ip": "100.64.0.9"}}
     state = desired_firewall(snap(nets, eps))  # h1 still has its own record: chains stay
     assert state.chains and {e.network for e in endpoint_infos(snap(nets, eps))} == {"svcnet"}
     del nets["h2/swarmid"]  # h2 left the network: h1 keeps its own view

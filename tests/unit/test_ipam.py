@@ -173,19 +173,6 @@ def test_addresses_are_unique_across_pools_sharing_space(ipam):
     assert len(seen) == 60
 
 
-def test_bind_ties_an_address_to_one_endpoint(ipam):
-    ipam.request_address(DEFAULT_POOL_ID, "100.64.3.20", None)
-    ip = ipaddress.IPv4Address("100.64.3.20")
-    ipam.bind(ip, "ep1", "net1")
-    ipam.bind(ip, "ep1", "net1")  # replay
-    with pytest.raises(Conflict, match="already used by endpoint ep1"):
-        ipam.bind(ip, "ep2", "net1")
-    ipam.unbind(ip, "ep1")
-    ipam.bind(ip, "ep2", "net1")
-    with pytest.raises(Conflict, match="not allocated by canal"):
-        ipam.bind(ipaddress.IPv4Address("100.64.3.99"), "ep3", "net1")
-
-
 # Swarm (Docker's global address space): the manager allocates, every node asks again -------
 
 CLUSTER = ipaddress.IPv4Network("100.64.0.0/16")
@@ -210,19 +197,24 @@ def test_swarm_default_pool_is_the_cluster_network_on_manager_and_nodes(swarm):
     manager.release_pool(pool_id)  # no pool record to drop, no error
 
 
-def test_task_address_claimed_by_the_node_then_bound_and_released(swarm):
+def bind(store, ip, endpoint_id):
+    key = Keys("/canal/v1", "/coreos.com/network").address(ip)
+    store.update(key, lambda r: {**r, "endpoint": endpoint_id, "network": "b" * 64 if endpoint_id else ""})
+
+
+def test_task_address_claimed_by_the_node_then_bound_and_released(swarm, store):
     manager, node = swarm
     pool_id, _, _ = manager.request_pool("CanalGlobal", "", "", {}, False)
     task, _ = manager.request_address(pool_id, "", {"com.docker.network.ipam.serial": "true"})
     ip = task.split("/")[0]
     assert node.request_address(pool_id, ip, None)[0] == task  # the node claims, no conflict
-    node.bind(ipaddress.IPv4Address(ip), "ep-task", "swarmnet")
+    bind(store, ip, "a" * 64)  # what CreateEndpoint's transaction does
     with pytest.raises(Conflict, match="already in use"):
         node.request_address(pool_id, ip, None)  # bound now: a second claim is refused
     manager.release_address(pool_id, ip)  # manager first: kept while the container runs
     with pytest.raises(Conflict):
         node.request_address(pool_id, ip, None)
-    node.unbind(ipaddress.IPv4Address(ip), "ep-task")
+    bind(store, ip, "")
     node.release_address(pool_id, ip)
     manager.release_address(pool_id, ip)  # a late second release is harmless
     assert node.request_address(pool_id, ip, None)[0] == task

@@ -20,6 +20,19 @@ from typing import Any, Callable
 from canal.datastore.base import Datastore
 from canal.datastore.keys import Keys
 from canal.errors import CanalError
+from canal.records import (
+    AddressRecord,
+    EndpointRecord,
+    NetworkRecord,
+    PoolRecord,
+    RecordError,
+    container_id,
+    container_name,
+    labels as parse_labels,
+    network_name,
+    replace,
+    safe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +46,7 @@ class DockerWatch:
         docker_host: str,
         interval: float = 30.0,
         client_factory: Callable[[], Any] | None = None,
-        read: Callable[[str], dict[str, Any]] | None = None,
+        records: Callable[[str, Callable[[str, Any], Any]], dict[str, Any]] | None = None,
         collect_endpoint: Callable[[str, str], None] | None = None,
         collect_address: Callable[[str, str], None] | None = None,
         grace: float = 60.0,
@@ -46,7 +59,8 @@ class DockerWatch:
         self.collect_address = collect_address
         self.grace = grace
         self._last_gc = 0.0
-        self.read = read or store.list_json  # the agent's mirror: memory, not a datastore list
+        # The agent's mirror (memory, typed, malformed records quarantined), or the datastore.
+        self.records = records or self._list_records
         self.keys = keys
         self.host = host
         self.docker_host = docker_host
@@ -88,11 +102,38 @@ class DockerWatch:
             self._client = self._client_factory()
         return self._client
 
+    def _list_records(self, prefix: str, parse: Callable[[str, Any], Any]) -> dict[str, Any]:
+        out = {}
+        for key, raw in self.store.list_json(prefix).items():
+            try:
+                out[key] = parse(key, raw)
+            except RecordError:
+                continue
+        return out
+
+    def _endpoints(self) -> dict[str, EndpointRecord]:
+        return self.records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key))
+
+    def _update_endpoint(self, endpoint_id: str, change: Callable[[EndpointRecord], EndpointRecord]) -> None:
+        def apply(raw: Any) -> Any:
+            if raw is None:
+                return None  # removed meanwhile: nothing to record
+            try:
+                return change(EndpointRecord.parse(raw, endpoint_id)).to_json()
+            except RecordError:
+                return raw  # malformed: quarantined by the agent, not ours to rewrite
+        self.store.update(self.keys.endpoint(endpoint_id), apply)
+
     def resolve(self) -> int:
         """One pass; returns how many local endpoints still have unknown labels."""
         api = self.client().api
         docker_networks = api.networks()
-        names = {n["Id"]: n["Name"] for n in docker_networks}
+        names: dict[str, str] = {}
+        for network in docker_networks:
+            try:
+                names[network["Id"]] = network_name(network.get("Name"))
+            except (RecordError, KeyError, TypeError):
+                continue  # not a name we could put in a selector: the network stays unnamed
         by_endpoint: dict[str, dict[str, Any]] = {}
         for container in api.containers(all=True):
             networks = (container.get("NetworkSettings") or {}).get("Networks") or {}
@@ -100,31 +141,43 @@ class DockerWatch:
                 endpoint_id = (settings or {}).get("EndpointID")
                 if endpoint_id:
                     by_endpoint[endpoint_id] = container
-        for record in self.read(self.keys.networks).values():
-            network_id = record.get("id", "")
-            if record.get("host") != self.host or network_id not in names or record.get("explicit_name"):
+        networks_here = self.records(self.keys.networks, lambda key, raw: NetworkRecord.parse(raw, key))
+        for record in networks_here.values():
+            if record.host != self.host or record.id not in names or record.explicit_name:
                 continue
-            name = names[network_id]
-            if record.get("name") != name:
-                self.store.update(self.keys.network(self.host, network_id), lambda r, n=name: r and {**r, "name": n})
-                log.info("network %s is named %s", network_id[:12], name)
+            name = names[record.id]
+            if record.name != name:
+                def rename(raw: Any, n: str = name) -> Any:
+                    try:
+                        return raw and replace(NetworkRecord.parse(raw), name=n).to_json()
+                    except RecordError:
+                        return raw
+                self.store.update(self.keys.network(self.host, record.id), rename)
+                log.info("network %s is named %s", record.id[:12], name)
         unknown = 0
-        for endpoint_id, record in self.read(self.keys.endpoints).items():
-            if record.get("host") != self.host:
+        for endpoint_id, record in self._endpoints().items():
+            if record.host != self.host:
                 continue
             container = by_endpoint.get(endpoint_id)
             if container is None:
-                unknown += record.get("labels") is None
+                unknown += record.labels is None
                 continue
-            labels = dict(container.get("Labels") or {})
-            cname = (container.get("Names") or ["/?"])[0].lstrip("/")
-            if record.get("labels") != labels or record.get("container") != container["Id"]:
-                self.store.update(
-                    self.keys.endpoint(endpoint_id),
-                    lambda r, l=labels, c=container["Id"], n=cname: r
-                    and {**r, "labels": l, "container": c, "container_name": n},
+            try:
+                labels = parse_labels(container.get("Labels") or {}, "container labels")
+                cid = container_id(container.get("Id"))
+                cname = container_name((container.get("Names") or ["/?"])[0])
+            except RecordError as err:
+                # Unknown labels keep the endpoint closed; say why, once per pass at most.
+                log.warning("endpoint %s: Docker's container record is unusable, labels stay unknown: %s",
+                            endpoint_id[:12], err)
+                unknown += record.labels is None
+                continue
+            if record.labels != labels or record.container != cid:
+                self._update_endpoint(
+                    endpoint_id,
+                    lambda r, l=labels, c=cid, n=cname: replace(r, labels=l, container=c, container_name=n),
                 )
-                log.info("endpoint %s belongs to container %s, labels %s", endpoint_id[:12], cname, labels)
+                log.info("endpoint %s belongs to container %s, labels %s", endpoint_id[:12], cname, safe(labels, 300))
         if time.monotonic() - self._last_gc > self.interval:
             self._last_gc = time.monotonic()
             self.collect(set(by_endpoint), docker_networks)
@@ -134,32 +187,37 @@ class DockerWatch:
         """Swarm pools: the manager allocates task addresses that stay unbound until a node
         runs the task; they are the manager's to release."""
         cidr = pool_id.split(":")[1] if pool_id.startswith("canal-pool:") else ""
-        return bool(cidr) and bool((self.read(self.keys.pools).get(cidr.replace("/", "-")) or {}).get("shared"))
+        if not cidr:
+            return False
+        pools = self.records(self.keys.pools, lambda key, raw: PoolRecord.parse(raw))
+        record = pools.get(cidr.replace("/", "-"))
+        return record is not None and record.shared
 
     def collect(self, known_endpoints: set[str], docker_networks: list[dict[str, Any]]) -> None:
         now = time.time()
         if self.collect_endpoint is not None:
-            for endpoint_id, record in self.read(self.keys.endpoints).items():
-                if record.get("host") == self.host and endpoint_id not in known_endpoints:
-                    if now - float(record.get("created", now)) > self.grace:
+            for endpoint_id, record in self._endpoints().items():
+                if record.host == self.host and endpoint_id not in known_endpoints:
+                    if now - record.created > self.grace:
                         log.warning("endpoint %s (%s): Docker no longer knows it; removing it",
-                                    endpoint_id[:12], record.get("ip"))
-                        self.collect_endpoint(record["network"], endpoint_id)
+                                    endpoint_id[:12], record.ip)
+                        self.collect_endpoint(record.network, endpoint_id)
         if self.collect_address is None:
             return
         reserved = {  # --aux-address: allocated, never bound, yet in use
-            ip
+            str(ip).split("/")[0]
             for network in docker_networks
             for config in ((network.get("IPAM") or {}).get("Config") or [])
             for ip in ((config or {}).get("AuxiliaryAddresses") or {}).values()
         }
-        for record in self.read(self.keys.addresses).values():
-            mine = record.get("host") == self.host and record.get("kind") == "endpoint"
-            local_pool = record.get("pool") != "canal-cluster" and not self._shared_pool(record.get("pool", ""))
-            if mine and local_pool and not record.get("endpoint") and record.get("ip") not in reserved:
-                if now - float(record.get("time", now)) > self.grace:
-                    log.warning("address %s: allocated but never used by Docker; releasing it", record["ip"])
-                    self.collect_address(record["pool"], record["ip"])
+        addresses = self.records(self.keys.addresses, lambda key, raw: AddressRecord.parse(raw))
+        for record in addresses.values():
+            mine = record.host == self.host and record.kind == "endpoint"
+            local_pool = record.pool != "canal-cluster" and not self._shared_pool(record.pool)
+            if mine and local_pool and not record.endpoint and str(record.ip) not in reserved:
+                if now - record.time > self.grace:
+                    log.warning("address %s: allocated but never used by Docker; releasing it", record.ip)
+                    self.collect_address(record.pool, str(record.ip))
 
     def _run(self) -> None:
         unknown = 0

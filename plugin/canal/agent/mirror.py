@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from canal.datastore.base import Datastore, Op, Put
-from canal.errors import Unavailable
+from canal.errors import CanalError, Unavailable
+from canal.records import safe
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_FAILED = object()  # cached parse failure: re-parsed only when the record changes
 
 
 class Mirror:
@@ -31,6 +35,10 @@ class Mirror:
         # directories it needs (endpoints, policies, ...), never the IPAM records.
         self._dirs: dict[str, dict[str, tuple[int, str | None]]] = {}
         self._parsed: dict[str, tuple[int, Any]] = {}
+        self._typed: dict[str, dict[str, tuple[int, Any]]] = {}  # prefix -> key -> (rev, record)
+        # key -> (revision, why): records that did not parse, skipped until they change.
+        self.quarantined: dict[str, tuple[int, str]] = {}
+        self.quarantined_total = 0  # how many (key, revision) pairs were ever quarantined
         self._listed: set[str] = set()
         self._ready = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -50,7 +58,7 @@ class Mirror:
     # Reads ----------------------------------------------------------------------------------
 
     def json(self, prefix: str) -> dict[str, Any]:
-        """key (relative to prefix) -> parsed value, for every live key under prefix."""
+        """key (relative to prefix) -> parsed JSON, for every live key under prefix."""
         if not any(prefix.startswith(p) for p in self._listed):
             raise Unavailable(f"datastore not read yet under {prefix}")
         out = {}
@@ -66,11 +74,51 @@ class Mirror:
                         try:
                             cached = (revision, json.loads(value))
                         except ValueError:
-                            log.warning("ignoring %s: not JSON", key)
+                            self._quarantine(key, revision, "not JSON")
                             continue
                         self._parsed[key] = cached
+                        if self.quarantined.get(key, (revision,))[0] != revision:
+                            del self.quarantined[key]  # an older revision's fault, since fixed
                     out[key[len(prefix):]] = cached[1]
         return out
+
+    def records(self, prefix: str, parse: Callable[[str, Any], T]) -> dict[str, T]:
+        """key (relative to prefix) -> typed record; parse(relative key, json) raises CanalError
+        for a malformed record, which is then quarantined: skipped, logged once per revision,
+        counted and listed by `canal status` — one bad record never stops a pass."""
+        raw = self.json(prefix)
+        out: dict[str, T] = {}
+        with self._lock:
+            typed = self._typed.setdefault(prefix, {})
+            for rel, value in raw.items():
+                key = prefix + rel
+                revision = self._revision(key)
+                cached = typed.get(key)
+                if cached is None or cached[0] != revision:
+                    try:
+                        cached = (revision, parse(rel, value))
+                    except (CanalError, ValueError, TypeError) as err:
+                        typed[key] = (revision, _FAILED)
+                        self._quarantine(key, revision, str(err))
+                        continue
+                    typed[key] = cached
+                    if self.quarantined.get(key, (revision,))[0] != revision:
+                        del self.quarantined[key]  # an older revision's fault, since fixed
+                if cached[1] is not _FAILED:
+                    out[rel] = cached[1]
+        return out
+
+    def _revision(self, key: str) -> int:
+        entry = self._dirs.get(key.rsplit("/", 1)[0] + "/", {}).get(key)
+        return entry[0] if entry else 0
+
+    def _quarantine(self, key: str, revision: int, why: str) -> None:
+        if self.quarantined.get(key, (None,))[0] == revision:
+            return
+        self.quarantined[key] = (revision, why)
+        self.quarantined_total += 1
+        log.error("datastore record %s (revision %d) quarantined, skipped until it changes: %s",
+                  safe(key, 200), revision, why)
 
     # Updates --------------------------------------------------------------------------------
 
@@ -82,6 +130,9 @@ class Mirror:
         entries[key] = (revision, value)
         if value is None:
             self._parsed.pop(key, None)
+            for typed in self._typed.values():
+                typed.pop(key, None)
+            self.quarantined.pop(key, None)
         return True
 
     def _prune(self, prefix: str, below: int) -> None:

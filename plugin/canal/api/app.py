@@ -17,7 +17,9 @@ from werkzeug.exceptions import HTTPException
 
 from canal.api import protocol as p
 from canal.errors import BadRequest, CanalError
+from canal.records import EndpointRecord
 from canal.services.ipam import GLOBAL_SPACE, LOCAL_SPACE
+from canal.services.networks import JoinResult
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,11 @@ def create_app(plugin: Any) -> Flask:
         lambda r: {"Value": _oper_info(nets.endpoint(r.NetworkID, r.EndpointID))},
     )
     route("NetworkDriver.DeleteEndpoint", p.EndpointRef, lambda r: nets.delete_endpoint(r.NetworkID, r.EndpointID) or {})
-    route("NetworkDriver.Join", p.Join, nets.join)
+    route(
+        "NetworkDriver.Join",
+        p.Join,
+        lambda r: _join_answer(nets.join(r.NetworkID, r.EndpointID, r.SandboxKey)),
+    )
     route("NetworkDriver.Leave", p.EndpointRef, lambda r: nets.leave(r.NetworkID, r.EndpointID) or {})
     route("NetworkDriver.DiscoverNew", p.Discovery, lambda r: {})
     route("NetworkDriver.DiscoverDelete", p.Discovery, lambda r: {})
@@ -176,5 +182,9 @@ def create_app(plugin: Any) -> Flask:
     return app
 
 
-def _oper_info(record: dict) -> dict:
-    return {"ip": record["ip"], "mac": record["mac"], "host": record["host"], "joined": record.get("joined", False)}
+def _oper_info(record: EndpointRecord) -> dict:
+    return {"ip": str(record.ip), "mac": record.mac, "host": record.host, "joined": record.joined}
+
+
+def _join_answer(result: JoinResult) -> dict:
+    return p.join(result.src_name, result.dst_prefix, result.gateway)

@@ -30,7 +30,7 @@ import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import MAX_NAME as MAX_IPSET_NAME
@@ -220,7 +220,9 @@ class _Compiler:
         policies: Sequence[Policy],
         local_host: str,
         networks: Mapping[str, NetworkInfo],
+        broken_scopes: AbstractSet[Optional[str]] = frozenset(),
     ) -> None:
+        self.broken_scopes = broken_scopes
         self.endpoints = endpoints
         self.policies = sorted(policies, key=lambda p: p.sort_key)
         self.local = sorted((e for e in endpoints if e.host == local_host), key=lambda e: host_ifname(e.id))
@@ -352,6 +354,9 @@ class _Compiler:
             if network is not None and network.internal:
                 members = self._network_set(endpoint.network)
                 rules.append(f"-m set ! --match-set {members} dst -j DROP")
+        if None in self.broken_scopes or endpoint.network in self.broken_scopes:
+            rules.append("-j DROP")  # a stored policy of its scope does not parse: fail closed
+            return rules
         if self.labels[endpoint.id] is None:
             if any(self._could_apply(p, endpoint, direction) for p in self.policies):
                 rules.append("-j DROP")  # fail closed until its labels are known
@@ -434,9 +439,12 @@ def compile_filter(
     policies: Iterable[Policy],
     local_host: str,
     networks: Mapping[str, NetworkInfo],
+    broken_scopes: AbstractSet[Optional[str]] = frozenset(),
 ) -> FirewallState:
     """The whole filter-table state for `local_host`: chains, the two built-in jumps, and ipsets.
 
+    `broken_scopes`: policy scopes (None = global, else a network name) holding a stored policy
+    that does not parse; every endpoint such a policy could select is closed.
     Deterministic (same input -> equal state, sorted everywhere) so the applier's diff is a no-op
     when nothing changed. Returns an empty state when there is nothing of ours on this host.
     """
@@ -444,4 +452,4 @@ def compile_filter(
     policies = list(policies)
     if not networks and not any(e.host == local_host for e in endpoints):
         return FirewallState()
-    return _Compiler(endpoints, policies, local_host, networks).compile()
+    return _Compiler(endpoints, policies, local_host, networks, broken_scopes).compile()

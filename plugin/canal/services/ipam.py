@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 from canal.datastore.base import Datastore
 from canal.datastore.keys import Keys, hex_prefix, ip_hex
 from canal.errors import BadRequest, Conflict, Exhausted, NotFound
+from canal.records import ANY_NET, AddressRecord, PoolRecord, RecordError, replace, safe
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ GLOBAL_SPACE = "CanalGlobal"
 DEFAULT_POOL_ID = "canal-default"  # local networks without --subnet: this host's subnet
 CLUSTER_POOL_ID = "canal-cluster"  # Swarm networks without --subnet: the whole cluster network
 POOL_ID_PREFIX = "canal-pool:"  # networks with --subnet
-ANY_NET = "0.0.0.0/0"
 GATEWAY_OPTION = "com.docker.network.gateway"
 REQUEST_TYPE_OPTION = "RequestAddressType"
 
@@ -138,8 +138,12 @@ class Ipam:
             sub = _network(sub_pool, "ip-range")
             if not sub.subnet_of(net):
                 raise BadRequest(f"ip-range {sub} is not inside subnet {net}")
-        for other in self.store.list_json(self.keys.pools).values():
-            other_net = ipaddress.IPv4Network(other["cidr"])
+        for key, raw in self.store.list_json(self.keys.pools).items():
+            try:
+                other_net = PoolRecord.parse(raw).cidr
+            except RecordError as err:
+                log.warning("ignoring malformed pool record %s: %s", safe(key), err)
+                continue
             if other_net != net and other_net.overlaps(net):
                 raise Conflict(
                     f"subnet {net} overlaps subnet {other_net} of another canal network; "
@@ -147,10 +151,10 @@ class Ipam:
                 )
         # "shared": a Swarm pool (requested in the global space), where task addresses are
         # allocated by the manager and claimed again by the node running the task.
-        if self.store.create(self.keys.pool(net), {"cidr": str(net), "gateway": "", "shared": shared}):
+        if self.store.create(self.keys.pool(net), PoolRecord(net, "", shared).to_json()):
             log.info("pool %s created", net)
         elif shared:
-            self.store.update(self.keys.pool(net), lambda p: p and {**p, "shared": True})
+            self._update_pool(net, lambda p: replace(p, shared=True))
         return PoolRef(net, sub).id, str(net), {}
 
     def release_pool(self, pool_id: str) -> None:
@@ -186,7 +190,7 @@ class Ipam:
             ip = self._allocate(ref, scope, kind)
         if kind == KIND_GATEWAY:
             if not ref.cluster:
-                self.store.update(self.keys.pool(scope), lambda p: p and {**p, "gateway": str(ip)})
+                self._update_pool(scope, lambda p: replace(p, gateway=str(ip)))
             return f"{ip}/{scope.prefixlen}", {}
         return f"{ip}/32", {}
 
@@ -195,41 +199,49 @@ class Ipam:
         ip = self._parse_ip(address, None)
         key = self.keys.address(ip)
 
-        def release(record: Any) -> Any:
-            if record is None:
+        def release(raw: Any) -> Any:
+            if raw is None:
                 return None
-            if record.get("pool") != ref.id:
-                raise Conflict(f"address {ip} belongs to pool {record.get('pool')}, not {ref.id}")
-            if record.get("endpoint"):
+            record = self._address(raw, ip)
+            if record.pool != ref.id:
+                raise Conflict(f"address {ip} belongs to pool {record.pool}, not {ref.id}")
+            if record.endpoint:
                 # Still bound to a live endpoint: a Swarm manager releasing a task address
                 # before the node's container is gone, or a failed duplicate `--ip` start.
-                log.info("address %s still used by endpoint %s; kept", ip, record["endpoint"][:12])
-                return record
+                log.info("address %s still used by endpoint %s; kept", ip, record.endpoint[:12])
+                return raw
             return None
 
         if self.store.get(key) is not None:
             self.store.update(key, release)
             log.info("released %s from %s", ip, ref.id)
 
-    def bind(self, ip: ipaddress.IPv4Address, endpoint_id: str, network_id: str) -> None:
-        """Tie an allocated address to its endpoint, so leaks can be told from live addresses."""
+    @staticmethod
+    def _address(raw: Any, ip: ipaddress.IPv4Address) -> AddressRecord:
+        try:
+            return AddressRecord.parse(raw, ip)
+        except RecordError as err:
+            raise Conflict(f"the datastore record of address {ip} is malformed ({err}); remove or fix it") from None
 
-        def bind(record: Any) -> Any:
-            if record is None:
-                raise Conflict(f"address {ip} was not allocated by canal IPAM")
-            if record.get("endpoint") not in ("", endpoint_id):
-                raise Conflict(f"address {ip} is already used by endpoint {record['endpoint'][:12]}")
-            return {**record, "endpoint": endpoint_id, "network": network_id}
+    def pool_record(self, net: ipaddress.IPv4Network) -> PoolRecord | None:
+        raw = self.store.get_json(self.keys.pool(net))
+        if raw is None:
+            return None
+        try:
+            return PoolRecord.parse(raw)
+        except RecordError as err:
+            raise Conflict(f"the datastore record of pool {net} is malformed ({err}); remove or fix it") from None
 
-        self.store.update(self.keys.address(ip), bind)
+    def _update_pool(self, net: ipaddress.IPv4Network, change: Any) -> None:
+        def apply(raw: Any) -> Any:
+            if raw is None:
+                return None
+            try:
+                return change(PoolRecord.parse(raw)).to_json()
+            except RecordError as err:
+                raise Conflict(f"the datastore record of pool {net} is malformed ({err})") from None
 
-    def unbind(self, ip: ipaddress.IPv4Address, endpoint_id: str) -> None:
-        def unbind(record: Any) -> Any:
-            if record is None or record.get("endpoint") != endpoint_id:
-                return record
-            return {**record, "endpoint": ""}
-
-        self.store.update(self.keys.address(ip), unbind)
+        self.store.update(self.keys.pool(net), apply)
 
     # Internals ----------------------------------------------------------------------------
 
@@ -247,34 +259,30 @@ class Ipam:
         return ip
 
     def _record(self, ip: ipaddress.IPv4Address, ref: PoolRef, kind: str) -> dict[str, Any]:
-        return {
-            "ip": str(ip),
-            "pool": ref.id,
-            "kind": kind,
-            "host": self.host,
-            "endpoint": "",
-            "network": "",
-            "time": int(time.time()),
-        }
+        return AddressRecord(ip, ref.id, kind, self.host, time=int(time.time())).to_json()
 
     def _reserve(self, ip: ipaddress.IPv4Address, ref: PoolRef, kind: str) -> None:
         if self.store.create(self.keys.address(ip), self._record(ip, ref, kind)):
             return
-        held = self.store.get_json(self.keys.address(ip)) or {}
-        same = held.get("kind") == kind and held.get("pool") == ref.id
+        raw = self.store.get_json(self.keys.address(ip))
+        if raw is None:
+            raise Conflict(f"address {ip} changed while reserving it; retry")
+        held = self._address(raw, ip)
+        same = held.kind == kind and held.pool == ref.id
         if same and kind == KIND_GATEWAY:
             return  # the same gateway requested again (replay, another host): idempotent
-        if same and not held.get("endpoint") and self._shared(ref):
+        if same and not held.endpoint and self._shared(ref):
             return  # a Swarm node claiming the address its manager allocated for the task
-        owner = f" by endpoint {held['endpoint'][:12]}" if held.get("endpoint") else ""
-        raise Conflict(f"address {ip} is already in use{owner} (as {held.get('kind', 'address')} on host {held.get('host', '?')})")
+        owner = f" by endpoint {held.endpoint[:12]}" if held.endpoint else ""
+        raise Conflict(f"address {ip} is already in use{owner} (as {held.kind} on host {held.host})")
 
     def _shared(self, ref: PoolRef) -> bool:
         if ref.cluster:
             return True
         if ref.pool is None:
             return False
-        return bool((self.store.get_json(self.keys.pool(ref.pool)) or {}).get("shared"))
+        record = self.pool_record(ref.pool)
+        return record is not None and record.shared
 
     def _allocated(self, net: ipaddress.IPv4Network) -> set[int]:
         entries, _ = self.store.list(self.keys.addresses + hex_prefix(net))
@@ -303,7 +311,8 @@ class Ipam:
         return [ref.pool]
 
     def _allocate(self, ref: PoolRef, scope: ipaddress.IPv4Network, kind: str) -> ipaddress.IPv4Address:
-        gateway = (self.store.get_json(self.keys.pool(scope)) or {}).get("gateway") if ref.pool and not ref.cluster else ""
+        pool = self.pool_record(scope) if ref.pool and not ref.cluster else None
+        gateway = pool.gateway if pool is not None else ""
         for _attempt in range(50):
             free: list[ipaddress.IPv4Address] = []
             for rng in self._ranges(ref, scope):

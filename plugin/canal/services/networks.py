@@ -8,18 +8,23 @@ knows about.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from canal.api import protocol
-from canal.datastore.base import Datastore
+from canal.datastore.base import Datastore, Delete, Entry, Guard, Put, dumps
 from canal.datastore.keys import Keys
 from canal.dataplane.links import GATEWAY, EndpointLink, Links, host_ifname, peer_ifname
 from canal.errors import BadRequest, Conflict, NotFound
+from canal.records import AddressRecord, EndpointRecord, NetworkRecord, RecordError, mac_address, replace
+from canal.records import options as endpoint_options
 from canal.services.ipam import GLOBAL_SPACE, LOCAL_SPACE, Ipam
+
+if TYPE_CHECKING:  # handlers translate wire to domain types; no import of the API at run time
+    from canal.api.protocol import CreateEndpoint, CreateNetwork
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +64,14 @@ class NetworkSpec:
     mtu: int  # 0: the host default
     name: str = ""  # the logical network name given with -o network=NAME ("": learn Docker's)
 
-    def record(self, host: str) -> dict:
-        return {
-            "id": self.id,
-            "pools": list(self.pools),
-            "internal": self.internal,
-            "nat": self.nat,
-            "mtu": self.mtu,
-            "host": host,
-            "name": self.name,
-            "explicit_name": bool(self.name),
-        }
+    def record(self, host: str) -> NetworkRecord:
+        return NetworkRecord(
+            id=self.id, host=host, pools=self.pools, internal=self.internal, nat=self.nat,
+            mtu=self.mtu, name=self.name, explicit_name=bool(self.name),
+        )
 
 
-def parse_network(req: protocol.CreateNetwork) -> NetworkSpec:
+def parse_network(req: "CreateNetwork") -> NetworkSpec:
     options = req.Options
     generic = options.get(GENERIC) or {}
     if not isinstance(generic, dict):
@@ -108,7 +107,13 @@ def parse_network(req: protocol.CreateNetwork) -> NetworkSpec:
             raise BadRequest(
                 f"address space {space!r} is not canal's: create the network with --ipam-driver canal"
             )
-        pools.append(str(data.get("Pool", "")))
+        try:
+            if not isinstance(data.get("Pool"), str):
+                raise TypeError
+            pool = str(ipaddress.IPv4Network(data["Pool"], strict=True))
+        except (TypeError, ValueError):
+            raise BadRequest(f"CreateNetwork: IPv4Data pool {data.get('Pool')!r:.60} is not an IPv4 CIDR") from None
+        pools.append(pool)
     if not pools:
         raise BadRequest("CreateNetwork: no IPv4 pool; create the network with --ipam-driver canal")
     internal = _bool(INTERNAL, options.get(INTERNAL, False))
@@ -119,6 +124,25 @@ def parse_network(req: protocol.CreateNetwork) -> NetworkSpec:
 def container_mac(ip: ipaddress.IPv4Address) -> str:
     """Docker's own scheme (02:42 + the IPv4 bytes): stable, unique where the IP is."""
     return "02:42:" + ":".join(f"{b:02x}" for b in ip.packed)
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    """What Join answers, in domain terms; the API layer writes Docker's JSON for it."""
+
+    src_name: str
+    dst_prefix: str
+    gateway: str
+
+
+def _parse(entry: Entry | None, parse: Callable[[Any], Any]) -> Any:
+    """A stored record, typed; a malformed one is a Conflict naming its key, never a 500."""
+    if entry is None:
+        return None
+    try:
+        return parse(json.loads(entry.value))
+    except (ValueError, RecordError) as err:
+        raise Conflict(f"datastore record {entry.key} is malformed ({err}); remove or fix it") from None
 
 
 class Networks:
@@ -152,9 +176,9 @@ class Networks:
 
     # Networks -----------------------------------------------------------------------------
 
-    def create_network(self, req: protocol.CreateNetwork) -> None:
+    def create_network(self, req: "CreateNetwork") -> None:
         spec = parse_network(req)
-        self.store.put(self.keys.network(self.host, spec.id), spec.record(self.host))
+        self.store.put(self.keys.network(self.host, spec.id), spec.record(self.host).to_json())
         log.info("network %s created (pools %s, internal=%s, nat=%s)", spec.id[:12], spec.pools, spec.internal, spec.nat)
         self.changed(True)  # base chains must exist before the first packet
 
@@ -163,31 +187,44 @@ class Networks:
         # Docker deletes endpoints first; any left are stale (a lost DeleteEndpoint) and go too,
         # because Docker only logs a DeleteNetwork error and forgets the network anyway.
         for ep in self.local_endpoints():
-            if ep["network"] == network_id:
-                log.warning("network %s: removing stale endpoint %s", network_id[:12], ep["id"][:12])
-                self.delete_endpoint(network_id, ep["id"])
+            if ep.network == network_id:
+                log.warning("network %s: removing stale endpoint %s", network_id[:12], ep.id[:12])
+                self.delete_endpoint(network_id, ep.id)
         self.store.delete(self.keys.network(self.host, network_id))
         log.info("network %s deleted", network_id[:12])
         self.changed(True)  # `docker network rm` returns with no rule or ipset of it left
 
-    def network(self, network_id: str) -> dict:
-        record = self.store.get_json(self.keys.network(self.host, network_id))
+    def network(self, network_id: str) -> NetworkRecord:
+        record = _parse(self.store.get(self.keys.network(self.host, network_id)), NetworkRecord.parse)
         if record is None:
             raise NotFound(f"network {network_id[:12]} is not a canal network")
-        return record
+        return record  # type: ignore[no-any-return]
 
     # Endpoints ----------------------------------------------------------------------------
 
-    def local_endpoints(self) -> list[dict]:
-        return [ep for ep in self.store.list_json(self.keys.endpoints).values() if ep.get("host") == self.host]
+    def local_endpoints(self) -> list[EndpointRecord]:
+        """This host's endpoints; malformed records are skipped here (the agent quarantines them)."""
+        out = []
+        for key, value in self.store.list_json(self.keys.endpoints).items():
+            try:
+                record = EndpointRecord.parse(value, key)
+            except RecordError:
+                continue
+            if record.host == self.host:
+                out.append(record)
+        return out
 
-    def endpoint(self, network_id: str, endpoint_id: str) -> dict:
-        record = self.store.get_json(self.keys.endpoint(endpoint_id))
-        if record is None or record.get("network") != network_id:
+    def _endpoint_entry(self, endpoint_id: str) -> tuple[Entry | None, EndpointRecord | None]:
+        entry = self.store.get(self.keys.endpoint(endpoint_id))
+        return entry, _parse(entry, lambda raw: EndpointRecord.parse(raw, endpoint_id))
+
+    def endpoint(self, network_id: str, endpoint_id: str) -> EndpointRecord:
+        _, record = self._endpoint_entry(endpoint_id)
+        if record is None or record.network != network_id:
             raise NotFound(f"endpoint {endpoint_id[:12]} does not exist in network {network_id[:12]}")
         return record
 
-    def create_endpoint(self, req: protocol.CreateEndpoint) -> dict:
+    def create_endpoint(self, req: "CreateEndpoint") -> dict:
         network = self.network(req.NetworkID)
         iface: Mapping[str, Any] = req.Interface
         if iface.get("AddressIPv6"):
@@ -198,58 +235,108 @@ class Networks:
         try:
             ip = ipaddress.IPv4Interface(address).ip
         except ValueError:
-            raise BadRequest(f"endpoint {req.EndpointID[:12]}: bad address {address!r}") from None
-        mac = iface.get("MacAddress") or container_mac(ip)
-        existing = self.store.get_json(self.keys.endpoint(req.EndpointID))
-        if existing is not None and existing.get("ip") != str(ip):
-            raise Conflict(f"endpoint {req.EndpointID[:12]} already exists with address {existing['ip']}")
-        self.ipam.bind(ip, req.EndpointID, req.NetworkID)
-        record = {
-            "id": req.EndpointID,
-            "network": req.NetworkID,
-            "host": self.host,
-            "ip": str(ip),
-            "mac": mac,
-            "mtu": network.get("mtu") or self.default_mtu(),
-            "joined": bool(existing and existing.get("joined")),
-            "options": {k: v for k, v in req.Options.items() if isinstance(v, str)},
-            "created": existing["created"] if existing else time.time(),
-        }
-        self.store.put(self.keys.endpoint(req.EndpointID), record)
+            raise BadRequest(f"endpoint {req.EndpointID[:12]}: bad address {address!r:.60}") from None
+        given_mac = iface.get("MacAddress") or ""
+        try:
+            mac = mac_address(given_mac) if given_mac else container_mac(ip)
+            options = endpoint_options(req.Options)
+        except RecordError as err:
+            raise BadRequest(f"endpoint {req.EndpointID[:12]}: {err}") from None
+        # The address binding and the endpoint record are one transaction: a failure between
+        # two writes would leak the address for ever (ReleaseAddress finds it still bound).
+        for _attempt in range(20):
+            ep_entry, existing = self._endpoint_entry(req.EndpointID)
+            if existing is not None and existing.ip != ip:
+                raise Conflict(f"endpoint {req.EndpointID[:12]} already exists with address {existing.ip}")
+            addr_entry = self.store.get(self.keys.address(ip))
+            held = _parse(addr_entry, lambda raw: AddressRecord.parse(raw, ip))
+            if held is None:
+                raise Conflict(f"address {ip} was not allocated by canal IPAM")
+            if held.endpoint not in ("", req.EndpointID):
+                raise Conflict(f"address {ip} is already used by endpoint {held.endpoint[:12]}")
+            record = EndpointRecord(
+                id=req.EndpointID,
+                network=req.NetworkID,
+                host=self.host,
+                ip=ip,
+                mac=mac,
+                mtu=network.mtu or self.default_mtu(),
+                joined=bool(existing and existing.joined),
+                sandbox=existing.sandbox if existing else "",
+                options=options,
+                created=existing.created if existing else time.time(),
+                labels=existing.labels if existing else None,
+                container=existing.container if existing else "",
+                container_name=existing.container_name if existing else "",
+            )
+            bound = replace(held, endpoint=req.EndpointID, network=req.NetworkID)
+            guards = [
+                Guard(self.keys.address(ip), addr_entry.mod_revision),
+                Guard(self.keys.endpoint(req.EndpointID), ep_entry.mod_revision if ep_entry else 0),
+            ]
+            ops = [Put(self.keys.address(ip), dumps(bound.to_json())), Put(self.keys.endpoint(req.EndpointID), dumps(record.to_json()))]
+            if self.store.txn(guards, ops):
+                break
+        else:
+            raise Conflict(f"endpoint {req.EndpointID[:12]}: its records changed concurrently 20 times; retry")
         self._pending[req.EndpointID] = self.request()
         log.info("endpoint %s created in network %s with %s", req.EndpointID[:12], req.NetworkID[:12], ip)
-        return {} if iface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
+        return {} if given_mac else {"Interface": {"MacAddress": mac}}
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
-        record = self.endpoint(network_id, endpoint_id)
+        """Unbind the address and delete the record in one transaction (idempotent)."""
+        for _attempt in range(20):
+            ep_entry, record = self._endpoint_entry(endpoint_id)
+            if record is None or record.network != network_id:
+                raise NotFound(f"endpoint {endpoint_id[:12]} does not exist in network {network_id[:12]}")
+            addr_key = self.keys.address(record.ip)
+            addr_entry = self.store.get(addr_key)
+            try:
+                held = _parse(addr_entry, lambda raw: AddressRecord.parse(raw, record.ip))
+            except Conflict as err:
+                log.warning("endpoint %s: %s; deleting the endpoint anyway", endpoint_id[:12], err)
+                held = None
+            guards = [Guard(self.keys.endpoint(endpoint_id), ep_entry.mod_revision)]  # type: ignore[union-attr]
+            ops: list[Put | Delete] = [Delete(self.keys.endpoint(endpoint_id))]
+            if held is not None and held.endpoint == endpoint_id and addr_entry is not None:
+                guards.append(Guard(addr_key, addr_entry.mod_revision))
+                ops.append(Put(addr_key, dumps(replace(held, endpoint="").to_json())))
+            if self.store.txn(guards, ops):
+                break
+        else:
+            raise Conflict(f"endpoint {endpoint_id[:12]}: its records changed concurrently 20 times; retry")
         self._pending.pop(endpoint_id, None)
         # As in leave(), the agent removes a veth still there; `docker network rm` waits for it.
-        self.ipam.unbind(ipaddress.IPv4Address(record["ip"]), endpoint_id)
-        self.store.delete(self.keys.endpoint(endpoint_id))
-        self.forget(record["ip"])
-        log.info("endpoint %s deleted (%s)", endpoint_id[:12], record["ip"])
+        self.forget(str(record.ip))
+        log.info("endpoint %s deleted (%s)", endpoint_id[:12], record.ip)
         self.changed(False)
 
-    def join(self, req: protocol.Join) -> dict:
-        record = self.endpoint(req.NetworkID, req.EndpointID)
-        record = {**record, "joined": True, "sandbox": req.SandboxKey}
+    def _update(self, endpoint_id: str, change: Callable[[EndpointRecord], EndpointRecord]) -> EndpointRecord:
+        def apply(raw: Any) -> Any:
+            if raw is None:
+                raise NotFound(f"endpoint {endpoint_id[:12]} vanished")
+            try:
+                return change(EndpointRecord.parse(raw, endpoint_id)).to_json()
+            except RecordError as err:
+                raise Conflict(f"endpoint record {endpoint_id[:12]} is malformed ({err})") from None
+
+        return EndpointRecord.parse(self.store.update(self.keys.endpoint(endpoint_id), apply), endpoint_id)
+
+    def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> JoinResult:
+        self.endpoint(network_id, endpoint_id)
         with self.links.guard:  # the reconciler must not see the veth before the record
-            self.store.put(self.keys.endpoint(req.EndpointID), record)
-            self.links.ensure_veth(link_of(record))
-        generation = self._pending.pop(req.EndpointID, None)
+            record = self._update(endpoint_id, lambda r: replace(r, joined=True, sandbox=sandbox_key))
+            self.links.ensure_veth(EndpointLink(record.id, record.ip, record.mac, record.mtu))
+        generation = self._pending.pop(endpoint_id, None)
         self.settle(generation if generation is not None else self.request())
-        log.info("endpoint %s joined (%s via %s)", req.EndpointID[:12], record["ip"], host_ifname(req.EndpointID))
+        log.info("endpoint %s joined (%s via %s)", endpoint_id[:12], record.ip, host_ifname(endpoint_id))
         self.changed(False)
-        return protocol.join(peer_ifname(req.EndpointID), "eth", GATEWAY)
+        return JoinResult(peer_ifname(endpoint_id), "eth", GATEWAY)
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
-        record = self.endpoint(network_id, endpoint_id)
-        self.store.put(self.keys.endpoint(endpoint_id), {**record, "joined": False, "sandbox": ""})
+        self.endpoint(network_id, endpoint_id)
+        self._update(endpoint_id, lambda r: replace(r, joined=False, sandbox=""))
         # The agent deletes the veth: the kernel takes tens of ms for it, which Docker's
         # container stop need not wait for (the sandbox's own teardown removes it anyway).
         log.info("endpoint %s left", endpoint_id[:12])
         self.changed(False)
-
-
-def link_of(record: Mapping[str, Any]) -> EndpointLink:
-    return EndpointLink(record["id"], ipaddress.IPv4Address(record["ip"]), record["mac"], int(record["mtu"]))

@@ -7,17 +7,13 @@ nothing); every host's agent compiles what is stored here.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from canal.datastore.base import Datastore, Put, dumps
 from canal.datastore.keys import Keys
 from canal.errors import BadRequest, NotFound
-from canal.policy import selector as selectors
-from canal.policy.compiler import EndpointInfo, effective_labels
+from canal.records import safe
 from canal.policy.model import Policy, load_documents
-
-if TYPE_CHECKING:
-    from canal.agent.desired import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +52,15 @@ class Policies:
         return results
 
     def list(self) -> list[Policy]:
-        return sorted(
-            (Policy.from_dict(v) for v in self.store.list_json(self.keys.policies).values()),
-            key=lambda p: p.sort_key,
-        )
+        """Stored policies that parse; a malformed one is skipped here (the agent quarantines it,
+        closes what its scope could select, and `canal status` lists it)."""
+        out = []
+        for key, raw in self.store.list_json(self.keys.policies).items():
+            try:
+                out.append(Policy.from_dict(raw))
+            except BadRequest as err:
+                log.warning("stored policy %s is malformed: %s", safe(key), err)
+        return sorted(out, key=lambda p: p.sort_key)
 
     def find(self, ref: str) -> Policy:
         """`NAME`, `NETWORK/NAME` or `global/NAME`; a bare NAME must be unambiguous."""
@@ -76,34 +77,3 @@ class Policies:
         log.info("policy %s deleted", policy.key)
         self.changed(True)
         return policy
-
-
-def applied_policies(endpoint: EndpointInfo, policies: list[Policy]) -> list[str]:
-    """Keys of the policies selecting `endpoint`, in application order (for `canal endpoint list`)."""
-    labels = effective_labels(endpoint)
-    if labels is None:
-        return []
-    return [
-        p.key
-        for p in policies
-        if (p.network is None or p.network == endpoint.network) and selectors.parse(p.selector).matches(labels)
-    ]
-
-
-def endpoint_rows(snap: "Snapshot") -> list[dict[str, Any]]:
-    """Every endpoint of the cluster, with what policy sees of it."""
-    from canal.agent.desired import network_name
-
-    rows = []
-    for ep in sorted(snap.endpoints.values(), key=lambda e: (e["host"], e["ip"])):
-        info = EndpointInfo(ep["id"], ep["ip"], network_name(snap, ep), ep["host"], ep.get("labels"))
-        rows.append({
-            "endpoint": ep["id"][:12],
-            "container": ep.get("container_name", ""),
-            "network": info.network,
-            "host": ep["host"],
-            "ip": ep["ip"],
-            "labels": ep.get("labels"),
-            "policies": applied_policies(info, list(snap.policies)) if ep.get("joined") else [],
-        })
-    return rows

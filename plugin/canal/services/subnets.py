@@ -15,7 +15,8 @@ from typing import Any
 
 from canal.datastore.base import Datastore, Guard, Put, dumps
 from canal.datastore.keys import Keys
-from canal.errors import BadRequest, Exhausted, Unavailable
+from canal.errors import BadRequest, CanalError, Exhausted, Unavailable
+from canal.records import Lease, safe
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ class NetworkConfig:
         return int(_ci(self.backend, "Port", 0) or 0)
 
 
-@dataclass(frozen=True)
-class Lease:
-    subnet: ipaddress.IPv4Network
-    public_ip: str
-    vtep_mac: str
-    lease_id: int  # datastore lease; 0 for a reservation (never expires)
-
-
 def _ci(mapping: dict, key: str, default: Any) -> Any:
     """flannel reads backend keys case-insensitively."""
     for k, v in mapping.items():
@@ -55,20 +48,29 @@ def _ci(mapping: dict, key: str, default: Any) -> Any:
     return default
 
 
-def parse_network_config(raw: dict) -> NetworkConfig:
+def parse_network_config(raw: Any) -> NetworkConfig:
     """flannel's config JSON with flannel's defaults; errors name the field."""
+    if not isinstance(raw, dict):
+        raise BadRequest(f"flannel config {safe(raw)} is not a JSON object")
+    if "Network" not in raw:
+        raise BadRequest("flannel config has no Network field")
+    if not isinstance(raw["Network"], str):
+        raise BadRequest(f"flannel config Network {safe(raw['Network'])} is not a CIDR string")
     try:
         network = ipaddress.IPv4Network(raw["Network"])
-    except KeyError:
-        raise BadRequest("flannel config has no Network field") from None
     except ValueError as err:
-        raise BadRequest(f"flannel config Network {raw.get('Network')!r}: {err}") from None
+        raise BadRequest(f"flannel config Network {safe(raw['Network'])}: {err}") from None
     if network.prefixlen > 28:
         raise BadRequest(f"flannel config Network {network} is smaller than /28")
     default_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
-    subnet_len = int(raw.get("SubnetLen") or default_len)
-    if not network.prefixlen < subnet_len <= 30:
-        raise BadRequest(f"flannel config SubnetLen {subnet_len} does not fit Network {network}")
+    subnet_len = raw.get("SubnetLen") or default_len
+    if isinstance(subnet_len, bool) or not isinstance(subnet_len, int) or not network.prefixlen < subnet_len <= 30:
+        raise BadRequest(f"flannel config SubnetLen {safe(subnet_len)} does not fit Network {network}")
+    for name in ("SubnetMin", "SubnetMax"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise BadRequest(f"flannel config {name} {safe(raw[name])} is not an address string")
+    if not isinstance(raw.get("Backend") or {}, dict):
+        raise BadRequest(f"flannel config Backend {safe(raw.get('Backend'))} is not an object")
     subnets = network.subnets(new_prefix=subnet_len)
     first = next(subnets)
     second = next(subnets, first)
@@ -121,6 +123,16 @@ class SubnetManager:
                 out.append(lease)
         return out
 
+    def _taken(self) -> set[ipaddress.IPv4Network]:
+        entries, _ = self.store.list(self.keys.leases)
+        out = set()
+        for entry in entries:
+            try:
+                out.add(ipaddress.IPv4Network(entry.key[len(self.keys.leases):].replace("-", "/")))
+            except ValueError:
+                continue  # not a subnet key: cannot collide with one
+        return out
+
     def acquire(self, public_ip: str, vtep_mac: str, previous: str | None = None) -> Lease:
         """flannel's order: our own lease by PublicIP, then the previous subnet, then a free one."""
         cfg = self.network_config()
@@ -128,7 +140,8 @@ class SubnetManager:
         for lease in leases:
             if lease.public_ip == public_ip and lease.subnet.subnet_of(cfg.network):
                 return self._renew(lease, vtep_mac)
-        taken = {lease.subnet for lease in leases}
+        # Every key counts as taken, parsable or not: a malformed lease is still somebody's.
+        taken = self._taken()
         candidates: list[ipaddress.IPv4Network] = []
         if previous:
             prev = ipaddress.IPv4Network(previous)
@@ -187,17 +200,7 @@ class SubnetManager:
 def lease_from_entry(name: str, value: str, lease_id: int) -> Lease | None:
     """Parse `a.b.c.d-len` + flannel's JSON; foreign or broken records are skipped, not fatal."""
     try:
-        return lease_from_json(name, json.loads(value), lease_id)
-    except ValueError:
-        log.warning("ignoring malformed flannel lease %s=%r", name, value)
-        return None
-
-
-def lease_from_json(name: str, data: Any, lease_id: int = 0) -> Lease | None:
-    try:
-        subnet = ipaddress.IPv4Network(name.replace("-", "/"))
-        mac = (data.get("BackendData") or {}).get("VtepMAC", "")
-        return Lease(subnet, str(data.get("PublicIP", "")), mac, lease_id)
-    except (ValueError, AttributeError, TypeError):
-        log.warning("ignoring malformed flannel lease %s=%r", name, data)
+        return Lease.parse(name, json.loads(value), lease_id)
+    except (ValueError, CanalError) as err:
+        log.warning("ignoring malformed flannel lease %s: %s", safe(name), err)
         return None

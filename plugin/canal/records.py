@@ -1,0 +1,480 @@
+"""Typed records: where datastore JSON and Docker's identifiers become typed, validated values.
+
+Every record the services write and the agent computes from passes through here. The
+datastore is every host's trust root, yet any client with write access can put anything in
+it: a record that does not parse raises RecordError naming the field, and the caller refuses
+the request (services) or quarantines that one record (agent) — nothing unvalidated reaches
+iptables-restore, ipset, interface names, logs or the policy compiler.
+
+Serialised forms are the ones earlier versions wrote, so upgrades read old records.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Optional, TypeVar
+
+from canal.errors import BadRequest
+
+__all__ = [
+    "ANY_NET",
+    "AddressRecord",
+    "EndpointRecord",
+    "HostRecord",
+    "Lease",
+    "NetworkRecord",
+    "PoolRecord",
+    "RecordError",
+    "RouteRecord",
+    "endpoint_id",
+    "hostname",
+    "labels",
+    "mac_address",
+    "network_id",
+    "network_name",
+    "replace",
+    "safe",
+]
+
+ANY_NET = "0.0.0.0/0"  # the pool of networks created without --subnet (see services.ipam)
+
+_ENDPOINT_ID = re.compile(r"[0-9a-f]{64}")
+# libnetwork: 64 lowercase hex; Swarm (swarmkit identity.NewID): 25 lowercase base-36.
+_NETWORK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-z]{25}")
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+# A host name becomes a datastore key segment and a log field: no "/", no whitespace.
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
+# Docker's own pattern for network and container names (daemon/names).
+_DOCKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+_POOL_ID = re.compile(r"canal-default|canal-cluster|canal-pool:[0-9./]+(?::[0-9./]+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+MAX_LABELS = 512
+MAX_LABEL_KEY = 255
+MAX_LABEL_VALUE = 4096
+MAX_OPTIONS = 64
+MAX_OPTION_LEN = 1024
+KINDS = ("endpoint", "gateway")
+
+
+class RecordError(BadRequest):
+    """A record or identifier failed validation; the message names the field, never echoes
+    more than a short, escaped excerpt of the bad value."""
+
+
+def safe(value: Any, limit: int = 60) -> str:
+    """A short repr of untrusted input for messages and logs: escaped, cut, never multi-line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fail(what: str, value: Any, why: str) -> RecordError:
+    return RecordError(f"{what} {safe(value)}: {why}")
+
+
+T = TypeVar("T")
+
+
+def _str(what: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(what, value, f"must be a string, not {type(value).__name__}")
+    return value
+
+
+def _pattern(what: str, value: Any, pattern: re.Pattern[str], expected: str) -> str:
+    text = _str(what, value)
+    if not pattern.fullmatch(text):
+        raise _fail(what, value, f"expected {expected}")
+    return text
+
+
+def endpoint_id(value: Any, what: str = "endpoint ID") -> str:
+    return _pattern(what, value, _ENDPOINT_ID, "64 lowercase hex digits")
+
+
+def network_id(value: Any, what: str = "network ID") -> str:
+    return _pattern(what, value, _NETWORK_ID, "64 lowercase hex digits (or Swarm's 25 base-36 characters)")
+
+
+def container_id(value: Any, what: str = "container ID") -> str:
+    return _pattern(what, value, _CONTAINER_ID, "64 lowercase hex digits")
+
+
+def hostname(value: Any, what: str = "host name") -> str:
+    return _pattern(what, value, _HOSTNAME, "a host name ([A-Za-z0-9][A-Za-z0-9_.-]*, at most 253)")
+
+
+def network_name(value: Any, what: str = "network name") -> str:
+    return _pattern(what, value, _DOCKER_NAME, "a Docker name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
+
+
+def container_name(value: Any, what: str = "container name") -> str:
+    return _pattern(what, value.lstrip("/") if isinstance(value, str) else value, _DOCKER_NAME, "a Docker name")
+
+
+def pool_id(value: Any, what: str = "pool ID") -> str:
+    return _pattern(what, value, _POOL_ID, "canal-default, canal-cluster or canal-pool:CIDR[:CIDR]")
+
+
+def mac_address(value: Any, what: str = "MAC address") -> str:
+    """aa:bb:cc:dd:ee:ff, lowercase; Docker and flannel write it so."""
+    text = _str(what, value).strip().lower().replace("-", ":")
+    if not _MAC.fullmatch(text):
+        raise _fail(what, value, "expected six colon-separated hex bytes")
+    return text
+
+
+def ipv4(value: Any, what: str = "address") -> ipaddress.IPv4Address:
+    text = _str(what, value)
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise _fail(what, value, "not an IPv4 address") from None
+
+
+def ipv4_net(value: Any, what: str = "subnet") -> ipaddress.IPv4Network:
+    text = _str(what, value)
+    try:
+        return ipaddress.IPv4Network(text, strict=True)
+    except ValueError as err:
+        raise _fail(what, value, f"not an IPv4 CIDR ({err})") from None
+
+
+def _bool(what: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(what, value, "must be true or false")
+    return value
+
+
+def _int(what: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(what, value, f"must be a whole number from {lo} to {hi}")
+    return value
+
+
+def _time(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise _fail(what, value, "must be a non-negative number of seconds")
+    return float(value)
+
+
+def labels(value: Any, what: str = "labels") -> dict[str, str]:
+    """Container labels: string to string, printable keys, bounded — they feed selectors and logs."""
+    if not isinstance(value, dict):
+        raise _fail(what, value, "must be a map of strings")
+    if len(value) > MAX_LABELS:
+        raise _fail(what, f"{len(value)} labels", f"at most {MAX_LABELS} labels")
+    out: dict[str, str] = {}
+    for key, val in value.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_LABEL_KEY or _CONTROL.search(key):
+            raise _fail(f"{what} key", key, f"must be 1-{MAX_LABEL_KEY} printable characters")
+        if not isinstance(val, str) or len(val) > MAX_LABEL_VALUE or _CONTROL.search(val):
+            raise _fail(f"{what} value of {safe(key)}", val, f"must be a string of at most {MAX_LABEL_VALUE} printable characters")
+        out[key] = val
+    return out
+
+
+def options(value: Any, what: str = "options") -> dict[str, str]:
+    """Docker's endpoint options we keep: string values only, bounded."""
+    if not isinstance(value, dict) or len(value) > MAX_OPTIONS:
+        raise _fail(what, value, f"must be a map of at most {MAX_OPTIONS} entries")
+    out: dict[str, str] = {}
+    for key, val in value.items():
+        if not isinstance(key, str) or not isinstance(val, str):
+            continue  # Docker's structured options (port maps, ...) are not stored
+        if len(key) > MAX_OPTION_LEN or len(val) > MAX_OPTION_LEN or _CONTROL.search(key + val):
+            raise _fail(f"{what} entry", key, f"at most {MAX_OPTION_LEN} printable characters")
+        out[key] = val
+    return out
+
+
+def _object(what: str, raw: Any) -> Mapping[str, Any]:
+    if not isinstance(raw, dict):
+        raise _fail(what, raw, "must be a JSON object")
+    return raw
+
+
+def _get(raw: Mapping[str, Any], name: str, parse: Callable[[str, Any], T], what: str, default: Any = ...) -> T:
+    if name not in raw or raw[name] is None:
+        if default is ...:
+            raise RecordError(f"{what}: field {name} is missing")
+        return default  # type: ignore[no-any-return]
+    return parse(f"{what} field {name}", raw[name])
+
+
+# Records ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointRecord:
+    """One container interface anywhere in the cluster (`<prefix>/endpoints/<id>`)."""
+
+    id: str
+    network: str  # Docker network ID
+    host: str
+    ip: ipaddress.IPv4Address
+    mac: str
+    mtu: int
+    joined: bool = False
+    sandbox: str = ""
+    options: Mapping[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    labels: Optional[Mapping[str, str]] = None  # None: not learned from Docker yet
+    container: str = ""
+    container_name: str = ""
+
+    @classmethod
+    def parse(cls, raw: Any, key_id: str | None = None) -> "EndpointRecord":
+        obj = _object("endpoint record", raw)
+        what = "endpoint record"
+        ep_id = _get(obj, "id", lambda w, v: endpoint_id(v, w), what)
+        if key_id is not None and ep_id != key_id:
+            raise RecordError(f"{what} {ep_id[:12]} is stored under another endpoint's key {safe(key_id)}")
+        what = f"endpoint {ep_id[:12]}"
+        sandbox = _get(obj, "sandbox", _str, what, "")
+        if _CONTROL.search(sandbox) or len(sandbox) > 4096:
+            raise _fail(f"{what} field sandbox", sandbox, "not a path")
+        return cls(
+            id=ep_id,
+            network=_get(obj, "network", lambda w, v: network_id(v, w), what),
+            host=_get(obj, "host", lambda w, v: hostname(v, w), what),
+            ip=_get(obj, "ip", lambda w, v: ipv4(v, w), what),
+            mac=_get(obj, "mac", lambda w, v: mac_address(v, w), what),
+            mtu=_get(obj, "mtu", lambda w, v: _int(w, v, 68, 65535), what),
+            joined=_get(obj, "joined", _bool, what, False),
+            sandbox=sandbox,
+            options=_get(obj, "options", lambda w, v: options(v, w), what, {}),
+            created=_get(obj, "created", _time, what, 0.0),
+            labels=_get(obj, "labels", lambda w, v: labels(v, w), what, None),
+            container=_get(obj, "container", lambda w, v: container_id(v, w) if v else "", what, ""),
+            container_name=_get(obj, "container_name", lambda w, v: container_name(v, w) if v else "", what, ""),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "network": self.network,
+            "host": self.host,
+            "ip": str(self.ip),
+            "mac": self.mac,
+            "mtu": self.mtu,
+            "joined": self.joined,
+            "sandbox": self.sandbox,
+            "options": dict(self.options),
+            "created": self.created,
+        }
+        if self.labels is not None:
+            out["labels"] = dict(self.labels)
+        if self.container:
+            out["container"] = self.container
+            out["container_name"] = self.container_name
+        return out
+
+
+@dataclass(frozen=True)
+class NetworkRecord:
+    """One host's view of a canal network (`<prefix>/networks/<host>/<id>`)."""
+
+    id: str
+    host: str
+    pools: tuple[str, ...]  # IPv4 CIDRs (ANY_NET: no --subnet)
+    internal: bool = False
+    nat: bool = True
+    mtu: int = 0  # 0: the host default
+    name: str = ""  # logical name: learned from Docker, or -o network=NAME ("": not yet known)
+    explicit_name: bool = False
+
+    @classmethod
+    def parse(cls, raw: Any, key: str | None = None) -> "NetworkRecord":
+        obj = _object("network record", raw)
+        what = "network record"
+        net_id = _get(obj, "id", lambda w, v: network_id(v, w), what)
+        what = f"network {net_id[:12]}"
+        host = _get(obj, "host", lambda w, v: hostname(v, w), what)
+        if key is not None and key != f"{host}/{net_id}":
+            raise RecordError(f"{what} of host {host} is stored under another key {safe(key)}")
+        pools = _get(obj, "pools", _list, what)
+        return cls(
+            id=net_id,
+            host=host,
+            pools=tuple(str(ipv4_net(p, f"{what} pool")) for p in pools),
+            internal=_get(obj, "internal", _bool, what, False),
+            nat=_get(obj, "nat", _bool, what, True),
+            mtu=_get(obj, "mtu", lambda w, v: _int(w, v, 0, 65535), what, 0),
+            name=_get(obj, "name", lambda w, v: network_name(v, w) if v else "", what, ""),
+            explicit_name=_get(obj, "explicit_name", _bool, what, False),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pools": list(self.pools),
+            "internal": self.internal,
+            "nat": self.nat,
+            "mtu": self.mtu,
+            "name": self.name,
+            "explicit_name": self.explicit_name,
+        }
+
+    @property
+    def logical_name(self) -> str:
+        return self.name or self.id
+
+
+def _list(what: str, value: Any) -> list[Any]:
+    if not isinstance(value, list) or len(value) > 64:
+        raise _fail(what, value, "must be a list of at most 64 entries")
+    return value
+
+
+@dataclass(frozen=True)
+class AddressRecord:
+    """One allocated address (`<prefix>/ipam/addresses/<hex>`): unique cluster-wide."""
+
+    ip: ipaddress.IPv4Address
+    pool: str
+    kind: str  # "endpoint" or "gateway"
+    host: str
+    endpoint: str = ""  # bound endpoint ID ("" until CreateEndpoint)
+    network: str = ""
+    time: int = 0
+
+    @classmethod
+    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | None = None) -> "AddressRecord":
+        obj = _object("address record", raw)
+        what = "address record"
+        ip = _get(obj, "ip", lambda w, v: ipv4(v, w), what)
+        if key_ip is not None and ip != key_ip:
+            raise RecordError(f"{what} {ip} is stored under the key of {key_ip}")
+        what = f"address {ip}"
+        kind = _get(obj, "kind", _str, what)
+        if kind not in KINDS:
+            raise _fail(f"{what} field kind", kind, "must be endpoint or gateway")
+        return cls(
+            ip=ip,
+            pool=_get(obj, "pool", lambda w, v: pool_id(v, w), what),
+            kind=kind,
+            host=_get(obj, "host", lambda w, v: hostname(v, w), what),
+            endpoint=_get(obj, "endpoint", lambda w, v: endpoint_id(v, w) if v else "", what, ""),
+            network=_get(obj, "network", lambda w, v: network_id(v, w) if v else "", what, ""),
+            time=int(_get(obj, "time", _time, what, 0)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ip": str(self.ip),
+            "pool": self.pool,
+            "kind": self.kind,
+            "host": self.host,
+            "endpoint": self.endpoint,
+            "network": self.network,
+            "time": self.time,
+        }
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """A --subnet pool (`<prefix>/ipam/pools/<cidr>`), shared by every network using it."""
+
+    cidr: ipaddress.IPv4Network
+    gateway: str = ""  # the gateway address, "" if none was requested
+    shared: bool = False  # a Swarm pool: the manager allocates, nodes claim
+
+    @classmethod
+    def parse(cls, raw: Any) -> "PoolRecord":
+        obj = _object("pool record", raw)
+        cidr = _get(obj, "cidr", lambda w, v: ipv4_net(v, w), "pool record")
+        what = f"pool {cidr}"
+        gateway = _get(obj, "gateway", lambda w, v: str(ipv4(v, w)) if v else "", what, "")
+        return cls(cidr, gateway, _get(obj, "shared", _bool, what, False))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cidr": str(self.cidr), "gateway": self.gateway, "shared": self.shared}
+
+
+@dataclass(frozen=True)
+class RouteRecord:
+    """A /32 of a host outside its own subnet (`<prefix>/routes/<hex>`), routed to it by peers."""
+
+    ip: ipaddress.IPv4Address
+    host: str
+    subnet: ipaddress.IPv4Network  # the owner's subnet: peers route via its VTEP (<subnet>.0)
+
+    @classmethod
+    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | None = None) -> "RouteRecord":
+        obj = _object("route record", raw)
+        ip = _get(obj, "ip", lambda w, v: ipv4(v, w), "route record")
+        if key_ip is not None and ip != key_ip:
+            raise RecordError(f"route record {ip} is stored under the key of {key_ip}")
+        what = f"route {ip}"
+        return cls(
+            ip,
+            _get(obj, "host", lambda w, v: hostname(v, w), what),
+            _get(obj, "subnet", lambda w, v: ipv4_net(v, w), what),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ip": str(self.ip), "host": self.host, "subnet": str(self.subnet)}
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """One host's identity (`<prefix>/hosts/<name>`): its VTEP MAC (kept across restarts, as
+    flanneld keeps it), last subnet, underlay address and last lease renewal."""
+
+    name: str
+    vtep_mac: str
+    subnet: Optional[ipaddress.IPv4Network] = None
+    public_ip: str = ""  # "" in records of versions before identities were checked
+    renewed: float = 0.0  # wall-clock time of the last lease renewal (host collection)
+
+    @classmethod
+    def parse(cls, raw: Any, name: str) -> "HostRecord":
+        obj = _object("host record", raw)
+        what = f"host {name}"
+        return cls(
+            name=hostname(name),
+            vtep_mac=_get(obj, "vtep_mac", lambda w, v: mac_address(v, w), what),
+            subnet=_get(obj, "subnet", lambda w, v: ipv4_net(v, w) if v else None, what, None),
+            public_ip=_get(obj, "public_ip", lambda w, v: str(ipv4(v, w)) if v else "", what, ""),
+            renewed=_get(obj, "renewed", _time, what, 0.0),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vtep_mac": self.vtep_mac,
+            "subnet": str(self.subnet) if self.subnet else "",
+            "public_ip": self.public_ip,
+            "renewed": self.renewed,
+        }
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A host's subnet lease in flannel's schema (`/coreos.com/network/subnets/<a.b.c.d-len>`)."""
+
+    subnet: ipaddress.IPv4Network
+    public_ip: str
+    vtep_mac: str  # "" for backends without a VTEP
+    lease_id: int = 0  # datastore lease; 0 for a reservation (never expires)
+    backend_type: str = "vxlan"
+
+    @classmethod
+    def parse(cls, name: str, raw: Any, lease_id: int = 0) -> "Lease":
+        subnet = ipv4_net(name.replace("-", "/"), "flannel lease key")
+        obj = _object(f"flannel lease {subnet}", raw)
+        what = f"flannel lease {subnet}"
+        public_ip = str(_get(obj, "PublicIP", lambda w, v: ipv4(v, w), what))
+        backend_type = _get(obj, "BackendType", _str, what, "vxlan")
+        if not re.fullmatch(r"[a-z0-9-]{1,32}", backend_type):
+            raise _fail(f"{what} field BackendType", backend_type, "not a backend name")
+        data = _get(obj, "BackendData", lambda w, v: _object(w, v), what, {})
+        mac = data.get("VtepMAC")
+        # Absent in a reservation until its host fills it in: such a peer gets no tunnel yet.
+        vtep_mac = mac_address(mac, f"{what} VtepMAC") if mac else ""
+        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type)
