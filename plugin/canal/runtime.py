@@ -6,12 +6,9 @@ Nothing is built at import time; tests build services with fakes where they need
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
-import random
 import threading
-import time
 from typing import Any, Optional
 
 from canal.agent.agent import Agent
@@ -19,18 +16,16 @@ from canal.agent.desired import Snapshot, desired_route_records, desired_vxlan, 
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
 from canal.config import Config
-from canal.datastore.base import Datastore, Delete, Guard, open_datastore
+from canal.datastore.base import Datastore, open_datastore
 from canal.datastore.keys import Keys
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.vxlan import Vxlan, VxlanState
-from canal.errors import BadRequest, CanalError, Conflict, Unavailable
+from canal.errors import CanalError, Unavailable
 from canal.policy.model import Policy
 from canal.records import (
-    AddressRecord,
     EndpointRecord,
-    HostRecord,
     Lease,
     NetworkRecord,
     RecordError,
@@ -39,6 +34,7 @@ from canal.records import (
     replace,
     safe,
 )
+from canal.services.hosts import Hosts
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
 from canal.services.policies import Policies
@@ -48,13 +44,6 @@ log = logging.getLogger(__name__)
 
 SUBNET_ENV = "/run/flannel/subnet.env"
 VXLAN_OVERHEAD = 50
-
-
-def random_mac() -> str:
-    """A locally administered unicast MAC, as flannel gives its VXLAN device."""
-    octets = [random.randint(0, 255) for _ in range(6)]
-    octets[0] = (octets[0] & 0xFE) | 0x02
-    return ":".join(f"{o:02x}" for o in octets)
 
 
 def read_subnet_env(path: str = SUBNET_ENV) -> dict[str, str]:
@@ -103,6 +92,7 @@ class Plugin:
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
+        self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip)
         self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, self.cluster_network)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed,
@@ -197,60 +187,13 @@ class Plugin:
             return "embedded"
         env = read_subnet_env()
         mac = self.vxlan.device_mac(self.config.vxlan_vni) if self.vxlan else None
-        record = self._read_host_record()
+        record = self.hosts.read()
         ours = record.vtep_mac if record else None
         if self.config.flannel_mode == "external":
             if not env:
                 raise Unavailable(f"flannel-mode external, but {SUBNET_ENV} is missing: is flanneld running?")
             return "external"
         return "external" if env and mac and mac != ours else "embedded"
-
-    def _read_host_record(self) -> HostRecord | None:
-        raw = self.store.get_json(self.keys.host(self.host))
-        if raw is None:
-            return None
-        try:
-            return HostRecord.parse(raw, self.host)
-        except RecordError as err:
-            log.error("host record %s is malformed (%s); writing a new one", self.keys.host(self.host), err)
-            return None
-
-    def check_identity(self) -> None:
-        """One identity per host name: a live host record with our name but another underlay
-        address is a second machine (a clone, a copied config) — refuse rather than let the two
-        overwrite each other's records and silently break cross-host traffic."""
-        record = self._read_host_record()
-        if record is None or not record.public_ip or record.public_ip == self.public_ip:
-            return
-        alive = False
-        if record.subnet is not None:
-            entry = self.store.get(self.keys.lease(record.subnet))
-            if entry is not None:
-                try:
-                    alive = Lease.parse(str(record.subnet).replace("/", "-"), json.loads(entry.value)).public_ip == record.public_ip
-                except (ValueError, CanalError):
-                    alive = False
-        if alive:
-            raise Conflict(
-                f"host name {self.host!r} is already used by a live host at {record.public_ip} "
-                f"(subnet {record.subnet}, VTEP {record.vtep_mac}); this host is {self.public_ip}. "
-                "Give each host its own name with --hostname (CANAL_HOSTNAME)"
-            )
-
-    def _host_record(self) -> HostRecord:
-        """Our host record, created (with a fresh VTEP MAC) on first start."""
-
-        def fill(raw: Any) -> Any:
-            try:
-                record = HostRecord.parse(raw, self.host) if raw is not None else None
-            except RecordError:
-                record = None
-            if record is None:
-                record = HostRecord(self.host, random_mac())
-            return replace(record, public_ip=self.public_ip, renewed=time.time()).to_json()
-
-        self.check_identity()
-        return HostRecord.parse(self.store.update(self.keys.host(self.host), fill), self.host)
 
     def host_subnet(self) -> ipaddress.IPv4Network:
         with self._lease_lock:
@@ -261,26 +204,14 @@ class Plugin:
                     self.lease = Lease(subnet, self.public_ip, "", 0)
                     log.info("host %s uses flanneld's subnet %s", self.host, subnet)
                     return subnet
-                record = self._host_record()
+                record = self.hosts.ensure()
                 previous = str(record.subnet) if record.subnet else None
                 self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous)
                 if record.subnet != self.lease.subnet:
                     subnet = self.lease.subnet
-                    self._update_host(lambda r: replace(r, subnet=subnet))
+                    self.hosts.update(lambda r: replace(r, subnet=subnet))
                 log.info("host %s owns subnet %s (flannel %s)", self.host, self.lease.subnet, self.flannel_mode)
             return self.lease.subnet
-
-    def _update_host(self, change: Any) -> None:
-        def apply(raw: Any) -> Any:
-            try:
-                record = HostRecord.parse(raw, self.host) if raw is not None else None
-            except RecordError:
-                record = None
-            if record is None:
-                return raw
-            return change(record).to_json()
-
-        self.store.update(self.keys.host(self.host), apply)
 
     def renew_lease(self) -> None:
         if self.flannel_mode == "external":
@@ -288,45 +219,9 @@ class Plugin:
         with self._lease_lock:
             if self.lease is not None:
                 self.lease = self.subnets.renew(self.lease)
-                now = time.time()
-                self._update_host(lambda r: replace(r, renewed=now))
+                self.hosts.touch()
         if self.multihost:
-            self.collect_departed_hosts()
-
-    def collect_departed_hosts(self) -> None:
-        """Remove the records of hosts gone for good: no live lease of theirs, and no renewal
-        for two lease TTLs (twice, so that clock skew between hosts cannot collect a live one).
-        Any host may do it; every delete is guarded or idempotent."""
-        now = time.time()
-        live_ips = {lease.public_ip for lease in self._leases()}
-        hosts = self.mirror.records(self.keys.root + "/hosts/", lambda name, raw: HostRecord.parse(raw, name))
-        for name, record in hosts.items():
-            if name == self.host or record.public_ip in live_ips or not record.renewed:
-                continue
-            if now - record.renewed < 2 * self.config.lease_ttl:
-                continue
-            log.warning("host %s (%s) is gone: no lease, last renewal %.0f s ago; removing its records",
-                        name, record.public_ip or "?", now - record.renewed)
-            self._collect_host(name)
-
-    def _collect_host(self, name: str) -> None:
-        endpoints = self.mirror.records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key))
-        theirs = {ep_id for ep_id, ep in endpoints.items() if ep.host == name}
-        ops: list[Delete] = [Delete(self.keys.endpoint(ep_id)) for ep_id in sorted(theirs)]
-        ops += [Delete(self.keys.network(name, net.id)) for net in self._networks().values() if net.host == name]
-        ops += [Delete(self.keys.route(r.ip)) for r in self._routes().values() if r.host == name]
-        addresses = self.mirror.records(self.keys.addresses, lambda key, raw: AddressRecord.parse(raw))
-        ops += [
-            Delete(self.keys.address(a.ip))
-            for a in addresses.values()
-            if (a.host == name and a.kind == "endpoint" and (not a.endpoint or a.endpoint in theirs))
-            or (a.endpoint and a.endpoint in theirs)
-        ]
-        for start in range(0, len(ops), 100):  # etcd's default limit of operations per txn is 128
-            self.store.txn([], ops[start:start + 100])
-        entry = self.store.get(self.keys.host(name))
-        if entry is not None:
-            self.store.txn([Guard(entry.key, entry.mod_revision)], [Delete(entry.key)])
+            self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
 
     def default_mtu(self) -> int:
         if self.config.mtu:
@@ -347,7 +242,7 @@ class Plugin:
             return  # event passes skip the kernel read-back when nothing changed
         if self.flannel_mode == "embedded":
             if not self._vtep_mac:
-                self._vtep_mac = self._host_record().vtep_mac
+                self._vtep_mac = self.hosts.ensure().vtep_mac
             self.vxlan.ensure_device(
                 self.config.vxlan_vni, self.config.vxlan_port, self.public_ip, self.iface,
                 self._vtep_mac, self.underlay_mtu - VXLAN_OVERHEAD, snap.own_subnet,

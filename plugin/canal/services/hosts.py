@@ -1,0 +1,144 @@
+"""Host identities: one record per host name, checked at start, and collected once the host is
+gone for good.
+
+A host record (`<prefix>/hosts/<name>`) keeps what must survive restarts (the VTEP MAC, as
+flanneld keeps it, and the last subnet) and says who holds the name (underlay address, last
+lease renewal). Two machines with one name would overwrite each other's records and silently
+break cross-host traffic; the second one is refused instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any, Callable, Iterable
+
+from canal.datastore.base import Datastore, Delete, Guard
+from canal.datastore.keys import Keys
+from canal.errors import CanalError, Conflict
+from canal.records import AddressRecord, EndpointRecord, HostRecord, Lease, NetworkRecord, RecordError, RouteRecord, replace
+
+log = logging.getLogger(__name__)
+
+TXN_OPS = 100  # etcd refuses transactions of more than 128 operations by default
+
+Records = Callable[[str, Callable[[str, Any], Any]], dict[str, Any]]
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC, as flannel gives its VXLAN device."""
+    octets = [random.randint(0, 255) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+class Hosts:
+    def __init__(self, store: Datastore, keys: Keys, host: str, public_ip: str, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.keys = keys
+        self.host = host
+        self.public_ip = public_ip
+        self.clock = clock  # wall clock: renewals are compared across hosts
+
+    def read(self) -> HostRecord | None:
+        raw = self.store.get_json(self.keys.host(self.host))
+        if raw is None:
+            return None
+        try:
+            return HostRecord.parse(raw, self.host)
+        except RecordError as err:
+            log.error("host record %s is malformed (%s); a new one will be written", self.keys.host(self.host), err)
+            return None
+
+    def check_identity(self) -> None:
+        """Refuse when a live host (its lease still held at its address) has our name."""
+        record = self.read()
+        if record is None or not record.public_ip or record.public_ip == self.public_ip:
+            return
+        alive = False
+        if record.subnet is not None:
+            entry = self.store.get(self.keys.lease(record.subnet))
+            if entry is not None:
+                try:
+                    lease = Lease.parse(str(record.subnet).replace("/", "-"), json.loads(entry.value))
+                    alive = lease.public_ip == record.public_ip
+                except (ValueError, CanalError):
+                    alive = False
+        if alive:
+            raise Conflict(
+                f"host name {self.host!r} is already used by a live host at {record.public_ip} "
+                f"(subnet {record.subnet}, VTEP {record.vtep_mac}); this host is {self.public_ip}. "
+                "Give each host its own name with --hostname (CANAL_HOSTNAME)"
+            )
+
+    def ensure(self) -> HostRecord:
+        """Our record, created with a fresh VTEP MAC on first start; checks the identity first."""
+        self.check_identity()
+        now = self.clock()
+
+        def fill(raw: Any) -> Any:
+            try:
+                record = HostRecord.parse(raw, self.host) if raw is not None else None
+            except RecordError:
+                record = None
+            if record is None:
+                record = HostRecord(self.host, random_mac())
+            return replace(record, public_ip=self.public_ip, renewed=now).to_json()
+
+        return HostRecord.parse(self.store.update(self.keys.host(self.host), fill), self.host)
+
+    def update(self, change: Callable[[HostRecord], HostRecord]) -> None:
+        def apply(raw: Any) -> Any:
+            try:
+                record = HostRecord.parse(raw, self.host) if raw is not None else None
+            except RecordError:
+                record = None
+            return raw if record is None else change(record).to_json()
+
+        self.store.update(self.keys.host(self.host), apply)
+
+    def touch(self) -> None:
+        """Record a lease renewal: the collector's proof that this host is alive."""
+        now = self.clock()
+        self.update(lambda r: replace(r, renewed=now))
+
+    def collect_departed(self, records: Records, leases: Iterable[Lease], ttl: float) -> list[str]:
+        """Remove the records of hosts gone for good: no live lease at their address and no
+        renewal for two lease TTLs (two, so clock skew between hosts cannot collect a live
+        one). Any host may do it; every step is idempotent. Returns the collected names."""
+        now = self.clock()
+        live = {lease.public_ip for lease in leases}
+        hosts = records(self.keys.root + "/hosts/", lambda name, raw: HostRecord.parse(raw, name))
+        gone = []
+        for name, record in sorted(hosts.items()):
+            if name == self.host or not record.public_ip or record.public_ip in live or not record.renewed:
+                continue
+            if now - record.renewed < 2 * ttl:
+                continue
+            log.warning("host %s (%s) is gone: no lease, last renewal %.0f s ago; removing its records",
+                        name, record.public_ip, now - record.renewed)
+            self._collect(name, records)
+            gone.append(name)
+        return gone
+
+    def _collect(self, name: str, records: Records) -> None:
+        endpoints = records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key))
+        theirs = {ep_id for ep_id, ep in endpoints.items() if ep.host == name}
+        networks = records(self.keys.networks, lambda key, raw: NetworkRecord.parse(raw, key))
+        routes = records(self.keys.routes, lambda key, raw: RouteRecord.parse(raw))
+        addresses = records(self.keys.addresses, lambda key, raw: AddressRecord.parse(raw))
+        ops = [Delete(self.keys.endpoint(ep_id)) for ep_id in sorted(theirs)]
+        ops += [Delete(self.keys.network(name, net.id)) for net in networks.values() if net.host == name]
+        ops += [Delete(self.keys.route(r.ip)) for r in routes.values() if r.host == name]
+        ops += [
+            Delete(self.keys.address(a.ip))
+            for a in addresses.values()
+            if a.endpoint in theirs or (a.host == name and a.kind == "endpoint" and not a.endpoint)
+        ]
+        for start in range(0, len(ops), TXN_OPS):
+            self.store.txn([], ops[start:start + TXN_OPS])
+        entry = self.store.get(self.keys.host(name))
+        if entry is not None:  # guarded: a host that came back meanwhile keeps its record
+            self.store.txn([Guard(entry.key, entry.mod_revision)], [Delete(entry.key)])
