@@ -17,7 +17,7 @@ from typing import Any
 from fakes import FakeIpsets, FakeIptables, FakeLinks
 
 from canal import config
-from canal.agent.desired import Snapshot, desired_firewall, desired_links
+from canal.agent.desired import Snapshot, desired_firewall, desired_links, endpoint_rows
 from canal.api.app import create_app
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import check_restore
@@ -26,7 +26,8 @@ from canal.datastore.keys import Keys
 from canal.datastore.local import LocalDatastore
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
-from canal.services.policies import Policies, endpoint_rows
+from canal.records import EndpointRecord, NetworkRecord
+from canal.services.policies import Policies
 
 HOST_SUBNET = "100.64.7.0/24"
 CLUSTER = "100.64.0.0/16"
@@ -66,8 +67,8 @@ class ContractPlugin:
         return Snapshot(
             "h1",
             CLUSTER,
-            self.store.list_json(self.keys.networks),
-            self.store.list_json(self.keys.endpoints),
+            {k: NetworkRecord.parse(v, k) for k, v in self.store.list_json(self.keys.networks).items()},
+            {k: EndpointRecord.parse(v, k) for k, v in self.store.list_json(self.keys.endpoints).items()},
             policies=tuple(self.policies.list()),
         )
 

@@ -4,16 +4,19 @@ value did (or would do) without the protection."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import pytest
 import yaml
 
-from canal.agent.desired import desired_firewall
+from canal.agent.desired import Snapshot, desired_firewall
 from canal.api import protocol
 from canal.dataplane.iptables import check_restore
 from canal.dataplane.firewall import restore_text
-from canal.errors import UnsafeInput
+from canal.errors import BadRequest, UnsafeInput
+from canal.records import EndpointRecord, NetworkRecord, RecordError
+from contract_support import CLUSTER
 
 NET = "7a3d" * 16
 EP = "e9c1" * 16
@@ -58,13 +61,19 @@ def test_pool_with_newline_is_refused_before_the_datastore(client, plugin):
 
 
 def test_positive_control_pool_bypassing_the_edge_reaches_the_ipset_members(plugin):
-    """Without protocol.parse, the service stores the pool and the agent makes it an ipset
-    member: exactly the line `ipset restore` would have split in two."""
+    """Without the protocol edge, the service's own parse and the record types (every layer
+    bypassed: records built directly), the pool becomes an ipset member: exactly the line
+    `ipset restore` would have split in two. Each layer refuses it on its own."""
     raw = protocol.CreateNetwork(NET, {}, [{"AddressSpace": "CanalLocal", "Pool": HOSTILE_POOL}])
-    plugin.networks.create_network(raw)  # the fakes' apply drops the bad member (ipset.py)
-    members = {m for s in desired_firewall(plugin.snapshot()).ipsets for m in s.members}
+    with pytest.raises(BadRequest, match="not an IPv4 CIDR"):
+        plugin.networks.create_network(raw)  # the service's parse, behind the edge
+    with pytest.raises(RecordError, match="pool"):
+        NetworkRecord.parse({"id": NET, "host": "h1", "pools": [HOSTILE_POOL]})  # the record type
+    record = NetworkRecord(id=NET, host="h1", pools=(HOSTILE_POOL,))
+    members = {m for s in desired_firewall(Snapshot("h1", CLUSTER, {f"h1/{NET}": record}, {})).ipsets for m in s.members}
     assert HOSTILE_POOL in members
-    assert HOSTILE_POOL not in plugin.ipsets.sets["canal-nets"]
+    plugin.firewall.apply(desired_firewall(Snapshot("h1", CLUSTER, {f"h1/{NET}": record}, {})))
+    assert HOSTILE_POOL not in plugin.ipsets.sets["canal-nets"]  # the last layer (ipset.py) drops it
 
 
 @pytest.mark.parametrize("pool", [12, "10.9.0.1/24", "10.9.0.0", "010.9.0.0/24", "10.9.0.0/33", "fd00::/64", "10.9.0.0/24 ", "１0.9.0.0/24"])
@@ -95,7 +104,7 @@ def test_gateway_and_aux_addresses_in_dockers_form_are_accepted(client, plugin):
         "AuxAddresses": {"printer": "100.70.0.5/24"},
     }]})
     assert status == 200, answer
-    assert plugin.networks.network(NET)["pools"] == ["100.70.0.0/24"]
+    assert plugin.networks.network(NET).pools == ("100.70.0.0/24",)
 
 
 # IDs: an EndpointID with a newline split an iptables chain declaration ------------------------
@@ -111,11 +120,17 @@ def test_endpoint_id_must_be_64_lowercase_hex(client, plugin, name, endpoint):
 
 
 def test_positive_control_endpoint_id_bypassing_the_edge_breaks_the_restore_grammar(plugin):
-    """Stored without the edge check, the ID's first 12 characters become a chain name whose
-    newline splits the `:CHAIN - [0:0]` declaration; the restore check refuses that text."""
-    plugin.store.put(plugin.keys.network("h1", NET), {"id": NET, "pools": ["100.70.0.0/24"], "host": "h1", "nat": True, "internal": False, "mtu": 0, "name": "n"})
-    plugin.store.put(plugin.keys.endpoint(HOSTILE_EP), {"id": HOSTILE_EP, "network": NET, "host": "h1", "ip": "100.70.0.9", "mac": "02:42:64:46:00:09", "mtu": 1450, "joined": True, "labels": {}})
-    text = restore_text(desired_firewall(plugin.snapshot()), {})
+    """Stored without the edge check, a record with such an ID is quarantined by the record
+    type; built directly (every layer bypassed), the ID's first 12 characters become a chain
+    name whose newline splits the `:CHAIN - [0:0]` declaration; the restore check refuses it."""
+    with pytest.raises(RecordError, match="field id"):
+        EndpointRecord.parse({"id": HOSTILE_EP, "network": NET, "host": "h1", "ip": "100.70.0.9",
+                              "mac": "02:42:64:46:00:09", "mtu": 1450, "joined": True, "labels": {}})
+    network = NetworkRecord(id=NET, host="h1", pools=("100.70.0.0/24",), name="n")
+    endpoint = EndpointRecord(id=HOSTILE_EP, network=NET, host="h1", ip=ipaddress.IPv4Address("100.70.0.9"),
+                              mac="02:42:64:46:00:09", mtu=1450, joined=True, labels={})
+    snap = Snapshot("h1", CLUSTER, {f"h1/{NET}": network}, {HOSTILE_EP: endpoint})
+    text = restore_text(desired_firewall(snap), {})
     assert ":CANAL-FW-abc\n-A INPUT - [0:0]\n" in text  # the declaration, split in two
     with pytest.raises(UnsafeInput, match="malformed"):
         check_restore(text)
@@ -152,7 +167,7 @@ def test_mac_address_is_stored_in_lower_case(client, plugin):
     addr = call(client, "IpamDriver.RequestAddress", {"PoolID": pool})[1]["Address"]
     body = {"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr, "MacAddress": "02:AB:cd:00:00:01"}}
     assert call(client, "NetworkDriver.CreateEndpoint", body) == (200, {})
-    assert plugin.networks.endpoint(NET, EP)["mac"] == "02:ab:cd:00:00:01"
+    assert plugin.networks.endpoint(NET, EP).mac == "02:ab:cd:00:00:01"
 
 
 @pytest.mark.parametrize("name, body, field", [
