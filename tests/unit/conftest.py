@@ -18,6 +18,7 @@ import pytest
 import requests
 from canal.datastore.etcd import EtcdDatastore
 from canal.datastore.local import LocalDatastore
+from testbed.pki import Pki
 
 ETCD_MISSING = (
     "the etcd binary is not installed (looked for `etcd` on PATH and /usr/bin/etcd); the etcd "
@@ -251,55 +252,7 @@ def store(request, tmp_path):
 # ------------------------------------------------------------------ TLS: a throwaway PKI
 
 
-def openssl(*args: str, cwd: str) -> None:
-    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
-    assert res.returncode == 0, f"openssl {' '.join(args)}: {res.stderr}"
-
-
-class Pki:
-    """A CA with a server certificate (127.0.0.1) and a client certificate, made with the
-    openssl CLI, plus a second, unrelated CA with its own client certificate (the "other CA"
-    of the rejection tests). EC P-256 keys: quick to make. Files only, in `dir`."""
-
-    def __init__(self, dir: str) -> None:
-        if not shutil.which("openssl"):
-            pytest.fail("the openssl CLI is missing: apt-get install openssl", pytrace=False)
-        self.dir = dir
-        self.ca, self.ca_key = self._ca("canal-test-ca")
-        self.server_cert, self.server_key = self._leaf(
-            "server", "127.0.0.1", self.ca, self.ca_key,
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
-        )  # clientAuth too: etcd's gateway dials its own gRPC port with the server certificate
-        self.client_cert, self.client_key = self._leaf(
-            "client", "canal", self.ca, self.ca_key, "extendedKeyUsage=clientAuth"
-        )
-        self.other_ca, other_ca_key = self._ca("canal-test-other-ca")
-        self.other_client_cert, self.other_client_key = self._leaf(
-            "other-client", "canal", self.other_ca, other_ca_key, "extendedKeyUsage=clientAuth"
-        )
-        # The right client certificate's key, encrypted: etcd clients need unencrypted keys.
-        self.encrypted_key = os.path.join(dir, "client-encrypted.key")
-        openssl("pkey", "-in", self.client_key, "-aes256", "-passout", "pass:secret-passphrase",
-                "-out", self.encrypted_key, cwd=dir)
-
-    def _ca(self, name: str) -> tuple[str, str]:
-        crt, key = os.path.join(self.dir, f"{name}.crt"), os.path.join(self.dir, f"{name}.key")
-        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", key, "-out", crt, "-days", "2", "-subj", f"/CN={name}", cwd=self.dir)
-        return crt, key
-
-    def _leaf(self, name: str, cn: str, ca: str, ca_key: str, extensions: str) -> tuple[str, str]:
-        crt, key = os.path.join(self.dir, f"{name}.crt"), os.path.join(self.dir, f"{name}.key")
-        csr, ext = os.path.join(self.dir, f"{name}.csr"), os.path.join(self.dir, f"{name}.ext")
-        with open(ext, "w") as handle:
-            handle.write(extensions + "\n")
-        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", key, "-out", csr, "-subj", f"/CN={cn}", cwd=self.dir)
-        openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-                "-out", crt, "-days", "2", "-extfile", ext, cwd=self.dir)
-        return crt, key
-
-
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> Pki:
+    """CA, server (127.0.0.1) and client certificates, and another CA's client certificate."""
     return Pki(str(tmp_path_factory.mktemp("canal-pki")))

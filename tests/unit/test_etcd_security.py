@@ -19,7 +19,8 @@ from canal.config import Config, Secret
 from canal.datastore.base import Delete, Guard, Put, open_datastore
 from canal.datastore.etcd import EtcdAccessDenied, EtcdDatastore
 from canal.errors import BadRequest, Unavailable
-from conftest import EtcdServer, Pki, free_ports, start_etcd
+from conftest import EtcdServer, free_ports, start_etcd
+from testbed.pki import Pki
 
 PASSWORD = "s3cret-Pa55-never-logged"
 PREFIXES = ["/canal/v1", "/coreos.com/network"]
