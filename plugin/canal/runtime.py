@@ -22,7 +22,7 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.vxlan import Vxlan, VxlanState
-from canal.errors import CanalError, Unavailable
+from canal.errors import Unavailable
 from canal.policy.model import Policy
 from canal.records import (
     EndpointRecord,
@@ -30,6 +30,7 @@ from canal.records import (
     NetworkRecord,
     RecordError,
     RouteRecord,
+    hostname,
     ipv4,
     replace,
     safe,
@@ -72,6 +73,23 @@ def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path
     os.replace(tmp, path)
 
 
+def check_start(config: Config) -> None:
+    """What must hold before serving, checked in the serving process before it forks: the
+    host name is usable, the datastore accepts our TLS and credentials (open_datastore refuses
+    them, naming the setting), and no live host already holds our name. An unreachable
+    datastore is not a refusal: the plugin starts and retries, and the identity is checked
+    again before the first lease."""
+    hostname(config.host_name, "host name (--hostname, CANAL_HOSTNAME, or the system's)")
+    store = open_datastore(config)
+    try:
+        _iface, public_ip, _mtu = linkmod.underlay(config.iface, config.public_ip)
+        Hosts(store, Keys(config.etcd_prefix, config.flannel_prefix), config.host_name, public_ip).check_identity()
+    except Unavailable as err:
+        log.warning("host identity not checked at start (datastore unreachable): %s", err)
+    finally:
+        store.close()
+
+
 class Plugin:
     def __init__(self, config: Config, store: Datastore | None = None):
         self.config = config
@@ -106,7 +124,7 @@ class Plugin:
             "host %s: underlay %s (%s, mtu %d), iptables %s, datastore %s",
             self.host, self.public_ip, self.iface, self.underlay_mtu, backend, config.datastore,
         )
-        steps = [self.forget_departed] + ([self.publish_routes, self.program_vxlan] if self.multihost else [])
+        steps = [self.publish_routes, self.program_vxlan] if self.multihost else []
         self.agent = Agent(
             self.snapshot,
             self.links,
@@ -114,6 +132,7 @@ class Plugin:
             config.resync_interval,
             periodic=self.renew_lease,
             steps=steps,
+            side_steps=[self.forget_departed],
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
         )
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
@@ -159,15 +178,18 @@ class Plugin:
         self.agent.request()
 
     def forget_departed(self, snap: Snapshot, full: bool) -> None:
+        """A side step: a failed flush is logged (by forget_connections) and retried on the
+        next pass, never a failed pass — an unrelated Join waits on this pass."""
         # Even if the address was handed out again meanwhile: its new container cannot have
         # sent anything yet, as its Join waits for this very pass.
         with self._departed_lock:
             departed, self._departed = self._departed, set()
-        for ip in sorted(departed):
-            try:  # a side step: one failure must not stop the other flushes, nor the pass
-                linkmod.forget_connections(ip)
-            except CanalError as err:
-                log.warning("could not flush the connections of departed address %s: %s", ip, err)
+        if not departed:
+            return
+        result = linkmod.forget_connections(*sorted(departed))
+        if not result and not result.tool_missing:
+            with self._departed_lock:
+                self._departed.update(ip for ip, _why in result.failed if ip in departed)
 
     def _settle(self, generation: int) -> None:
         if not self.agent.wait(generation, 10):

@@ -14,9 +14,17 @@ from typing import Callable, Sequence
 from canal.agent.desired import Snapshot, desired_firewall, desired_links
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.links import Links
-from canal.errors import CanalError
+from canal.errors import CanalError, Unavailable
 
 log = logging.getLogger(__name__)
+
+
+class StepsFailed(Unavailable):
+    """Several steps of one pass failed; each is named, the rest of the pass was programmed."""
+
+    def __init__(self, failures: Sequence[Exception]):
+        self.failures = list(failures)
+        super().__init__("; ".join(f"{type(e).__name__}: {e}" for e in failures))
 
 
 class Agent:
@@ -29,6 +37,7 @@ class Agent:
         periodic: Callable[[], None] = lambda: None,
         steps: Sequence[Callable[[Snapshot, bool], object]] = (),
         periodic_interval: float | None = None,
+        side_steps: Sequence[Callable[[Snapshot, bool], object]] = (),
     ):
         self.snapshot = snapshot
         self.links = links
@@ -37,6 +46,8 @@ class Agent:
         self.periodic = periodic  # e.g. lease renewal, run on its own timer only
         self.periodic_interval = periodic_interval or interval
         self.steps = list(steps)  # more compute+apply steps (VXLAN peers, route records)
+        # Best-effort steps (conntrack flushes): their failures are logged, never fail a pass.
+        self.side_steps = list(side_steps)
         self._cond = threading.Condition()
         self._requested = 0
         self._done = 0
@@ -87,14 +98,27 @@ class Agent:
             links = desired_links(snap)
             orphans = self.links.orphans(links)
         marks.append(time.perf_counter())
+        for side_step in self.side_steps:
+            try:
+                side_step(snap, full)
+            except Exception:  # noqa: BLE001 - best effort by contract
+                log.exception("side step %s failed; the pass goes on", getattr(side_step, "__name__", side_step))
+        # One failing step (a VXLAN peer, a route record) must not keep the others, the veths
+        # or the firewall from being programmed: run everything, then report the failures.
+        failures: list[Exception] = []
         for step in self.steps:
-            step(snap, full)
+            try:
+                step(snap, full)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the rest ran
+                failures.append(err)
         self.links.reconcile(links, orphans, full)
         marks.append(time.perf_counter())
         state = desired_firewall(snap)
         marks.append(time.perf_counter())
         changed = self.firewall.apply(state, read_back=full)
         marks.append(time.perf_counter())
+        if failures:
+            raise failures[0] if len(failures) == 1 else StepsFailed(failures)
         spans = " ".join(
             f"{name} {1000 * (b - a):.1f}ms"
             for name, a, b in zip(("snapshot", "links", "compile", "firewall"), marks, marks[1:])

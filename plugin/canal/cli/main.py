@@ -36,6 +36,10 @@ def serve(cfg: configmod.Config) -> int:
         level=cfg.log_level,
         format="%(asctime)s %(levelname)s %(name)s [%(process)d:%(threadName)s] %(message)s",
     )
+    from canal import preflight
+    from canal.runtime import check_start
+
+    preflight.check(cfg)  # every missing tool or sysctl, in one message, before anything is served
     os.makedirs(os.path.dirname(cfg.socket), exist_ok=True)
     if os.path.exists(cfg.socket):
         if _socket_alive(cfg.socket):
@@ -43,6 +47,7 @@ def serve(cfg: configmod.Config) -> int:
             return 1
         log.info("replacing stale socket %s", cfg.socket)
         os.unlink(cfg.socket)
+    check_start(cfg)  # refused TLS or credentials, a second host with our name
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
