@@ -120,8 +120,16 @@ class Datastore(ABC):
         return None if entry is None else entry.json()
 
     def list_json(self, prefix: str) -> dict[str, Any]:
+        """key (relative) -> JSON value; a value that is not JSON is skipped (and logged): one
+        bad record must not fail every caller that lists its directory."""
         entries, _ = self.list(prefix)
-        return {e.key[len(prefix):]: e.json() for e in entries}
+        out = {}
+        for e in entries:
+            try:
+                out[e.key[len(prefix):]] = e.json()
+            except ValueError:
+                log.warning("datastore record %r is not JSON; skipped", e.key[:200])
+        return out
 
     def create(self, key: str, value: Any, lease: int = 0) -> bool:
         """Put iff absent: the one primitive that makes allocations unique cluster-wide."""
