@@ -15,6 +15,6 @@ setup(
         "requests>=2.28",
         "PyYAML>=6.0",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "types-requests"]},
     entry_points={"console_scripts": ["canal=canal.cli.main:main"]},
 )

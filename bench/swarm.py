@@ -42,7 +42,7 @@ def converge(manager: SimHost, nodes: list[SimHost], network: str, replicas: int
     probes = {h.name: (h, cid) for h, cid, _ in tasks}.values()  # one task per node
     for h, cid in probes:
         script = " && ".join(f"ping -c1 -W1 {ip} >/dev/null" for ip in ips)
-        wait_until(lambda h=h, cid=cid: h.container_exec(cid, "sh", "-c", script, check=False, timeout=60).returncode == 0,
+        wait_until(lambda h=h, cid=cid, script=script: h.container_exec(cid, "sh", "-c", script, check=False, timeout=60).returncode == 0,
                    timeout=120, interval=0.2, what="all tasks reachable")
     took = time.perf_counter() - started
     manager.docker("service", "rm", name)

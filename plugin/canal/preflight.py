@@ -114,7 +114,7 @@ def iptables_problems(backend: str, which: Which, runner: Runner) -> list[str]:
         flavour = f"iptables-{backend}-restore/-save or " if backend in BACKENDS else ""
         return [_missing(f"{flavour}iptables-restore and iptables-save", "iptables")]
     failures = []
-    for name, save in complete.items():
+    for save in complete.values():
         why = _runs([save], runner)
         if why is None:
             return []

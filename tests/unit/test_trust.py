@@ -16,7 +16,7 @@ from canal.datastore.keys import Keys
 from canal.errors import Conflict, Unavailable
 from canal.policy.compiler import endpoint_chain
 from canal.policy.model import EGRESS, INGRESS, Policy
-from canal.records import EndpointRecord, Lease, NetworkRecord
+from canal.records import EndpointRecord, Lease, NetworkRecord, RecordError
 from canal.runtime import _policy_scope, _stored_policy
 from canal.services.hosts import Hosts
 from canal.services.ipam import DEFAULT_POOL_ID, Ipam
@@ -62,7 +62,7 @@ def test_a_malformed_record_is_quarantined_and_the_rest_still_programmed(store, 
     m = started_mirror(store)
     try:
         # Positive control: the malformed records, taken as they are, break the pure compute.
-        with pytest.raises(Exception):
+        with pytest.raises(RecordError):
             EndpointRecord.parse(store.get_json(KEYS.endpoint(BAD)))
         with caplog.at_level(logging.ERROR, logger="canal.agent.mirror"):
             for _ in range(3):  # every pass: skipped, logged once

@@ -96,7 +96,7 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     masq = frozenset(
         str(ep.ip)
         for ep in local_endpoints(snap)
-        if (network := network_of(snap, ep)) is None or (network.nat and not network.internal)
+        if (own := network_of(snap, ep)) is None or (own.nat and not own.internal)
     )
     state.ipsets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
     state.chains[("nat", POSTROUTING)] = [

@@ -173,10 +173,10 @@ class DockerWatch:
                 unknown += record.labels is None
                 continue
             if record.labels != labels or record.container != cid:
-                self._update_endpoint(
-                    endpoint_id,
-                    lambda r, l=labels, c=cid, n=cname: replace(r, labels=l, container=c, container_name=n),
-                )
+                def learned(r: EndpointRecord, l: dict[str, str] = labels, c: str = cid, n: str = cname) -> EndpointRecord:
+                    return replace(r, labels=l, container=c, container_name=n)
+
+                self._update_endpoint(endpoint_id, learned)
                 log.info("endpoint %s belongs to container %s, labels %s", endpoint_id[:12], cname, safe(labels, 300))
         if time.monotonic() - self._last_gc > self.interval:
             self._last_gc = time.monotonic()

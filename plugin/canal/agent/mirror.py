@@ -25,7 +25,7 @@ _FAILED = object()  # cached parse failure: re-parsed only when the record chang
 
 
 class Mirror:
-    def __init__(self, store: Datastore, prefixes: list[str], on_change: Callable[[], None], timeout: float = 5.0):
+    def __init__(self, store: Datastore, prefixes: list[str], on_change: Callable[[], object], timeout: float = 5.0):
         self.store = store
         self.prefixes = prefixes
         self.on_change = on_change

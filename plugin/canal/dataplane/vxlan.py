@@ -380,12 +380,12 @@ class Vxlan:
                 changed = True
                 log.info("%s: neighbour %s lladdr %s (was %s)", name, ip, mac, have[0] if have else "none")
         # 3. FDB in ('replace' also turns a changed public IP into the new one in one step)
-        for mac, dst in sorted(state.fdb.items()):
-            if not fdb.get((mac, dst), 0) & NUD_PERMANENT:
-                self._ipr.neigh("replace", family=socket.AF_BRIDGE, lladdr=mac, dst=dst, ifindex=index,
+        for mac, public in sorted(state.fdb.items()):
+            if not fdb.get((mac, public), 0) & NUD_PERMANENT:
+                self._ipr.neigh("replace", family=socket.AF_BRIDGE, lladdr=mac, dst=public, ifindex=index,
                                 state=NUD_PERMANENT, flags=NTF_SELF)
                 changed = True
-                log.info("%s: fdb %s dst %s", name, mac, dst)
+                log.info("%s: fdb %s dst %s", name, mac, public)
         # 4. routes in (last, so the kernel never has to ARP on the tunnel)
         for dst, gateway in sorted(state.routes.items()):
             if dst in ours:
@@ -396,24 +396,24 @@ class Vxlan:
             else:
                 route("add", dst, gateway)
         # 5. stale FDB out (flannel forgets these when a peer's MAC changes; we read and delete)
-        for mac, dst in sorted(fdb):
-            if state.fdb.get(mac) != dst:
+        for mac, public in sorted(fdb):
+            if state.fdb.get(mac) != public:
                 try:
-                    self._ipr.neigh("del", family=socket.AF_BRIDGE, lladdr=mac, dst=dst, ifindex=index,
+                    self._ipr.neigh("del", family=socket.AF_BRIDGE, lladdr=mac, dst=public, ifindex=index,
                                     flags=NTF_SELF)
                 except NetlinkError as err:
                     _ignore(err, errno.ENOENT)  # step 3 replaced it already
                 changed = True
-                log.info("%s: removed stale fdb %s dst %s", name, mac, dst)
+                log.info("%s: removed stale fdb %s dst %s", name, mac, public)
         # 6. stale neighbours out (permanent ones only: the kernel ages the rest)
-        for ip, (mac, nud) in sorted(neighbors.items()):
-            if nud & NUD_PERMANENT and IPv4Address(ip) not in state.neighbors:
+        for neighbour, (mac, nud) in sorted(neighbors.items()):
+            if nud & NUD_PERMANENT and IPv4Address(neighbour) not in state.neighbors:
                 try:
-                    self._ipr.neigh("del", dst=ip, ifindex=index)
+                    self._ipr.neigh("del", dst=neighbour, ifindex=index)
                 except NetlinkError as err:
                     _ignore(err, errno.ENOENT)
                 changed = True
-                log.info("%s: removed stale neighbour %s lladdr %s", name, ip, mac)
+                log.info("%s: removed stale neighbour %s lladdr %s", name, neighbour, mac)
         return changed
 
 

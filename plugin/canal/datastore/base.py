@@ -110,7 +110,7 @@ class Datastore(ABC):
     def watch(self, prefix: str, start_revision: int, timeout: float) -> WatchResult:
         """Events under prefix from start_revision on, waiting up to timeout for the first."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a default, not an abstract method
         """Release connections; the default has none."""
 
     # Helpers shared by every backend, built on the primitives above.

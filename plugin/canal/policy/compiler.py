@@ -210,7 +210,7 @@ def _icmp_spec(match: IcmpMatch) -> str:
 
 
 def _collapse(nets: Sequence[str]) -> List[str]:
-    return [str(n) for n in ipaddress.collapse_addresses(ipaddress.ip_network(n) for n in nets)]
+    return [str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv4Network(n, strict=False) for n in nets)]
 
 
 class _Compiler:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, NoReturn, Optional, Tuple, cast
 
 from canal.errors import BadRequest
 
@@ -217,7 +217,7 @@ def _flatten(kind: type, operands: Iterable[Selector]) -> Tuple[Selector, ...]:
     """Inline nested nodes of the same kind: `(a && b) && c` and `a && (b && c)` are one selector."""
     flat: List[Selector] = []
     for operand in operands:
-        flat.extend(operand.operands if isinstance(operand, kind) else (operand,))
+        flat.extend(cast(Any, operand).operands if isinstance(operand, kind) else (operand,))
     if len(flat) < 2:
         raise BadRequest(f"{kind.__name__} needs at least two operands, got {len(flat)}")
     return tuple(flat)

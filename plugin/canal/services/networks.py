@@ -270,6 +270,7 @@ class Networks:
                 container_name=existing.container_name if existing else "",
             )
             bound = replace(held, endpoint=req.EndpointID, network=req.NetworkID)
+            assert addr_entry is not None  # held was parsed from it
             guards = [
                 Guard(self.keys.address(ip), addr_entry.mod_revision),
                 Guard(self.keys.endpoint(req.EndpointID), ep_entry.mod_revision if ep_entry else 0),
@@ -291,12 +292,16 @@ class Networks:
                 raise NotFound(f"endpoint {endpoint_id[:12]} does not exist in network {network_id[:12]}")
             addr_key = self.keys.address(record.ip)
             addr_entry = self.store.get(addr_key)
+            def address(raw: Any, ip: ipaddress.IPv4Address = record.ip) -> AddressRecord:
+                return AddressRecord.parse(raw, ip)
+
             try:
-                held = _parse(addr_entry, lambda raw: AddressRecord.parse(raw, record.ip))
+                held = _parse(addr_entry, address)
             except Conflict as err:
                 log.warning("endpoint %s: %s; deleting the endpoint anyway", endpoint_id[:12], err)
                 held = None
-            guards = [Guard(self.keys.endpoint(endpoint_id), ep_entry.mod_revision)]  # type: ignore[union-attr]
+            assert ep_entry is not None  # a record was parsed from it
+            guards = [Guard(self.keys.endpoint(endpoint_id), ep_entry.mod_revision)]
             ops: list[Put | Delete] = [Delete(self.keys.endpoint(endpoint_id))]
             if held is not None and held.endpoint == endpoint_id and addr_entry is not None:
                 guards.append(Guard(addr_key, addr_entry.mod_revision))
