@@ -21,7 +21,7 @@ from canal.datastore.keys import Keys
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
-from canal.dataplane.vxlan import Vxlan, VxlanState
+from canal.dataplane.vxlan import Vxlan, VxlanState, vxlan_mtu
 from canal.errors import Unavailable
 from canal.policy.model import Policy
 from canal.records import (
@@ -44,7 +44,6 @@ from canal.services.subnets import NetworkConfig, SubnetManager, parse_network_c
 log = logging.getLogger(__name__)
 
 SUBNET_ENV = "/run/flannel/subnet.env"
-VXLAN_OVERHEAD = 50
 
 
 def read_subnet_env(path: str = SUBNET_ENV) -> dict[str, str]:
@@ -252,7 +251,7 @@ class Plugin:
             mtu = read_subnet_env().get("FLANNEL_MTU", "")
             if mtu.isdigit():
                 return int(mtu)
-        return max(576, self.underlay_mtu - VXLAN_OVERHEAD)
+        return max(576, vxlan_mtu(self.underlay_mtu))
 
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
@@ -267,7 +266,7 @@ class Plugin:
                 self._vtep_mac = self.hosts.ensure().vtep_mac
             self.vxlan.ensure_device(
                 self.config.vxlan_vni, self.config.vxlan_port, self.public_ip, self.iface,
-                self._vtep_mac, self.underlay_mtu - VXLAN_OVERHEAD, snap.own_subnet,
+                self._vtep_mac, vxlan_mtu(self.underlay_mtu), snap.own_subnet,
             )
             write_subnet_env(snap.cluster_network, snap.own_subnet, self.default_mtu())
             self.vxlan.apply(state, self.config.vxlan_vni)
