@@ -93,6 +93,12 @@ def _print(data: Any, output: str, columns: list[str] | None = None) -> None:
     elif isinstance(data, dict):
         width = max((len(str(k)) for k in data), default=0)
         for key, value in data.items():
+            if isinstance(value, dict) and value and key == "quarantined":
+                # One line each: a record's key and why it was refused (long, never one cell).
+                print(f"{str(key).ljust(width)}  {len(value)} record(s) skipped until fixed:")
+                for record, why in value.items():
+                    print(f"  {record}: {why}")
+                continue
             print(f"{str(key).ljust(width)}  {_cell(value)}")
     else:
         print(data)
