@@ -269,3 +269,16 @@ def test_records_of_a_host_gone_for_good_are_collected(store):
         assert left == sorted([KEYS.host("here"), KEYS.network("here", NET), KEYS.endpoint(GOOD)])
     finally:
         m.stop()
+
+
+def test_ipam_is_not_stopped_by_foreign_keys_or_malformed_pool_records(store):
+    from canal.datastore.base import Put
+
+    ipam = Ipam(store, KEYS, "h1", lambda: ipaddress.IPv4Network("100.64.3.0/24"))
+    store.txn([], [Put(KEYS.addresses + "6440zz01", '"junk"'), Put(KEYS.addresses + "6440030", "{")])
+    store.put(KEYS.pools + "junk", {"cidr": "10.0.0.0/8\n"})
+    # Positive control: the junk is where IPAM looks (the pool listing and the address prefix).
+    assert "junk" in store.list_json(KEYS.pools)
+    assert ipam.request_address(DEFAULT_POOL_ID, "", None)[0].startswith("100.64.3.")
+    pool_id, pool, _ = ipam.request_pool("CanalLocal", "100.70.0.0/24", "", {}, False)
+    assert pool == "100.70.0.0/24" and ipam.request_address(pool_id, "", None)[0].startswith("100.70.0.")

@@ -288,7 +288,10 @@ class Ipam:
         entries, _ = self.store.list(self.keys.addresses + hex_prefix(net))
         out = set()
         for entry in entries:
-            value = int(entry.key.rsplit("/", 1)[1], 16)
+            name = entry.key.rsplit("/", 1)[1]
+            if len(name) != 8 or not all(c in "0123456789abcdef" for c in name):
+                continue  # not an address key (a foreign or broken record): cannot collide
+            value = int(name, 16)
             if value in range(int(net.network_address), int(net.broadcast_address) + 1):
                 out.add(value)
         return out
