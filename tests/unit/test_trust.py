@@ -275,10 +275,14 @@ def test_ipam_is_not_stopped_by_foreign_keys_or_malformed_pool_records(store):
     from canal.datastore.base import Put
 
     ipam = Ipam(store, KEYS, "h1", lambda: ipaddress.IPv4Network("100.64.3.0/24"))
-    store.txn([], [Put(KEYS.addresses + "6440zz01", '"junk"'), Put(KEYS.addresses + "6440030", "{")])
+    store.txn([], [Put(KEYS.addresses + "644003zz", '"junk"'), Put(KEYS.addresses + "6440030", "{")])
     store.put(KEYS.pools + "junk", {"cidr": "10.0.0.0/8\n"})
-    # Positive control: the junk is where IPAM looks (the pool listing and the address prefix).
+    # Positive control: the junk is where IPAM looks (the pool listing and the address prefix),
+    # and the key is one int(key, 16) refuses.
     assert "junk" in store.list_json(KEYS.pools)
+    assert KEYS.addresses + "644003zz" in [e.key for e in store.list(KEYS.addresses + "644003")[0]]
+    with pytest.raises(ValueError):
+        int("644003zz", 16)
     assert ipam.request_address(DEFAULT_POOL_ID, "", None)[0].startswith("100.64.3.")
     pool_id, pool, _ = ipam.request_pool("CanalLocal", "100.70.0.0/24", "", {}, False)
     assert pool == "100.70.0.0/24" and ipam.request_address(pool_id, "", None)[0].startswith("100.70.0.")
