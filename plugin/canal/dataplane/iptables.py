@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 BACKENDS = ("nft", "legacy")
 
 
-def _binary(backend: str, tool: str) -> str:
-    """iptables-nft-save, iptables-legacy-restore, ... falling back to the plain name."""
-    name = f"iptables-{backend}-{tool}" if tool else f"iptables-{backend}"
+def _binary(backend: str, tool: str, family: str = "iptables") -> str:
+    """iptables-nft-save, ip6tables-legacy-restore, ... falling back to the plain name."""
+    name = f"{family}-{backend}-{tool}" if tool else f"{family}-{backend}"
     if shutil.which(name):
         return name
-    plain = f"iptables-{tool}" if tool else "iptables"
+    plain = f"{family}-{tool}" if tool else family
     if shutil.which(plain):
         return plain
     raise ToolMissing(name, hint=f"neither {name} nor {plain} is installed: install the iptables package")
@@ -111,10 +111,13 @@ def check_restore(text: str) -> None:
 
 
 class Iptables:
-    def __init__(self, backend: str):
+    """One address family's tables (`ip6tables` for IPv6) through the chosen backend's tools."""
+
+    def __init__(self, backend: str, family: str = "iptables"):
         self.backend = backend
-        self._save = _binary(backend, "save")
-        self._restore = _binary(backend, "restore")
+        self.family = family
+        self._save = _binary(backend, "save", family)
+        self._restore = _binary(backend, "restore", family)
 
     def save(self) -> dict[str, Table]:
         return parse_save(run([self._save], timeout=15).stdout)
