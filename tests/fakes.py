@@ -14,9 +14,13 @@ class FakeIptables:
     def __init__(self, save_text: str = ""):
         self.tables: dict[str, Table] = parse_save(save_text) if save_text else {}
         self.restores: list[str] = []
-        for name in ("filter", "nat"):
+        builtin_chains = {
+            "filter": ("INPUT", "FORWARD", "OUTPUT"),
+            "nat": ("PREROUTING", "POSTROUTING"),
+            "raw": ("PREROUTING", "OUTPUT"),
+        }
+        for name, builtins in builtin_chains.items():
             table = self.tables.setdefault(name, Table(name))
-            builtins = ("INPUT", "FORWARD", "OUTPUT") if name == "filter" else ("PREROUTING", "POSTROUTING")
             for chain in builtins:
                 table.chains.setdefault(chain, "ACCEPT")
                 table.rules.setdefault(chain, [])
@@ -52,8 +56,9 @@ class FakeIptables:
                     assert chain in table.chains, f"no chain {chain}"
                     table.rules[chain].append(spec)
                 elif op == "-I":
-                    _, spec = spec.split(" ", 1)
-                    table.rules[chain].insert(0, spec)
+                    position, spec = spec.split(" ", 1)
+                    assert position.isdigit() and 1 <= int(position) <= len(table.rules[chain]) + 1, line
+                    table.rules[chain].insert(int(position) - 1, spec)
                 elif op == "-D":
                     table.rules[chain].remove(spec)
                 elif op == "-F":

@@ -19,7 +19,7 @@ from canal.config import Config, Secret
 from canal.datastore.base import Delete, Guard, Put, open_datastore
 from canal.datastore.etcd import EtcdAccessDenied, EtcdDatastore
 from canal.errors import BadRequest, Unavailable
-from conftest import EtcdServer, free_ports, start_etcd
+from etcd_support import EtcdServer, free_ports, start_etcd
 from testbed.pki import Pki
 
 PASSWORD = "s3cret-Pa55-never-logged"

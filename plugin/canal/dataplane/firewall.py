@@ -1,7 +1,11 @@
 """Desired firewall state (pure data) and the one applier that diffs and programs it.
 
 We own every chain named CANAL-* and every ipset named canal-*: they are rewritten whole.
-Built-in chains are touched only to insert (and, on removal, delete) one jump each.
+Built-in chains are touched only to insert (and, on removal, delete) one jump each, and each
+jump is kept first in its chain (after the rules it may follow, e.g. Docker's DOCKER-USER):
+a tool that inserts a rule ahead of it is undone by the next read-back pass, as Felix does.
+Both address families go through the same code: IPv4 (`chains`, `jumps`) with iptables,
+IPv6 (`chains6`, `jumps6`) with ip6tables of the same backend.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ class Jump:
     table: str
     builtin: str
     chain: str
+    # Rules that may stay ahead of this jump (Docker re-inserts DOCKER-USER at the top of
+    # FORWARD whenever it creates a network: fighting over the first slot would flap).
+    after: frozenset[str] = frozenset()
 
     @property
     def spec(self) -> str:
@@ -33,6 +40,20 @@ class FirewallState:
     chains: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (table, chain) -> rules
     jumps: list[Jump] = field(default_factory=list)
     ipsets: list[IpSet] = field(default_factory=list)
+    chains6: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # the same, for ip6tables
+    jumps6: list[Jump] = field(default_factory=list)
+
+    def family6(self) -> "FirewallState":
+        """The IPv6 half as a state of its own (for restore_text and tables_of)."""
+        return FirewallState(chains=self.chains6, jumps=self.jumps6)
+
+
+def _in_place(jump: Jump, rules: list[str]) -> bool:
+    """The jump is the first rule of its chain, not counting the rules it may follow."""
+    lead = 0
+    while lead < len(rules) and rules[lead] in jump.after:
+        lead += 1
+    return lead < len(rules) and rules[lead] == jump.spec
 
 
 def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
@@ -51,11 +72,9 @@ def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
         for chain in changed:
             lines.append(f"-F {chain}")
             lines.extend(f"-A {chain} {rule}" for rule in wanted[chain])
-        for jump in jumps:
-            if jump.spec not in table.rules.get(jump.builtin, []):
-                lines.append(f"-I {jump.builtin} 1 {jump.spec}")
+        misplaced = [j for j in jumps if not _in_place(j, table.rules.get(j.builtin, []))]
         stale = [c for c in table.chains if c.startswith(CHAIN_PREFIX) and c not in wanted]
-        wanted_jumps = {(j.builtin, j.spec) for j in jumps}
+        wanted_jumps = {(j.builtin, j.spec) for j in jumps if j not in misplaced}
         for chain, rules in sorted(table.rules.items()):
             if chain.startswith(CHAIN_PREFIX):
                 continue  # our own chains are rewritten or removed whole
@@ -66,7 +85,13 @@ def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
                 if (chain, rule) in wanted_jumps and rule not in seen:
                     seen.add(rule)
                     continue
-                lines.append(f"-D {chain} {rule}")  # stale or duplicate jump
+                lines.append(f"-D {chain} {rule}")  # stale, duplicate or misplaced jump
+        for jump in misplaced:  # (re)inserted after the deletions, so positions are known
+            rules = [r for r in table.rules.get(jump.builtin, []) if f"-j {CHAIN_PREFIX}" not in r]
+            lead = 0
+            while lead < len(rules) and rules[lead] in jump.after:
+                lead += 1
+            lines.append(f"-I {jump.builtin} {lead + 1} {jump.spec}")
         for chain in stale:
             lines.append(f"-F {chain}")
         for chain in stale:
@@ -95,8 +120,9 @@ class Firewall:
     """Event-driven passes diff against what was last programmed (no iptables-save);
     read-back passes diff against the kernel and so repair tampering (Felix's refresh)."""
 
-    def __init__(self, iptables: Iptables, ipsets: Ipsets | None = None):
+    def __init__(self, iptables: Iptables, ipsets: Ipsets | None = None, ip6tables: Iptables | None = None):
         self.iptables = iptables
+        self.ip6tables = ip6tables  # None: IPv6 not programmed (a kernel without it)
         self.ipsets = ipsets or Ipsets()
         self._applied: FirewallState | None = None
 
@@ -105,12 +131,21 @@ class Firewall:
         if not read_back and self._applied == desired:
             return False
         self.ipsets.apply(desired.ipsets, read_back)
-        current = self.iptables.save() if read_back or self._applied is None else tables_of(self._applied)
+        fresh = read_back or self._applied is None
+        current = self.iptables.save() if fresh else tables_of(self._applied)  # type: ignore[arg-type]
         text = restore_text(desired, current)
+        text6 = ""
+        if self.ip6tables is not None:
+            current6 = self.ip6tables.save() if fresh else tables_of(self._applied.family6())  # type: ignore[union-attr]
+            text6 = restore_text(desired.family6(), current6)
+        if text or text6:
+            self._applied = None
         if text:
             log.debug("iptables-restore:\n%s", text)
-            self._applied = None
             self.iptables.restore(text)
+        if text6:
+            log.debug("ip6tables-restore:\n%s", text6)
+            self.ip6tables.restore(text6)  # type: ignore[union-attr]
         self._applied = desired
         self.ipsets.destroy_unused({s.name for s in desired.ipsets})
-        return bool(text)
+        return bool(text or text6)
