@@ -1,0 +1,38 @@
+"""Fuzz tier fixtures; the invariants and helpers live in fuzz_support."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from contract_support import ContractPlugin
+from fuzz_support import BODIES, STATUSES, Sender, alive, seed
+
+
+@pytest.fixture(autouse=True)
+def quiet_refusals():
+    """Ten thousand refusals logged as warnings cost more than the requests themselves;
+    errors (the unexpected-exception handler's) still show."""
+    logger = logging.getLogger("canal")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def sender(tmp_path):
+    plugin = ContractPlugin(str(tmp_path / "canal.db"))
+    s = Sender(plugin)
+    seed(s)
+    yield s
+    alive(s)
+    plugin.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if BODIES:
+        terminalreporter.write_line(
+            f"fuzz: {sum(BODIES.values())} bodies sent over {len(BODIES)} routes; answers by status: "
+            + ", ".join(f"{code}: {n}" for code, n in sorted(STATUSES.items()))
+        )
