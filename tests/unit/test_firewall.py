@@ -52,8 +52,9 @@ def snap(networks=None, endpoints=None):
     return Snapshot("h1", "100.64.0.0/16", nets, eps)
 
 
-NET = {"id": N1, "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0, "host": "h1"}
-EP = {"id": "e1" * 32, "network": N1, "host": "h1", "ip": "100.64.3.2", "mac": "02:42:64:40:03:02", "mtu": 1450, "joined": True}
+NET = {"id": N1, "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0, "host": "h1", "name": "appnet"}
+EP = {"id": "e1" * 32, "network": N1, "host": "h1", "ip": "100.64.3.2", "mac": "02:42:64:40:03:02", "mtu": 1450, "joined": True,
+      "labels": {}}
 
 
 def firewall():
@@ -68,24 +69,24 @@ def test_no_networks_means_no_trace():
 def test_routed_endpoints_pass_dockers_forward_drop():
     state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
     assert state.chains[("filter", FORWARD)][-2:] == ["-i cnl+ -j ACCEPT", "-o cnl+ -j ACCEPT"]
-    assert Jump("filter", "FORWARD", FORWARD) in state.jumps
+    assert ("filter", "FORWARD", FORWARD) in [(j.table, j.builtin, j.chain) for j in state.jumps]
     sets = {s.name: s for s in state.ipsets}
     assert sets[MASQ_SET].members == {"100.64.3.2"}
     assert sets[CLUSTER_SET].members == {"100.64.0.0/16"}
-    assert sets[network_members_set(N1)].members == {"100.64.3.2"}  # no name learned yet: the id
+    assert sets[network_members_set("appnet")].members == {"100.64.3.2"}
 
 
 def test_nat_off_and_internal_networks_are_not_masqueraded():
     nets = {
         "h1/n1": {**NET, "nat": False},
-        "h1/n2": {**NET, "id": N2, "internal": True, "nat": False, "pools": ["100.70.0.0/24"]},
+        "h1/n2": {**NET, "id": N2, "internal": True, "nat": False, "pools": ["100.70.0.0/24"], "name": "secret"},
     }
     eps = {"e1": EP, "e2": {**EP, "id": "e2" * 32, "network": N2, "ip": "100.70.0.5"}}
     state = desired_firewall(snap(nets, eps))
     sets = {s.name: s for s in state.ipsets}
     assert sets[MASQ_SET].members == frozenset()
     assert sets[CLUSTER_SET].members == {"100.64.0.0/16", "100.70.0.0/24"}
-    assert network_infos(snap(nets, eps))[N2].internal
+    assert network_infos(snap(nets, eps))["secret"].internal
 
 
 def test_networks_are_one_across_hosts_by_learned_name():
@@ -94,16 +95,16 @@ def test_networks_are_one_across_hosts_by_learned_name():
         "h2/id-on-h2": {**NET, "id": hid("on-h2"), "host": "h2", "name": "appnet"},
     }
     eps = {
-        "e1": {**EP, "network": hid("on-h1")},
+        "e1": {**EP, "network": hid("on-h1"), "labels": {}},
         "e2": {**EP, "id": "e2" * 32, "host": "h2", "network": hid("on-h2"), "ip": "100.64.4.2", "labels": {"a": "b"}},
-        "e3": {**EP, "id": "e3" * 32, "network": hid("on-h1"), "joined": False, "ip": "100.64.3.9"},
+        "e3": {**EP, "id": "e3" * 32, "network": hid("on-h1"), "joined": False, "ip": "100.64.3.9", "labels": None},
         "e4": {**EP, "id": "e4" * 32, "host": "h2", "joined": False, "ip": "100.64.4.9"},
     }
     infos = {e.ip: e for e in endpoint_infos(snap(nets, eps))}
     # Remote endpoints count once joined; ours from creation on (chains ready before Join).
     assert set(infos) == {"100.64.3.2", "100.64.4.2", "100.64.3.9"}
     assert infos["100.64.4.2"].network == "appnet" and infos["100.64.4.2"].labels == {"a": "b"}
-    assert infos["100.64.3.2"].labels is None  # not learned yet: the compiler fails closed
+    assert infos["100.64.3.9"].labels is None  # not learned yet: the compiler fails closed
     sets = {s.name: s for s in desired_firewall(snap(nets, eps)).ipsets}
     assert sets[network_members_set("appnet")].members == {"100.64.3.2", "100.64.4.2", "100.64.3.9"}
 
@@ -113,7 +114,8 @@ def test_apply_programs_then_is_a_no_op():
     state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
     assert fw.apply(state) is True
     saved = ipt.save()
-    assert saved["filter"].rules["FORWARD"][0] == f"-j {FORWARD}"  # ahead of Docker's chains
+    # Ahead of Docker's chains, after the user's DOCKER-USER (Docker re-inserts it on top).
+    assert saved["filter"].rules["FORWARD"][:2] == ["-j DOCKER-USER", f"-j {FORWARD}"]
     assert saved["nat"].rules["POSTROUTING"][0] == f"-j {POSTROUTING}"
     assert saved["nat"].rules[POSTROUTING][-1] == "-j MASQUERADE"
     assert fw.apply(state) is False  # nothing drifted: no iptables-restore at all
@@ -196,3 +198,59 @@ def test_a_swarm_network_has_one_id_and_a_record_per_node():
     assert state.chains and {e.network for e in endpoint_infos(snap(nets, eps))} == {"svcnet"}
     del nets["h2/swarmid"]  # h2 left the network: h1 keeps its own view
     assert desired_firewall(snap(nets, eps)).chains
+
+
+def test_jumps_are_put_back_first_when_another_tool_inserts_ahead_of_them():
+    fw, ipt = firewall()
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
+    fw.apply(state)
+    forward = ipt.tables["filter"].rules["FORWARD"]
+    forward.insert(0, "-i eth0 -j DROP")  # ufw, a script, ...
+    ipt.tables["filter"].rules["INPUT"].insert(0, "-j ACCEPT")
+    assert fw.apply(state, read_back=True) is True
+    assert ipt.tables["filter"].rules["FORWARD"][:2] == [f"-j {FORWARD}", "-i eth0 -j DROP"]
+    assert ipt.tables["filter"].rules["INPUT"][0] == "-j CANAL-INPUT"
+    # Docker re-inserting DOCKER-USER on top (every network create) is accepted as it is: no
+    # fight over the first slot.
+    forward = ipt.tables["filter"].rules["FORWARD"]
+    forward.remove("-j DOCKER-USER")
+    forward.insert(0, "-j DOCKER-USER")
+    assert fw.apply(state, read_back=True) is False
+    forward.remove("-j DOCKER-USER")
+    forward.insert(1, "-j DOCKER-USER")  # ours first, then DOCKER-USER: also fine
+    assert fw.apply(state, read_back=True) is False
+
+
+def test_an_endpoint_is_closed_until_its_network_name_is_known():
+    from canal.policy.compiler import endpoint_chain
+
+    unnamed = {**NET, "name": ""}
+    state = desired_firewall(snap({"h1/n1": unnamed}, {"e1": EP}))
+    assert state.chains[("filter", endpoint_chain(EP["id"], "Egress"))][-1] == "-j DROP"
+    assert state.chains[("filter", endpoint_chain(EP["id"], "Ingress"))][-1] == "-j DROP"
+    # Positive control: named, the same endpoint follows its network's profile.
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
+    assert state.chains[("filter", endpoint_chain(EP["id"], "Egress"))][-1] == "-j RETURN"
+
+
+def test_raw_table_drops_spoofed_sources_and_tunnels_from_workloads_and_all_ipv6():
+    from canal.agent.desired import PREROUTING, DataplaneSettings
+
+    s = snap({"h1/n1": NET}, {"e1": EP})
+    s = Snapshot(s.host, s.cluster_network, s.networks, s.endpoints, settings=DataplaneSettings(vxlan_port=4789))
+    state = desired_firewall(s)
+    raw = state.chains[("raw", PREROUTING)]
+    assert raw[0] == "-i cnl+ -m rpfilter --invert -j DROP"  # before conntrack, before anything
+    assert "-i cnl+ -p udp -m udp --dport 4789 -j DROP" in raw
+    assert any("-p 4 " in r or "-p ipencap " in r for r in raw) and any("-p esp " in r for r in raw)
+    assert ("raw", "PREROUTING", PREROUTING) in [(j.table, j.builtin, j.chain) for j in state.jumps]
+    assert state.chains6[("raw", PREROUTING)] == ["-i cnl+ -j DROP"]
+    assert state.chains6[("filter", "CANAL-FORWARD")] == ["-i cnl+ -j DROP", "-o cnl+ -j DROP"]
+    # Programmed through the v6 applier too, and removed with everything else.
+    ipt, ipt6 = FakeIptables(DOCKER_SAVE), FakeIptables()
+    fw = Firewall(ipt, FakeIpsets(ipt), ip6tables=ipt6)
+    assert fw.apply(state) is True
+    assert ipt6.save()["raw"].rules["PREROUTING"] == [f"-j {PREROUTING}"]
+    assert fw.apply(state) is False
+    fw.apply(FirewallState())
+    assert not any(c.startswith("CANAL-") for t in ipt6.save().values() for c in t.chains)

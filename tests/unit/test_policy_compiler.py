@@ -25,7 +25,9 @@ from canal.policy.compiler import (
     FROM_WL,
     INPUT,
     TO_WL,
+    WL_TO_HOST,
     EndpointInfo,
+    HostProtection,
     NetworkInfo,
     compile_filter,
     endpoint_chain,
@@ -248,10 +250,11 @@ def verdict(state: FirewallState, src, dst, **kw) -> str:
     return Simulator(state).run(packet(src, dst, **kw))
 
 
-def compile_(policies: Sequence[Policy] | str = (), endpoints=ALL, networks=NETWORKS) -> FirewallState:
+def compile_(policies: Sequence[Policy] | str = (), endpoints=ALL, networks=NETWORKS,
+             host: HostProtection = HostProtection()) -> FirewallState:
     if isinstance(policies, str):
         policies = load_documents(policies)
-    return compile_filter(endpoints, policies, HOST, networks)
+    return compile_filter(endpoints, policies, HOST, networks, host=host)
 
 
 def gnp(name: str, spec: str, order: str = "") -> str:
@@ -326,16 +329,47 @@ def test_anti_spoofing():
     assert sim.run(packet(WEB, "8.8.8.8")) == "ACCEPT"
 
 
-def test_workload_to_host_input():
+def test_workload_to_host_is_dropped_by_default_after_egress_policy():
     state = compile_()
     sim = Simulator(state)
-    assert sim.run(packet(WEB, "10.1.0.1", oif=None), hook="INPUT") == "ACCEPT"
+    # Felix's DefaultEndpointToHostAction: with no policy at all, a workload reaches no host port.
+    assert sim.run(packet(WEB, "10.1.0.1", oif=None), hook="INPUT") == "DROP"
     # Host traffic that is not from a workload is none of our business: no verdict from our chain.
     assert sim._walk(INPUT, Packet("192.0.2.1", "192.0.2.2", iif="eth0", oif=None, ctstate="INVALID")) is None
-    deny = compile_(gnp("no-host", "selector: role == 'web'\negress:\n  - action: Deny\n    destination: {nets: [10.1.0.1/32]}\n  - action: Allow"))
-    sim = Simulator(deny)
-    assert sim.run(packet(WEB, "10.1.0.1", oif=None), hook="INPUT") == "DROP"
+    assert sim._walk(INPUT, Packet("192.0.2.1", "192.0.2.2", iif="eth0", oif=None)) is None
+    # accept: the host is open to workloads their egress policy lets out...
+    opened = HostProtection(workload_to_host="accept")
+    assert Simulator(compile_(host=opened)).run(packet(WEB, "10.1.0.1", oif=None), hook="INPUT") == "ACCEPT"
+    deny = gnp("no-host", "selector: role == 'web'\negress:\n  - action: Deny\n    destination: {nets: [10.1.0.1/32]}\n  - action: Allow")
+    sim = Simulator(compile_(deny, host=opened))
+    assert sim.run(packet(WEB, "10.1.0.1", oif=None), hook="INPUT") == "DROP"  # ...egress policy first
     assert sim.run(packet(DB, "10.1.0.1", oif=None), hook="INPUT") == "ACCEPT"
+    # return: the host's own INPUT rules decide (our chain gives no verdict), egress policy first.
+    returned = compile_(deny, host=HostProtection(workload_to_host="return"))
+    assert Simulator(returned)._walk(INPUT, packet(DB, "10.1.0.1", oif=None)) is None
+    assert Simulator(returned)._walk(INPUT, packet(WEB, "10.1.0.1", oif=None)) == "DROP"
+
+
+def test_dns_to_the_hosts_own_resolver_stays_open():
+    state = compile_(host=HostProtection(dns=("10.1.0.1",)))
+    sim = Simulator(state)
+    for proto in (6, 17):
+        assert sim.run(packet(WEB, "10.1.0.1", oif=None, proto=proto, dport=53), hook="INPUT") == "ACCEPT"
+    assert sim.run(packet(WEB, "10.1.0.1", oif=None, dport=22), hook="INPUT") == "DROP"
+    assert sim.run(packet(WEB, "198.18.0.1", oif=None, proto=17, dport=53), hook="INPUT") == "DROP"
+
+
+def test_the_datastore_is_closed_to_workloads_unless_a_policy_allows_it():
+    guarded = HostProtection(workload_to_host="accept", datastore=(("198.18.0.254", 2379),))
+    state = compile_(host=guarded)
+    assert verdict(state, WEB, "198.18.0.254", dport=2379) == "DROP"  # through the host (FORWARD)
+    assert Simulator(state).run(packet(WEB, "198.18.0.254", oif=None, dport=2379), hook="INPUT") == "DROP"
+    assert verdict(state, WEB, "198.18.0.254", dport=80) == "ACCEPT"
+    allow = gnp("etcd", "selector: role == 'web'\negress:\n  - action: Allow\n    protocol: TCP\n"
+                        "    destination: {nets: [198.18.0.254/32], ports: [2379]}")
+    state = compile_(allow, host=guarded)
+    assert verdict(state, WEB, "198.18.0.254", dport=2379) == "ACCEPT"  # explicitly allowed
+    assert verdict(state, DB, "198.18.0.254", dport=2379) == "DROP"
 
 
 def test_internal_network_reaches_only_its_members():
@@ -344,7 +378,8 @@ def test_internal_network_reaches_only_its_members():
     assert verdict(state, SECRET2, SECRET) == "ACCEPT"
     assert verdict(state, SECRET, "8.8.8.8") == "DROP"
     assert verdict(state, SECRET, DB) == "DROP"
-    assert Simulator(state).run(packet(SECRET, "10.3.0.1", oif=None), hook="INPUT") == "DROP"
+    opened = Simulator(compile_(host=HostProtection(workload_to_host="accept")))
+    assert opened.run(packet(SECRET, "10.3.0.1", oif=None), hook="INPUT") == "DROP"
     # Even a policy allowing everything does not open an internal network to the outside.
     open_all = compile_(gnp("allow-all", "egress:\n  - action: Allow"))
     assert verdict(open_all, SECRET, "8.8.8.8") == "DROP"
@@ -608,28 +643,19 @@ def test_destination_selector_on_ingress_limits_which_local_endpoint():
 # Labels not known yet: fail closed
 
 
-def test_unknown_labels_fail_closed_when_any_policy_could_apply():
+def test_unknown_labels_fail_closed_always():
+    """Not only when a policy could apply: any policy's Deny may name it as a source."""
     blind = replace(DB, labels=None)
     endpoints = [WEB, blind, PLAIN, OTHER]
     allow_everything = gnp("allow-all", "ingress:\n  - action: Allow\negress:\n  - action: Allow")
-    state = compile_(allow_everything, endpoints=endpoints)
-    assert verdict(state, WEB, blind) == "DROP"
-    assert verdict(state, blind, WEB) == "DROP"
-    assert verdict(state, WEB, PLAIN) == "ACCEPT"
-    # Only an ingress policy exists: egress of the blind endpoint still follows the profile.
-    ingress_only = compile_(gnp("i", "selector: role == 'nothing'"), endpoints=endpoints)
-    assert verdict(ingress_only, WEB, blind) == "DROP"
-    assert verdict(ingress_only, blind, WEB) == "ACCEPT"
-    # A NetworkPolicy of another network cannot apply: the profile decides.
-    other = compile_(np_("x", "othernet", "selector: all()"), endpoints=endpoints)
-    assert verdict(other, WEB, blind) == "ACCEPT"
-    assert verdict(other, OTHER, blind) == "DROP"
-    # A NetworkPolicy of its own network can.
-    own = compile_(np_("x", "appnet", "selector: role == 'nothing'"), endpoints=endpoints)
-    assert verdict(own, WEB, blind) == "DROP"
-    # No policies at all: the profile.
-    none = compile_(endpoints=endpoints)
-    assert verdict(none, WEB, blind) == "ACCEPT"
+    for policies in (allow_everything, gnp("i", "selector: role == 'nothing'"), np_("x", "othernet", "selector: all()"), ()):
+        state = compile_(policies, endpoints=endpoints)
+        assert verdict(state, WEB, blind) == "DROP"
+        assert verdict(state, blind, WEB) == "DROP"
+        assert verdict(state, blind, "8.8.8.8") == "DROP"
+        assert verdict(state, WEB, PLAIN) == "ACCEPT"  # positive control: known endpoints talk
+    # Once known, the same endpoint talks.
+    assert verdict(compile_(endpoints=[WEB, DB, PLAIN, OTHER]), WEB, DB) == "ACCEPT"
 
 
 def test_unknown_labels_are_in_no_selector_set():
@@ -732,15 +758,27 @@ def test_only_policies_selecting_local_endpoints_are_rendered():
 def test_layout_of_shared_chains():
     state = compile_()
     chains = {c: r for (_, c), r in state.chains.items()}
-    assert state.jumps == [Jump("filter", "FORWARD", FORWARD), Jump("filter", "INPUT", INPUT)]
+    assert state.jumps == [
+        Jump("filter", "FORWARD", FORWARD, after=frozenset({"-j DOCKER-USER"})),
+        Jump("filter", "INPUT", INPUT),
+    ]
+    # Every rule scoped to Canal's interfaces.
     assert chains[FORWARD] == [
-        "-m conntrack --ctstate INVALID -j DROP",
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-i cnl+ -m conntrack --ctstate INVALID -j DROP",
+        "-o cnl+ -m conntrack --ctstate INVALID -j DROP",
+        "-i cnl+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-o cnl+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         f"-i cnl+ -j {FROM_WL}",
         f"-o cnl+ -j {TO_WL}",
         "-i cnl+ -j ACCEPT",
         "-o cnl+ -j ACCEPT",
     ]
+    assert chains[INPUT] == [
+        "-i cnl+ -m conntrack --ctstate INVALID -j DROP",
+        "-i cnl+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-i cnl+ -g {WL_TO_HOST}",
+    ]
+    assert chains[WL_TO_HOST] == [f"-j {FROM_WL}", "-j DROP"]
     local = sorted([WEB, DB, PLAIN, OTHER, SECRET], key=lambda e: host_ifname(e.id))
     assert chains[FROM_WL] == [f"-i {host_ifname(e.id)} -g {endpoint_chain(e.id, 'Egress')}" for e in local] + ["-j DROP"]
     assert chains[TO_WL] == [f"-o {host_ifname(e.id)} -g {endpoint_chain(e.id, 'Ingress')}" for e in local] + ["-j DROP"]

@@ -16,11 +16,20 @@ from canal.dataplane.links import EndpointLink
 from canal.dataplane.vxlan import HostRoute, Peer, VxlanState
 from canal.dataplane.vxlan import desired_vxlan as vxlan_state
 from canal.policy import selector as selectors
-from canal.policy.compiler import EndpointInfo, NetworkInfo, compile_filter, effective_labels
+from canal.policy.compiler import (
+    EndpointInfo,
+    HostProtection,
+    NetworkInfo,
+    compile_filter,
+    effective_labels,
+    protocol_name,
+)
 from canal.policy.model import Policy
 from canal.records import ANY_NET, EndpointRecord, Lease, NetworkRecord, RouteRecord
 
 POSTROUTING = "CANAL-POSTROUTING"
+PREROUTING = "CANAL-PREROUTING"  # raw table: before conntrack sees a packet
+WORKLOADS = "cnl+"
 CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network + canal pools
 MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
 
@@ -38,6 +47,15 @@ class Snapshot:
     # Scopes holding a stored policy that does not parse: None = global, else a network name.
     # Endpoints such a policy could select are closed (fail closed, never open).
     broken_policy_scopes: frozenset[Optional[str]] = frozenset()
+    settings: "DataplaneSettings" = field(default_factory=lambda: DataplaneSettings())
+
+
+@dataclass(frozen=True)
+class DataplaneSettings:
+    """This host's settings the rules depend on (not records: they come from the config)."""
+
+    vxlan_port: int = 8472
+    host: HostProtection = HostProtection()
 
 
 def link_of(record: EndpointRecord) -> EndpointLink:
@@ -65,11 +83,21 @@ def network_name(snap: Snapshot, endpoint: EndpointRecord) -> str:
     return network.logical_name if network is not None else endpoint.network
 
 
+def identity_known(snap: Snapshot, endpoint: EndpointRecord) -> bool:
+    """Labels and network name both learned: until then NetworkPolicy of its network could
+    not find it, nor a Deny naming its labels, so it is closed (unknown means closed)."""
+    network = network_of(snap, endpoint)
+    return endpoint.labels is not None and network is not None and bool(network.name)
+
+
 def endpoint_infos(snap: Snapshot) -> list[EndpointInfo]:
     """Joined endpoints everywhere, plus our own not yet joined: their chains are programmed
-    between CreateEndpoint and Join, so a container's first packet finds them in place."""
+    between CreateEndpoint and Join, so a container's first packet finds them in place.
+    An endpoint whose identity is not known yet has labels None: closed, in no selector."""
     return [
-        EndpointInfo(ep.id, str(ep.ip), network_name(snap, ep), ep.host, ep.labels)
+        EndpointInfo(
+            ep.id, str(ep.ip), network_name(snap, ep), ep.host, ep.labels if identity_known(snap, ep) else None
+        )
         for ep in snap.endpoints.values()
         if ep.joined or ep.host == snap.host
     ]
@@ -88,8 +116,26 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     if not any(n.host == snap.host for n in snap.networks.values()):
         return FirewallState()  # nothing of ours on this host: leave no trace
     state = compile_filter(
-        endpoint_infos(snap), snap.policies, snap.host, network_infos(snap), snap.broken_policy_scopes
+        endpoint_infos(snap), snap.policies, snap.host, network_infos(snap), snap.broken_policy_scopes,
+        snap.settings.host,
     )
+    # raw: what no conntrack entry may ever match. A source that would not be routed back out
+    # of the veth it came in on (a forged address, a neighbour's) is dropped before conntrack
+    # could take it for a reply in someone's flow; so is tunnel traffic from workloads (VXLAN to
+    # the configured port, IP-in-IP, ESP): it would reach peers' VTEPs with any inner address.
+    state.chains[("raw", PREROUTING)] = [
+        f"-i {WORKLOADS} -m rpfilter --invert -j DROP",
+        f"-i {WORKLOADS} -p udp -m udp --dport {snap.settings.vxlan_port} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(4)} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(50)} -j DROP",
+    ]
+    state.jumps.append(Jump("raw", "PREROUTING", PREROUTING))
+    # IPv6: Canal networks are IPv4 only, so nothing IPv6 comes from or goes to a workload
+    # (the veths also have IPv6 disabled: no link-local address to reach the host on).
+    state.chains6[("raw", PREROUTING)] = [f"-i {WORKLOADS} -j DROP"]
+    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
+    state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
+    state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
     nets = {snap.cluster_network}
     for network in snap.networks.values():
         nets.update(p for p in network.pools if p != ANY_NET)

@@ -6,16 +6,25 @@ iptables-save, so every rule is written exactly as iptables-save prints it back 
 
 Layout (filter table):
 
-    FORWARD -j CANAL-FORWARD                    INPUT -j CANAL-INPUT
-    CANAL-FORWARD: INVALID drop, ESTABLISHED accept, -i cnl+ -> CANAL-FROM-WL,
-                   -o cnl+ -> CANAL-TO-WL, accept what the endpoint chains returned
-    CANAL-INPUT:   the same for workload -> host (scoped to -i cnl+)
+    FORWARD -j CANAL-FORWARD (first, or right after DOCKER-USER)   INPUT -j CANAL-INPUT (first)
+    CANAL-FORWARD: every rule scoped to -i/-o cnl+ (Docker's bridges and other forwarded
+                   traffic are not Canal's to decide): INVALID drop, ESTABLISHED accept,
+                   -i cnl+ -> CANAL-FROM-WL, -o cnl+ -> CANAL-TO-WL, accept what they returned
+    CANAL-INPUT:   -i cnl+: INVALID drop, ESTABLISHED accept, goto CANAL-WL-TO-HOST
+    CANAL-WL-TO-HOST: the workload's egress policy first (CANAL-FROM-WL), DNS to the host's
+                   own resolvers, then the workload-to-host action (drop, return or accept)
     CANAL-FROM-WL / CANAL-TO-WL: -i/-o <iface> -g CANAL-FW-/CANAL-TW-<id12>; unknown iface: DROP
     CANAL-FW-<id12> / CANAL-TW-<id12>: clear marks, [anti-spoof, internal-network fence],
-                   policies in order (-j CANAL-PO-/CANAL-PI-<hash>, RETURN on the accept mark,
-                   later policies skipped on the pass mark), default deny if any applied,
-                   then the network profile (egress: allow; ingress: allow from own network).
+                   identity unknown (labels or network name not learned) or a policy of its
+                   scope unparsable: DROP; policies in order (-j CANAL-PO-/CANAL-PI-<hash>,
+                   RETURN on the accept mark, later policies skipped on the pass mark), the
+                   datastore's endpoints dropped unless a policy allowed them, default deny if
+                   any policy applied, then the network profile (egress: allow; ingress: allow
+                   from own network).
     CANAL-PI-/CANAL-PO-<hash>: one policy's rules for one direction.
+
+Spoofed sources and encapsulated packets from workloads are dropped earlier still, in the raw
+table, before conntrack could match them to anyone's flow (canal.agent.desired).
 
 Endpoint chains DROP what is denied and RETURN what is allowed, so a packet between two local
 containers passes the sender's egress chain and then the receiver's ingress chain.
@@ -49,7 +58,9 @@ __all__ = [
     "PASS_MARK",
     "TO_WL",
     "EndpointInfo",
+    "HostProtection",
     "NetworkInfo",
+    "WL_TO_HOST",
     "compile_filter",
     "effective_labels",
     "endpoint_chain",
@@ -65,6 +76,9 @@ FORWARD = "CANAL-FORWARD"
 INPUT = "CANAL-INPUT"
 FROM_WL = "CANAL-FROM-WL"
 TO_WL = "CANAL-TO-WL"
+WL_TO_HOST = "CANAL-WL-TO-HOST"
+DOCKER_USER_JUMP = "-j DOCKER-USER"
+WORKLOAD_TO_HOST_ACTIONS = {"drop": "DROP", "return": "RETURN", "accept": "ACCEPT"}
 MAX_CHAIN_NAME = 28  # Felix's limit; iptables allows 28 usable characters
 NETWORK_LABEL = "canal.network"  # built-in label; wins over a container label of the same key
 
@@ -98,6 +112,15 @@ class EndpointInfo:
 class NetworkInfo:
     name: str
     internal: bool = False
+
+
+@dataclass(frozen=True)
+class HostProtection:
+    """What containers may reach on (or through) the host regardless of policy."""
+
+    workload_to_host: str = "drop"  # drop | return | accept: after the workload's egress policy
+    dns: tuple[str, ...] = ()  # this host's own addresses serving DNS to containers (port 53)
+    datastore: tuple[tuple[str, int], ...] = ()  # (address, TCP port): closed unless a policy allows
 
 
 def effective_labels(endpoint: EndpointInfo) -> Optional[Dict[str, str]]:
@@ -221,8 +244,10 @@ class _Compiler:
         local_host: str,
         networks: Mapping[str, NetworkInfo],
         broken_scopes: AbstractSet[Optional[str]] = frozenset(),
+        host: HostProtection = HostProtection(),
     ) -> None:
         self.broken_scopes = broken_scopes
+        self.host = host
         self.endpoints = endpoints
         self.policies = sorted(policies, key=lambda p: p.sort_key)
         self.local = sorted((e for e in endpoints if e.host == local_host), key=lambda e: host_ifname(e.id))
@@ -358,18 +383,21 @@ class _Compiler:
             rules.append("-j DROP")  # a stored policy of its scope does not parse: fail closed
             return rules
         if self.labels[endpoint.id] is None:
-            if any(self._could_apply(p, endpoint, direction) for p in self.policies):
-                rules.append("-j DROP")  # fail closed until its labels are known
-                return rules
-            applied: List[Policy] = []
-        else:
-            applied = [p for p in self.policies if self._selects(p, endpoint, direction)]
+            # Identity unknown: any policy's Deny could name it as a source, so it neither
+            # sends nor receives anything until its labels and network name are learned.
+            rules.append("-j DROP")
+            return rules
+        applied = [p for p in self.policies if self._selects(p, endpoint, direction)]
         may_have_passed = False
         for policy in applied:
             chain = self._policy_chain(policy, direction)
             rules.append(f"{UNLESS_PASSED} -j {chain}" if may_have_passed else f"-j {chain}")
             rules.append(RETURN_IF_ACCEPTED)
             may_have_passed = may_have_passed or any(r.action == "Pass" for r in policy.rules(direction))
+        if direction == EGRESS:
+            # The datastore is every host's trust root: closed unless a policy allowed it above.
+            for address, port in self.host.datastore:
+                rules.append(f"-d {address}/32 -p tcp -m multiport --dports {port} -j DROP")
         if applied:
             # Default deny once any policy selects the endpoint, unless one of them passed.
             rules.append(f"{UNLESS_PASSED} -j DROP" if may_have_passed else "-j DROP")
@@ -386,8 +414,10 @@ class _Compiler:
     def compile(self) -> FirewallState:
         wl = f"{HOST_PREFIX}+"
         self.chains[FORWARD] = [
-            "-m conntrack --ctstate INVALID -j DROP",
-            "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i {wl} -m conntrack --ctstate INVALID -j DROP",
+            f"-o {wl} -m conntrack --ctstate INVALID -j DROP",
+            f"-i {wl} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-o {wl} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             f"-i {wl} -j {FROM_WL}",
             f"-o {wl} -j {TO_WL}",
             f"-i {wl} -j ACCEPT",
@@ -398,9 +428,13 @@ class _Compiler:
         self.chains[INPUT] = [
             f"-i {wl} -m conntrack --ctstate INVALID -j DROP",
             f"-i {wl} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            f"-i {wl} -j {FROM_WL}",
-            f"-i {wl} -j ACCEPT",
+            f"-i {wl} -g {WL_TO_HOST}",
         ]
+        to_host = [f"-j {FROM_WL}"]  # the workload's egress policy applies first, in every mode
+        for address in self.host.dns:
+            to_host += [f"-d {address}/32 -p {proto} -m multiport --dports 53 -j ACCEPT" for proto in ("tcp", "udp")]
+        to_host.append(f"-j {WORKLOAD_TO_HOST_ACTIONS[self.host.workload_to_host]}")
+        self.chains[WL_TO_HOST] = to_host
         from_wl: List[str] = []
         to_wl: List[str] = []
         for endpoint in self.local:
@@ -419,7 +453,10 @@ class _Compiler:
             assert len(name) <= MAX_IPSET_NAME, name
         return FirewallState(
             chains={(TABLE, name): rules for name, rules in sorted(self.chains.items())},
-            jumps=[Jump(TABLE, "FORWARD", FORWARD), Jump(TABLE, "INPUT", INPUT)],
+            jumps=[
+                Jump(TABLE, "FORWARD", FORWARD, after=frozenset({DOCKER_USER_JUMP})),
+                Jump(TABLE, "INPUT", INPUT),
+            ],
             ipsets=[self.sets[name] for name in sorted(self.sets)],
         )
 
@@ -440,6 +477,7 @@ def compile_filter(
     local_host: str,
     networks: Mapping[str, NetworkInfo],
     broken_scopes: AbstractSet[Optional[str]] = frozenset(),
+    host: HostProtection = HostProtection(),
 ) -> FirewallState:
     """The whole filter-table state for `local_host`: chains, the two built-in jumps, and ipsets.
 
@@ -452,4 +490,4 @@ def compile_filter(
     policies = list(policies)
     if not networks and not any(e.host == local_host for e in endpoints):
         return FirewallState()
-    return _Compiler(endpoints, policies, local_host, networks, broken_scopes).compile()
+    return _Compiler(endpoints, policies, local_host, networks, broken_scopes, host).compile()
