@@ -17,7 +17,7 @@ from canal.agent.desired import (
     network_infos,
 )
 from canal.policy.compiler import FORWARD, network_members_set
-from canal.dataplane.firewall import Firewall, FirewallState, Jump
+from canal.dataplane.firewall import Firewall, FirewallState
 from canal.records import EndpointRecord, NetworkRecord
 
 DOCKER_SAVE = """*filter
