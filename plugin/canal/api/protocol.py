@@ -112,15 +112,11 @@ def _check_pool(path: str, value: str) -> str:
     """A network in canonical form (Docker's 0.0.0.0/0 included): what the pool record and the
     ipsets hold, so nothing else may pass."""
     iface = _interface(value)
-    if iface is None or str(iface.network) != value:
-        if iface is not None:
-            return _refuse_host_bits(path, value, iface)
+    if iface is None:
         raise _not_v4(path, value, "an IPv4 network a.b.c.d/len")
+    if str(iface.network) != value:
+        raise _Refused(path, f"must be an IPv4 network, got {_show(value)} (host bits set; did you mean {iface.network}?)")
     return value
-
-
-def _refuse_host_bits(path: str, value: str, iface: ipaddress.IPv4Interface) -> str:
-    raise _Refused(path, f"must be an IPv4 network, got {_show(value)} (host bits set; did you mean {iface.network}?)")
 
 
 def _check_request_cidr(path: str, value: str) -> str:
@@ -138,7 +134,8 @@ def _check_cidr_or_empty(path: str, value: Any) -> str:
     return value
 
 
-def _check_ip_or_empty(path: str, value: str) -> str:
+def _check_ip(path: str, value: str) -> str:
+    """A plain IPv4 address a.b.c.d (what Docker sends to RequestAddress/ReleaseAddress), or ""."""
     if not value:
         return value
     ok = bool(_IPV4.fullmatch(value))
@@ -150,10 +147,6 @@ def _check_ip_or_empty(path: str, value: str) -> str:
     if not ok:
         raise _Refused(path, f"must be an IPv4 address a.b.c.d, got {_show(value)}: not an IPv4 address")
     return value
-
-
-def _check_ip(path: str, value: str) -> str:
-    return _check_ip_or_empty(path, value)
 
 
 def _check_string(path: str, value: Any, limit: int = MAX_STRING) -> str:
@@ -389,7 +382,7 @@ class ReleasePool:
 @dataclass(frozen=True)
 class RequestAddress:
     PoolID: str = _required(_check_token)
-    Address: str = _field(default="", check=_check_ip_or_empty)
+    Address: str = _field(default="", check=_check_ip)
     Options: dict = _options()
 
 
