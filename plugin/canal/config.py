@@ -156,6 +156,13 @@ class Config:
         "unix:///var/run/docker.sock", str, "Docker API, read lazily for network names and labels"
     )
     resync_interval: float = _setting(30.0, float, "seconds between full dataplane re-checks")
+    workload_to_host: str = _setting(
+        "drop", _choice("drop", "return", "accept"),
+        "containers to this host, after their egress policy: drop, return (the host's INPUT rules decide) or accept",
+    )
+    resolv_conf: str = _setting(
+        "/etc/resolv.conf", str, "its nameservers that are this host's own addresses stay open to containers on port 53"
+    )
     workers_threads: int = _setting(32, _int_range(1, 512), "threads serving Docker's calls")
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error")
 

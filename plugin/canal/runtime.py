@@ -8,11 +8,21 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import threading
+import time
+import urllib.parse
 from typing import Any, Optional
 
 from canal.agent.agent import Agent
-from canal.agent.desired import Snapshot, desired_route_records, desired_vxlan, endpoint_rows
+from canal.agent.desired import (
+    DataplaneSettings,
+    Snapshot,
+    desired_route_records,
+    desired_vxlan,
+    endpoint_rows,
+    identity_known,
+)
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
 from canal.config import Config
@@ -23,6 +33,7 @@ from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.vxlan import Vxlan, VxlanState, vxlan_mtu
 from canal.errors import Unavailable
+from canal.policy.compiler import HostProtection
 from canal.policy.model import Policy
 from canal.records import (
     EndpointRecord,
@@ -70,6 +81,34 @@ def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path
     with open(tmp, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def _has_ipv6() -> bool:
+    """A kernel without IPv6 has nothing to lock down (and no ip6tables tables to write)."""
+    return os.path.exists("/proc/net/if_inet6")
+
+
+def datastore_addresses(config: Config) -> tuple[tuple[str, int], ...]:
+    """(IPv4 address, port) of each etcd endpoint, names resolved; loopback ones are left out
+    (containers cannot reach the host's loopback). Closed to workloads by the compiler."""
+    if config.datastore != "etcd":
+        return ()
+    out: list[tuple[str, int]] = []
+    for url in config.etcd_endpoints.split(","):
+        parsed = urllib.parse.urlsplit(url.strip())
+        if not parsed.hostname:
+            continue
+        port = parsed.port or (443 if parsed.scheme == "https" else 2379)
+        try:
+            infos = socket.getaddrinfo(parsed.hostname, port, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as err:
+            log.warning("cannot resolve etcd endpoint %s to guard it from containers: %s", parsed.hostname, err)
+            continue
+        for info in infos:
+            address = str(info[4][0])
+            if not ipaddress.IPv4Address(address).is_loopback and (address, port) not in out:
+                out.append((address, port))
+    return tuple(out)
 
 
 def check_start(config: Config) -> None:
@@ -127,7 +166,7 @@ class Plugin:
         self.agent = Agent(
             self.snapshot,
             self.links,
-            Firewall(Iptables(backend)),
+            Firewall(Iptables(backend), ip6tables=Iptables(backend, "ip6tables") if _has_ipv6() else None),
             config.resync_interval,
             periodic=self.renew_lease,
             steps=steps,
@@ -138,8 +177,10 @@ class Plugin:
         self.docker = DockerWatch(
             self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,
             collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
+            on_reconnect=lambda: self.agent.request(full=True),
         )
         self._network_config: Optional[NetworkConfig] = None  # last valid flannel config seen
+        self._settings: Optional[tuple[float, DataplaneSettings]] = None
         self._vtep_mac = ""
 
     def start(self) -> None:
@@ -302,9 +343,18 @@ class Plugin:
             "last_error": self.agent.last_error,
             "docker_error": self.docker.last_error,
             "endpoints": len(self.networks.local_endpoints()),
+            "pending_endpoints": self._pending_endpoints(),
             "quarantined": {key: why for key, (_rev, why) in sorted(self.mirror.quarantined.items())},
             "quarantined_total": self.mirror.quarantined_total,
         }
+
+    def _pending_endpoints(self) -> list[str]:
+        """Local endpoints closed because their labels or network name are not known yet."""
+        try:
+            snap = self.snapshot()
+        except Unavailable:
+            return []
+        return sorted(ep.id[:12] for ep in snap.endpoints.values() if ep.host == self.host and not identity_known(snap, ep))
 
     def cluster_network(self) -> ipaddress.IPv4Network:
         """flannel's Network, from the mirror (IPAM asks on every Swarm call: no etcd round trip).
@@ -363,7 +413,23 @@ class Plugin:
             routes=self._routes() if self.multihost else {},
             policies=policies,
             broken_policy_scopes=broken,
+            settings=self.dataplane_settings(),
         )
+
+    def dataplane_settings(self) -> DataplaneSettings:
+        """Settings the rules depend on; the host's resolvers and the datastore's addresses are
+        looked up again at most once per resync interval (resolv.conf and DNS may change)."""
+        now = time.monotonic()
+        if self._settings is None or now - self._settings[0] >= self.config.resync_interval:
+            dns = linkmod.host_resolvers(self.config.resolv_conf, linkmod.local_addresses())
+            host = HostProtection(self.config.workload_to_host, dns, datastore_addresses(self.config))
+            settings = DataplaneSettings(self.config.vxlan_port, host)
+            if self._settings is None or self._settings[1] != settings:
+                log.info("host protection: workload-to-host %s, DNS open on %s, datastore closed at %s",
+                         host.workload_to_host, ", ".join(dns) or "none",
+                         ", ".join(f"{a}:{p}" for a, p in host.datastore) or "none")
+            self._settings = (now, settings)
+        return self._settings[1]
 
     def _policies(self) -> tuple[tuple[Policy, ...], frozenset[Optional[str]]]:
         """Stored policies, parsed once per change (the mirror caches typed records). One that no

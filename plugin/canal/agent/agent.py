@@ -50,6 +50,7 @@ class Agent:
         self.side_steps = list(side_steps)
         self._cond = threading.Condition()
         self._requested = 0
+        self._full_requested = False
         self._done = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -66,9 +67,11 @@ class Agent:
         if self._thread:
             self._thread.join(timeout)
 
-    def request(self) -> int:
-        """Ask for a pass; returns its generation, to wait() for later."""
+    def request(self, full: bool = False) -> int:
+        """Ask for a pass; returns its generation, to wait() for later. full: the pass reads
+        the kernel back (e.g. dockerd restarted and may have rewritten FORWARD)."""
         with self._cond:
+            self._full_requested = self._full_requested or full
             self._requested += 1
             self._cond.notify_all()
             return self._requested
@@ -137,8 +140,9 @@ class Agent:
                 if self._stopping:
                     return
                 target = self._requested
+                full_requested, self._full_requested = self._full_requested, False
             try:
-                full = time.monotonic() >= next_full or bool(self.last_error)
+                full = time.monotonic() >= next_full or bool(self.last_error) or full_requested
                 if time.monotonic() >= next_periodic:
                     self.periodic()
                     next_periodic = time.monotonic() + self.periodic_interval

@@ -200,6 +200,8 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
             "host": ep.host,
             "ip": str(ep.ip),
             "labels": dict(ep.labels) if ep.labels is not None else None,
+            # pending: labels or network name unknown, so closed until learned
+            "state": "pending" if not identity_known(snap, ep) else "joined" if ep.joined else "created",
             "policies": applied_policies(info, list(snap.policies)) if ep.joined else [],
         })
     return rows

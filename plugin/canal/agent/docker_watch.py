@@ -50,6 +50,7 @@ class DockerWatch:
         collect_endpoint: Callable[[str, str], None] | None = None,
         collect_address: Callable[[str, str], None] | None = None,
         grace: float = 60.0,
+        on_reconnect: Callable[[], object] = lambda: None,
     ):
         self.store = store
         # Garbage collection of what Docker forgot (a DeleteEndpoint or ReleaseAddress lost
@@ -58,6 +59,10 @@ class DockerWatch:
         self.collect_endpoint = collect_endpoint
         self.collect_address = collect_address
         self.grace = grace
+        # Called whenever Docker's event stream (re)connects: dockerd (re)started and may have
+        # rewritten its chains ahead of ours, so the next pass reads the kernel back.
+        self.on_reconnect = on_reconnect
+        self.pending = 0  # local endpoints whose labels are still unknown
         self._last_gc = 0.0
         # The agent's mirror (memory, typed, malformed records quarantined), or the datastore.
         self.records = records or self._list_records
@@ -224,15 +229,19 @@ class DockerWatch:
         while True:
             with self._cond:
                 if not self._poked and not self._stopping:
-                    # Poll quickly while some endpoint waits for its labels (an event may be
-                    # missed, e.g. while Docker restarts); slowly otherwise.
-                    self._cond.wait(0.1 if unknown else 1.0 if self.last_error else self.interval)
+                    # An endpoint with unknown labels is closed: poll quickly until they are
+                    # known (its container shows in Docker's list only once started), keep
+                    # asking every half second while Docker's API fails, slowly otherwise.
+                    self._cond.wait(0.5 if self.last_error else 0.02 if unknown else self.interval)
                 if self._stopping:
                     return
                 self._poked = False
             try:
                 unknown = self.resolve()
+                if self.last_error:
+                    log.info("Docker's API at %s answers again", self.docker_host)
                 self.last_error = ""
+                self.pending = unknown
             except CanalError as err:  # the datastore is down: try again soon
                 if not self.last_error:
                     log.warning("cannot record what Docker says: %s", err)
@@ -240,7 +249,8 @@ class DockerWatch:
             except Exception as err:  # Docker down or restarting: try again soon
                 self._client = None
                 if not self.last_error:
-                    log.warning("cannot read Docker's API at %s yet: %s", self.docker_host, err)
+                    log.warning("cannot read Docker's API at %s: %s; endpoints whose labels are "
+                                "unknown stay closed until it answers", self.docker_host, err)
                 self.last_error = str(err)
 
     def _events(self) -> None:
@@ -251,6 +261,8 @@ class DockerWatch:
                     decode=True,
                     filters={"type": ["container", "network"], "event": ["start", "create", "connect", "disconnect", "update"]},
                 )
+                self.on_reconnect()
+                self.poke()  # what happened while the stream was down
                 for _event in stream:
                     self.poke()
                     if self._stopping:

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command in ("status", "stats"):
             _print(client.get(f"/canal/v1/{args.command}"), args.output)
         elif args.command == "endpoint":
-            columns = ["container", "network", "host", "ip", "labels", "policies"]
+            columns = ["container", "network", "host", "ip", "state", "labels", "policies"]
             _print(client.get("/canal/v1/endpoints")["endpoints"], args.output, columns)
         elif args.verb == "apply":
             results = client.post("/canal/v1/policies", {"documents": _read_file(args.filename)})["results"]

@@ -154,7 +154,13 @@ class Links:
         conf = f"net/ipv4/conf/{link.host_if}/"
         _sysctl(self.sysctl_dir, conf + "proxy_arp", "1")
         _sysctl(self.sysctl_dir, conf + "forwarding", "1")
+        # Strict reverse-path filtering: a source not routed back out of this veth is dropped
+        # (the raw table's rpfilter rule does the same where conf/all asks for loose mode).
+        _sysctl(self.sysctl_dir, conf + "rp_filter", "1")
         _sysctl(self.sysctl_dir, f"net/ipv4/neigh/{link.host_if}/proxy_delay", "0")
+        # IPv4 only: no IPv6 address on the host side, so no link-local way to the host.
+        if os.path.isdir(f"{self.sysctl_dir}/net/ipv6/conf/{link.host_if}"):
+            _sysctl(self.sysctl_dir, f"net/ipv6/conf/{link.host_if}/disable_ipv6", "1")
         self._ipr.link("set", index=index, state="up", mtu=link.mtu)
         try:
             self._ipr.addr("add", index=index, address=GATEWAY, prefixlen=32, scope=RT_SCOPE_LINK)
@@ -311,3 +317,32 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
     elif flushed:
         log.debug("conntrack state flushed for %s", ", ".join(flushed))
     return Forgotten(tuple(flushed), tuple(failed))
+
+
+def local_addresses() -> set[str]:
+    """Every IPv4 address of this host (this network namespace)."""
+    with IPRoute() as ipr:
+        return {addr.get_attr("IFA_ADDRESS") for addr in ipr.get_addr(family=2)}
+
+
+def host_resolvers(resolv_conf: str, local: set[str]) -> tuple[str, ...]:
+    """Nameservers of the host's resolv.conf that are this host's own (non-loopback) addresses:
+    Docker's embedded DNS forwards containers' queries to them from the containers' own
+    namespaces, so they arrive through the veths like any workload-to-host traffic.
+    Loopback resolvers are never reached from containers (Docker replaces them)."""
+    try:
+        with open(resolv_conf, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read(65536).splitlines()
+    except OSError:
+        return ()
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                address = ipaddress.IPv4Address(fields[1])
+            except ValueError:
+                continue
+            if not address.is_loopback and str(address) in local and str(address) not in out:
+                out.append(str(address))
+    return tuple(out)
