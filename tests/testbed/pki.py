@@ -1,6 +1,7 @@
 """A throwaway PKI for TLS tests, made with the openssl CLI: files only, in one directory.
 
-A CA with a server certificate (for the given IP addresses) and a client certificate, plus a
+A CA with a server certificate (for the given IP addresses) and client certificates (with and
+without a Common Name), plus a
 second, unrelated CA with its own client certificate (the "other CA" of rejection tests) and
 the client key encrypted (etcd clients need unencrypted keys). EC P-256 keys: quick to make.
 """
@@ -36,6 +37,10 @@ class Pki:
         self.client_cert, self.client_key = self._leaf(
             "client", client_cn, self.ca, self.ca_key, "extendedKeyUsage=clientAuth"
         )
+        # No Common Name: what etcd's JSON gateway wants once auth is on with --client-cert-auth.
+        self.nocn_client_cert, self.nocn_client_key = self._leaf(
+            "nocn-client", "", self.ca, self.ca_key, "extendedKeyUsage=clientAuth"
+        )
         self.other_ca, other_ca_key = self._ca("canal-test-other-ca")
         self.other_client_cert, self.other_client_key = self._leaf(
             "other-client", client_cn, self.other_ca, other_ca_key, "extendedKeyUsage=clientAuth"
@@ -56,7 +61,7 @@ class Pki:
         with open(ext, "w") as handle:
             handle.write(extensions + "\n")
         openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", key, "-out", csr, "-subj", f"/CN={cn}", cwd=self.dir)
+                "-keyout", key, "-out", csr, "-subj", f"/CN={cn}" if cn else "/O=canal", cwd=self.dir)
         openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
                 "-out", crt, "-days", "2", "-extfile", ext, cwd=self.dir)
         return crt, key

@@ -351,3 +351,33 @@ def test_credentials_work_before_and_after_etcd_turns_auth_on(make_etcd, caplog)
         assert store.create("/canal/v1/after", 2)
     finally:
         store.close()
+
+
+def test_tls_and_auth_together_need_a_client_certificate_without_common_name(pki):
+    """etcd's JSON gateway refuses a client certificate with a Common Name once auth is on
+    (with --client-cert-auth): refused at start with what to do; a CN-less one works."""
+    server = start_etcd("canal-tls-auth", pki=pki, client_cert_auth=True)
+    try:
+        server.enable_auth("root-" + PASSWORD, {"canal": (PASSWORD, PREFIXES)})
+        with_cn = tls_store(server, pki, username="canal", password=PASSWORD)
+        try:
+            with pytest.raises(EtcdAccessDenied, match="--etcd-certfile without a CN"):
+                with_cn.check(PREFIXES)
+        finally:
+            with_cn.close()
+        store = tls_store(server, pki, certfile=pki.nocn_client_cert, keyfile=pki.nocn_client_key,
+                          username="canal", password=PASSWORD)
+        try:
+            store.check(PREFIXES)
+            contract_subset(store, "/canal/v1/both")
+        finally:
+            store.close()
+        # Positive control: the same certificate without the password is refused by RBAC.
+        anonymous = tls_store(server, pki, certfile=pki.nocn_client_cert, keyfile=pki.nocn_client_key)
+        try:
+            with pytest.raises(EtcdAccessDenied, match="--etcd-username"):
+                anonymous.check(PREFIXES)
+        finally:
+            anonymous.close()
+    finally:
+        server.close()

@@ -341,6 +341,12 @@ class EtcdDatastore(Datastore):
             tls = None
             if "HTTP request to an HTTPS server" in str(message):
                 tls = "etcd serves https here: use https:// in --etcd-endpoints (and --etcd-cafile)"
+            elif "CommonName of client" in str(message):
+                # etcd's guard (embed/serve.go): with --client-cert-auth and auth enabled, its
+                # JSON gateway refuses any client certificate that carries a Common Name.
+                tls = (f"etcd refuses client certificates with a Common Name on its JSON gateway once "
+                       f"auth is enabled ({message!r}): issue --etcd-certfile without a CN "
+                       "(e.g. subject /O=canal); the user comes from --etcd-username")
             # Not etcd's gateway speaking (a proxy, a web server, etcd < 3.4 without /v3):
             # nothing was applied, so another endpoint may be tried.
             raise _Failed(
@@ -482,7 +488,9 @@ class EtcdDatastore(Datastore):
             except EtcdRejected as err:
                 refused.append(str(err))
             except _Failed as failure:
-                if failure.verb != "unusable" and endpoint.startswith("https://") and self._speaks_http(endpoint):
+                if failure.verb == "unusable":  # an HTTP answer, but a refusal or not etcd's
+                    refused.append(f"etcd {endpoint}: {failure.tls or failure.reason + ': check --etcd-endpoints'}")
+                elif endpoint.startswith("https://") and self._speaks_http(endpoint):
                     refused.append(
                         f"etcd {endpoint}: the endpoint speaks plain http, not TLS: check "
                         "--etcd-endpoints (or serve etcd with --cert-file/--key-file)"
