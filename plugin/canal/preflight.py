@@ -79,10 +79,10 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else "no output"
 
 
-def _iptables_tool(backend: str, tool: str, which: Which) -> Optional[str]:
+def _iptables_tool(backend: str, tool: str, which: Which, family: str = "iptables") -> Optional[str]:
     """The binary canal.dataplane.iptables._binary would pick: iptables-<backend>-<tool>,
-    else the plain iptables-<tool> (Debian's alternatives link)."""
-    for name in (f"iptables-{backend}-{tool}", f"iptables-{tool}"):
+    else the plain iptables-<tool> (Debian's alternatives link); ip6tables likewise."""
+    for name in (f"{family}-{backend}-{tool}", f"{family}-{tool}"):
         if which(name):
             return name
     return None
@@ -123,6 +123,21 @@ def iptables_problems(backend: str, which: Which, runner: Runner) -> list[str]:
         "the kernel lacks ip_tables" if backend == "legacy" else "the kernel lacks nf_tables and ip_tables")
     other = " (or choose the other --iptables-backend)" if backend in BACKENDS else ""
     return [f"iptables does not work ({'; '.join(failures)}): {hint}?{other}"]
+
+
+def has_ipv6() -> bool:
+    return os.path.exists("/proc/net/if_inet6")
+
+
+def ip6tables_problems(backend: str, which: Which, ipv6: Callable[[], bool]) -> list[str]:
+    """On a kernel with IPv6, Canal closes IPv6 on its veths with ip6tables of its backend."""
+    if not ipv6():
+        return []
+    backends = [backend] if backend in BACKENDS else list(BACKENDS)
+    for name in backends:
+        if _iptables_tool(name, "save", which, "ip6tables") and _iptables_tool(name, "restore", which, "ip6tables"):
+            return []
+    return [_missing("ip6tables-restore and ip6tables-save (IPv6 on Canal's veths is closed with them)", "iptables")]
 
 
 def ipset_problems(which: Which, runner: Runner) -> list[str]:
@@ -229,10 +244,12 @@ def problems(
     runner: Runner = cmd.run,
     vxlan: Callable[[], Optional[str]] = vxlan_support,
     check_writable: Callable[[str], Optional[str]] = writable,
+    ipv6: Callable[[], bool] = has_ipv6,
 ) -> list[str]:
     """Every gap between this host and what `config` needs, each with its fix; [] if none."""
     found = [
         *iptables_problems(config.iptables_backend, which, runner),
+        *ip6tables_problems(config.iptables_backend, which, ipv6),
         *ipset_problems(which, runner),
         *conntrack_problems(which),
         *vxlan_problems(config.datastore, vxlan),
@@ -248,9 +265,10 @@ def check(
     runner: Runner = cmd.run,
     vxlan: Callable[[], Optional[str]] = vxlan_support,
     check_writable: Callable[[str], Optional[str]] = writable,
+    ipv6: Callable[[], bool] = has_ipv6,
 ) -> None:
     """Raise PreflightError naming everything missing; return quietly when nothing is."""
-    found = problems(config, which=which, runner=runner, vxlan=vxlan, check_writable=check_writable)
+    found = problems(config, which=which, runner=runner, vxlan=vxlan, check_writable=check_writable, ipv6=ipv6)
     if found:
         raise PreflightError(found)
     log.info(

@@ -3,7 +3,10 @@ a conftest is not a module to import from)."""
 
 from __future__ import annotations
 
-from testbed import IMAGE, SimHost, Underlay
+import subprocess
+import uuid
+
+from testbed import IMAGE, SimHost, Underlay, wait_until
 
 CLUSTER = "100.64.0.0/16"
 # A short full-resync period, so repair of tampered state is seen within a test's patience.
@@ -46,4 +49,49 @@ def clear(host: SimHost, driver: str = "canal") -> None:
     assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
 
 
-__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "start_host"]
+def endpoint_ids(host: SimHost, container: str) -> list[str]:
+    networks = host.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"] or {}
+    return [n["EndpointID"] for n in networks.values() if n.get("EndpointID")]
+
+
+def is_open(host: SimHost, container: str) -> bool:
+    """Every canal endpoint of the container has left the pending state: its egress chain
+    (read from the kernel) no longer ends in the fail-closed DROP alone."""
+    saved = host.exec(["iptables-nft-save", "-t", "filter"]).stdout.splitlines()
+    for endpoint in endpoint_ids(host, container):
+        rules = [line for line in saved if line.startswith(f"-A CANAL-FW-{endpoint[:12]} ")]
+        if not rules:
+            continue  # not a canal endpoint (a bridge network's)
+        if not any(r.endswith("-j RETURN") or "-j CANAL-PO-" in r or "--dports" in r for r in rules):
+            return False
+    return True
+
+
+def wait_open(host: SimHost, container: str, timeout: float = 10) -> None:
+    """Until the plugin learned the container's labels and network name (closed before)."""
+    wait_until(lambda: is_open(host, container), timeout=timeout, what=f"{container}'s endpoints open")
+
+
+def run_open(host: SimHost, network: str, script: str, *opts: str, check: bool = True,
+             timeout: float = 120) -> subprocess.CompletedProcess:
+    """`docker run --rm ... sh -c SCRIPT`, with SCRIPT started only once the container's
+    endpoint is open: an endpoint is closed until its labels are learned, which Docker lets
+    a plugin do only after the container's process has started."""
+    name = "gated-" + uuid.uuid4().hex[:10]
+    gate = "while [ ! -e /tmp/.open ]; do sleep 0.02; done; "
+    host.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sh", "-c", gate + script)
+    try:
+        wait_open(host, name)
+        host.docker("exec", name, "sh", "-c", ": > /tmp/.open")
+        code = int(host.docker("wait", name, timeout=timeout).stdout.strip())
+        logs = host.docker("logs", name)
+        result = subprocess.CompletedProcess(["sh", "-c", script], code, logs.stdout, logs.stderr)
+    finally:
+        host.docker("rm", "-f", name, check=False)
+    if check and code != 0:
+        raise AssertionError(f"{script!r} exited {code}: {result.stdout}{result.stderr}")
+    return result
+
+
+__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "endpoint_ids", "is_open", "run_open",
+           "start_host", "wait_open"]

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from e2e_support import IMAGE, clear
+from e2e_support import IMAGE, clear, wait_open
 
 from testbed import Etcd, SimHost, Underlay, wait_until
 
@@ -66,6 +66,7 @@ def net(h, name, *opts):
 
 def daemon(h, name, network, *opts, cmd=("sleep", "1000")):
     h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, *cmd)
+    wait_open(h, name)
 
 
 def ip_of(h, container, network):

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, clear, start_host
+from e2e_support import CLUSTER, IMAGE, clear, start_host, wait_open
 
 from testbed import SimHost, wait_until
 
@@ -57,11 +57,13 @@ def server(h, name, network, labels=(), ports=(5432,)):
     loops = " & ".join(f"while true; do echo pong-{name} | nc -l -p {p}; done" for p in ports)
     opts = [x for label in labels for x in ("--label", label)]
     h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sh", "-c", f"{loops} & sleep 100000")
+    wait_open(h, name)
 
 
 def client(h, name, network, labels=()):
     opts = [x for label in labels for x in ("--label", label)]
     h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sleep", "100000")
+    wait_open(h, name)
 
 
 def ip(h, container):
@@ -174,6 +176,7 @@ def test_spoofed_source_is_dropped(h):
     net(h, "appnet")
     client(h, "target", "appnet")
     h.docker("run", "-d", "--name", "spoofer", "--network", "appnet", "--cap-add", "NET_ADMIN", IMAGE, "sleep", "100000")
+    wait_open(h, "spoofer")
     assert pings(h, "spoofer", ip(h, "target"))
     fake = "100.64.250.250"
     h.container_exec("spoofer", "ip", "addr", "add", f"{fake}/32", "dev", "eth0")

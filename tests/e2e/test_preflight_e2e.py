@@ -30,6 +30,8 @@ from testbed._util import log_tail, stop_popen
 TOOLS = (
     "iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save", "iptables-legacy-restore",
     "iptables-save", "iptables-restore", "ipset", "conntrack",
+    "ip6tables-nft-save", "ip6tables-nft-restore", "ip6tables-legacy-save", "ip6tables-legacy-restore",
+    "ip6tables-save", "ip6tables-restore",
 )
 MISSING = "missing conntrack (apt-get install conntrack)"
 

@@ -6,7 +6,7 @@ import ipaddress
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
-from e2e_support import CLUSTER, IMAGE, PLUGIN_ARGS, canal_leftovers
+from e2e_support import CLUSTER, IMAGE, PLUGIN_ARGS, canal_leftovers, run_open, wait_open
 
 from testbed import wait_until
 
@@ -17,10 +17,11 @@ def net(h, name, *opts):
 
 def daemon(h, name, network, *opts, cmd=("sleep", "1000")):
     h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, *cmd)
+    wait_open(h, name)
 
 
 def sh(h, network, script, *opts, check=True):
-    return h.docker("run", "--rm", "--network", network, *opts, IMAGE, "sh", "-c", script, check=check)
+    return run_open(h, network, script, *opts, check=check)
 
 
 def ip_of(h, container, network):
@@ -55,18 +56,20 @@ def test_network_inspect_and_addresses(h1):
     assert settings["MacAddress"] == "02:42:" + ":".join(f"{b:02x}" for b in ip.packed)
 
 
-def test_container_reaches_host_and_outside_through_masquerade(h1, underlay):
+def test_container_reaches_outside_through_masquerade_but_not_its_host(h1, underlay):
     net(h1, "appnet")
     # The underlay namespace has no route back to the cluster network: a reply only comes
     # back if the container's traffic was masqueraded to the host's address.
-    assert pings(h1, "appnet", h1.address)
     assert pings(h1, "appnet", underlay.gateway_ip)
+    # The host itself is closed to workloads by default (--workload-to-host drop).
+    assert not pings(h1, "appnet", h1.address)
 
 
 def test_nat_off_is_routed_unmasqueraded(h1, underlay):
     net(h1, "plain", "-o", "nat=false")
-    assert pings(h1, "plain", h1.address)
-    assert not pings(h1, "plain", underlay.gateway_ip)
+    net(h1, "natted")
+    assert pings(h1, "natted", underlay.gateway_ip)  # positive control: masqueraded, answered
+    assert not pings(h1, "plain", underlay.gateway_ip)  # sent as is: nothing routes the reply back
 
 
 def test_internal_network_reaches_only_itself(h1, underlay):

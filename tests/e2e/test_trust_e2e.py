@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_support import IMAGE, clear
+from e2e_support import IMAGE, clear, wait_open
 
 from testbed import Etcd, SimHost, TestbedError, Underlay, wait_until
 
@@ -66,6 +66,7 @@ def net(h: SimHost, name: str) -> None:
 
 def daemon(h: SimHost, name: str, *opts: str, cmd=("sleep", "1000")) -> None:
     h.docker("run", "-d", "--name", name, "--network", "appnet", *opts, IMAGE, *cmd)
+    wait_open(h, name)
 
 
 def ip_of(h: SimHost, container: str) -> str:

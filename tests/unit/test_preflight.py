@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 EVERY_TOOL = {
     "iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save", "iptables-legacy-restore",
     "iptables-save", "iptables-restore", "ipset", "conntrack",
+    "ip6tables-nft-save", "ip6tables-nft-restore", "ip6tables-legacy-save", "ip6tables-legacy-restore",
 }
 _counter = itertools.count()
 
@@ -37,7 +38,8 @@ class FakeHost:
     """Tools on PATH, commands that fail, and a vxlan answer: everything check() asks."""
 
     def __init__(self, tools: set[str] = EVERY_TOOL, failing: dict[str, str] | None = None,
-                 vxlan: str | None = None) -> None:
+                 vxlan: str | None = None, ipv6: bool = False) -> None:
+        self.ipv6 = ipv6
         self.tools = set(tools)
         self.failing = failing or {}
         self.vxlan_answer = vxlan
@@ -60,10 +62,11 @@ class FakeHost:
         return self.vxlan_answer
 
     def problems(self, cfg: configmod.Config) -> list[str]:
-        return preflight.problems(cfg, which=self.which, runner=self.runner, vxlan=self.vxlan)
+        return preflight.problems(cfg, which=self.which, runner=self.runner, vxlan=self.vxlan,
+                                  ipv6=lambda: self.ipv6)
 
     def check(self, cfg: configmod.Config) -> None:
-        preflight.check(cfg, which=self.which, runner=self.runner, vxlan=self.vxlan)
+        preflight.check(cfg, which=self.which, runner=self.runner, vxlan=self.vxlan, ipv6=lambda: self.ipv6)
 
 
 @pytest.fixture
@@ -99,6 +102,16 @@ def test_missing_conntrack_names_the_package(sysctls: Path) -> None:
     assert err.value.problems == ["missing conntrack (apt-get install conntrack)"]
     assert str(err.value) == "canal cannot start: missing conntrack (apt-get install conntrack)."
     assert isinstance(err.value, CanalError)
+
+
+def test_ip6tables_needed_only_where_the_kernel_has_ipv6(sysctls: Path) -> None:
+    without = EVERY_TOOL - {t for t in EVERY_TOOL if t.startswith("ip6tables")}
+    assert FakeHost(without, ipv6=True).problems(cfg(sysctls)) == [
+        "missing ip6tables-restore and ip6tables-save (IPv6 on Canal's veths is closed with them) "
+        "(apt-get install iptables)"
+    ]
+    assert FakeHost(without, ipv6=False).problems(cfg(sysctls)) == []
+    assert FakeHost(EVERY_TOOL, ipv6=True).problems(cfg(sysctls)) == []
 
 
 def test_missing_ipset(sysctls: Path) -> None:
