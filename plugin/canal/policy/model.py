@@ -334,7 +334,8 @@ class _StrictLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(
-                None, None, f"alias *{event.anchor} is not allowed in policy input; write the value out", event.start_mark
+                None, None, f"alias *{event.anchor} is not allowed in policy input; write the value out",
+                event.start_mark,  # type: ignore[arg-type]  # libyaml's Mark is a yaml.Mark at run time
             )
         if getattr(event, "anchor", None) is not None:
             raise yaml.composer.ComposerError(
