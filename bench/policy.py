@@ -37,6 +37,7 @@ from testbed import IMAGE, Etcd, SimHost, Underlay  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 NETWORK = "appnet"
+SYNTHETIC_NET = "5" * 64  # the synthetic hosts' Docker network ID (a libnetwork-shaped ID)
 
 
 def enter_netns(path: str) -> None:
@@ -69,9 +70,9 @@ def synthetic(n_from: int, n_to: int, policies: int) -> list[tuple[str, dict]]:
     out = []
     base = int(ipaddress.IPv4Address("100.64.128.0"))
     for i in range(n_from, n_to):
-        ep_id = f"{i:012x}" + "s" * 52
+        ep_id = f"{i:064x}"
         out.append((f"/canal/v1/endpoints/{ep_id}", {
-            "id": ep_id, "network": "synthetic-net", "host": f"synthetic{i % 20}",
+            "id": ep_id, "network": SYNTHETIC_NET, "host": f"synthetic{i % 20}",
             "ip": str(ipaddress.IPv4Address(base + i)), "mac": "02:42:00:00:00:00", "mtu": 1450,
             "joined": True, "labels": {"role": f"c{i % policies}"},
         }))
@@ -120,8 +121,8 @@ def main() -> None:
         host.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", NETWORK)
         # The synthetic endpoints belong to a network of the same name on each synthetic host.
         for h in range(20):
-            store.put(f"/canal/v1/networks/synthetic{h}/synthetic-net", {
-                "id": "synthetic-net", "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0,
+            store.put(f"/canal/v1/networks/synthetic{h}/{SYNTHETIC_NET}", {
+                "id": SYNTHETIC_NET, "pools": ["0.0.0.0/0"], "internal": False, "nat": True, "mtu": 0,
                 "host": f"synthetic{h}", "name": NETWORK})
         for i in range(args.policies):  # one local container selected by each policy
             host.docker("run", "-d", "--name", f"r{i}", "--network", NETWORK, "--label", f"role=r{i}", IMAGE, "sleep", "100000")
