@@ -31,8 +31,10 @@ def sender(tmp_path):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if BODIES:
+    fuzzed = {route: n for route, n in BODIES.items() if not route.startswith("control:")}
+    if fuzzed:
         terminalreporter.write_line(
-            f"fuzz: {sum(BODIES.values())} bodies sent over {len(BODIES)} routes; answers by status: "
+            f"fuzz: {sum(fuzzed.values())} bodies sent over {len(fuzzed)} routes "
+            f"(+{sum(BODIES.values()) - sum(fuzzed.values())} in positive controls); answers by status: "
             + ", ".join(f"{code}: {n}" for code, n in sorted(STATUSES.items()))
         )
