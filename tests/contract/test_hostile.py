@@ -5,6 +5,7 @@ value did (or would do) without the protection."""
 from __future__ import annotations
 
 import ipaddress
+import io
 import json
 
 import pytest
@@ -313,3 +314,42 @@ def test_valid_input_does_change_state(client, plugin):
     assert status == 200, answer
     after = dict(plugin.dump())
     assert len(after) == len(before) + 3 and any("/policies/" in k for k in after)
+
+
+# Chunked bodies: no Content-Length for Flask to refuse up front ------------------------------
+
+
+def chunked_post(client, path, data):
+    return client.post(path, input_stream=io.BytesIO(data), headers={"Transfer-Encoding": "chunked"},
+                       environ_overrides={"wsgi.input_terminated": True})
+
+
+PREFIX_ATTACK = json.dumps({"NetworkID": NET}).encode() + b" " * (protocol.MAX_BODY + 10)
+
+
+def test_positive_control_werkzeug_cuts_chunked_bodies_silently():
+    """What the app would see reading a chunked body through werkzeug: a valid 1 MiB prefix of
+    a 2 MiB request, i.e. a different request than the one sent."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    env = EnvironBuilder(method="POST", input_stream=io.BytesIO(PREFIX_ATTACK)).get_environ()
+    env.pop("CONTENT_LENGTH", None)
+    env["wsgi.input_terminated"] = True
+    req = Request(env)
+    req.max_content_length = protocol.MAX_BODY
+    assert json.loads(req.get_data()) == {"NetworkID": NET}
+
+
+def test_chunked_body_over_the_limit_is_a_413_not_its_prefix(client, plugin):
+    before = plugin.dump()
+    resp = chunked_post(client, "/NetworkDriver.DeleteNetwork", PREFIX_ATTACK)
+    assert resp.status_code == 413 and "larger than" in resp.get_json()["Err"]
+    resp = chunked_post(client, "/canal/v1/policies", b'{"documents": ""}' + b" " * (protocol.MAX_BODY + 10))
+    assert resp.status_code == 413
+    assert plugin.dump() == before
+
+
+def test_chunked_body_under_the_limit_is_read(client):
+    resp = chunked_post(client, "/NetworkDriver.DeleteNetwork", json.dumps({"NetworkID": NET}).encode())
+    assert resp.status_code == 404, resp.get_json()  # parsed and handled: no such network

@@ -33,11 +33,17 @@ def post(host, path: str, body: bytes) -> tuple[int, object]:
     return post_oversized(host.plugin_socket, path, body)
 
 
-def post_oversized(sock_path: str, path: str, body: bytes) -> tuple[int, object]:
-    """POST a body the server refuses by its Content-Length: it answers 413 and closes without
-    reading the rest, so the send may break off (EPIPE); the answer is read all the same."""
+def post_oversized(sock_path: str, path: str, body: bytes, chunked: bool = False) -> tuple[int, object]:
+    """POST a body the server refuses by its size: it answers 413 and closes without reading
+    the rest, so the send may break off (EPIPE); the answer is read all the same. `chunked`
+    sends it without a Content-Length, so only reading it can tell its size."""
+    length = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
     head = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {PLUGIN_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            f"{length}\r\nConnection: close\r\n\r\n").encode()
+    if chunked:
+        step = 65536
+        body = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + step]), body[i:i + step]) for i in range(0, len(body), step))
+        body += b"0\r\n\r\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(30)
         sock.connect(sock_path)
@@ -144,5 +150,10 @@ def test_hostile_bodies_leave_the_firewall_byte_identical(busy_host):
     assert after[0] == before[0], "iptables changed"
     assert after[1] == before[1], "ipsets changed"
     assert store_view(host) == store_before
+    # Chunked: no Content-Length to refuse up front; the limit holds while reading.
+    status, answer = post_oversized(host.plugin_socket, "/NetworkDriver.CreateNetwork",
+                                    json.dumps({"NetworkID": CONTROL_NET, "Pad": "x" * (2 << 20)}).encode(), chunked=True)
+    assert status == 413 and answer["Err"], (status, answer)
+    assert firewall(host) == before and store_view(host) == store_before
     assert host.plugin_running()
     control(host)  # alive, and still programming the kernel

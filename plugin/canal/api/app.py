@@ -13,7 +13,7 @@ from collections import defaultdict, deque
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from canal.api import protocol as p
 from canal.errors import BadRequest, CanalError
@@ -54,6 +54,19 @@ class CallStats:
         return out
 
 
+def _body() -> bytes:
+    """The request body, at most MAX_BODY bytes, else 413. A Content-Length over the limit is
+    refused by Flask (MAX_CONTENT_LENGTH) before reading; a chunked body has none, and
+    werkzeug would silently cut it at the limit — a prefix that may parse as a different
+    request — so it is read here and refused whole when longer."""
+    if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+        data = request.environ["wsgi.input"].read(p.MAX_BODY + 1)
+        if len(data) > p.MAX_BODY:
+            raise RequestEntityTooLarge()
+        return data
+    return request.get_data()
+
+
 def _answer(body: dict, status: int = 200) -> Response:
     response = jsonify(body)
     response.status_code = status
@@ -76,7 +89,7 @@ def create_app(plugin: Any) -> Flask:
             started = time.perf_counter()
             ok = False
             try:
-                body = p.decode(call, request.get_data())
+                body = p.decode(call, _body())
                 result = handler(p.parse(call, cls, body)) if cls else handler()
                 ok = True
                 return _answer(result)
@@ -139,7 +152,7 @@ def create_app(plugin: Any) -> Flask:
 
     @app.post("/canal/v1/policies")
     def apply_policies() -> Response:
-        body = p.decode("POST /canal/v1/policies", request.get_data())
+        body = p.decode("POST /canal/v1/policies", _body())
         if not isinstance(body, dict) or not isinstance(body.get("documents"), str):
             raise BadRequest('POST /canal/v1/policies: body must be {"documents": "<YAML or JSON text>"}')
         return _answer({"results": plugin.policies.apply(body["documents"])})
