@@ -1,0 +1,542 @@
+"""Issue 9 end to end: a hostile container (NET_ADMIN + NET_RAW) tries every kernel-level way
+around Canal's policy, on real dockerd, real kernel and the real plugin, and each attempt fails.
+
+Every test also shows the same attempt succeeding without the protection, so none passes by
+accident: the protection is removed by tampering (a raw-table rule deleted with iptables-nft, a
+sysctl set back) and then restored by the plugin's own read-back pass (--resync-interval 2), or
+the plugin runs with a looser --workload-to-host, or the traffic comes from a Docker bridge.
+Attacks are sent from the host side with `nsenter --net=/proc/<container pid>/ns/net`: exactly
+what a process in the container with NET_ADMIN/NET_RAW can send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
+
+import pytest
+from e2e_support import IMAGE, clear, endpoint_ids, wait_open
+
+from testbed import Etcd, SimHost, Underlay, wait_until
+from testbed._util import spawn, stop_popen
+
+CLUSTER = "100.64.0.0/16"
+HOSTILE = ("--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW")
+VXLAN_PORT = 8472
+RAW_RPFILTER = "-i cnl+ -m rpfilter --invert -j DROP"
+RAW_VXLAN = f"-i cnl+ -p udp -m udp --dport {VXLAN_PORT} -j DROP"
+RAW_IPIP = "-i cnl+ -p ipencap -j DROP"
+RAW_ESP = "-i cnl+ -p esp -j DROP"
+RAW6_DROP = "-i cnl+ -j DROP"
+
+
+def plugin_args(host: SimHost, etcd: Etcd, *extra: str) -> list[str]:
+    return [
+        "--datastore", "etcd", "--etcd-endpoints", etcd.endpoint, "--etcd-timeout", "2",
+        "--network", CLUSTER, "--lease-ttl", "8", "--resync-interval", "2",
+        "--docker-host", f"unix://{host.docker_sock}", "--log-level", "debug", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ul = Underlay()
+    try:
+        etcd = Etcd(ul)
+        hosts = []
+        for i in (1, 2):
+            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
+            h.start_dockerd()
+            h.load_image()
+            h.start_plugin(plugin_args(h, etcd))
+            hosts.append(h)
+        yield ul, etcd, hosts
+    finally:
+        ul.close()
+
+
+@pytest.fixture
+def c(cluster):
+    """(etcd, h1, h2), each host back on the default plugin settings and emptied after the test."""
+    ul, etcd, (h1, h2) = cluster
+    yield etcd, h1, h2
+    for h in (h1, h2):
+        if not h.plugin_running():
+            h.start_plugin(plugin_args(h, etcd))
+        for doc in canal(h, "policy", "list"):
+            meta = doc["metadata"]
+            target = f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}"
+            h.exec([h.plugin_argv()[0], "-m", "canal", "policy", "delete", target])
+        clear(h)
+        h.docker("network", "rm", "plainnet", check=False)
+        assert not [l for l in h.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def canal(h: SimHost, *args: str) -> list | dict:
+    return json.loads(h.exec([h.plugin_argv()[0], "-m", "canal", *args, "-o", "json"]).stdout)
+
+
+def apply(h: SimHost, doc: dict) -> None:
+    h.exec([h.plugin_argv()[0], "-m", "canal", "policy", "apply", "-f", "-"], input=json.dumps(doc))
+
+
+def net(h: SimHost, name: str = "appnet") -> None:
+    h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", name)
+
+
+def daemon(h: SimHost, name: str, *opts: str, network: str = "appnet", cmd=("sleep", "1000")) -> None:
+    h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, *cmd)
+    wait_open(h, name)
+
+
+def ip_of(h: SimHost, container: str, network: str = "appnet") -> str:
+    return h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def veth_of(h: SimHost, container: str) -> str:
+    (endpoint,) = endpoint_ids(h, container)
+    return f"cnl{endpoint[:12]}"
+
+
+def in_netns(h: SimHost, container: str, argv: list[str], timeout: float = 30, check: bool = False
+             ) -> subprocess.CompletedProcess:
+    """Run argv in the container's network namespace (the attacker's view of the network)."""
+    return h.exec(["nsenter", f"--net=/proc/{h.container_pid(container)}/ns/net", *argv],
+                  timeout=timeout, check=check)
+
+
+def py_in(h: SimHost, container: str, script: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return in_netns(h, container, ["python3", "-c", script, *args], timeout=timeout)
+
+
+TCP_PROBE = r"""
+import socket, sys
+s = socket.socket()
+s.settimeout(1.5)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+except OSError as err:
+    print("refused:", err)
+    sys.exit(1)
+print("connected")
+"""
+
+
+def tcp_open(h: SimHost, container: str, addr: str, port: int) -> bool:
+    """Can the container complete a TCP handshake with addr:port?"""
+    return py_in(h, container, TCP_PROBE, addr, str(port)).returncode == 0
+
+
+LISTENER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(16)
+print("listener", "ready", flush=True)
+while True:
+    conn, peer = s.accept()
+    print("accepted", peer, flush=True)
+    conn.close()
+"""
+
+
+@contextmanager
+def host_listener(h: SimHost, port: int) -> Iterator[None]:
+    """A TCP service of the host itself (its netns) on 0.0.0.0:port, stopped afterwards."""
+    log = h.workdir / f"listener-{port}.log"
+    proc = h.popen(["python3", "-c", LISTENER, str(port)], log)
+    try:
+        wait_until(lambda: "listener ready" in log.read_text(), timeout=10, what=f"listener on {port}")
+        yield
+    finally:
+        stop_popen(proc, signal.SIGTERM, 5, group=True)
+
+
+def saved(h: SimHost, table: str, v6: bool = False) -> list[str]:
+    return h.exec([("ip6tables-nft-save" if v6 else "iptables-nft-save"), "-t", table]).stdout.splitlines()
+
+
+def has_raw(h: SimHost, rule: str, v6: bool = False) -> bool:
+    return f"-A CANAL-PREROUTING {rule}" in saved(h, "raw", v6)
+
+
+def tamper_raw(h: SimHost, rule: str, v6: bool = False) -> None:
+    """Delete one of Canal's raw-table rules, as another tool or an admin could."""
+    h.exec([("ip6tables-nft" if v6 else "iptables-nft"), "-t", "raw", "-D", "CANAL-PREROUTING", *rule.split()])
+    assert not has_raw(h, rule, v6)
+
+
+def wait_raw_back(h: SimHost, *rules: str, v6: bool = False) -> None:
+    wait_until(lambda: all(has_raw(h, r, v6) for r in rules), timeout=20, what=f"plugin restored {rules}")
+
+
+@contextmanager
+def plugin_paused(h: SimHost) -> Iterator[None]:
+    """Freeze the plugin (SIGSTOP to its process group) while a control runs on tampered state,
+    so its read-back pass cannot repair it halfway; resumed (SIGCONT) afterwards, always."""
+    os.killpg(h.plugin.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(h.plugin.pid, signal.SIGCONT)
+
+
+def sysctl(h: SimHost, path: str) -> str:
+    return h.exec(["cat", f"/proc/sys/{path}"]).stdout.strip()
+
+
+def set_sysctl(h: SimHost, path: str, value: str) -> None:
+    h.exec(["sh", "-c", f"echo {value} > /proc/sys/{path}"])
+
+
+def wl_to_host_action(h: SimHost) -> str:
+    rules = [r for r in saved(h, "filter") if r.startswith("-A CANAL-WL-TO-HOST ")]
+    return rules[-1].split()[-1] if rules else ""
+
+
+@contextmanager
+def plugin_mode(h: SimHost, etcd: Etcd, mode: str) -> Iterator[None]:
+    """Restart the host's plugin with --workload-to-host MODE; back on the default after."""
+    expected = {"drop": "DROP", "return": "RETURN", "accept": "ACCEPT"}
+    h.stop_plugin()
+    h.start_plugin(plugin_args(h, etcd, "--workload-to-host", mode))
+    try:
+        wait_until(lambda: wl_to_host_action(h) == expected[mode], timeout=20, what=f"workload-to-host {mode}")
+        yield
+    finally:
+        h.stop_plugin()
+        h.start_plugin(plugin_args(h, etcd))
+        wait_until(lambda: wl_to_host_action(h) == "DROP", timeout=20, what="workload-to-host back to drop")
+
+
+def diagnostics(h: SimHost) -> str:
+    """What a failed control needs to be understood: rule counters and the conntrack table."""
+    return "\n".join([*h.exec(["iptables-nft-save", "-c"]).stdout.splitlines(),
+                      *h.exec(["conntrack", "-L"], check=False).stdout.splitlines()])
+
+
+# --------------------------------------------------------------------- 1. host ports
+
+
+def test_host_ports_closed_to_containers_unless_the_host_says_so(c):
+    """Default drop: no host port on the underlay address nor on the gateway 169.254.1.1,
+    whatever INPUT says. accept opens them (so the probe works); return hands the decision to
+    the host's own INPUT rules (open with policy ACCEPT, closed by a DROP rule the admin adds)."""
+    etcd, h1, _ = c
+    port = 7070
+    net(h1)
+    daemon(h1, "evil", *HOSTILE)
+    targets = (h1.address, "169.254.1.1")
+    with host_listener(h1, port):
+        assert h1.exec(["python3", "-c", TCP_PROBE, "127.0.0.1", str(port)], check=False).returncode == 0
+        assert [t for t in targets if tcp_open(h1, "evil", t, port)] == []
+        with plugin_mode(h1, etcd, "accept"):
+            wait_open(h1, "evil")
+            assert [t for t in targets if tcp_open(h1, "evil", t, port)] == list(targets)
+        with plugin_mode(h1, etcd, "return"):
+            wait_open(h1, "evil")
+            assert ":INPUT ACCEPT" in "\n".join(saved(h1, "filter"))
+            assert [t for t in targets if tcp_open(h1, "evil", t, port)] == list(targets)
+            host_rule = ["INPUT", "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+            h1.exec(["iptables-nft", "-A", *host_rule])
+            try:
+                assert [t for t in targets if tcp_open(h1, "evil", t, port)] == []
+            finally:
+                h1.exec(["iptables-nft", "-D", *host_rule])
+        wait_open(h1, "evil")
+        assert [t for t in targets if tcp_open(h1, "evil", t, port)] == []
+
+
+# ------------------------------------------------------------------------ 2. datastore
+
+
+def test_datastore_closed_to_containers_unless_a_policy_allows_it(c):
+    """etcd is every host's trust root: a container cannot open TCP to it; an explicit egress
+    Allow for that address and port opens it for the selected container only; the host itself
+    always reaches it."""
+    etcd, h1, _ = c
+    addr, port = etcd.endpoint.split("//")[1].split(":")
+    port = int(port)
+    net(h1)
+    daemon(h1, "evil", *HOSTILE)
+    daemon(h1, "client", "--label", "role=etcd-client")
+    assert h1.exec(["python3", "-c", TCP_PROBE, addr, str(port)], check=False).returncode == 0
+    assert not tcp_open(h1, "evil", addr, port)
+    assert not tcp_open(h1, "client", addr, port)
+    apply(h1, {"apiVersion": "canal/v1", "kind": "GlobalNetworkPolicy", "metadata": {"name": "etcd-clients"},
+               "spec": {"selector": "role == 'etcd-client'", "egress": [
+                   {"action": "Allow", "protocol": "TCP", "destination": {"nets": [f"{addr}/32"], "ports": [port]}}]}})
+    wait_until(lambda: tcp_open(h1, "client", addr, port), timeout=15, what="policy Allow opens etcd")
+    assert not tcp_open(h1, "evil", addr, port)
+
+
+# ------------------------------------------------------------- 3. spoofed UDP reply
+
+
+VICTIM = r"""
+import socket, sys, time
+server, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 4000))
+s.settimeout(0.2)
+with open(out, "a") as log:
+    while True:
+        s.sendto(b"victim-request", (server, port))
+        try:
+            data, src = s.recvfrom(2048)
+        except socket.timeout:
+            continue
+        log.write(f"{src[0]}:{src[1]} {data.decode(errors='replace')}\n")
+        log.flush()
+"""
+
+FORGE_UDP = r"""
+import socket, struct, sys, time
+src, sport, dst, dport, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5].encode()
+udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                 socket.inet_aton(src), socket.inet_aton(dst))
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(3):
+    s.sendto(ip + udp, (dst, 0))
+    time.sleep(0.1)
+"""
+
+
+def test_spoofed_reply_into_a_neighbours_udp_flow(c):
+    """Victim A on h1 talks UDP 4000 -> server S:5000 on h2; attacker B on h1 forges S:5000 ->
+    A:4000, which conntrack would take for S's reply. The raw rpfilter rule (and rp_filter on
+    B's veth) drop it before conntrack; removing both lets it in; the plugin puts both back."""
+    _, h1, h2 = c
+    for h in (h1, h2):
+        net(h)
+    daemon(h2, "server")
+    daemon(h1, "victim")
+    daemon(h1, "evil", *HOSTILE)
+    server, victim, evil_veth = ip_of(h2, "server"), ip_of(h1, "victim"), veth_of(h1, "evil")
+    received = h1.workdir / f"victim-{uuid.uuid4().hex[:6]}.log"
+    received.write_text("")
+    proc = spawn(["nsenter", f"--net=/proc/{h1.container_pid('victim')}/ns/net", "python3", "-c", VICTIM,
+                  server, "5000", str(received)], h1.workdir / "victim-proc.log")
+    rp_path = f"net/ipv4/conf/{evil_veth}/rp_filter"
+    try:
+        # The victim's flow is in h1's conntrack table (the forged packet would match its reply).
+        wait_until(lambda: f"dport=5000" in h1.exec(["conntrack", "-L", "-p", "udp", "-s", victim], check=False).stdout,
+                   timeout=10, what="victim's flow in conntrack")
+
+        def forge(marker: str) -> None:
+            res = py_in(h1, "evil", FORGE_UDP, server, "5000", victim, "4000", marker)
+            assert res.returncode == 0, res.stderr
+
+        def arrived(marker: str) -> bool:
+            time.sleep(0.5)  # the victim's receive loop polls every 0.2 s
+            return marker in received.read_text()
+
+        assert sysctl(h1, rp_path) == "1" and has_raw(h1, RAW_RPFILTER)
+        forge("forged-1")
+        assert not arrived("forged-1")
+        # Positive control: both protections removed, the forged "reply" reaches the victim.
+        assert sysctl(h1, "net/ipv4/conf/all/rp_filter") == "0", "conf/all would keep rp_filter on"
+        with plugin_paused(h1):
+            tamper_raw(h1, RAW_RPFILTER)
+            set_sysctl(h1, rp_path, "0")
+            forge("forged-2")
+            assert arrived("forged-2"), diagnostics(h1)
+        # The plugin's read-back pass restores both; the same forgery fails again.
+        wait_raw_back(h1, RAW_RPFILTER)
+        wait_until(lambda: sysctl(h1, rp_path) == "1", timeout=20, what="plugin restored rp_filter")
+        forge("forged-3")
+        assert not arrived("forged-3")
+    finally:
+        stop_popen(proc, signal.SIGTERM, 5, group=True)
+
+
+# ------------------------------------------------------------ 4. tunnels to a peer
+
+
+SEND_TUNNELS = r"""
+import socket, struct, sys
+peer, vxlan_port, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+inner_ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 8 + 16, 0, 0, 64, 17, 0,
+                       socket.inet_aton("100.64.66.66"), socket.inet_aton("100.64.77.77"))
+inner = inner_ip + struct.pack("!HHHH", 1234, 5678, 8 + 16, 0) + marker.encode().ljust(16, b".")
+ether = bytes.fromhex("ffffffffffff" "02aabbccddee" "0800") + inner
+vxlan = struct.pack("!II", 0x08000000, 1 << 8) + ether
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(vxlan, (peer, vxlan_port))
+u.sendto(vxlan.replace(b"vx", b"ct"), (peer, vxlan_port + 1))  # control marker on the next port
+for proto, tag in ((4, b"ip"), (50, b"es")):
+    r = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    r.sendto(inner.replace(b"vx", tag), (peer, 0))
+"""
+
+
+@contextmanager
+def counters(h: SimHost, markers: list[str]) -> Iterator[callable]:
+    """Counting rules (no target) at the end of the peer's raw PREROUTING, one per marker;
+    yields a function reading {marker: packets}."""
+    rules = [["PREROUTING", "-m", "string", "--string", m, "--algo", "bm"] for m in markers]
+    added = []
+    try:
+        for rule in rules:
+            h.exec(["iptables-nft", "-t", "raw", "-A", *rule])
+            added.append(rule)
+
+        def read() -> dict[str, int]:
+            out = h.exec(["iptables-nft-save", "-c", "-t", "raw"]).stdout.splitlines()
+            found = {}
+            for line in out:
+                for m in markers:
+                    if f'--string "{m}"' in line or f"--string {m} " in line:
+                        found[m] = int(line.split("]")[0].strip("[").split(":")[0])
+            return found
+
+        yield read
+    finally:
+        for rule in added:
+            h.exec(["iptables-nft", "-t", "raw", "-D", *rule], check=False)
+
+
+def test_tunnel_packets_from_a_container_never_reach_a_peer(c):
+    """VXLAN to the peer's VTEP (any inner source), IP-in-IP and ESP: counted where they would
+    arrive (the peer's raw PREROUTING). None arrives; the same datagram on the next UDP port
+    does; with h1's raw drops removed all three arrive; the plugin restores the drops."""
+    _, h1, h2 = c
+    net(h1)
+    daemon(h1, "evil", *HOSTILE)
+    tunnel_rules = (RAW_VXLAN, RAW_IPIP, RAW_ESP)
+    assert all(has_raw(h1, r) for r in tunnel_rules)
+    for round_, expect in (("a", 0), ("b", 1), ("c", 0)):
+        marker = f"vx{round_}{uuid.uuid4().hex[:6]}"
+        names = {"vxlan": marker, "next-port": marker.replace("vx", "ct"), "ipip": marker.replace("vx", "ip"),
+                 "esp": marker.replace("vx", "es")}
+        with counters(h2, list(names.values())) as read, (plugin_paused(h1) if round_ == "b" else nullcontext()):
+            if round_ == "b":
+                for rule in tunnel_rules:
+                    tamper_raw(h1, rule)
+            res = py_in(h1, "evil", SEND_TUNNELS, h2.address, str(VXLAN_PORT), marker)
+            assert res.returncode == 0, res.stderr
+            wait_until(lambda: read().get(names["next-port"]) == 1, timeout=5, what="control datagram at the peer")
+            seen = {k: read()[v] for k, v in names.items()}
+        assert seen == {"vxlan": expect, "next-port": 1, "ipip": expect, "esp": expect}, (round_, seen)
+        if round_ == "b":
+            wait_raw_back(h1, *tunnel_rules)
+
+
+# ------------------------------------------------------------------- 5. IPv6 to host
+
+
+PING6 = r"""
+import socket, struct, sys, time
+ifname, targets = sys.argv[1], sys.argv[2:]
+idx = socket.if_nametoindex(ifname)
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+s.settimeout(0.2)
+for seq, target in enumerate(targets):
+    s.sendto(struct.pack("!BBHHH", 128, 0, 0, 0x6366, seq) + b"canal-v6", (target, 0, 0, idx))
+seen, deadline = set(), time.monotonic() + 1.5
+while time.monotonic() < deadline:
+    try:
+        data, src = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    if data[0] == 129:
+        seen.add(src[0].split("%")[0])
+print(" ".join(sorted(seen)))
+"""
+
+
+def test_ipv6_link_local_to_the_host(c):
+    """A container that turns IPv6 on in its own netns gets no IPv6 answer from the host: the
+    host veth has IPv6 disabled (no link-local address) and ip6tables raw drops IPv6 from cnl+.
+    With both undone the host answers on its link-local; the plugin redoes both."""
+    _, h1, _ = c
+    net(h1)
+    daemon(h1, "evil", *HOSTILE)
+    veth = veth_of(h1, "evil")
+    for path in ("all/disable_ipv6", "eth0/disable_ipv6"):
+        res = in_netns(h1, "evil", ["sh", "-c", f"echo 0 > /proc/sys/net/ipv6/conf/{path}"])
+        assert res.returncode == 0, res.stderr
+    res = in_netns(h1, "evil", ["ip", "-6", "addr", "add", "fe80::bad:1/64", "dev", "eth0", "nodad"])
+    assert res.returncode == 0, res.stderr
+    v6_path = f"net/ipv6/conf/{veth}/disable_ipv6"
+
+    def answers(*targets: str) -> set[str]:
+        res = py_in(h1, "evil", PING6, "eth0", *targets)
+        assert res.returncode == 0, res.stderr
+        return set(res.stdout.split())
+
+    assert sysctl(h1, v6_path) == "1" and has_raw(h1, RAW6_DROP, v6=True)
+    assert answers("ff02::1") == set()
+    # Positive control: IPv6 on the host veth (no DAD wait) and the ip6tables raw drop removed.
+
+    def host_link_local() -> list[str]:
+        return [l.split()[3].split("/")[0] for l in h1.ip("-6", "-o", "addr", "show", "dev", veth).stdout.splitlines()
+                if " fe80:" in l]
+
+    with plugin_paused(h1):
+        set_sysctl(h1, f"net/ipv6/conf/{veth}/accept_dad", "0")
+        set_sysctl(h1, v6_path, "0")
+        tamper_raw(h1, RAW6_DROP, v6=True)
+        wait_until(host_link_local, timeout=10, what="link-local address on the host veth")
+        link_local = host_link_local()
+        assert link_local[0] in answers("ff02::1", link_local[0])
+    # The plugin's read-back pass restores both; the host is silent again.
+    wait_raw_back(h1, RAW6_DROP, v6=True)
+    wait_until(lambda: sysctl(h1, v6_path) == "1", timeout=20, what="plugin disabled IPv6 on the veth again")
+    assert answers("ff02::1", link_local[0]) == set()
+
+
+# ----------------------------------------------------------- 6. Docker bridge untouched
+
+
+def rule_counters(h: SimHost) -> dict[str, list[int]]:
+    """Packet counters of every rule of Canal's FORWARD/INPUT chains and its raw chain."""
+    out = {}
+    for table, chain in (("filter", "CANAL-FORWARD"), ("filter", "CANAL-INPUT"), ("filter", "CANAL-WL-TO-HOST"),
+                         ("raw", "CANAL-PREROUTING")):
+        lines = h.exec(["iptables-nft", "-t", table, "-L", chain, "-v", "-x", "-n"]).stdout.splitlines()[2:]
+        out[chain] = [int(l.split()[0]) for l in lines if l.strip()]
+    return out
+
+
+def test_docker_bridge_traffic_is_not_canals(c):
+    """Containers on a plain bridge network talk to each other, to their host and to another
+    host as usual, and not one packet of that moves a counter of Canal's rules; a canal
+    container's traffic does move them (so the counters are live)."""
+    _, h1, h2 = c
+    net(h1)  # Canal's chains exist on h1 (it has a canal network)
+    h1.docker("network", "create", "-d", "bridge", "plainnet")
+    for name in ("b1", "b2"):
+        h1.docker("run", "-d", "--name", name, "--network", "plainnet", *HOSTILE, IMAGE,
+                  "sh", "-c", "while true; do echo hello-bridge | nc -l -p 6000; done")
+    gateway = h1.docker_json("network", "inspect", "plainnet")[0]["IPAM"]["Config"][0]["Gateway"]
+    before = rule_counters(h1)
+    assert before["CANAL-FORWARD"] and before["CANAL-PREROUTING"]
+    b1 = ip_of(h1, "b1", "plainnet")
+    assert "hello-bridge" in h1.container_exec("b2", "sh", "-c", f"nc -w 2 {b1} 6000 </dev/null", timeout=20).stdout
+    for target in (b1, gateway, h2.address):
+        assert h1.container_exec("b2", "ping", "-c2", "-W2", target, check=False).returncode == 0, target
+    assert rule_counters(h1) == before
+    # Positive control: a canal container's traffic through the same chains moves them.
+    daemon(h1, "cnl1")
+    daemon(h1, "cnl2")
+    assert h1.container_exec("cnl1", "ping", "-c2", "-W2", ip_of(h1, "cnl2"), check=False).returncode == 0
+    h1.container_exec("cnl1", "ping", "-c1", "-W1", "169.254.1.1", check=False)
+    py_in(h1, "cnl1", "import socket, sys; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], %d))"
+          % VXLAN_PORT, h2.address)
+    after = rule_counters(h1)
+    moved = {chain for chain in after if sum(after[chain]) > sum(before[chain])}
+    assert moved >= {"CANAL-FORWARD", "CANAL-INPUT", "CANAL-PREROUTING"}, (before, after)
