@@ -27,6 +27,7 @@ DNS_NAME = "cnlt-dns.test"
 DNS_ANSWER = "198.18.0.77"
 HOST_TCP_PORT = 8081  # a service of the host's own, on its underlay address
 FOREIGN = "cnlt-foreign"  # comment on the rules "another tool" inserts
+PROBE = FOREIGN + "-probe"  # a rule without a target: only marks a position in FORWARD
 
 
 def plugin_args(h: SimHost, resolv: Path | None = None) -> list[str]:
@@ -45,9 +46,10 @@ HOST_SERVICES = r"""
 import socket, struct, sys, threading
 addr, name, answer, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, port)); srv.listen(16)
+
 def tcp():
-    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((addr, port)); srv.listen(16)
     while True:
         conn, peer = srv.accept()
         print("tcp from", peer[0], flush=True)
@@ -56,7 +58,7 @@ def tcp():
 threading.Thread(target=tcp, daemon=True).start()
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.bind((addr, 53))
-print("ready", flush=True)
+print("services up", flush=True)
 while True:
     data, peer = udp.recvfrom(512)
     try:
@@ -213,6 +215,10 @@ def rules(h: SimHost, chain: str) -> list[str]:
             if line.startswith(f"-A {chain} ")]
 
 
+def rules_index(h: SimHost, comment: str) -> int:
+    return next(i for i, r in enumerate(rules(h, "FORWARD")) if f"--comment {comment}" in r)
+
+
 def foreign_rules(h: SimHost) -> list[str]:
     return [r for chain in ("FORWARD", "INPUT") for r in rules(h, chain) if FOREIGN in r]
 
@@ -230,7 +236,8 @@ def jumps_first(h: SimHost) -> bool:
 def start_host_services(h: SimHost):
     proc = h.popen(["python3", "-c", HOST_SERVICES, HOST_IP, DNS_NAME, DNS_ANSWER, str(HOST_TCP_PORT)],
                    h.workdir / "host-services.log")
-    wait_until(lambda: "ready" in (h.workdir / "host-services.log").read_text(), timeout=10,
+    log = h.workdir / "host-services.log"
+    wait_until(lambda: "services up" in log.read_text().splitlines(), timeout=10,
                what="DNS and TCP services on the host")
     return proc
 
@@ -400,11 +407,23 @@ def test_jumps_first_after_foreign_inserts_and_dockerd_restart(h):
         assert not tcp(h, "web", HOST_IP, HOST_TCP_PORT, "pong-host")
         assert reaches_db(h, "web")
 
-        # dockerd restarts (live-restore off: its containers stop), re-creating its chains.
+        # dockerd restarts (live-restore off: its containers stop), re-inserting its chains at
+        # the top of FORWARD. A probe rule (no target) placed right behind Canal's jump shows it
+        # deterministically whenever the plugin repairs: Docker's rules land ahead of the probe,
+        # hence ahead of where Canal's jump was. (Pausing the plugin instead would hang dockerd's
+        # start: it calls the plugin while restoring its networks.)
         h.docker("rm", "-f", "db", "web", "stranger")
+        forward = rules(h, "FORWARD")
+        at = forward.index("-A FORWARD -j CANAL-FORWARD") + 2  # 1-based, right behind it
+        h.exec(["iptables-nft", "-I", "FORWARD", str(at), "-m", "comment", "--comment", PROBE])
+
+        def docker_ahead() -> list[str]:
+            return [r for r in rules(h, "FORWARD")[:rules_index(h, PROBE)] if "DOCKER-ISOLATION" in r or "docker0" in r]
+
+        assert docker_ahead() == []
         h.restart_dockerd()
-        seen = rules(h, "FORWARD")
-        print("\nFORWARD right after dockerd restarted:\n" + "\n".join(seen))
+        print("\nFORWARD right after dockerd restarted:\n" + "\n".join(rules(h, "FORWARD")))
+        assert docker_ahead(), rules(h, "FORWARD")
         wait_until(lambda: jumps_first(h), timeout=15, what="jumps first after dockerd restarted")
         run(h, "db", "appnet", serve=True)
         run(h, "web", "appnet")
