@@ -11,6 +11,7 @@ so the tier cannot pass by generating nothing.
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from typing import Any
@@ -36,10 +37,18 @@ class Sender:
         self.plugin = plugin
         self.client = plugin.app().test_client()
 
-    def send(self, method: str, path: str, data: bytes | str | None, route: str = "") -> tuple[int, Any]:
-        """One request; asserts the invariants and returns (status, JSON answer)."""
+    def send(self, method: str, path: str, data: bytes | str | None, route: str = "",
+             chunked: bool = False) -> tuple[int, Any]:
+        """One request (`chunked`: without a Content-Length, as a chunked body arrives);
+        asserts the invariants and returns (status, JSON answer)."""
         before = self.plugin.dump()
-        resp = self.client.open(path, method=method, data=data, headers={"Accept": CONTENT_TYPE})
+        if chunked:
+            raw = data.encode() if isinstance(data, str) else (data or b"")
+            resp = self.client.open(path, method=method, input_stream=io.BytesIO(raw),
+                                    headers={"Accept": CONTENT_TYPE, "Transfer-Encoding": "chunked"},
+                                    environ_overrides={"wsgi.input_terminated": True})
+        else:
+            resp = self.client.open(path, method=method, data=data, headers={"Accept": CONTENT_TYPE})
         BODIES[route or path] += 1
         if not route.startswith("control:"):
             STATUSES[resp.status_code] += 1

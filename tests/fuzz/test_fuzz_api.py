@@ -240,9 +240,9 @@ def test_raw_bodies(sender):
     start = sum(BODIES.values())
 
     @settings(SETTINGS, max_examples=RAW_EXAMPLES)
-    @given(call=st.sampled_from(calls + ["canal/v1/policies"]), raw=RAW)
-    def run(call, raw):
-        status, _ = sender.send("POST", "/" + call, raw, "raw:" + call)
+    @given(call=st.sampled_from(calls + ["canal/v1/policies"]), raw=RAW, chunked=st.booleans())
+    def run(call, raw, chunked):
+        status, _ = sender.send("POST", "/" + call, raw, "raw:" + call, chunked)
         if len(raw) > 1 << 20:
             assert status == 413
 
