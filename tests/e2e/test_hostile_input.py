@@ -13,6 +13,8 @@ import socket
 import pytest
 from e2e_support import IMAGE
 
+from canal.cli.client import AdminClient
+from canal.errors import BadRequest
 from testbed import wait_until
 from testbed._util import unix_http
 
@@ -155,5 +157,8 @@ def test_hostile_bodies_leave_the_firewall_byte_identical(busy_host):
                                     json.dumps({"NetworkID": CONTROL_NET, "Pad": "x" * (2 << 20)}).encode(), chunked=True)
     assert status == 413 and answer["Err"], (status, answer)
     assert firewall(host) == before and store_view(host) == store_before
+    # The CLI's client gets the plugin's reason even when the plugin closes mid-upload.
+    with pytest.raises(BadRequest, match="larger than 1048576 bytes"):
+        AdminClient(host.plugin_socket).post("/canal/v1/policies", {"documents": "#" * (2 << 20)})
     assert host.plugin_running()
     control(host)  # alive, and still programming the kernel

@@ -33,7 +33,12 @@ class AdminClient:
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
             payload = None if body is None else json.dumps(body)
-            conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+            try:
+                conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+            except (BrokenPipeError, ConnectionResetError):
+                # The plugin refused the body by its size (413) and closed before reading it
+                # all: its answer, with the reason, is still there to read.
+                pass
             response = conn.getresponse()
             data = response.read()
         except OSError as err:
