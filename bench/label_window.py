@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Benchmark (issue 9): the label window. An endpoint is closed (its egress chain ends in a bare
+DROP) until the plugin has learned its container's labels and network name from Docker's API,
+which lists a container only once it has started. This measures how long that lasts after
+`docker run -d` returns: from the CLI's return to the endpoint's CANAL-FW-<id12> chain leaving
+the pending state in the kernel (iptables-nft-save polled every 5 ms, read the way
+tests/e2e/e2e_support.is_open reads it).
+
+One simulated host (tests/testbed), one canal network, one container at a time (removed, and its
+chains gone, before the next round), nothing else interleaved.
+
+    .venv/bin/python bench/label_window.py [-n 100] [--json FILE]
+
+Prints a text summary and one JSON line (p50/p99/max in ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "plugin")]
+
+from testbed import IMAGE, SimHost, Underlay, wait_until  # noqa: E402
+
+CLONE_NEWNET = 0x40000000
+NETWORK = "lwnet"
+POLL = 0.005
+
+
+def enter_netns(path: str) -> None:
+    """Read the host's kernel state directly (no nsenter per poll: it would blur a 5 ms poll)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
+def fw_chains() -> dict[str, list[str]]:
+    """Rules of every endpoint egress chain CANAL-FW-<id12>, by id12."""
+    saved = subprocess.run(["iptables-nft-save", "-t", "filter"], capture_output=True, text=True,
+                           check=True, timeout=10).stdout
+    chains: dict[str, list[str]] = {}
+    for line in saved.splitlines():
+        if line.startswith("-A CANAL-FW-"):
+            chains.setdefault(line.split()[1][len("CANAL-FW-"):], []).append(line)
+    return chains
+
+
+def is_open(rules: list[str]) -> bool:
+    """As e2e_support.is_open: the chain no longer ends in the fail-closed DROP alone."""
+    return any(r.endswith("-j RETURN") or "-j CANAL-PO-" in r or "--dports" in r for r in rules)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def one_round(host: SimHost, i: int) -> dict[str, float | bool | str]:
+    name = f"lw{i}"
+    started = time.perf_counter()
+    host.docker("run", "-d", "--name", name, "--network", NETWORK, "--label", f"round={i}",
+                IMAGE, "sleep", "100000")
+    returned = time.perf_counter()
+    polls, pending_seen, found = 0, False, ""
+    while True:
+        tick = time.perf_counter()
+        chains = fw_chains()
+        polls += 1
+        opened = [c for c, rules in chains.items() if is_open(rules)]
+        pending_seen = pending_seen or (bool(chains) and not opened)
+        if opened:
+            found = opened[0]
+            break
+        if tick - returned > 30:
+            raise RuntimeError(f"{name}: endpoint not open 30 s after docker run returned")
+        time.sleep(max(0.0, POLL - (time.perf_counter() - tick)))
+    window = time.perf_counter() - returned
+    # Afterwards (not in the window): the chain seen open is this container's endpoint.
+    networks = host.docker_json("inspect", name)[0]["NetworkSettings"]["Networks"]
+    endpoint = networks[NETWORK]["EndpointID"]
+    if endpoint[:12] != found:
+        raise RuntimeError(f"{name}: the open chain CANAL-FW-{found} is not its endpoint {endpoint[:12]}")
+    host.docker("rm", "-f", name)
+    wait_until(lambda: not fw_chains(), timeout=15, what=f"{name}'s chains removed")
+    return {"window": window, "docker_run": returned - started, "polls": polls,
+            "open_at_first_poll": polls == 1, "pending_seen": pending_seen}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=100, help="rounds (one container each)")
+    parser.add_argument("--json", help="also write the JSON summary to this file")
+    args = parser.parse_args()
+    ul = Underlay()
+    try:
+        host = SimHost(ul, "lw1", "198.18.0.1")
+        host.start_dockerd()
+        host.load_image()
+        host.start_plugin(["--network", "100.64.0.0/16", "--log-level", "info"])
+        host.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", NETWORK)
+        enter_netns(host.netns_path)
+        one_round(host, 0)  # warm-up (image, first endpoint): not counted
+        results = [one_round(host, i) for i in range(1, args.n + 1)]
+        windows = [float(r["window"]) * 1000 for r in results]
+        runs = [float(r["docker_run"]) * 1000 for r in results]
+        summary = {
+            "benchmark": "label_window", "rounds": len(results), "poll_ms": POLL * 1000,
+            "p50_ms": round(pct(windows, 0.50), 1), "p99_ms": round(pct(windows, 0.99), 1),
+            "max_ms": round(max(windows), 1), "min_ms": round(min(windows), 1),
+            "mean_ms": round(statistics.mean(windows), 1),
+            "open_at_first_poll": sum(bool(r["open_at_first_poll"]) for r in results),
+            "pending_seen": sum(bool(r["pending_seen"]) for r in results),
+            "docker_run_p50_ms": round(pct(runs, 0.50), 1),
+        }
+        print(f"label window (docker run -d returned -> endpoint open in the kernel), {len(results)} rounds:")
+        print(f"  p50 {summary['p50_ms']} ms   p99 {summary['p99_ms']} ms   max {summary['max_ms']} ms"
+              f"   (min {summary['min_ms']} ms, mean {summary['mean_ms']} ms; poll every {POLL * 1000:.0f} ms)")
+        print(f"  already open at the first poll: {summary['open_at_first_poll']}; seen pending first: "
+              f"{summary['pending_seen']}; docker run -d itself p50 {summary['docker_run_p50_ms']} ms")
+        print(json.dumps(summary))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as out:
+                json.dump(summary, out, indent=2)
+    finally:
+        ul.close()
+
+
+if __name__ == "__main__":
+    main()
