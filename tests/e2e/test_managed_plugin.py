@@ -3,11 +3,13 @@ a real registry on the underlay, installed with `docker plugin install` on two s
 sharing one etcd, then used, disabled, reconfigured, re-enabled and removed.
 
 Each host's dockerd also listens on /run/docker.sock inside the host (its private /run), where
-the plugin's mount of the host's /run finds it; that /run is made rshared first, as on a
-systemd host, so a mount leaking out of the plugin would show up in the host's mount table.
-Each host also gets its own /var/lib (a directory of its workdir bind-mounted in its private
-mount namespace), so the plugin's default `state` mount is used as is and the machine's
-/var/lib is never written, whatever Docker does with mount settings.
+the plugin's `docker-sock` mount finds it; that /run is made rshared first, as on a systemd
+host, so a mount leaking out of the plugin would show up in the host's mount table. Each host
+also gets its own /var/lib (a directory of its workdir bind-mounted in its private mount
+namespace) and its own /etc (an overlay over the machine's, so /etc/canal/pki can be created
+without touching the machine), and the host preparation the README asks for (the mount
+sources /var/lib/canal, /etc/canal/pki, /run/flannel, /run/xtables.lock), so the plugin's
+default mounts are used as is and the machine's /var/lib and /etc are never written.
 """
 
 from __future__ import annotations
@@ -17,14 +19,23 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from e2e_support import IMAGE
-
 from canal import config as configmod
+from e2e_support import IMAGE
 from testbed import REPO, Etcd, SimHost, TestbedError, Underlay, wait_until
-from testbed._util import (cgroup_dirs, cmdline, log_tail, ns_id, pids_in_namespaces,
-                           remove_cgroups, run, stop_popen)
+from testbed._util import (
+    cgroup_dirs,
+    cmdline,
+    log_tail,
+    ns_id,
+    pids_in_namespaces,
+    remove_cgroups,
+    run,
+    stop_popen,
+)
+from testbed.pki import Pki
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +46,26 @@ BUILD = REPO / "scripts" / "build-plugin"
 PLUGIN_IDS: list[str] = []
 SETTINGS = ["CANAL_DATASTORE=etcd", f"CANAL_NETWORK={CLUSTER}", "CANAL_LOG_LEVEL=debug",
             "CANAL_ETCD_TIMEOUT=2", "CANAL_RESYNC_INTERVAL=5"]
+#: config.json's mounts, name -> (host source, plugin destination).
+MOUNTS = {
+    "state": ("/var/lib/canal", "/host/var/lib/canal"),
+    "certs": ("/etc/canal/pki", "/etc/canal/pki"),
+    "docker-sock": ("/run/docker.sock", "/run/docker.sock"),
+    "xtables-lock": ("/run/xtables.lock", "/run/xtables.lock"),
+    "flannel": ("/run/flannel", "/run/flannel"),
+    "sysctl": ("/proc/sys/net", "/host/proc/sys/net"),
+}
+#: The layout before the narrow mounts (the host's whole /var/lib and /run, read-write): the
+#: upgrade test builds that plugin to upgrade from it.
+PREVIOUS_MOUNTS = [
+    ("state", ("/var/lib", "/host/var/lib")),
+    ("run", ("/run", "/run")),
+    ("sysctl", ("/proc/sys/net", "/host/proc/sys/net")),
+]
+#: What the host needs before the plugin can be enabled (the README's tmpfiles.d lines):
+#: Docker refuses to start a plugin whose bind-mount source is missing.
+HOST_DIRS = ["/var/lib/canal", "/etc/canal/pki", "/run/flannel"]
+HOST_FILES = ["/run/xtables.lock"]
 
 
 # ------------------------------------------------------------------------------ config.json
@@ -59,13 +90,56 @@ def test_config_json_declares_every_setting_a_user_needs():
         value = getattr(configmod.load({}, {name: env[name]["value"]}), field.name)
         if name != "CANAL_DOCKER_HOST":  # the one default that differs: the mounted /run
             assert value == field.default, f"{name}: config.json says {value!r}, config.py {field.default!r}"
-    # Sources that exist on every fresh host: Docker refuses to start a plugin whose
-    # bind-mount source is missing.
-    assert {m["source"] for m in cfg["mounts"]} == {"/var/lib", "/run", "/proc/sys/net"}
+    # The narrowest host paths: nothing else of the host's /var/lib or /run (see MOUNTS).
+    mounts = {m["name"]: m for m in cfg["mounts"]}
+    assert {n: (m["source"], m["destination"]) for n, m in mounts.items()} == MOUNTS
+    assert not {m["source"] for m in cfg["mounts"]} & {"/var/lib", "/run", "/var/run", "/etc", "/"}
+    assert "ro" in mounts["certs"]["options"] and "rw" not in mounts["certs"]["options"]
+    assert mounts["state"]["settable"] == ["source"] and mounts["certs"]["settable"] == ["source"]
     assert env["CANAL_DOCKER_HOST"]["value"] == "unix:///run/docker.sock"
+    # Upgrade from the previous layout: the state directory is the same host directory.
+    assert env["CANAL_STATE_DIR"]["value"] == mounts["state"]["destination"]
+    previous = dict(PREVIOUS_MOUNTS)
+    assert previous["state"][1] + "/canal" == env["CANAL_STATE_DIR"]["value"]
+    assert previous["state"][0] + "/canal" == mounts["state"]["source"]
 
 
 # ------------------------------------------------------------------------------ test bed
+
+
+class SecureEtcd(Etcd):
+    """The test bed's etcd on the underlay, serving https only to clients with a certificate
+    of `pki`'s CA (--client-cert-auth), with etcd auth once enable_auth() ran."""
+
+    def __init__(self, ul: Underlay, pki: Pki, client_port: int = 2381, peer_port: int = 2382) -> None:
+        self.pki = pki
+        self.root_password = ""
+        super().__init__(ul, client_port, peer_port, name="cnlt-etcd-tls")
+
+    def start(self, timeout: float = 30) -> None:
+        self.endpoint = self.endpoint.replace("http://", "https://")
+        super().start(timeout)
+
+    def argv(self) -> list[str]:
+        return [*super().argv(), "--cert-file", self.pki.server_cert, "--key-file", self.pki.server_key,
+                "--trusted-ca-file", self.pki.ca, "--client-cert-auth"]
+
+    def etcdctl(self, *args: str, check: bool = True, timeout: float = 15):
+        tls = ["--cacert", self.pki.ca, "--cert", self.pki.client_cert, "--key", self.pki.client_key]
+        user = ["--user", f"root:{self.root_password}"] if self.root_password else []
+        return super().etcdctl(*tls, *user, *args, check=check, timeout=timeout)
+
+    def enable_auth(self, root_password: str, user: str, password: str, prefixes: list[str]) -> None:
+        """etcd's RBAC recipe: root, a role with readwrite on each prefix for `user`, auth on."""
+        self.etcdctl("user", "add", f"root:{root_password}", "--interactive=false")
+        self.etcdctl("user", "grant-role", "root", "root")
+        self.etcdctl("user", "add", f"{user}:{password}", "--interactive=false")
+        self.etcdctl("role", "add", "canal")
+        for prefix in prefixes:
+            self.etcdctl("role", "grant-permission", "canal", "readwrite", prefix, "--prefix=true")
+        self.etcdctl("user", "grant-role", user, "canal")
+        self.etcdctl("auth", "enable")
+        self.root_password = root_password
 
 
 class Registry:
@@ -122,16 +196,38 @@ def run_mounts(h: SimHost) -> set[str]:
 
 
 def plugin_host(ul: Underlay, name: str, ip: str, registry: Registry) -> SimHost:
-    """A simulated host ready for the managed plugin: its own /var/lib, an rshared /run (as on
-    a systemd host), a dockerd trusting the test registry and listening on /run/docker.sock."""
+    """A simulated host ready for the managed plugin: its own /var/lib and /etc, an rshared
+    /run (as on a systemd host), the README's host preparation (the plugin's mount sources),
+    a dockerd trusting the test registry and listening on /run/docker.sock."""
     h = SimHost(ul, name, ip)
     varlib = h.workdir / "varlib"
     varlib.mkdir()
     h.exec(["mount", "--bind", str(varlib), "/var/lib"])
+    # The machine's /etc seen through an overlay whose writes land in the workdir.
+    etc_upper, etc_work = h.workdir / "etc-upper", h.workdir / "etc-work"
+    etc_upper.mkdir()
+    etc_work.mkdir()
+    h.exec(["mount", "-t", "overlay", "overlay", "-o",
+            f"lowerdir=/etc,upperdir={etc_upper},workdir={etc_work}", "/etc"])
     h.exec(["mount", "--make-rshared", "/run"])
+    prepare_host(h)
     h.start_dockerd(["--insecure-registry", registry.address, "-H", "unix:///run/docker.sock"])
     h.load_image()
     return h
+
+
+def prepare_host(h: SimHost) -> None:
+    """What systemd-tmpfiles does with the README's canal.conf at every boot."""
+    h.exec(["mkdir", "-p", *HOST_DIRS])
+    h.exec(["chmod", "700", "/var/lib/canal", "/etc/canal/pki"])
+    h.exec(["touch", *HOST_FILES])
+
+
+def plugin_mountpoints(h: SimHost) -> set[str]:
+    """Mount points inside the running plugin (its own mount namespace)."""
+    [pid] = plugin_pids(h)[:1]
+    with open(f"/proc/{pid}/mountinfo") as handle:
+        return {line.split()[4] for line in handle}
 
 
 @dataclasses.dataclass
@@ -142,6 +238,7 @@ class Bed:
     h2: SimHost
     ref: str
     run_mounts: dict[str, set[str]]  # per host, before any plugin ran
+    build: Path  # the plugin's build directory (config.json + rootfs/)
 
     @property
     def hosts(self) -> tuple[SimHost, SimHost]:
@@ -191,8 +288,9 @@ def bed(plugin_rootfs) -> Iterator[Bed]:
         h1, h2 = hosts
         started = time.monotonic()
         # Cached since the session's build, unless the tree changed in between (then rebuilt).
-        run([str(BUILD), ref], timeout=1800,
-            env={"DOCKER_HOST": f"unix://{h1.docker_sock}", "DOCKER_CONFIG": str(h1.workdir / "docker-cli")})
+        built = run([str(BUILD), ref], timeout=1800,
+                    env={"DOCKER_HOST": f"unix://{h1.docker_sock}", "DOCKER_CONFIG": str(h1.workdir / "docker-cli")})
+        build_dir = Path(built.stdout.strip().splitlines()[-1])  # config.json + rootfs/
         created = time.monotonic()
         h1.docker("plugin", "push", ref, timeout=600)
         h1.docker("plugin", "rm", ref)
@@ -201,7 +299,7 @@ def bed(plugin_rootfs) -> Iterator[Bed]:
             install_etcd(h, ref, etcd)
         print(f"\nplugin create {created - started:.0f} s, push {pushed - created:.0f} s, "
               f"install on 2 hosts {time.monotonic() - pushed:.0f} s")
-        yield Bed(etcd, registry, h1, h2, ref, baseline)
+        yield Bed(etcd, registry, h1, h2, ref, baseline, build_dir)
         for h in hosts:
             out = plugin_output(h)
             assert "Traceback" not in out, out[out.index("Traceback") - 2000:][:6000]
@@ -279,8 +377,12 @@ def test_installed_from_the_registry_and_enabled_on_both_hosts(b):
         assert f"CANAL_ETCD_ENDPOINTS={b.etcd.endpoint}" in env and f"CANAL_NETWORK={CLUSTER}" in env
         assert info["PluginReference"] == b.ref
         mounts = {m["Name"]: m["Source"] for m in info["Settings"]["Mounts"]}
-        assert mounts == {"state": "/var/lib", "run": "/run", "sysctl": "/proc/sys/net"}
+        assert mounts == {name: source for name, (source, _) in MOUNTS.items()}
         assert len(plugin_pids(h)) >= 1
+        # Inside the plugin: exactly the narrow mounts, not the host's /run or /var/lib.
+        inside = plugin_mountpoints(h)
+        assert {dest for _, dest in MOUNTS.values()} <= inside, inside
+        assert not inside & {"/run", "/var/run", "/host/var/lib", "/var/lib", "/host/run"}, inside
         # Nothing the plugin mounts (its runtime dir at /run/docker/plugins) leaks into the
         # host's rshared /run.
         assert run_mounts(h) == b.run_mounts[h.name]
@@ -363,11 +465,11 @@ def test_plugin_rm_leaves_nothing_behind(b):
 
 def test_local_datastore_keeps_allocations_across_disable_enable_and_upgrade(bed):
     """The embedded datastore lives in the host's /var/lib/canal, outside the plugin's rootfs:
-    created on first use (a fresh host needs no mkdir) and kept by disable, enable, upgrade."""
+    the database is created on first use and kept by disable, enable, upgrade."""
     h1 = bed.h1
     remove_everything(h1, bed.ref)
     state = h1.workdir / "varlib" / "canal"  # the host's /var/lib/canal
-    shutil.rmtree(state, ignore_errors=True)
+    clear_dir(state)
     try:
         install(h1, bed.ref, "CANAL_DATASTORE=local", f"CANAL_NETWORK={CLUSTER}", "CANAL_LOG_LEVEL=debug")
         net(bed, h1, "localnet")
@@ -389,3 +491,141 @@ def test_local_datastore_keeps_allocations_across_disable_enable_and_upgrade(bed
     finally:
         remove_everything(h1, bed.ref)
     assert not [l for l in h1.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
+
+
+def clear_dir(path: Path) -> None:
+    """Empty a host directory but keep it: it is a mount source, which must exist."""
+    path.mkdir(exist_ok=True)
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def previous_plugin_dir(build: Path, dest: Path) -> None:
+    """A plugin directory laid out as before the narrow mounts: the host's whole /var/lib and
+    /run read-write, no etcd TLS settings; this build's rootfs (hard links, not a copy)."""
+    cfg = json.loads((REPO / "config.json").read_text())
+    sysctl = next(m for m in cfg["mounts"] if m["name"] == "sysctl")
+    cfg["mounts"] = [
+        {"name": "state", "description": "the host's /var/lib", "source": "/var/lib",
+         "destination": "/host/var/lib", "type": "bind", "options": ["bind", "private", "rw"],
+         "settable": ["source"]},
+        {"name": "run", "description": "the host's /run", "source": "/run", "destination": "/run",
+         "type": "bind", "options": ["bind", "private", "rw"]},
+        sysctl,
+    ]
+    cfg["env"] = [e for e in cfg["env"] if not e["name"].startswith(
+        ("CANAL_ETCD_CAFILE", "CANAL_ETCD_CERTFILE", "CANAL_ETCD_KEYFILE", "CANAL_ETCD_USERNAME",
+         "CANAL_ETCD_PASSWORD"))]
+    dest.mkdir()
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    if run(["cp", "-al", str(build / "rootfs"), str(dest / "rootfs")], check=False).returncode != 0:
+        run(["cp", "-a", str(build / "rootfs"), str(dest / "rootfs")], timeout=300)
+
+
+def test_upgrade_from_the_previous_wide_layout_keeps_allocations(bed):
+    """A plugin installed with the whole /var/lib and /run mounted, upgraded to the narrow
+    mounts: the database is in the same host directory, every allocation survives."""
+    h1 = bed.h1
+    remove_everything(h1, bed.ref)
+    state = h1.workdir / "varlib" / "canal"
+    clear_dir(state)
+    old = f"{bed.registry.address}/canal:previous"
+    olddir = h1.workdir / "plugin-previous"
+    try:
+        previous_plugin_dir(bed.build, olddir)
+        h1.docker("plugin", "create", old, str(olddir), timeout=600)
+        PLUGIN_IDS.append(h1.docker("plugin", "inspect", "-f", "{{.Id}}", old).stdout.strip())
+        h1.docker("plugin", "set", old, "CANAL_DATASTORE=local", f"CANAL_NETWORK={CLUSTER}",
+                  "CANAL_LOG_LEVEL=debug")
+        h1.docker("plugin", "enable", old)
+        [info] = h1.docker_json("plugin", "inspect", old)
+        assert {m["Name"]: m["Source"] for m in info["Settings"]["Mounts"]} == \
+            {name: source for name, (source, _) in PREVIOUS_MOUNTS}  # really the old layout
+        h1.docker("network", "create", "-d", old, "--ipam-driver", old, "upnet")
+        daemon(h1, "u1", "upnet")
+        daemon(h1, "u2", "upnet")
+        assert (state / "canal.db").is_file()  # the old layout wrote the host's /var/lib/canal
+
+        h1.docker("plugin", "disable", "-f", old)
+        # --skip-remote-check: the plugin was created locally, so it has no remote to compare.
+        up = h1.docker("plugin", "upgrade", "--grant-all-permissions", "--skip-remote-check", old, bed.ref,
+                       timeout=600)
+        print(f"upgrade: {up.stdout.strip()} {up.stderr.strip()}")
+        [info] = h1.docker_json("plugin", "inspect", old)
+        # Docker runs a plugin with its config's mounts, which the upgrade replaced (Settings
+        # still lists the old ones: Docker keeps a plugin's settings across an upgrade).
+        assert {m["Name"]: m["Source"] for m in info["Config"]["Mounts"]} == \
+            {name: source for name, (source, _) in MOUNTS.items()}
+        assert "CANAL_DATASTORE=local" in info["Settings"]["Env"]  # settings survive the upgrade
+        h1.docker("plugin", "enable", old)
+        inside = plugin_mountpoints(h1)
+        assert {dest for _, dest in MOUNTS.values()} <= inside, inside
+        daemon(h1, "u3", "upnet")
+        ips = [ip_of(h1, c, "upnet") for c in ("u1", "u2", "u3")]
+        assert len(set(ips)) == 3, ips  # u3 got none of the addresses allocated before
+        assert pings(h1, "u3", ips[0]) and pings(h1, "u1", ips[1])
+        assert not inside & {"/run", "/host/var/lib"}, inside
+    finally:
+        remove_everything(h1, old)
+        shutil.rmtree(olddir, ignore_errors=True)
+    assert not [l for l in h1.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
+
+
+ETCD_PASSWORD = "e2e-Pa55word-not-for-logs"
+
+
+def forget_vxlan(h: SimHost) -> None:
+    """Drop what the plugin left for its previous etcd: with --flannel-mode auto, a subnet.env
+    and a flannel.1 that the new etcd has no record of look like a flanneld owning the host."""
+    h.exec(["rm", "-f", "/run/flannel/subnet.env"])
+    h.ip("link", "del", "flannel.1", check=False)
+
+
+def test_two_hosts_through_a_tls_and_auth_etcd(bed):
+    """The managed plugin on both hosts against an etcd that wants a client certificate of its
+    CA and a user/password: certificates and password file from the `certs` mount."""
+    ul = bed.etcd.underlay
+    pki_dir = ul.run_dir / "pki"
+    pki_dir.mkdir()
+    pki = Pki(str(pki_dir), ips=[ul.gateway_ip])
+    etcd = SecureEtcd(ul, pki)
+    try:
+        etcd.enable_auth("root-" + ETCD_PASSWORD, "canal", ETCD_PASSWORD,
+                         ["/canal/v1", "/coreos.com/network"])
+        settings = [f"CANAL_ETCD_ENDPOINTS={etcd.endpoint}", "CANAL_ETCD_CAFILE=/etc/canal/pki/ca.crt",
+                    "CANAL_ETCD_CERTFILE=/etc/canal/pki/client.crt", "CANAL_ETCD_KEYFILE=/etc/canal/pki/client.key",
+                    "CANAL_ETCD_USERNAME=canal", "CANAL_ETCD_PASSWORD_FILE=/etc/canal/pki/etcd-password"]
+        for h in bed.hosts:
+            remove_everything(h, bed.ref)
+            forget_vxlan(h)
+            h.exec(["cp", pki.ca, "/etc/canal/pki/ca.crt"])
+            # Without a Common Name: etcd's gateway refuses one once auth is on (see README).
+            h.exec(["cp", pki.nocn_client_cert, "/etc/canal/pki/client.crt"])
+            h.exec(["cp", pki.nocn_client_key, "/etc/canal/pki/client.key"])
+            h.exec(["sh", "-c", "umask 077; cat >/etc/canal/pki/etcd-password"], input=ETCD_PASSWORD + "\n")
+            install(h, bed.ref, *settings, *SETTINGS)
+        for h in bed.hosts:
+            net(bed, h, "tlsnet")
+        daemon(bed.h1, "t1", "tlsnet")
+        daemon(bed.h2, "t2", "tlsnet")
+        ip1, ip2 = ip_of(bed.h1, "t1", "tlsnet"), ip_of(bed.h2, "t2", "tlsnet")
+        reached = pings(bed.h1, "t1", ip2) and pings(bed.h2, "t2", ip1)
+        assert reached
+        leases = etcd.etcdctl("get", "--prefix", "/coreos.com/network/subnets/", "--keys-only").stdout.split()
+        assert len(leases) == 2, leases  # both hosts leased their subnets in the TLS etcd
+        for h in bed.hosts:
+            assert ETCD_PASSWORD not in plugin_output(h)
+            assert ETCD_PASSWORD not in h.docker("plugin", "inspect", bed.ref).stdout
+        # Positive control: the same etcd refuses a client without its certificate.
+        refused = ul.exec(["etcdctl", "--endpoints", etcd.endpoint, "--cacert", pki.ca, "--user",
+                           f"canal:{ETCD_PASSWORD}", "--dial-timeout", "2s", "--command-timeout", "3s",
+                           "get", "/canal/v1/x"], check=False, timeout=20, env={"ETCDCTL_API": "3"})
+        assert refused.returncode != 0
+    finally:
+        for h in bed.hosts:
+            remove_everything(h, bed.ref)  # the next test's fixture reinstalls on the plain etcd
+            forget_vxlan(h)
+        etcd.close()

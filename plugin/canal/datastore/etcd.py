@@ -23,8 +23,10 @@ Security (flanneld's settings): TLS through requests (`verify` = --etcd-cafile, 
 --etcd-certfile + --etcd-keyfile, https:// endpoints), and etcd's own auth through the gateway:
 `/v3/auth/authenticate` gives a token, sent as the `Authorization` header on every call,
 watches included. A call etcd refuses because the token is invalid (a simple token expires
-after etcd's --auth-token-ttl unused) or because the auth store changed under it is refused before anything is applied, so it is re-authenticated once
-and retried, txns included. `check()` runs at start and tells a setting etcd will never
+after etcd's --auth-token-ttl unused) or because the auth store changed under it was refused
+before anything was applied, so it is re-authenticated once and retried, txns included. With
+--client-cert-auth and auth both on, etcd's gateway refuses client certificates that carry a
+Common Name (embed/serve.go): `check()` says so. `check()` runs at start and tells a setting etcd will never
 accept (EtcdAccessDenied, naming the setting) from an etcd that is merely down (a warning:
 the plugin retries, as before). The password and the token never reach a log or a message.
 
