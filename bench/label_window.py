@@ -106,7 +106,7 @@ def main() -> None:
     ul = Underlay()
     try:
         host = SimHost(ul, "lw1", "198.18.0.1")
-        host.start_dockerd()
+        host.start_dockerd(["-H", "unix:///run/docker.sock"])  # where the plugin reads Docker's API
         host.load_image()
         host.start_plugin(["--network", "100.64.0.0/16", "--log-level", "info"])
         host.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", NETWORK)
@@ -117,16 +117,18 @@ def main() -> None:
         runs = [float(r["docker_run"]) * 1000 for r in results]
         summary = {
             "benchmark": "label_window", "rounds": len(results), "poll_ms": POLL * 1000,
-            "p50_ms": round(pct(windows, 0.50), 1), "p99_ms": round(pct(windows, 0.99), 1),
+            "p50_ms": round(pct(windows, 0.50), 1), "p90_ms": round(pct(windows, 0.90), 1), "p99_ms": round(pct(windows, 0.99), 1),
             "max_ms": round(max(windows), 1), "min_ms": round(min(windows), 1),
             "mean_ms": round(statistics.mean(windows), 1),
+            "over_100_ms": sorted(round(w) for w in windows if w > 100),
             "open_at_first_poll": sum(bool(r["open_at_first_poll"]) for r in results),
             "pending_seen": sum(bool(r["pending_seen"]) for r in results),
             "docker_run_p50_ms": round(pct(runs, 0.50), 1),
         }
         print(f"label window (docker run -d returned -> endpoint open in the kernel), {len(results)} rounds:")
-        print(f"  p50 {summary['p50_ms']} ms   p99 {summary['p99_ms']} ms   max {summary['max_ms']} ms"
+        print(f"  p50 {summary['p50_ms']} ms   p90 {summary['p90_ms']} ms   p99 {summary['p99_ms']} ms   max {summary['max_ms']} ms"
               f"   (min {summary['min_ms']} ms, mean {summary['mean_ms']} ms; poll every {POLL * 1000:.0f} ms)")
+        print(f"  rounds over 100 ms: {summary['over_100_ms']}")
         print(f"  already open at the first poll: {summary['open_at_first_poll']}; seen pending first: "
               f"{summary['pending_seen']}; docker run -d itself p50 {summary['docker_run_p50_ms']} ms")
         print(json.dumps(summary))
