@@ -32,7 +32,7 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.vxlan import Vxlan, VxlanState, vxlan_mtu
-from canal.errors import Unavailable
+from canal.errors import CanalError, Unavailable
 from canal.policy.compiler import HostProtection
 from canal.policy.model import Policy
 from canal.records import (
@@ -206,7 +206,7 @@ class Plugin:
     def _changed(self, sync: bool) -> None:
         self.docker.poke()
         if sync and not self.agent.trigger(wait=10):
-            raise Unavailable(f"the dataplane could not be programmed: {self.agent.last_error or 'timed out'}")
+            raise self._dataplane_failed()
         if not sync:
             self.agent.trigger()
 
@@ -233,7 +233,18 @@ class Plugin:
 
     def _settle(self, generation: int) -> None:
         if not self.agent.wait(generation, 10):
-            raise Unavailable(f"the dataplane could not be programmed: {self.agent.last_error or 'timed out'}")
+            raise self._dataplane_failed()
+
+    def _dataplane_failed(self) -> CanalError:
+        """Docker's answer when the pass a call waits for failed: a permanent failure (a refused
+        restore, a missing tool) keeps its 500; a transient one (or a timeout) is a 503."""
+        message = f"the dataplane could not be programmed: {self.agent.last_error or 'timed out'}"
+        cause = self.agent.last_exception
+        if isinstance(cause, CanalError) and not isinstance(cause, Unavailable):
+            failure = CanalError(message)
+            failure.status = cause.status
+            return failure
+        return Unavailable(message)
 
     # Host subnet lease ------------------------------------------------------------------------
 

@@ -57,3 +57,18 @@ def test_several_failing_steps_are_all_named():
     with pytest.raises(StepsFailed) as err:
         a.reconcile(full=True)
     assert "routes failed" in str(err.value) and "vxlan failed" in str(err.value)
+
+
+def test_a_permanent_failure_keeps_its_status_for_docker():
+    """A refused restore is a 500 with its cause, not a 503 'try again' (which cannot help)."""
+    from canal.errors import CommandFailed
+    from canal.runtime import Plugin
+
+    class Stub:
+        agent = type("A", (), {"last_error": "CommandFailed: iptables-restore: line 3 failed",
+                               "last_exception": CommandFailed(["iptables-restore"], 1, "", "line 3 failed")})()
+
+    failure = Plugin._dataplane_failed(Stub())  # type: ignore[arg-type]
+    assert failure.status == 500 and "line 3 failed" in str(failure)
+    Stub.agent.last_exception = Unavailable("etcd down")
+    assert Plugin._dataplane_failed(Stub()).status == 503  # type: ignore[arg-type]

@@ -55,6 +55,7 @@ class Agent:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.last_error: str = ""
+        self.last_exception: Exception | None = None  # what failed the last pass, for its status
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="canal-agent", daemon=True)
@@ -150,9 +151,11 @@ class Agent:
                 if full:
                     next_full = time.monotonic() + self.interval
                 self.last_error = ""
+                self.last_exception = None
                 backoff = 1.0
             except Exception as err:  # keep the loop alive; the next pass retries
                 self.last_error = f"{type(err).__name__}: {err}"
+                self.last_exception = err
                 if isinstance(err, CanalError):  # expected kinds (datastore down, ...): no stack
                     log.warning("reconcile failed (retrying in %.0fs): %s", backoff, err)
                 else:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from canal.errors import CanalError, Unavailable
+from canal.errors import CanalError, ToolMissing, Unavailable
 
 log = logging.getLogger(__name__)
 # pyroute2 resets its logger to level 0 when imported; its per-message debug output would
@@ -293,10 +293,11 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
         for direction in ("--orig-src", "--orig-dst"):
             try:
                 proc = call(["conntrack", "-D", direction, ip], check=False, timeout=5)
-            except CanalError as err:  # not installed, timed out (whichever error type cmd.run uses)
+            except ToolMissing:
+                reason = "conntrack is not installed (apt-get install conntrack)"
+                break
+            except CanalError as err:  # timed out, refused
                 reason = str(err)
-                if "is not installed" in reason:
-                    reason = "conntrack is not installed (apt-get install conntrack)"
                 break
             if proc.returncode not in (0, 1):  # 1: nothing to delete
                 reason = f"conntrack -D {direction} rc={proc.returncode}: {(proc.stderr or '').strip()[:200]}"

@@ -61,7 +61,7 @@ NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 MAX_NAME = 253
 # Docker's own name pattern; the network name also becomes a selector value (canal.network).
 NETWORK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_PORT_RE = re.compile(r"(\d+)(?::(\d+))?")
+_PORT_RE = re.compile(r"([0-9]{1,5})(?::([0-9]{1,5}))?")  # ASCII digits only (\d takes any script's)
 
 Protocol = Union[str, int]  # canonical name ("TCP") or number 1-255
 PortRange = Tuple[int, int]  # inclusive; a single port is (p, p)
@@ -612,7 +612,7 @@ def _rule(value: Any, path: str) -> Rule:
 def _protocol(value: Any, path: str) -> Optional[Protocol]:
     if value is None:
         return None
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 3:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return _integer(value, path, 1, 255, "protocol number")
