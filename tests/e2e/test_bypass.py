@@ -297,13 +297,14 @@ def test_datastore_closed_to_containers_unless_a_policy_allows_it(c):
 
 VICTIM = r"""
 import socket, sys, time
-server, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+out, servers = sys.argv[1], [(a, int(p)) for a, p in (t.split(":") for t in sys.argv[2:])]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 4000))
 s.settimeout(0.2)
 with open(out, "a") as log:
     while True:
-        s.sendto(b"victim-request", (server, port))
+        for server in servers:
+            s.sendto(b"victim-request", server)
         try:
             data, src = s.recvfrom(2048)
         except socket.timeout:
@@ -325,10 +326,19 @@ for _ in range(3):
 """
 
 
+def nat_reply_port(h: SimHost, victim: str, dport: int) -> int:
+    """The port h's masquerade gave the victim's flow to dport (the reply tuple's dport)."""
+    out = h.exec(["conntrack", "-L", "-p", "udp", "-s", victim, "--dport", str(dport)], check=False).stdout
+    ports = [f.split("=")[1] for line in out.splitlines() for f in line.split() if f.startswith("dport=")]
+    return int(ports[1]) if len(ports) >= 2 else 0
+
+
 def test_spoofed_reply_into_a_neighbours_udp_flow(c):
-    """Victim A on h1 talks UDP 4000 -> server S:5000 on h2; attacker B on h1 forges S:5000 ->
-    A:4000, which conntrack would take for S's reply. The raw rpfilter rule (and rp_filter on
-    B's veth) drop it before conntrack; removing both lets it in; the plugin puts both back."""
+    """Victim A on h1 talks UDP from port 4000 to a container S:5000 on h2 and (masqueraded) to
+    h2's own address on 5001; attacker B on h1 forges the replies (S:5000 -> A:4000, and
+    h2:5001 -> h1's address:<NAT port>, which conntrack would un-NAT to A). The raw rpfilter
+    rule and rp_filter on B's veth each drop them before conntrack; with both removed they
+    reach A; the plugin puts both back."""
     _, h1, h2 = c
     for h in (h1, h2):
         net(h)
@@ -339,42 +349,45 @@ def test_spoofed_reply_into_a_neighbours_udp_flow(c):
     received = h1.workdir / f"victim-{uuid.uuid4().hex[:6]}.log"
     received.write_text("")
     proc = spawn(["nsenter", f"--net=/proc/{h1.container_pid('victim')}/ns/net", "python3", "-c", VICTIM,
-                  server, "5000", str(received)], h1.workdir / "victim-proc.log")
+                  str(received), f"{server}:5000", f"{h2.address}:5001"], h1.workdir / "victim-proc.log")
     rp_path = f"net/ipv4/conf/{evil_veth}/rp_filter"
     try:
-        # The victim's flow is in h1's conntrack table (the forged packet would match its reply).
-        wait_until(lambda: "dport=5000" in h1.exec(["conntrack", "-L", "-p", "udp", "-s", victim], check=False).stdout,
-                   timeout=10, what="victim's flow in conntrack")
+        # Both flows are in h1's conntrack table (the forged packets would match their replies).
+        wait_until(lambda: nat_reply_port(h1, victim, 5000) and nat_reply_port(h1, victim, 5001),
+                   timeout=10, what="victim's flows in conntrack")
+        nat_port = nat_reply_port(h1, victim, 5001)
 
         def forge(marker: str) -> None:
-            res = py_in(h1, "evil", FORGE_UDP, server, "5000", victim, "4000", marker)
-            assert res.returncode == 0, res.stderr
+            for argv in ((server, "5000", victim, "4000"), (h2.address, "5001", h1.address, str(nat_port))):
+                res = py_in(h1, "evil", FORGE_UDP, *argv, f"{marker}-{argv[1]}")
+                assert res.returncode == 0, res.stderr
 
-        def arrived(marker: str) -> bool:
+        def arrived(marker: str) -> list[str]:
             time.sleep(0.5)  # the victim's receive loop polls every 0.2 s
-            return marker in received.read_text()
+            text = received.read_text()
+            return [port for port in ("5000", "5001") if f"{marker}-{port}" in text]
 
         assert sysctl(h1, rp_path) == "1" and has_raw(h1, RAW_RPFILTER)
         forge("forged-1")
-        assert not arrived("forged-1")
-        # Positive control: both protections removed, the forged "reply" reaches the victim.
+        assert arrived("forged-1") == []
+        # Positive control: both protections removed, the forged "replies" reach the victim.
         assert sysctl(h1, "net/ipv4/conf/all/rp_filter") == "0", "conf/all would keep rp_filter on"
         with plugin_paused(h1):
             set_sysctl(h1, rp_path, "0")
             forge("forged-raw-alone")
-            assert not arrived("forged-raw-alone")  # the raw rpfilter rule alone holds
+            assert arrived("forged-raw-alone") == []  # the raw rpfilter rule alone holds
             set_sysctl(h1, rp_path, "1")
             tamper_raw(h1, RAW_RPFILTER)
             forge("forged-sysctl-alone")
-            assert not arrived("forged-sysctl-alone")  # so does rp_filter alone
+            assert arrived("forged-sysctl-alone") == []  # so does rp_filter alone
             set_sysctl(h1, rp_path, "0")
             forge("forged-2")
-            assert arrived("forged-2"), diagnostics(h1)
-        # The plugin's read-back pass restores both; the same forgery fails again.
+            assert arrived("forged-2") == ["5000", "5001"], diagnostics(h1)
+        # The plugin's read-back pass restores both; the same forgeries fail again.
         wait_raw_back(h1, RAW_RPFILTER)
         wait_until(lambda: sysctl(h1, rp_path) == "1", timeout=20, what="plugin restored rp_filter")
         forge("forged-3")
-        assert not arrived("forged-3")
+        assert arrived("forged-3") == []
     finally:
         stop_popen(proc, signal.SIGTERM, 5, group=True)
 
@@ -392,6 +405,7 @@ ether = bytes.fromhex("ffffffffffff" "02aabbccddee" "0800") + inner
 vxlan = struct.pack("!II", 0x08000000, 1 << 8) + ether
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.sendto(vxlan, (peer, vxlan_port))
+u.sendto(vxlan.replace(b"vx", b"xx") + b"." * 3000 + marker.replace("vx", "fr").encode(), (peer, vxlan_port))
 for proto, tag in ((4, b"ip"), (50, b"es")):
     r = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
     r.sendto(inner.replace(b"vx", tag), (peer, 0))
@@ -426,7 +440,8 @@ def counters(h: SimHost, markers: list[str]) -> Iterator[Callable[[], dict[str, 
 
 
 def test_tunnel_packets_from_a_container_never_reach_a_peer(c):
-    """VXLAN to the peer's VTEP (any inner source), IP-in-IP and ESP: counted where they would
+    """VXLAN to the peer's VTEP (any inner source; also as IP fragments, whose later parts carry
+    no UDP header), IP-in-IP and ESP: counted where they would
     arrive (the peer's raw PREROUTING). None arrives; the same datagram on the next UDP port
     does; with h1's raw drops removed all three arrive; the plugin restores the drops."""
     _, h1, h2 = c
@@ -436,8 +451,8 @@ def test_tunnel_packets_from_a_container_never_reach_a_peer(c):
     assert all(has_raw(h1, r) for r in tunnel_rules)
     for round_, expect in (("a", 0), ("b", 1), ("c", 0)):
         marker = f"vx{round_}{uuid.uuid4().hex[:6]}"
-        names = {"vxlan": marker, "next-port": marker.replace("vx", "ct"), "ipip": marker.replace("vx", "ip"),
-                 "esp": marker.replace("vx", "es")}
+        names = {"vxlan": marker, "vxlan-fragmented": marker.replace("vx", "fr"), "next-port": marker.replace("vx", "ct"),
+                 "ipip": marker.replace("vx", "ip"), "esp": marker.replace("vx", "es")}
         with counters(h2, list(names.values())) as read, (plugin_paused(h1) if round_ == "b" else nullcontext()):
             if round_ == "b":
                 for rule in tunnel_rules:
@@ -448,7 +463,8 @@ def test_tunnel_packets_from_a_container_never_reach_a_peer(c):
             wait_until(lambda: read().get(control) == 1, timeout=5, what="control datagram at the peer")  # noqa: B023
             time.sleep(0.3)  # sent before the control: give any straggler the same path's time to land
             seen = {k: read()[v] for k, v in names.items()}
-        assert seen == {"vxlan": expect, "next-port": 1, "ipip": expect, "esp": expect}, (round_, seen)
+        assert seen == {"vxlan": expect, "vxlan-fragmented": expect, "next-port": 1, "ipip": expect, "esp": expect}, \
+            (round_, seen)
         if round_ == "b":
             wait_raw_back(h1, *tunnel_rules)
 
