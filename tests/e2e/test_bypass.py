@@ -102,6 +102,10 @@ def ip_of(h: SimHost, container: str, network: str = "appnet") -> str:
     return h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["IPAddress"]
 
 
+def ping(h: SimHost, container: str, target: str) -> bool:
+    return h.container_exec(container, "ping", "-c1", "-W1", target, check=False).returncode == 0
+
+
 def veth_of(h: SimHost, container: str) -> str:
     (endpoint,) = endpoint_ids(h, container)
     return f"cnl{endpoint[:12]}"
@@ -392,6 +396,93 @@ def test_spoofed_reply_into_a_neighbours_udp_flow(c):
         stop_popen(proc, signal.SIGTERM, 5, group=True)
 
 
+SILENT_UDP = r"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5000))
+while True:
+    s.recv(2048)
+"""
+
+CONNECTED_CLIENT = r"""
+import socket, sys, time
+server, out = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 4000))
+s.connect((server, 5000))
+s.settimeout(0.2)
+with open(out, "a") as log:
+    while True:
+        try:
+            s.send(b"victim-request")
+            s.recv(2048)
+        except socket.timeout:
+            pass
+        except OSError as err:  # an ICMP error about this flow, reported on the connected socket
+            log.write(f"ERR {err}\n")
+            log.flush()
+"""
+
+FORGE_ICMP_ERROR = r"""
+import socket, struct, sys
+victim, server = sys.argv[1], sys.argv[2]
+inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton(victim),
+                    socket.inet_aton(server)) + struct.pack("!HHHH", 4000, 5000, 8, 0)
+icmp = struct.pack("!BBHI", 3, 3, 0, 0) + inner  # port unreachable, quoting the victim's datagram
+total = sum(struct.unpack("!%dH" % (len(icmp) // 2), icmp))
+while total >> 16:
+    total = (total & 0xFFFF) + (total >> 16)
+icmp = icmp[:2] + struct.pack("!H", ~total & 0xFFFF) + icmp[4:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+for _ in range(3):
+    s.sendto(icmp, (victim, 0))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="open bypass: CANAL-FORWARD accepts RELATED from a workload to a workload "
+                   "before any policy, so a neighbour's forged ICMP error (its own source address, so rpfilter "
+                   "passes it) about the victim's flow reaches the victim through a policy that denies it")
+def test_forged_icmp_error_into_a_neighbours_flow_past_a_deny_policy(c):
+    """Attacker B, with its own (unspoofed) address, sends victim A an ICMP port-unreachable
+    quoting A's UDP flow to S: conntrack calls it RELATED to A's flow. Without a policy B may
+    reach A and A's socket gets the error (control); with an ingress policy that denies B, it
+    must not (A's DNS client or any connected UDP/TCP socket would otherwise be B's to break)."""
+    _, h1, h2 = c
+    for h in (h1, h2):
+        net(h)
+    daemon(h2, "server")
+    daemon(h1, "victim", "--label", "role=victim")
+    daemon(h1, "evil", *HOSTILE)
+    server, victim = ip_of(h2, "server"), ip_of(h1, "victim")
+    errors = h1.workdir / f"victim-errors-{uuid.uuid4().hex[:6]}.log"
+    errors.write_text("")
+    procs = [spawn(["nsenter", f"--net=/proc/{h2.container_pid('server')}/ns/net", "python3", "-c", SILENT_UDP],
+                   h2.workdir / "silent-server.log"),
+             spawn(["nsenter", f"--net=/proc/{h1.container_pid('victim')}/ns/net", "python3", "-c", CONNECTED_CLIENT,
+                    server, str(errors)], h1.workdir / "victim-client.log")]
+    try:
+        wait_until(lambda: nat_reply_port(h1, victim, 5000), timeout=10, what="victim's flow in conntrack")
+
+        def forged_error_arrives() -> bool:
+            before = errors.read_text().count("ERR")
+            res = py_in(h1, "evil", FORGE_ICMP_ERROR, victim, server)
+            assert res.returncode == 0, res.stderr
+            time.sleep(0.6)  # the victim's loop calls the socket every 0.2 s
+            return errors.read_text().count("ERR") > before
+
+        time.sleep(0.6)
+        assert errors.read_text() == ""  # the server is silent: no error but a forged one
+        assert forged_error_arrives()  # control: B may reach A, its error gets through
+        only_web = {"selector": "role == 'victim'", "ingress": [{"action": "Allow", "source": {"selector": "role == 'web'"}}]}
+        apply(h1, {"apiVersion": "canal/v1", "kind": "NetworkPolicy",
+                   "metadata": {"name": "victim-in", "network": "appnet"}, "spec": only_web})
+        wait_until(lambda: not ping(h1, "evil", victim), timeout=15, what="policy denies evil -> victim")
+        assert not forged_error_arrives(), diagnostics(h1)
+    finally:
+        for proc in procs:
+            stop_popen(proc, signal.SIGTERM, 5, group=True)
+
+
 # ------------------------------------------------------------ 4. tunnels to a peer
 
 
@@ -451,8 +542,9 @@ def test_tunnel_packets_from_a_container_never_reach_a_peer(c):
     assert all(has_raw(h1, r) for r in tunnel_rules)
     for round_, expect in (("a", 0), ("b", 1), ("c", 0)):
         marker = f"vx{round_}{uuid.uuid4().hex[:6]}"
-        names = {"vxlan": marker, "vxlan-fragmented": marker.replace("vx", "fr"), "next-port": marker.replace("vx", "ct"),
-                 "ipip": marker.replace("vx", "ip"), "esp": marker.replace("vx", "es")}
+        names = {"vxlan": marker, "vxlan-fragmented": marker.replace("vx", "fr"),
+                 "next-port": marker.replace("vx", "ct"), "ipip": marker.replace("vx", "ip"),
+                 "esp": marker.replace("vx", "es")}
         with counters(h2, list(names.values())) as read, (plugin_paused(h1) if round_ == "b" else nullcontext()):
             if round_ == "b":
                 for rule in tunnel_rules:
