@@ -473,11 +473,71 @@ def test_forged_icmp_error_into_a_neighbours_flow_past_a_deny_policy(c):
         time.sleep(0.6)
         assert errors.read_text() == ""  # the server is silent: no error but a forged one
         assert forged_error_arrives()  # control: B may reach A, its error gets through
-        only_web = {"selector": "role == 'victim'", "ingress": [{"action": "Allow", "source": {"selector": "role == 'web'"}}]}
+        only_web = {"selector": "role == 'victim'",
+                    "ingress": [{"action": "Allow", "source": {"selector": "role == 'web'"}}]}
         apply(h1, {"apiVersion": "canal/v1", "kind": "NetworkPolicy",
                    "metadata": {"name": "victim-in", "network": "appnet"}, "spec": only_web})
         wait_until(lambda: not ping(h1, "evil", victim), timeout=15, what="policy denies evil -> victim")
         assert not forged_error_arrives(), diagnostics(h1)
+    finally:
+        for proc in procs:
+            stop_popen(proc, signal.SIGTERM, 5, group=True)
+
+
+HOST_FLOW = r"""
+import socket, sys
+local, peer, out = sys.argv[1], sys.argv[2], sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((local, 5555))
+s.connect((peer, 9999))
+s.settimeout(0.2)
+with open(out, "a") as log:
+    while True:
+        try:
+            s.send(b"host-request")
+            s.recv(2048)
+        except socket.timeout:
+            pass
+        except OSError as err:
+            log.write(f"ERR {err}\n")
+            log.flush()
+"""
+
+FORGE_HOST_ICMP_ERROR = FORGE_ICMP_ERROR.replace("4000, 5000", "5555, 9999")
+
+
+@pytest.mark.xfail(strict=True, reason="open bypass: CANAL-INPUT accepts RELATED from cnl+ before the "
+                   "workload-to-host action, so a container's ICMP error about one of the host's own flows "
+                   "reaches the host's sockets although workload-to-host is drop")
+def test_icmp_error_into_a_host_flow_from_a_container(c):
+    """The host talks UDP 5555 -> h2:9999 (h2 listens, silent). An ICMP port-unreachable quoting
+    that flow, sent to the host by a router on the path (the underlay), reaches the host's
+    socket (control: the forged packet is good). The same packet from a container must not:
+    workload-to-host is drop."""
+    _, h1, h2 = c
+    net(h1)
+    daemon(h1, "evil", *HOSTILE)
+    errors = h1.workdir / f"host-errors-{uuid.uuid4().hex[:6]}.log"
+    errors.write_text("")
+    procs = [h2.popen(["python3", "-c", SILENT_UDP.replace("5000", "9999")], h2.workdir / "silent-9999.log")]
+    try:
+        wait_until(lambda: "9999" in h2.exec(["ss", "-uln"]).stdout, timeout=10, what="h2 listening on 9999")
+        procs.append(h1.popen(["python3", "-c", HOST_FLOW, h1.address, h2.address, str(errors)],
+                              h1.workdir / "host-flow.log"))
+        wait_until(lambda: "dport=9999" in h1.exec(["conntrack", "-L", "-p", "udp"], check=False).stdout,
+                   timeout=10, what="host flow in conntrack")
+        time.sleep(0.6)
+        assert errors.read_text() == ""  # h2 is silent: no error but a forged one
+
+        def error_arrives(send) -> bool:
+            before = errors.read_text().count("ERR")
+            res = send(["python3", "-c", FORGE_HOST_ICMP_ERROR, h1.address, h2.address], check=False)
+            assert res.returncode == 0, res.stderr
+            time.sleep(0.6)  # the host flow's loop calls the socket every 0.2 s
+            return errors.read_text().count("ERR") > before
+
+        assert error_arrives(h1.underlay.exec)  # control: from a router on the path it is accepted
+        assert not error_arrives(lambda argv, check: in_netns(h1, "evil", argv, check=check)), diagnostics(h1)
     finally:
         for proc in procs:
             stop_popen(proc, signal.SIGTERM, 5, group=True)
