@@ -381,3 +381,30 @@ def test_tls_and_auth_together_need_a_client_certificate_without_common_name(pki
             anonymous.close()
     finally:
         server.close()
+
+
+def test_threads_refused_together_share_one_new_token(auth_etcd, caplog):
+    """Eight threads meet the expired token at once: one authenticates, all succeed."""
+    store = auth_store(auth_etcd)
+    try:
+        assert store.get("/canal/v1/shared") is None
+        time.sleep(TOKEN_TTL + 2.5)
+        results: list = []
+        errors: list = []
+
+        def read() -> None:
+            try:
+                results.append(store.get("/canal/v1/shared"))
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        with caplog.at_level(logging.DEBUG, logger="canal.datastore.etcd"):
+            threads = [threading.Thread(target=read) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        assert not errors and results == [None] * 8
+        assert caplog.text.count("authenticated as canal") == 1
+    finally:
+        store.close()
