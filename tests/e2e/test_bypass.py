@@ -1,6 +1,7 @@
 """Issue 9 end to end: a hostile container (NET_ADMIN + NET_RAW) tries every kernel-level way
 around Canal's policy, on real dockerd, real kernel and the real plugin, and each attempt fails
-(two that still succeed, ICMP errors accepted as RELATED, are strict xfails until fixed).
+(including ICMP errors, which conntrack calls RELATED to the flow they quote: from workloads
+they go through policy, not around it).
 
 Every test also shows the same attempt succeeding without the protection, so none passes by
 accident: the protection is removed by tampering (a raw-table rule deleted with iptables-nft, a
@@ -441,9 +442,6 @@ for _ in range(3):
 """
 
 
-@pytest.mark.xfail(strict=True, reason="open bypass: CANAL-FORWARD accepts RELATED from a workload to a workload "
-                   "before any policy, so a neighbour's forged ICMP error (its own source address, so rpfilter "
-                   "passes it) about the victim's flow reaches the victim through a policy that denies it")
 def test_forged_icmp_error_into_a_neighbours_flow_past_a_deny_policy(c):
     """Attacker B, with its own (unspoofed) address, sends victim A an ICMP port-unreachable
     quoting A's UDP flow to S: conntrack calls it RELATED to A's flow. Without a policy B may
@@ -508,9 +506,6 @@ with open(out, "a") as log:
 FORGE_HOST_ICMP_ERROR = FORGE_ICMP_ERROR.replace("4000, 5000", "5555, 9999")
 
 
-@pytest.mark.xfail(strict=True, reason="open bypass: CANAL-INPUT accepts RELATED from cnl+ before the "
-                   "workload-to-host action, so a container's ICMP error about one of the host's own flows "
-                   "reaches the host's sockets although workload-to-host is drop")
 def test_icmp_error_into_a_host_flow_from_a_container(c):
     """The host talks UDP 5555 -> h2:9999 (h2 listens, silent). An ICMP port-unreachable quoting
     that flow, sent to the host by a router on the path (the underlay), reaches the host's

@@ -766,8 +766,9 @@ def test_layout_of_shared_chains():
     assert chains[FORWARD] == [
         "-i cnl+ -m conntrack --ctstate INVALID -j DROP",
         "-o cnl+ -m conntrack --ctstate INVALID -j DROP",
-        "-i cnl+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        "-o cnl+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-i cnl+ -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+        "-o cnl+ -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+        "! -i cnl+ -o cnl+ -m conntrack --ctstate RELATED -j ACCEPT",
         f"-i cnl+ -j {FROM_WL}",
         f"-o cnl+ -j {TO_WL}",
         "-i cnl+ -j ACCEPT",
@@ -775,7 +776,7 @@ def test_layout_of_shared_chains():
     ]
     assert chains[INPUT] == [
         "-i cnl+ -m conntrack --ctstate INVALID -j DROP",
-        "-i cnl+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-i cnl+ -m conntrack --ctstate ESTABLISHED -j ACCEPT",
         f"-i cnl+ -g {WL_TO_HOST}",
     ]
     assert chains[WL_TO_HOST] == [f"-j {FROM_WL}", "-j DROP"]
@@ -872,3 +873,34 @@ egress:
         for rule in rules:
             check_rule(rule)
             sim._matches(shlex.split(rule), probe)  # raises on any option it does not know
+
+
+def test_related_packets_from_workloads_go_through_policy():
+    """An ICMP error is RELATED to the flow it quotes: any workload can send one, unspoofed,
+    into a neighbour's flow or the host's. Only ESTABLISHED skips policy."""
+    deny_b = gnp("db-only-web", "selector: role == 'db'\ningress:\n  - action: Allow\n    source: {selector: role == 'web'}")
+    state = compile_(deny_b)
+    error = dict(proto=1, icmp_type=3, icmp_code=3, ctstate="RELATED")
+    assert verdict(state, PLAIN, DB, **error) == "DROP"  # PLAIN may not send to DB: nor errors
+    assert verdict(state, WEB, DB, **error) == "ACCEPT"  # WEB may
+    assert verdict(state, PLAIN, DB, ctstate="ESTABLISHED") == "ACCEPT"  # replies skip policy
+    # Into the host's flows: through the workload-to-host path (default drop).
+    assert Simulator(state).run(packet(PLAIN, "10.1.0.1", oif=None, **error), hook="INPUT") == "DROP"
+    # From a router outside: accepted (path MTU discovery keeps working).
+    assert verdict(state, "192.0.2.1", DB, **error) == "ACCEPT"
+
+
+def test_related_packets_from_the_cluster_networks_go_through_policy():
+    from canal.dataplane.ipset import IpSet
+
+    deny_b = gnp("db-only-web", "selector: role == 'db'\ningress:\n  - action: Allow\n    source: {selector: role == 'web'}")
+    remote_batch = ep("g", "10.1.1.9", host="h2", role="batch")
+    state = compile_filter(ALL + [remote_batch], load_documents(deny_b), HOST, NETWORKS, cluster_set="canal-nets")
+    state.ipsets.append(IpSet("canal-nets", "hash:net", frozenset({"10.0.0.0/8"})))
+    error = dict(proto=1, icmp_type=3, icmp_code=3, ctstate="RELATED")
+    assert verdict(state, WEB2, DB, **error) == "ACCEPT"  # a remote web may
+    assert verdict(state, remote_batch, DB, **error) == "DROP"  # a remote batch may not
+    assert verdict(state, "192.0.2.1", DB, **error) == "ACCEPT"  # a router outside may
+    # Positive control: without the cluster set, errors from other hosts' workloads skip policy.
+    loose = compile_(deny_b, endpoints=ALL + [remote_batch])
+    assert verdict(loose, remote_batch, DB, **error) == "ACCEPT"

@@ -117,7 +117,7 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         return FirewallState()  # nothing of ours on this host: leave no trace
     state = compile_filter(
         endpoint_infos(snap), snap.policies, snap.host, network_infos(snap), snap.broken_policy_scopes,
-        snap.settings.host,
+        snap.settings.host, CLUSTER_SET,
     )
     # raw: what no conntrack entry may ever match. A source that would not be routed back out
     # of the veth it came in on (a forged address, a neighbour's) is dropped before conntrack

@@ -9,8 +9,9 @@ Layout (filter table):
     FORWARD -j CANAL-FORWARD (first, or right after DOCKER-USER)   INPUT -j CANAL-INPUT (first)
     CANAL-FORWARD: every rule scoped to -i/-o cnl+ (Docker's bridges and other forwarded
                    traffic are not Canal's to decide): INVALID drop, ESTABLISHED accept,
+                   RELATED accepted only from outside the cluster's networks,
                    -i cnl+ -> CANAL-FROM-WL, -o cnl+ -> CANAL-TO-WL, accept what they returned
-    CANAL-INPUT:   -i cnl+: INVALID drop, ESTABLISHED accept, goto CANAL-WL-TO-HOST
+    CANAL-INPUT:   -i cnl+: INVALID drop, ESTABLISHED (not RELATED) accept, goto CANAL-WL-TO-HOST
     CANAL-WL-TO-HOST: the workload's egress policy first (CANAL-FROM-WL), DNS to the host's
                    own resolvers, then the workload-to-host action (drop, return or accept)
     CANAL-FROM-WL / CANAL-TO-WL: -i/-o <iface> -g CANAL-FW-/CANAL-TW-<id12>; unknown iface: DROP
@@ -245,9 +246,11 @@ class _Compiler:
         networks: Mapping[str, NetworkInfo],
         broken_scopes: AbstractSet[Optional[str]] = frozenset(),
         host: HostProtection = HostProtection(),
+        cluster_set: Optional[str] = None,
     ) -> None:
         self.broken_scopes = broken_scopes
         self.host = host
+        self.cluster_set = cluster_set
         self.endpoints = endpoints
         self.policies = sorted(policies, key=lambda p: p.sort_key)
         self.local = sorted((e for e in endpoints if e.host == local_host), key=lambda e: host_ifname(e.id))
@@ -413,11 +416,17 @@ class _Compiler:
 
     def compile(self) -> FirewallState:
         wl = f"{HOST_PREFIX}+"
+        # Only ESTABLISHED skips policy. A RELATED packet (an ICMP error quoting someone's flow)
+        # can be sent by any workload, unspoofed, into any flow it can name: from workloads, and
+        # from the cluster's own networks, it goes through the policy chains like new traffic;
+        # errors from routers and hosts outside them (path MTU, unreachables) are accepted.
+        outside = f"-m set ! --match-set {self.cluster_set} src " if self.cluster_set else ""
         self.chains[FORWARD] = [
             f"-i {wl} -m conntrack --ctstate INVALID -j DROP",
             f"-o {wl} -m conntrack --ctstate INVALID -j DROP",
-            f"-i {wl} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            f"-o {wl} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i {wl} -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+            f"-o {wl} -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+            f"! -i {wl} -o {wl} {outside}-m conntrack --ctstate RELATED -j ACCEPT",
             f"-i {wl} -j {FROM_WL}",
             f"-o {wl} -j {TO_WL}",
             f"-i {wl} -j ACCEPT",
@@ -427,7 +436,7 @@ class _Compiler:
         # bypass the host's own INPUT rules for all of its traffic.
         self.chains[INPUT] = [
             f"-i {wl} -m conntrack --ctstate INVALID -j DROP",
-            f"-i {wl} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-i {wl} -m conntrack --ctstate ESTABLISHED -j ACCEPT",
             f"-i {wl} -g {WL_TO_HOST}",
         ]
         to_host = [f"-j {FROM_WL}"]  # the workload's egress policy applies first, in every mode
@@ -478,11 +487,14 @@ def compile_filter(
     networks: Mapping[str, NetworkInfo],
     broken_scopes: AbstractSet[Optional[str]] = frozenset(),
     host: HostProtection = HostProtection(),
+    cluster_set: Optional[str] = None,
 ) -> FirewallState:
     """The whole filter-table state for `local_host`: chains, the two built-in jumps, and ipsets.
 
     `broken_scopes`: policy scopes (None = global, else a network name) holding a stored policy
-    that does not parse; every endpoint such a policy could select is closed.
+    that does not parse; every endpoint such a policy could select is closed. `cluster_set`:
+    the ipset (hash:net, programmed by the caller) of the cluster's networks, whose RELATED
+    packets to workloads go through policy (None: only workloads' own do).
     Deterministic (same input -> equal state, sorted everywhere) so the applier's diff is a no-op
     when nothing changed. Returns an empty state when there is nothing of ours on this host.
     """
@@ -490,4 +502,4 @@ def compile_filter(
     policies = list(policies)
     if not networks and not any(e.host == local_host for e in endpoints):
         return FirewallState()
-    return _Compiler(endpoints, policies, local_host, networks, broken_scopes, host).compile()
+    return _Compiler(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set).compile()
