@@ -11,6 +11,7 @@ Serialised forms are the ones earlier versions wrote, so upgrades read old recor
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -226,6 +227,11 @@ class EndpointRecord:
     labels: Optional[Mapping[str, str]] = None  # None: not learned from Docker yet
     container: str = ""
     container_name: str = ""
+
+    @functools.cached_property
+    def ip_text(self) -> str:
+        """str(ip), computed once per record: every pass renders every endpoint's address."""
+        return str(self.ip)
 
     @classmethod
     def parse(cls, raw: Any, key_id: str | None = None) -> "EndpointRecord":

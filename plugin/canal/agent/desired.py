@@ -94,13 +94,25 @@ def endpoint_infos(snap: Snapshot) -> list[EndpointInfo]:
     """Joined endpoints everywhere, plus our own not yet joined: their chains are programmed
     between CreateEndpoint and Join, so a container's first packet finds them in place.
     An endpoint whose identity is not known yet has labels None: closed, in no selector."""
-    return [
-        EndpointInfo(
-            ep.id, str(ep.ip), network_name(snap, ep), ep.host, ep.labels if identity_known(snap, ep) else None
-        )
-        for ep in snap.endpoints.values()
-        if ep.joined or ep.host == snap.host
-    ]
+    names = {key: (record.logical_name, bool(record.name)) for key, record in snap.networks.items()}
+    out = []
+    for ep in snap.endpoints.values():
+        if not (ep.joined or ep.host == snap.host):
+            continue
+        name, named = names.get(f"{ep.host}/{ep.network}", (ep.network, False))
+        out.append(_info(ep, name, named))
+    return out
+
+
+def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
+    """The compiler's view of a record, kept on the (immutable, per-revision) record itself:
+    a pass over thousands of unchanged endpoints builds none of them again."""
+    cached = ep.__dict__.get("_info")
+    if cached is None or cached[0] != (name, named):
+        info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None)
+        cached = ((name, named), info)
+        ep.__dict__["_info"] = cached  # frozen dataclass: a cache, not a field (eq/repr ignore it)
+    return cached[1]
 
 
 def network_infos(snap: Snapshot) -> dict[str, NetworkInfo]:

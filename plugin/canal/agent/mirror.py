@@ -85,32 +85,39 @@ class Mirror:
     def records(self, prefix: str, parse: Callable[[str, Any], T]) -> dict[str, T]:
         """key (relative to prefix) -> typed record; parse(relative key, json) raises CanalError
         for a malformed record, which is then quarantined: skipped, logged once per revision,
-        counted and listed by `canal status` — one bad record never stops a pass."""
-        raw = self.json(prefix)
+        counted and listed by `canal status` — one bad record never stops a pass.
+
+        Parsed once per revision and cached: a pass over an unchanged directory costs one dict
+        lookup per key."""
+        if not any(prefix.startswith(p) for p in self._listed):
+            raise Unavailable(f"datastore not read yet under {prefix}")
         out: dict[str, T] = {}
+        cut = len(prefix)
         with self._lock:
             typed = self._typed.setdefault(prefix, {})
-            for rel, value in raw.items():
-                key = prefix + rel
-                revision = self._revision(key)
-                cached = typed.get(key)
-                if cached is None or cached[0] != revision:
-                    try:
-                        cached = (revision, parse(rel, value))
-                    except (CanalError, ValueError, TypeError) as err:
-                        typed[key] = (revision, _FAILED)
-                        self._quarantine(key, revision, str(err))
+            for directory, entries in self._dirs.items():
+                if not directory.startswith(prefix):
+                    continue
+                for key, (revision, value) in entries.items():
+                    if value is None:
                         continue
-                    typed[key] = cached
-                    if self.quarantined.get(key, (revision,))[0] != revision:
-                        del self.quarantined[key]  # an older revision's fault, since fixed
-                if cached[1] is not _FAILED:
-                    out[rel] = cached[1]
+                    cached = typed.get(key)
+                    if cached is None or cached[0] != revision:
+                        cached = (revision, self._parse_typed(key, revision, value, key[cut:], parse))
+                        typed[key] = cached
+                    if cached[1] is not _FAILED:
+                        out[key[cut:]] = cached[1]
         return out
 
-    def _revision(self, key: str) -> int:
-        entry = self._dirs.get(key.rsplit("/", 1)[0] + "/", {}).get(key)
-        return entry[0] if entry else 0
+    def _parse_typed(self, key: str, revision: int, value: str, rel: str, parse: Callable[[str, Any], T]) -> Any:
+        try:
+            record = parse(rel, json.loads(value))
+        except (CanalError, ValueError, TypeError) as err:
+            self._quarantine(key, revision, "not JSON" if isinstance(err, json.JSONDecodeError) else str(err))
+            return _FAILED
+        if self.quarantined.get(key, (revision,))[0] != revision:
+            del self.quarantined[key]  # an older revision's fault, since fixed
+        return record
 
     def _quarantine(self, key: str, revision: int, why: str) -> None:
         if self.quarantined.get(key, (None,))[0] == revision:
