@@ -132,7 +132,7 @@ class Plugin:
     def __init__(self, config: Config, store: Datastore | None = None):
         self.config = config
         self.host = config.host_name
-        self.store = store or open_datastore(config)
+        self.store = store or open_datastore(config, check=False)  # check_start checked it
         self.keys = Keys(config.etcd_prefix, config.flannel_prefix)
         self.iface, self.public_ip, self.underlay_mtu = linkmod.underlay(config.iface, config.public_ip)
         self.subnets = SubnetManager(
