@@ -156,6 +156,9 @@ class Config:
         "unix:///var/run/docker.sock", str, "Docker API, read lazily for network names and labels"
     )
     resync_interval: float = _setting(30.0, float, "seconds between full dataplane re-checks")
+    gc_grace: float = _setting(
+        60.0, float, "seconds before an endpoint or address Docker forgot (a lost DeleteEndpoint/ReleaseAddress) is collected"
+    )
     workload_to_host: str = _setting(
         "drop", _choice("drop", "return", "accept"),
         "containers to this host, after their egress policy: drop, return (the host's INPUT rules decide) or accept",

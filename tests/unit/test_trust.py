@@ -260,11 +260,14 @@ def test_records_of_a_host_gone_for_good_are_collected(store):
     try:
         leases = [Lease(ipaddress.IPv4Network("100.64.3.0/24"), "198.18.0.1", "")]
         now[0] += 10
-        assert here.collect_departed(m.records, leases, ttl=8) == []  # within 2 TTLs: kept
+        assert here.collect_departed(m.records, leases, ttl=8, min_absence=60) == []  # within 2 TTLs: kept
+        now[0] += 30
+        assert here.collect_departed(m.records, leases, ttl=8, min_absence=60) == []  # away, not gone
         live = leases + [Lease(ipaddress.IPv4Network("100.64.9.0/24"), "198.18.0.9", "")]
         now[0] += 100
-        assert here.collect_departed(m.records, live, ttl=8) == []  # its lease lives: kept
-        assert here.collect_departed(m.records, leases, ttl=8) == ["gone"]
+        assert here.collect_departed(m.records, live, ttl=8, min_absence=60) == []  # its lease lives: kept
+        assert here.collect_departed(m.records, leases, ttl=8) == []  # the default: a day at least
+        assert here.collect_departed(m.records, leases, ttl=8, min_absence=60) == ["gone"]
         left = sorted(k for k in (e.key for e in store.list(KEYS.root + "/")[0]))
         assert left == sorted([KEYS.host("here"), KEYS.network("here", NET), KEYS.endpoint(GOOD)])
     finally:

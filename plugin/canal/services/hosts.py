@@ -23,6 +23,10 @@ from canal.records import AddressRecord, EndpointRecord, HostRecord, Lease, Netw
 log = logging.getLogger(__name__)
 
 TXN_OPS = 100  # etcd refuses transactions of more than 128 operations by default
+# A host away for less than this is coming back (a reboot, a partition, a plugin upgrade): its
+# containers still run, and collecting their records would cut them off and free their
+# addresses for others. Past it, and past two lease TTLs, the host is gone for good.
+MIN_ABSENCE = 24 * 3600.0
 
 Records = Callable[[str, Callable[[str, Any], Any]], dict[str, Any]]
 
@@ -104,10 +108,13 @@ class Hosts:
         now = self.clock()
         self.update(lambda r: replace(r, renewed=now))
 
-    def collect_departed(self, records: Records, leases: Iterable[Lease], ttl: float) -> list[str]:
+    def collect_departed(
+        self, records: Records, leases: Iterable[Lease], ttl: float, min_absence: float = MIN_ABSENCE
+    ) -> list[str]:
         """Remove the records of hosts gone for good: no live lease at their address and no
         renewal for two lease TTLs (two, so clock skew between hosts cannot collect a live
-        one). Any host may do it; every step is idempotent. Returns the collected names."""
+        one) nor for `min_absence`. Any host may do it; every step is idempotent. Returns
+        the collected names."""
         now = self.clock()
         live = {lease.public_ip for lease in leases}
         hosts = records(self.keys.root + "/hosts/", lambda name, raw: HostRecord.parse(raw, name))
@@ -115,7 +122,7 @@ class Hosts:
         for name, record in sorted(hosts.items()):
             if name == self.host or not record.public_ip or record.public_ip in live or not record.renewed:
                 continue
-            if now - record.renewed < 2 * ttl:
+            if now - record.renewed < max(2 * ttl, min_absence):
                 continue
             log.warning("host %s (%s) is gone: no lease, last renewal %.0f s ago; removing its records",
                         name, record.public_ip, now - record.renewed)
