@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+from typing import Iterable
 from dataclasses import dataclass
 
 from canal.dataplane.cmd import run
@@ -63,12 +64,28 @@ def _valid_member(member: object) -> bool:
     return True
 
 
-def checked(ipset: IpSet) -> IpSet:
-    """`ipset` with only well-formed members; UnsafeInput for a bad name or type."""
+def _check_name(ipset: IpSet) -> None:
     if not isinstance(ipset.name, str) or not _NAME.fullmatch(ipset.name):
         raise UnsafeInput(f"ipset name {str(ipset.name)[:80]!r} is malformed, refused")
     if ipset.kind not in KINDS:
         raise UnsafeInput(f"ipset {ipset.name}: type {str(ipset.kind)[:40]!r} is not one of {', '.join(KINDS)}")
+
+
+def _valid_lines(ipset: IpSet, members: Iterable[str]) -> list[str]:
+    """The members about to be written, checked: only what reaches `ipset restore` is parsed
+    (a pass that adds one endpoint checks one address, not every member of every set)."""
+    good: list[str] = []
+    bad: list[str] = []
+    for member in sorted(members):
+        (good if _valid_member(member) else bad).append(member)
+    if bad:
+        log.warning("ipset %s: dropping %d malformed member(s), e.g. %r", ipset.name, len(bad), str(bad[0])[:80])
+    return good
+
+
+def checked(ipset: IpSet) -> IpSet:
+    """`ipset` with only well-formed members; UnsafeInput for a bad name or type."""
+    _check_name(ipset)
     bad = [m for m in ipset.members if not _valid_member(m)]
     if not bad:
         return ipset
@@ -81,22 +98,23 @@ def restore_script(desired: list[IpSet], present: dict[str, set[str]]) -> str:
     changes as adds and dels on the live set (one endpoint joining touches one line), large
     ones by filling a temporary set and swapping it in."""
     lines: list[str] = []
-    for ipset in map(checked, desired):
+    for ipset in desired:
+        _check_name(ipset)
         want = {_normal(m) for m in ipset.members}
         if ipset.name in present:
-            have = {_normal(m) for m in present[ipset.name] if _valid_member(m)}
+            have = {_normal(m) for m in present[ipset.name]}
             if have == want:
                 continue
             added, removed = want - have, have - want
             if len(added) + len(removed) <= max(16, len(want) // 4):
-                lines.extend(f"del {ipset.name} {m} -exist" for m in sorted(removed))
-                lines.extend(f"add {ipset.name} {m} -exist" for m in sorted(added))
+                lines.extend(f"del {ipset.name} {m} -exist" for m in _valid_lines(ipset, removed))
+                lines.extend(f"add {ipset.name} {m} -exist" for m in _valid_lines(ipset, added))
                 continue
         tmp = ipset.name[: MAX_NAME - 4] + "-tmp"
         size = max(65536, 2 * len(ipset.members))
         lines.append(f"create {tmp} {ipset.kind} family inet maxelem {size} -exist")
         lines.append(f"flush {tmp}")
-        lines.extend(f"add {tmp} {m}" for m in sorted(ipset.members))
+        lines.extend(f"add {tmp} {m}" for m in _valid_lines(ipset, ipset.members))
         lines.append(f"create {ipset.name} {ipset.kind} family inet maxelem {size} -exist")
         lines.append(f"swap {tmp} {ipset.name}")
         lines.append(f"destroy {tmp}")
@@ -117,7 +135,6 @@ class Ipsets:
         return current()
 
     def apply(self, desired: list[IpSet], read_back: bool = True) -> None:
-        desired = [checked(s) for s in desired]
         if read_back or self._known is None:
             self._known = self.current()
         script = restore_script(desired, self._known)
