@@ -62,7 +62,6 @@ class DockerWatch:
         # Called whenever Docker's event stream (re)connects: dockerd (re)started and may have
         # rewritten its chains ahead of ours, so the next pass reads the kernel back.
         self.on_reconnect = on_reconnect
-        self.pending = 0  # local endpoints whose labels are still unknown
         self._last_gc = 0.0
         # The agent's mirror (memory, typed, malformed records quarantined), or the datastore.
         self.records = records or self._list_records
@@ -241,7 +240,6 @@ class DockerWatch:
                 if self.last_error:
                     log.info("Docker's API at %s answers again", self.docker_host)
                 self.last_error = ""
-                self.pending = unknown
             except CanalError as err:  # the datastore is down: try again soon
                 if not self.last_error:
                     log.warning("cannot record what Docker says: %s", err)
