@@ -115,3 +115,18 @@ def test_what_docker_forgot_is_collected_after_a_grace_period(store):
                           collect_address=lambda p, ip: released.append(ip), grace=1e12)
     patient.resolve()
     assert removed == ["d" * 64] and released == [lost]  # young records are left alone
+
+
+def test_unusable_labels_keep_the_endpoint_closed_and_are_logged_once(store, caplog):
+    store.put(KEYS.network("h1", NET), network(NET))
+    store.put(KEYS.endpoint("e" * 64), endpoint("e" * 64))
+    client = FakeClient()
+    client.api.container_list[0]["Labels"] = {"role\n-A INPUT": "web"}
+    w = watch(store, client)
+    for _ in range(3):
+        assert w.resolve() == 1  # still unknown: closed
+    assert store.get_json(KEYS.endpoint("e" * 64)).get("labels") is None
+    assert sum("unusable" in r.message for r in caplog.records) == 1
+    client.api.container_list[0]["Labels"] = {"role": "web"}  # positive control: usable labels land
+    assert w.resolve() == 0
+    assert store.get_json(KEYS.endpoint("e" * 64))["labels"] == {"role": "web"}

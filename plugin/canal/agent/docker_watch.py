@@ -63,6 +63,7 @@ class DockerWatch:
         # rewritten its chains ahead of ours, so the next pass reads the kernel back.
         self.on_reconnect = on_reconnect
         self._last_gc = 0.0
+        self._unusable: set[str] = set()  # endpoints whose container record was refused (logged once)
         # The agent's mirror (memory, typed, malformed records quarantined), or the datastore.
         self.records = records or self._list_records
         self.keys = keys
@@ -169,13 +170,18 @@ class DockerWatch:
             try:
                 labels = parse_labels(container.get("Labels") or {}, "container labels")
                 cid = container_id(container.get("Id"))
-                cname = container_name((container.get("Names") or ["/?"])[0])
             except RecordError as err:
-                # Unknown labels keep the endpoint closed; say why, once per pass at most.
-                log.warning("endpoint %s: Docker's container record is unusable, labels stay unknown: %s",
-                            endpoint_id[:12], err)
+                # Unknown labels keep the endpoint closed; say why, once per endpoint.
+                if endpoint_id not in self._unusable:
+                    self._unusable.add(endpoint_id)
+                    log.warning("endpoint %s: Docker's container record is unusable, labels stay unknown: %s",
+                                endpoint_id[:12], err)
                 unknown += record.labels is None
                 continue
+            try:
+                cname = container_name((container.get("Names") or [""])[0])
+            except RecordError:
+                cname = ""  # only shown by `canal endpoint list`
             if record.labels != labels or record.container != cid:
                 def learned(r: EndpointRecord, l: dict[str, str] = labels, c: str = cid, n: str = cname) -> EndpointRecord:
                     return replace(r, labels=l, container=c, container_name=n)
