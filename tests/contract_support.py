@@ -50,7 +50,7 @@ class CheckedIpsets(FakeIpsets):
 class ContractPlugin:
     """The real services and datastore; the kernel replaced by stateful fakes."""
 
-    def __init__(self, path: str, scope: str = "local"):
+    def __init__(self, path: str, scope: str = "local", docker_ipam_allowed: bool = False):
         self.config = config.load({"scope": scope}, {})
         self.store = LocalDatastore(path)
         keys = self.keys = Keys(self.config.etcd_prefix, self.config.flannel_prefix)
@@ -60,7 +60,8 @@ class ContractPlugin:
         self.firewall = Firewall(self.iptables, self.ipsets)  # type: ignore[arg-type]
         self.changes = 0
         self.ipam = Ipam(self.store, keys, "h1", lambda: ipaddress.IPv4Network(HOST_SUBNET))
-        self.networks = Networks(self.store, keys, self.ipam, self.links, "h1", lambda: 1450, self._changed)
+        self.networks = Networks(self.store, keys, self.ipam, self.links, "h1", lambda: 1450, self._changed,
+                                 docker_ipam_allowed=docker_ipam_allowed)
         self.policies = Policies(self.store, keys, self._changed)
 
     def snapshot(self) -> Snapshot:

@@ -293,6 +293,7 @@ class NetworkRecord:
     mtu: int = 0  # 0: the host default
     name: str = ""  # logical name: learned from Docker, or -o network=NAME ("": not yet known)
     explicit_name: bool = False
+    docker_ipam: bool = False  # addresses from Docker's default IPAM (one host only), not canal's
 
     @classmethod
     def parse(cls, raw: Any, key: str | None = None) -> "NetworkRecord":
@@ -313,10 +314,11 @@ class NetworkRecord:
             mtu=_get(obj, "mtu", lambda w, v: _int(w, v, 0, 65535), what, 0),
             name=_get(obj, "name", lambda w, v: network_name(v, w) if v else "", what, ""),
             explicit_name=_get(obj, "explicit_name", _bool, what, False),
+            docker_ipam=_get(obj, "docker_ipam", _bool, what, False),
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "host": self.host,
             "pools": list(self.pools),
@@ -326,6 +328,9 @@ class NetworkRecord:
             "name": self.name,
             "explicit_name": self.explicit_name,
         }
+        if self.docker_ipam:
+            out["docker_ipam"] = True
+        return out
 
     @property
     def logical_name(self) -> str:

@@ -155,6 +155,7 @@ class Plugin:
             forget=self._forget,
             request=lambda: self.agent.request(),
             settle=self._settle,
+            docker_ipam_allowed=not self.multihost,
         )
         self.policies = Policies(self.store, self.keys, self._changed)
         backend = detect_backend(config.iptables_backend)

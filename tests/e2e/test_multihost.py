@@ -224,3 +224,10 @@ def test_policy_applied_on_one_host_is_in_force_on_all(c):
     assert tcp("web")
     h1.exec([h1.plugin_argv()[0], "-m", "canal", "policy", "delete", "db-from-web"])
     wait_until(lambda: tcp("batch"), timeout=5)
+
+
+def test_dockers_default_ipam_is_refused_across_hosts(c):
+    """With etcd, Docker's per-host IPAM would give two hosts' containers the same addresses."""
+    _, h1, _ = c
+    proc = h1.docker("network", "create", "-d", "canal", "plain", check=False)
+    assert proc.returncode != 0 and "same addresses" in proc.stderr and "--ipam-driver canal" in proc.stderr

@@ -115,11 +115,24 @@ def test_bad_requests_reach_the_user_clearly(h1):
     for opts, message in cases:
         proc = h1.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", *opts, "bad", check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
-    proc = h1.docker("network", "create", "-d", "canal", "bad", check=False)
-    assert proc.returncode != 0 and "--ipam-driver canal" in proc.stderr
     net(h1, "first", "--subnet", "100.68.0.0/24")
     proc = h1.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "--subnet", "100.68.0.0/16", "bad", check=False)
     assert proc.returncode != 0 and "overlaps subnet 100.68.0.0/24" in proc.stderr
+
+
+def test_network_with_dockers_default_ipam_just_works_on_one_host(h1, underlay):
+    """`docker network create -d canal NAME`, no --ipam-driver: Docker's IPAM hands out the
+    addresses (one host: no one else can), canal routes them as /32s like its own."""
+    h1.docker("network", "create", "-d", "canal", "plain")
+    ipam = h1.docker_json("network", "inspect", "plain")[0]["IPAM"]
+    assert ipam["Driver"] == "default"
+    daemon(h1, "p1", "plain")
+    ip = ip_of(h1, "p1", "plain")
+    subnet = ipam["Config"][0]["Subnet"]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(subnet)
+    assert f"{ip} dev cnl" in h1.ip("route", "show", "proto", "101").stdout  # a routed /32
+    out = sh(h1, "plain", f"ping -c1 -W2 p1 && ping -c1 -W2 {underlay.gateway_ip} && ip route").stdout
+    assert "default via 169.254.1.1 dev eth0" in out
 
 
 def test_container_restart_keeps_connectivity(h1):

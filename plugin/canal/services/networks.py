@@ -63,15 +63,21 @@ class NetworkSpec:
     nat: bool
     mtu: int  # 0: the host default
     name: str = ""  # the logical network name given with -o network=NAME ("": learn Docker's)
+    docker_ipam: bool = False  # addresses from Docker's default IPAM (embedded datastore only)
 
     def record(self, host: str) -> NetworkRecord:
         return NetworkRecord(
             id=self.id, host=host, pools=self.pools, internal=self.internal, nat=self.nat,
-            mtu=self.mtu, name=self.name, explicit_name=bool(self.name),
+            mtu=self.mtu, name=self.name, explicit_name=bool(self.name), docker_ipam=self.docker_ipam,
         )
 
 
-def parse_network(req: "CreateNetwork") -> NetworkSpec:
+DOCKER_SPACES = ("LocalDefault", "GlobalDefault")  # Docker's default IPAM driver's address spaces
+
+
+def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> NetworkSpec:
+    """docker_ipam_allowed: a single host (embedded datastore), where Docker's own per-host IPAM
+    cannot hand one address to two containers; across hosts it would, so canal's is required."""
     options = req.Options
     generic = options.get(GENERIC) or {}
     if not isinstance(generic, dict):
@@ -99,11 +105,18 @@ def parse_network(req: "CreateNetwork") -> NetworkSpec:
                 raise BadRequest(f"option {name}={mtu}: MTU must be between 576 and 65535")
             settings["mtu"] = mtu
     pools = []
+    spaces = set()
     for data in req.IPv4Data:
         if not isinstance(data, dict):
             raise BadRequest("CreateNetwork: IPv4Data entries must be objects")
         space = data.get("AddressSpace", "")
-        if space not in (LOCAL_SPACE, GLOBAL_SPACE):
+        spaces.add(space)
+        if space in DOCKER_SPACES and not docker_ipam_allowed:
+            raise BadRequest(
+                "with --datastore etcd, Docker's own IPAM would give containers on different hosts the "
+                "same addresses: create the network with --ipam-driver canal"
+            )
+        if space not in (LOCAL_SPACE, GLOBAL_SPACE, *DOCKER_SPACES):
             raise BadRequest(
                 f"address space {space!r} is not canal's: create the network with --ipam-driver canal"
             )
@@ -116,9 +129,12 @@ def parse_network(req: "CreateNetwork") -> NetworkSpec:
         pools.append(pool)
     if not pools:
         raise BadRequest("CreateNetwork: no IPv4 pool; create the network with --ipam-driver canal")
+    docker_ipam = bool(spaces & set(DOCKER_SPACES))
+    if docker_ipam and len(spaces) > 1:
+        raise BadRequest("CreateNetwork: pools of canal's IPAM and Docker's in one network")
     internal = _bool(INTERNAL, options.get(INTERNAL, False))
     nat = settings["nat"] and not internal
-    return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"])
+    return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"], docker_ipam)
 
 
 def container_mac(ip: ipaddress.IPv4Address) -> str:
@@ -158,7 +174,9 @@ class Networks:
         forget: Callable[[str], None] = lambda ip: None,
         request: Callable[[], int] = lambda: 0,
         settle: Callable[[int], None] = lambda generation: None,
+        docker_ipam_allowed: bool = False,
     ):
+        self.docker_ipam_allowed = docker_ipam_allowed
         self.store = store
         self.keys = keys
         self.ipam = ipam
@@ -177,7 +195,7 @@ class Networks:
     # Networks -----------------------------------------------------------------------------
 
     def create_network(self, req: "CreateNetwork") -> None:
-        spec = parse_network(req)
+        spec = parse_network(req, self.docker_ipam_allowed)
         self.store.put(self.keys.network(self.host, spec.id), spec.record(self.host).to_json())
         log.info("network %s created (pools %s, internal=%s, nat=%s)", spec.id[:12], spec.pools, spec.internal, spec.nat)
         self.changed(True)  # base chains must exist before the first packet
@@ -250,9 +268,9 @@ class Networks:
                 raise Conflict(f"endpoint {req.EndpointID[:12]} already exists with address {existing.ip}")
             addr_entry = self.store.get(self.keys.address(ip))
             held = _parse(addr_entry, lambda raw: AddressRecord.parse(raw, ip))
-            if held is None:
+            if held is None and not network.docker_ipam:
                 raise Conflict(f"address {ip} was not allocated by canal IPAM")
-            if held.endpoint not in ("", req.EndpointID):
+            if held is not None and held.endpoint not in ("", req.EndpointID):
                 raise Conflict(f"address {ip} is already used by endpoint {held.endpoint[:12]}")
             record = EndpointRecord(
                 id=req.EndpointID,
@@ -269,13 +287,13 @@ class Networks:
                 container=existing.container if existing else "",
                 container_name=existing.container_name if existing else "",
             )
-            bound = replace(held, endpoint=req.EndpointID, network=req.NetworkID)
-            assert addr_entry is not None  # held was parsed from it
-            guards = [
-                Guard(self.keys.address(ip), addr_entry.mod_revision),
-                Guard(self.keys.endpoint(req.EndpointID), ep_entry.mod_revision if ep_entry else 0),
-            ]
-            ops = [Put(self.keys.address(ip), dumps(bound.to_json())), Put(self.keys.endpoint(req.EndpointID), dumps(record.to_json()))]
+            guards = [Guard(self.keys.endpoint(req.EndpointID), ep_entry.mod_revision if ep_entry else 0)]
+            ops = [Put(self.keys.endpoint(req.EndpointID), dumps(record.to_json()))]
+            if held is not None:  # Docker's IPAM keeps no record here: it owns the address
+                bound = replace(held, endpoint=req.EndpointID, network=req.NetworkID)
+                assert addr_entry is not None  # held was parsed from it
+                guards.append(Guard(self.keys.address(ip), addr_entry.mod_revision))
+                ops.insert(0, Put(self.keys.address(ip), dumps(bound.to_json())))
             if self.store.txn(guards, ops):
                 break
         else:
