@@ -11,6 +11,8 @@ from canal.dataplane.links import EndpointLink
 class FakeIptables:
     """Accepts iptables-restore --noflush input and answers save(), like the kernel would."""
 
+    family = "iptables"
+
     def __init__(self, save_text: str = ""):
         self.tables: dict[str, Table] = parse_save(save_text) if save_text else {}
         self.restores: list[str] = []

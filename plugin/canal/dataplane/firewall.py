@@ -48,11 +48,17 @@ class FirewallState:
         return FirewallState(chains=self.chains6, jumps=self.jumps6)
 
 
-def _in_place(jump: Jump, rules: list[str]) -> bool:
-    """The jump is the first rule of its chain, not counting the rules it may follow."""
+def _lead(jump: Jump, rules: list[str]) -> int:
+    """How many rules at the top of the chain the jump may follow (e.g. DOCKER-USER)."""
     lead = 0
     while lead < len(rules) and rules[lead] in jump.after:
         lead += 1
+    return lead
+
+
+def _in_place(jump: Jump, rules: list[str]) -> bool:
+    """The jump is the first rule of its chain, not counting the rules it may follow."""
+    lead = _lead(jump, rules)
     return lead < len(rules) and rules[lead] == jump.spec
 
 
@@ -88,10 +94,7 @@ def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
                 lines.append(f"-D {chain} {rule}")  # stale, duplicate or misplaced jump
         for jump in misplaced:  # (re)inserted after the deletions, so positions are known
             rules = [r for r in table.rules.get(jump.builtin, []) if f"-j {CHAIN_PREFIX}" not in r]
-            lead = 0
-            while lead < len(rules) and rules[lead] in jump.after:
-                lead += 1
-            lines.append(f"-I {jump.builtin} {lead + 1} {jump.spec}")
+            lines.append(f"-I {jump.builtin} {_lead(jump, rules) + 1} {jump.spec}")
         for chain in stale:
             lines.append(f"-F {chain}")
         for chain in stale:
@@ -131,21 +134,18 @@ class Firewall:
         if not read_back and self._applied == desired:
             return False
         self.ipsets.apply(desired.ipsets, read_back)
-        fresh = read_back or self._applied is None
-        current = self.iptables.save() if fresh else tables_of(self._applied)  # type: ignore[arg-type]
-        text = restore_text(desired, current)
-        text6 = ""
+        applied = None if read_back else self._applied  # None: diff against the kernel
+        families = [(self.iptables, desired, applied)]
         if self.ip6tables is not None:
-            current6 = self.ip6tables.save() if fresh else tables_of(self._applied.family6())  # type: ignore[union-attr]
-            text6 = restore_text(desired.family6(), current6)
-        if text or text6:
-            self._applied = None
-        if text:
-            log.debug("iptables-restore:\n%s", text)
-            self.iptables.restore(text)
-        if text6:
-            log.debug("ip6tables-restore:\n%s", text6)
-            self.ip6tables.restore(text6)  # type: ignore[union-attr]
+            families.append((self.ip6tables, desired.family6(), applied and applied.family6()))
+        changed = False
+        for iptables, wanted, last in families:
+            text = restore_text(wanted, iptables.save() if last is None else tables_of(last))
+            if text:
+                log.debug("%s-restore:\n%s", iptables.family, text)
+                self._applied = None  # unknown until the restore succeeded
+                iptables.restore(text)
+                changed = True
         self._applied = desired
         self.ipsets.destroy_unused({s.name for s in desired.ipsets})
-        return bool(text or text6)
+        return changed
