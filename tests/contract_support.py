@@ -21,7 +21,7 @@ from canal.agent.desired import Snapshot, desired_firewall, desired_links, endpo
 from canal.api.app import create_app
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import check_restore
-from canal.dataplane.ipset import checked, restore_script
+from canal.dataplane.ipset import IpSet, restore_script, valid_member
 from canal.datastore.keys import Keys
 from canal.datastore.local import LocalDatastore
 from canal.services.ipam import Ipam
@@ -41,10 +41,10 @@ class CheckedIptables(FakeIptables):
 
 class CheckedIpsets(FakeIpsets):
     def apply(self, desired, read_back: bool = True) -> None:
-        """As the real Ipsets: only checked sets (bad names refused, bad members dropped)."""
-        desired = [checked(s) for s in desired]
+        """As the real Ipsets: the restore script is built (bad names refused) and only members
+        it would write end up in the kernel (bad members dropped)."""
         restore_script(desired, self.current())
-        super().apply(desired, read_back)
+        super().apply([IpSet(s.name, s.kind, frozenset(filter(valid_member, s.members))) for s in desired], read_back)
 
 
 class ContractPlugin:

@@ -29,15 +29,16 @@ import os
 import re
 import shutil
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from canal import config as configmod
 from canal.dataplane import cmd
+from canal.dataplane.iptables import BACKENDS, find_tool
+from canal.dataplane.links import has_ipv6
 from canal.errors import CanalError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("nft", "legacy")  # the order canal.dataplane.iptables.detect_backend prefers
 
 #: Sysctls that must be writable. ip_forward is written at start; conf/all/forwarding stands
 #: for the per-veth conf/<veth>/{forwarding,proxy_arp} written at every Join (those files do
@@ -79,15 +80,6 @@ def _first_line(text: str) -> str:
     return lines[0] if lines else "no output"
 
 
-def _iptables_tool(backend: str, tool: str, which: Which, family: str = "iptables") -> Optional[str]:
-    """The binary canal.dataplane.iptables._binary would pick: iptables-<backend>-<tool>,
-    else the plain iptables-<tool> (Debian's alternatives link); ip6tables likewise."""
-    for name in (f"{family}-{backend}-{tool}", f"{family}-{tool}"):
-        if which(name):
-            return name
-    return None
-
-
 def _runs(argv: list[str], runner: Runner) -> Optional[str]:
     """None if the read-only command argv succeeds, else why not (its first line of output)."""
     try:
@@ -107,7 +99,7 @@ def iptables_problems(backend: str, which: Which, runner: Runner) -> list[str]:
     backends = [backend] if backend in BACKENDS else list(BACKENDS)
     complete = {}
     for name in backends:
-        save, restore = _iptables_tool(name, "save", which), _iptables_tool(name, "restore", which)
+        save, restore = find_tool(name, "save", which=which), find_tool(name, "restore", which=which)
         if save and restore:
             complete[name] = save
     if not complete:
@@ -125,17 +117,13 @@ def iptables_problems(backend: str, which: Which, runner: Runner) -> list[str]:
     return [f"iptables does not work ({'; '.join(failures)}): {hint}?{other}"]
 
 
-def has_ipv6() -> bool:
-    return os.path.exists("/proc/net/if_inet6")
-
-
 def ip6tables_problems(backend: str, which: Which, ipv6: Callable[[], bool]) -> list[str]:
     """On a kernel with IPv6, Canal closes IPv6 on its veths with ip6tables of its backend."""
     if not ipv6():
         return []
     backends = [backend] if backend in BACKENDS else list(BACKENDS)
     for name in backends:
-        if _iptables_tool(name, "save", which, "ip6tables") and _iptables_tool(name, "restore", which, "ip6tables"):
+        if find_tool(name, "save", "ip6tables", which) and find_tool(name, "restore", "ip6tables", which):
             return []
     return [_missing("ip6tables-restore and ip6tables-save (IPv6 on Canal's veths is closed with them)", "iptables")]
 
@@ -258,17 +246,10 @@ def problems(
     return found
 
 
-def check(
-    config: configmod.Config,
-    *,
-    which: Which = shutil.which,
-    runner: Runner = cmd.run,
-    vxlan: Callable[[], Optional[str]] = vxlan_support,
-    check_writable: Callable[[str], Optional[str]] = writable,
-    ipv6: Callable[[], bool] = has_ipv6,
-) -> None:
-    """Raise PreflightError naming everything missing; return quietly when nothing is."""
-    found = problems(config, which=which, runner=runner, vxlan=vxlan, check_writable=check_writable, ipv6=ipv6)
+def check(config: configmod.Config, **collaborators: Any) -> None:
+    """Raise PreflightError naming everything missing; return quietly when nothing is.
+    `collaborators` are problems()'s (tests pass fakes)."""
+    found = problems(config, **collaborators)
     if found:
         raise PreflightError(found)
     log.info(

@@ -83,11 +83,6 @@ def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path
     os.replace(tmp, path)
 
 
-def _has_ipv6() -> bool:
-    """A kernel without IPv6 has nothing to lock down (and no ip6tables tables to write)."""
-    return os.path.exists("/proc/net/if_inet6")
-
-
 def datastore_addresses(config: Config) -> tuple[tuple[str, int], ...]:
     """(IPv4 address, port) of each etcd endpoint, names resolved; loopback ones are left out
     (containers cannot reach the host's loopback). Closed to workloads by the compiler."""
@@ -167,7 +162,7 @@ class Plugin:
         self.agent = Agent(
             self.snapshot,
             self.links,
-            Firewall(Iptables(backend), ip6tables=Iptables(backend, "ip6tables") if _has_ipv6() else None),
+            Firewall(Iptables(backend), ip6tables=Iptables(backend, "ip6tables") if linkmod.has_ipv6() else None),
             config.resync_interval,
             periodic=self.renew_lease,
             steps=steps,

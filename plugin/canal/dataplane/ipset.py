@@ -14,8 +14,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from typing import Iterable
 from dataclasses import dataclass
+from typing import Iterable
 
 from canal.dataplane.cmd import run
 from canal.errors import UnsafeInput
@@ -54,7 +54,8 @@ def _normal(member: str) -> str:
     return member[:-3] if member.endswith("/32") else member
 
 
-def _valid_member(member: object) -> bool:
+def valid_member(member: object) -> bool:
+    """An IPv4 address or CIDR as ipset prints it: nothing else may become a restore line."""
     if not isinstance(member, str) or not _MEMBER.fullmatch(member):
         return False
     try:
@@ -77,20 +78,10 @@ def _valid_lines(ipset: IpSet, members: Iterable[str]) -> list[str]:
     good: list[str] = []
     bad: list[str] = []
     for member in sorted(members):
-        (good if _valid_member(member) else bad).append(member)
+        (good if valid_member(member) else bad).append(member)
     if bad:
         log.warning("ipset %s: dropping %d malformed member(s), e.g. %r", ipset.name, len(bad), str(bad[0])[:80])
     return good
-
-
-def checked(ipset: IpSet) -> IpSet:
-    """`ipset` with only well-formed members; UnsafeInput for a bad name or type."""
-    _check_name(ipset)
-    bad = [m for m in ipset.members if not _valid_member(m)]
-    if not bad:
-        return ipset
-    log.warning("ipset %s: dropping %d malformed member(s), e.g. %r", ipset.name, len(bad), str(bad[0])[:80])
-    return IpSet(ipset.name, ipset.kind, frozenset(m for m in ipset.members if m not in bad))
 
 
 def restore_script(desired: list[IpSet], present: dict[str, set[str]]) -> str:

@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 from canal.dataplane.cmd import run
 from canal.errors import CommandError, ToolMissing, UnsafeInput, Unavailable
@@ -24,15 +25,23 @@ log = logging.getLogger(__name__)
 BACKENDS = ("nft", "legacy")
 
 
+def find_tool(
+    backend: str, tool: str, family: str = "iptables", which: Callable[[str], Optional[str]] = shutil.which
+) -> Optional[str]:
+    """iptables-nft-save, ip6tables-legacy-restore, ... else the plain name Debian's
+    alternatives link (iptables-save); None if neither is installed."""
+    for name in (f"{family}-{backend}-{tool}", f"{family}-{tool}"):
+        if which(name):
+            return name
+    return None
+
+
 def _binary(backend: str, tool: str, family: str = "iptables") -> str:
-    """iptables-nft-save, ip6tables-legacy-restore, ... falling back to the plain name."""
-    name = f"{family}-{backend}-{tool}" if tool else f"{family}-{backend}"
-    if shutil.which(name):
-        return name
-    plain = f"{family}-{tool}" if tool else family
-    if shutil.which(plain):
-        return plain
-    raise ToolMissing(name, hint=f"neither {name} nor {plain} is installed: install the iptables package")
+    found = find_tool(backend, tool, family)
+    if found is None:
+        name = f"{family}-{backend}-{tool}"
+        raise ToolMissing(name, hint=f"neither {name} nor {family}-{tool} is installed: install the iptables package")
+    return found
 
 
 def _rule_count(backend: str) -> tuple[bool, int]:

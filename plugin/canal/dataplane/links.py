@@ -80,6 +80,11 @@ def _sysctl(root: str, path: str, value: str) -> None:
         raise Unavailable(f"cannot set sysctl {path.replace('/', '.')}={value}: {err}") from err
 
 
+def has_ipv6() -> bool:
+    """A kernel without IPv6 has nothing to lock down (and no ip6tables tables to write)."""
+    return os.path.exists("/proc/net/if_inet6")
+
+
 def enable_forwarding(sysctl_dir: str = "/proc/sys") -> None:
     """Turn on IPv4 forwarding (routed endpoints need it; the kernel carries it over to
     conf/all/forwarding). A failure names the directory and the setting that moves it, since
@@ -260,14 +265,10 @@ class Forgotten:
 
     flushed: tuple[str, ...] = ()
     failed: tuple[tuple[str, str], ...] = ()
+    tool_missing: bool = False  # conntrack itself is missing: retrying before it is installed is pointless
 
     def __bool__(self) -> bool:
         return not self.failed
-
-    @property
-    def tool_missing(self) -> bool:
-        """conntrack itself is missing: retrying before someone installs it is pointless."""
-        return any(reason.startswith("conntrack is not installed") for _, reason in self.failed)
 
 
 def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> Forgotten:
@@ -283,6 +284,7 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
     call = runner or run
     flushed: list[str] = []
     failed: list[tuple[str, str]] = []
+    missing = False
     for raw in ips:
         try:
             ip = str(ipaddress.IPv4Address(raw))  # from records: never let one become an option
@@ -295,6 +297,7 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
                 proc = call(["conntrack", "-D", direction, ip], check=False, timeout=5)
             except ToolMissing:
                 reason = "conntrack is not installed (apt-get install conntrack)"
+                missing = True
                 break
             except CanalError as err:  # timed out, refused
                 reason = str(err)
@@ -317,7 +320,7 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
         )
     elif flushed:
         log.debug("conntrack state flushed for %s", ", ".join(flushed))
-    return Forgotten(tuple(flushed), tuple(failed))
+    return Forgotten(tuple(flushed), tuple(failed), missing)
 
 
 def local_addresses() -> set[str]:
