@@ -42,15 +42,15 @@ __all__ = [
 
 ANY_NET = "0.0.0.0/0"  # the pool of networks created without --subnet (see services.ipam)
 
-_ENDPOINT_ID = re.compile(r"[0-9a-f]{64}")
+ENDPOINT_ID = re.compile(r"[0-9a-f]{64}")
 # libnetwork: 64 lowercase hex; Swarm (swarmkit identity.NewID): 25 lowercase base-36.
-_NETWORK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-z]{25}")
+NETWORK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-z]{25}")
 _CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
 # A host name becomes a datastore key segment and a log field: no "/", no whitespace.
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 # Docker's own pattern for network and container names (daemon/names).
 _DOCKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
-_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
 _POOL_ID = re.compile(r"canal-default|canal-cluster|canal-pool:[0-9./]+(?::[0-9./]+)?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -94,11 +94,11 @@ def _pattern(what: str, value: Any, pattern: re.Pattern[str], expected: str) -> 
 
 
 def endpoint_id(value: Any, what: str = "endpoint ID") -> str:
-    return _pattern(what, value, _ENDPOINT_ID, "64 lowercase hex digits")
+    return _pattern(what, value, ENDPOINT_ID, "64 lowercase hex digits")
 
 
 def network_id(value: Any, what: str = "network ID") -> str:
-    return _pattern(what, value, _NETWORK_ID, "64 lowercase hex digits (or Swarm's 25 base-36 characters)")
+    return _pattern(what, value, NETWORK_ID, "64 lowercase hex digits (or Swarm's 25 base-36 characters)")
 
 
 def container_id(value: Any, what: str = "container ID") -> str:
@@ -122,11 +122,15 @@ def pool_id(value: Any, what: str = "pool ID") -> str:
 
 
 def mac_address(value: Any, what: str = "MAC address") -> str:
-    """aa:bb:cc:dd:ee:ff, lowercase; Docker and flannel write it so."""
-    text = _str(what, value).strip().lower().replace("-", ":")
+    """A unicast device MAC aa:bb:cc:dd:ee:ff, returned in lower case (as Docker and flannel
+    write it): a multicast or all-zero one cannot be a veth's or a VTEP's address."""
+    text = _str(what, value)
     if not _MAC.fullmatch(text):
         raise _fail(what, value, "expected six colon-separated hex bytes")
-    return text
+    mac = text.lower()
+    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        raise _fail(what, value, "expected a unicast MAC address")
+    return mac
 
 
 def ipv4(value: Any, what: str = "address") -> ipaddress.IPv4Address:

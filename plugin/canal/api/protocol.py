@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Type, TypeVar
 
 from canal.errors import BadRequest
+from canal.records import ENDPOINT_ID, NETWORK_ID, RecordError, mac_address
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
@@ -37,12 +38,8 @@ MAX_ITEMS = 65536  # entries of any one list or map (a port map of a big range i
 
 T = TypeVar("T")
 
-# libnetwork's IDs (stringid: 64 lowercase hex) and Swarm's (swarmkit identity: 25 base-36).
-NETWORK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-z]{25}")
-ENDPOINT_ID = re.compile(r"[0-9a-f]{64}")
 _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _IPV4_CIDR = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}/[0-9]{1,2}")
-_MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
 _TOKEN = re.compile(r"[!-~]{1,256}")  # PoolID, AddressSpace: printable ASCII, no spaces
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -252,13 +249,10 @@ def _check_mac(path: str, value: Any) -> str:
         raise _Refused(path, f"must be a string, got {_kind(value)}")
     if not value:
         return value
-    if not _MAC.fullmatch(value):
-        raise _Refused(path, f"must be a MAC address aa:bb:cc:dd:ee:ff or empty, got {_show(value)}")
-    mac = value.lower()
-    first = int(mac[:2], 16)
-    if first & 1 or mac == "00:00:00:00:00:00":
-        raise _Refused(path, f"must be a unicast MAC address, got {_show(value)}")
-    return mac
+    try:
+        return mac_address(value)
+    except RecordError:
+        raise _Refused(path, f"must be a unicast MAC address aa:bb:cc:dd:ee:ff or empty, got {_show(value)}") from None
 
 
 def _check_interface(path: str, value: dict) -> dict:
