@@ -5,12 +5,43 @@ from __future__ import annotations
 
 import subprocess
 import uuid
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
-from testbed import IMAGE, SimHost, Underlay, wait_until
+from testbed import IMAGE, Etcd, SimHost, Underlay, wait_until
 
 CLUSTER = "100.64.0.0/16"
 # A short full-resync period, so repair of tampered state is seen within a test's patience.
 PLUGIN_ARGS = ["--network", CLUSTER, "--log-level", "debug", "--resync-interval", "5"]
+
+
+def etcd_plugin_args(host: SimHost, etcd: Etcd, *extra: str, ttl: int = 8, resync: float = 5) -> list[str]:
+    """A plugin of a multi-host bed: etcd-backed, short lease and resync for the tests' patience."""
+    return [
+        "--datastore", "etcd", "--etcd-endpoints", etcd.endpoint, "--etcd-timeout", "2",
+        "--network", CLUSTER, "--lease-ttl", str(ttl), "--resync-interval", f"{resync:g}",
+        "--docker-host", f"unix://{host.docker_sock}", "--log-level", "debug", *extra,
+    ]
+
+
+@contextmanager
+def etcd_cluster(plugin_args: Callable[[SimHost, Etcd], list[str]], count: int = 2
+                 ) -> Iterator[tuple[Underlay, Etcd, list[SimHost]]]:
+    """An underlay, one etcd on it and `count` hosts (h1, h2, ...) each with dockerd, the test
+    image and a plugin started with plugin_args(host, etcd); all removed afterwards."""
+    ul = Underlay()
+    try:
+        etcd = Etcd(ul)
+        hosts = []
+        for i in range(1, count + 1):
+            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
+            h.start_dockerd()
+            h.load_image()
+            h.start_plugin(plugin_args(h, etcd))
+            hosts.append(h)
+        yield ul, etcd, hosts
+    finally:
+        ul.close()
 
 
 def start_host(ul: Underlay, name: str, ip: str, plugin_args: list[str]) -> SimHost:
@@ -93,5 +124,5 @@ def run_open(host: SimHost, network: str, script: str, *opts: str, check: bool =
     return result
 
 
-__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "endpoint_ids", "is_open", "run_open",
-           "start_host", "wait_open"]
+__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "endpoint_ids", "etcd_cluster",
+           "etcd_plugin_args", "is_open", "run_open", "start_host", "wait_open"]

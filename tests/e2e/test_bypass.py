@@ -24,12 +24,11 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import pytest
-from e2e_support import IMAGE, clear, endpoint_ids, wait_open
+from e2e_support import IMAGE, clear, endpoint_ids, etcd_cluster, etcd_plugin_args, wait_open
 
-from testbed import Etcd, SimHost, Underlay, wait_until
+from testbed import Etcd, SimHost, wait_until
 from testbed._util import spawn, stop_popen
 
-CLUSTER = "100.64.0.0/16"
 HOSTILE = ("--cap-add", "NET_ADMIN", "--cap-add", "NET_RAW")
 VXLAN_PORT = 8472
 RAW_RPFILTER = "-i cnl+ -m rpfilter --invert -j DROP"
@@ -40,28 +39,13 @@ RAW6_DROP = "-i cnl+ -j DROP"
 
 
 def plugin_args(host: SimHost, etcd: Etcd, *extra: str) -> list[str]:
-    return [
-        "--datastore", "etcd", "--etcd-endpoints", etcd.endpoint, "--etcd-timeout", "2",
-        "--network", CLUSTER, "--lease-ttl", "8", "--resync-interval", "2",
-        "--docker-host", f"unix://{host.docker_sock}", "--log-level", "debug", *extra,
-    ]
+    return etcd_plugin_args(host, etcd, *extra, resync=2)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ul = Underlay()
-    try:
-        etcd = Etcd(ul)
-        hosts = []
-        for i in (1, 2):
-            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
-            h.start_dockerd()
-            h.load_image()
-            h.start_plugin(plugin_args(h, etcd))
-            hosts.append(h)
-        yield ul, etcd, hosts
-    finally:
-        ul.close()
+    with etcd_cluster(plugin_args) as bed:
+        yield bed
 
 
 @pytest.fixture

@@ -9,38 +9,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from e2e_support import IMAGE, clear, wait_open
+from e2e_support import CLUSTER, IMAGE, clear, etcd_cluster, etcd_plugin_args, wait_open
 
-from testbed import Etcd, SimHost, TestbedError, Underlay, wait_until
+from testbed import Etcd, SimHost, TestbedError, wait_until
 
-CLUSTER = "100.64.0.0/16"
 TTL = 8
 SERVER = ("sh", "-c", "while true; do echo pong-db | nc -l -p 5432; done")
 
 
 def plugin_args(host: SimHost, etcd: Etcd) -> list[str]:
-    return [
-        "--datastore", "etcd", "--etcd-endpoints", etcd.endpoint, "--etcd-timeout", "2",
-        "--network", CLUSTER, "--lease-ttl", str(TTL), "--resync-interval", "5",
-        "--docker-host", f"unix://{host.docker_sock}", "--log-level", "debug", "--gc-grace", "3",
-    ]
+    return etcd_plugin_args(host, etcd, "--gc-grace", "3", ttl=TTL)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    ul = Underlay()
-    try:
-        etcd = Etcd(ul)
-        hosts = []
-        for i in (1, 2):
-            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
-            h.start_dockerd()
-            h.load_image()
-            h.start_plugin(plugin_args(h, etcd))
-            hosts.append(h)
-        yield ul, etcd, hosts
-    finally:
-        ul.close()
+    with etcd_cluster(plugin_args) as bed:
+        yield bed
 
 
 @pytest.fixture
