@@ -393,15 +393,15 @@ while True:
 
 CONNECTED_CLIENT = r"""
 import socket, sys, time
-server, out = sys.argv[1], sys.argv[2]
+local, lport, server, sport, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 4000))
-s.connect((server, 5000))
+s.bind((local, lport))
+s.connect((server, sport))
 s.settimeout(0.2)
 with open(out, "a") as log:
     while True:
         try:
-            s.send(b"victim-request")
+            s.send(b"request")
             s.recv(2048)
         except socket.timeout:
             pass
@@ -440,11 +440,16 @@ def test_forged_icmp_error_into_a_neighbours_flow_past_a_deny_policy(c):
     server, victim = ip_of(h2, "server"), ip_of(h1, "victim")
     errors = h1.workdir / f"victim-errors-{uuid.uuid4().hex[:6]}.log"
     errors.write_text("")
-    procs = [spawn(["nsenter", f"--net=/proc/{h2.container_pid('server')}/ns/net", "python3", "-c", SILENT_UDP],
-                   h2.workdir / "silent-server.log"),
-             spawn(["nsenter", f"--net=/proc/{h1.container_pid('victim')}/ns/net", "python3", "-c", CONNECTED_CLIENT,
-                    server, str(errors)], h1.workdir / "victim-client.log")]
+    server_ns = f"--net=/proc/{h2.container_pid('server')}/ns/net"
+    procs = [spawn(["nsenter", server_ns, "python3", "-c", SILENT_UDP], h2.workdir / "silent-server.log")]
     try:
+        # The client only once the server listens: a datagram before that earns a genuine
+        # port-unreachable, which the test would take for the forged one.
+        wait_until(lambda: ":5000" in h2.exec(["nsenter", server_ns, "ss", "-uln"]).stdout, timeout=10,
+                   what="the server listening on 5000")
+        procs.append(spawn(["nsenter", f"--net=/proc/{h1.container_pid('victim')}/ns/net", "python3", "-c",
+                            CONNECTED_CLIENT, "0.0.0.0", "4000", server, "5000", str(errors)],
+                           h1.workdir / "victim-client.log"))
         wait_until(lambda: nat_reply_port(h1, victim, 5000), timeout=10, what="victim's flow in conntrack")
 
         def forged_error_arrives() -> bool:
@@ -468,25 +473,6 @@ def test_forged_icmp_error_into_a_neighbours_flow_past_a_deny_policy(c):
             stop_popen(proc, signal.SIGTERM, 5, group=True)
 
 
-HOST_FLOW = r"""
-import socket, sys
-local, peer, out = sys.argv[1], sys.argv[2], sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((local, 5555))
-s.connect((peer, 9999))
-s.settimeout(0.2)
-with open(out, "a") as log:
-    while True:
-        try:
-            s.send(b"host-request")
-            s.recv(2048)
-        except socket.timeout:
-            pass
-        except OSError as err:
-            log.write(f"ERR {err}\n")
-            log.flush()
-"""
-
 FORGE_HOST_ICMP_ERROR = FORGE_ICMP_ERROR.replace("4000, 5000", "5555, 9999")
 
 
@@ -503,7 +489,7 @@ def test_icmp_error_into_a_host_flow_from_a_container(c):
     procs = [h2.popen(["python3", "-c", SILENT_UDP.replace("5000", "9999")], h2.workdir / "silent-9999.log")]
     try:
         wait_until(lambda: "9999" in h2.exec(["ss", "-uln"]).stdout, timeout=10, what="h2 listening on 9999")
-        procs.append(h1.popen(["python3", "-c", HOST_FLOW, h1.address, h2.address, str(errors)],
+        procs.append(h1.popen(["python3", "-c", CONNECTED_CLIENT, h1.address, "5555", h2.address, "9999", str(errors)],
                               h1.workdir / "host-flow.log"))
         wait_until(lambda: "dport=9999" in h1.exec(["conntrack", "-L", "-p", "udp"], check=False).stdout,
                    timeout=10, what="host flow in conntrack")
