@@ -17,7 +17,6 @@ Prints a text summary and one JSON line (p50/p99/max in ms).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -26,24 +25,13 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "plugin")]
+sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "e2e"), os.path.join(HERE, "..", "plugin")]
 
-from testbed import IMAGE, SimHost, Underlay, wait_until  # noqa: E402
+from e2e_support import chain_open  # noqa: E402
+from testbed import IMAGE, SimHost, Underlay, enter_netns, wait_until  # noqa: E402
 
-CLONE_NEWNET = 0x40000000
 NETWORK = "lwnet"
 POLL = 0.005
-
-
-def enter_netns(path: str) -> None:
-    """Read the host's kernel state directly (no nsenter per poll: it would blur a 5 ms poll)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-    finally:
-        os.close(fd)
 
 
 def fw_chains() -> dict[str, list[str]]:
@@ -55,11 +43,6 @@ def fw_chains() -> dict[str, list[str]]:
         if line.startswith("-A CANAL-FW-"):
             chains.setdefault(line.split()[1][len("CANAL-FW-"):], []).append(line)
     return chains
-
-
-def is_open(rules: list[str]) -> bool:
-    """As e2e_support.is_open: the chain no longer ends in the fail-closed DROP alone."""
-    return any(r.endswith("-j RETURN") or "-j CANAL-PO-" in r or "--dports" in r for r in rules)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -78,7 +61,7 @@ def one_round(host: SimHost, i: int) -> dict[str, float | bool | str]:
         tick = time.perf_counter()
         chains = fw_chains()
         polls += 1
-        opened = [c for c, rules in chains.items() if is_open(rules)]
+        opened = [c for c, rules in chains.items() if chain_open(rules)]
         pending_seen = pending_seen or (bool(chains) and not opened)
         if opened:
             found = opened[0]

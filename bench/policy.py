@@ -18,7 +18,6 @@ Targets at 1,000 endpoints: apply in force <= 200 ms; join -> peer ipset <= 100 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import ipaddress
 import json
 import os
@@ -33,22 +32,10 @@ from canal.cli.client import AdminClient  # noqa: E402
 from canal.datastore.base import Put, dumps  # noqa: E402
 from canal.datastore.etcd import EtcdDatastore  # noqa: E402
 from canal.policy.compiler import scoped_selector, selector_set  # noqa: E402
-from testbed import IMAGE, Etcd, SimHost, Underlay  # noqa: E402
+from testbed import IMAGE, Etcd, SimHost, Underlay, enter_netns  # noqa: E402
 
-CLONE_NEWNET = 0x40000000
 NETWORK = "appnet"
 SYNTHETIC_NET = "5" * 64  # the synthetic hosts' Docker network ID (a libnetwork-shaped ID)
-
-
-def enter_netns(path: str) -> None:
-    """Join the simulated host's network namespace (etcd and the plugin's view live there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-    finally:
-        os.close(fd)
 
 
 def pct(values: list[float], q: float) -> float:

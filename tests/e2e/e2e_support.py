@@ -85,6 +85,12 @@ def endpoint_ids(host: SimHost, container: str) -> list[str]:
     return [n["EndpointID"] for n in networks.values() if n.get("EndpointID")]
 
 
+def chain_open(rules: list[str]) -> bool:
+    """An endpoint's egress chain no longer ends in the fail-closed DROP alone: it returns to
+    the profile, runs a policy, or carries the datastore guard (all only once it is known)."""
+    return any(r.endswith("-j RETURN") or "-j CANAL-PO-" in r or "--dports" in r for r in rules)
+
+
 def is_open(host: SimHost, container: str) -> bool:
     """Every canal endpoint of the container has left the pending state: its egress chain
     (read from the kernel) no longer ends in the fail-closed DROP alone."""
@@ -93,7 +99,7 @@ def is_open(host: SimHost, container: str) -> bool:
         rules = [line for line in saved if line.startswith(f"-A CANAL-FW-{endpoint[:12]} ")]
         if not rules:
             continue  # not a canal endpoint (a bridge network's)
-        if not any(r.endswith("-j RETURN") or "-j CANAL-PO-" in r or "--dports" in r for r in rules):
+        if not chain_open(rules):
             return False
     return True
 
@@ -124,5 +130,5 @@ def run_open(host: SimHost, network: str, script: str, *opts: str, check: bool =
     return result
 
 
-__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "endpoint_ids", "etcd_cluster",
+__all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "chain_open", "endpoint_ids", "etcd_cluster",
            "etcd_plugin_args", "is_open", "run_open", "start_host", "wait_open"]

@@ -12,12 +12,12 @@ Everything is registered and closed at interpreter exit or on SIGTERM/SIGHUP as 
 ``cleanup_leftovers()`` (or ``scripts/cleanup-testbed``) removes what a crashed run left.
 """
 
-from ._util import CommandFailed, TestbedError, plugin_post, wait_until
+from ._util import CommandFailed, TestbedError, enter_netns, plugin_post, wait_until
 from .host import PLUGIN_SOCKET, REPO, SimHost
 from .image import IMAGE, busybox_rootfs_tar
 from .registry import cleanup_leftovers, close_all, live_objects, new_run_id
 from .underlay import ALLOWED_RANGE, Etcd, Underlay
 
 __all__ = ["ALLOWED_RANGE", "CommandFailed", "Etcd", "IMAGE", "PLUGIN_SOCKET", "REPO", "SimHost",
-           "TestbedError", "Underlay", "busybox_rootfs_tar", "cleanup_leftovers", "close_all",
+           "TestbedError", "enter_netns", "Underlay", "busybox_rootfs_tar", "cleanup_leftovers", "close_all",
            "live_objects", "new_run_id", "plugin_post", "wait_until"]
