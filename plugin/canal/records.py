@@ -493,3 +493,45 @@ class Lease:
         # Absent in a reservation until its host fills it in: such a peer gets no tunnel yet.
         vtep_mac = mac_address(mac, f"{what} VtepMAC") if mac else ""
         return cls(subnet, public_ip, vtep_mac, lease_id, backend_type)
+
+
+# Whole datastore entries: (key relative to the record's directory, JSON value) -> record. One
+# parser per directory, used by every reader (the mirror caches by it): the key a record is
+# stored under must agree with the record, so no record can claim another one's slot.
+
+
+def _key_ip(key: str, what: str) -> ipaddress.IPv4Address:
+    if not re.fullmatch(r"[0-9a-f]{8}", key):
+        raise RecordError(f"{what} key {safe(key)} is not 8 hex digits")
+    return ipaddress.IPv4Address(int(key, 16))
+
+
+def endpoint_entry(key: str, raw: Any) -> EndpointRecord:
+    return EndpointRecord.parse(raw, key)
+
+
+def network_entry(key: str, raw: Any) -> NetworkRecord:
+    return NetworkRecord.parse(raw, key)
+
+
+def address_entry(key: str, raw: Any) -> AddressRecord:
+    return AddressRecord.parse(raw, _key_ip(key, "address"))
+
+
+def route_entry(key: str, raw: Any) -> RouteRecord:
+    return RouteRecord.parse(raw, _key_ip(key, "route"))
+
+
+def pool_entry(key: str, raw: Any) -> PoolRecord:
+    record = PoolRecord.parse(raw)
+    if key != str(record.cidr).replace("/", "-"):
+        raise RecordError(f"pool {record.cidr} is stored under another key {safe(key)}")
+    return record
+
+
+def host_entry(name: str, raw: Any) -> HostRecord:
+    return HostRecord.parse(raw, name)
+
+
+def lease_entry(name: str, raw: Any) -> Lease:
+    return Lease.parse(name, raw)

@@ -26,24 +26,26 @@ from canal.agent.desired import (
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
 from canal.config import Config
-from canal.datastore.base import Datastore, open_datastore
-from canal.datastore.keys import Keys
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.vxlan import Vxlan, VxlanState, vxlan_mtu
+from canal.datastore.base import Datastore, open_datastore
+from canal.datastore.keys import Keys
 from canal.errors import CanalError, Unavailable
 from canal.policy.compiler import HostProtection
 from canal.policy.model import Policy
 from canal.records import (
-    EndpointRecord,
     Lease,
     NetworkRecord,
     RecordError,
     RouteRecord,
+    endpoint_entry,
     hostname,
-    ipv4,
+    lease_entry,
+    network_entry,
     replace,
+    route_entry,
     safe,
 )
 from canal.services.hosts import Hosts
@@ -384,26 +386,14 @@ class Plugin:
         return parse_network_config(raw) if name == "config" else None
 
     def _leases(self) -> list[Lease]:
-        leases = self.mirror.records(
-            self.keys.leases,
-            lambda name, raw: Lease.parse(name, raw),
-        )
-        return list(leases.values())
+        return list(self.mirror.records(self.keys.leases, lease_entry).values())
 
     def _networks(self) -> dict[str, NetworkRecord]:
-        return self.mirror.records(self.keys.networks, lambda key, raw: NetworkRecord.parse(raw, key))
+        return self.mirror.records(self.keys.networks, network_entry)
 
     def _routes(self) -> dict[str, RouteRecord]:
-        records = self.mirror.records(self.keys.routes, self._route)
+        records = self.mirror.records(self.keys.routes, route_entry)
         return {str(r.ip): r for r in records.values()}
-
-    @staticmethod
-    def _route(key: str, raw: Any) -> RouteRecord:
-        try:
-            key_ip = ipv4(str(ipaddress.IPv4Address(int(key, 16))), "route key")
-        except ValueError:
-            raise RecordError(f"route key {safe(key)} is not 8 hex digits") from None
-        return RouteRecord.parse(raw, key_ip)
 
     def snapshot(self) -> Snapshot:
         """From the mirror: memory, not datastore round trips, on every pass. Malformed records
@@ -414,7 +404,7 @@ class Plugin:
             host=self.host,
             cluster_network=network,
             networks=self._networks(),
-            endpoints=self.mirror.records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key)),
+            endpoints=self.mirror.records(self.keys.endpoints, endpoint_entry),
             own_subnet=self.lease.subnet if self.lease else None,
             leases=tuple(self._leases()) if self.multihost else (),
             routes=self._routes() if self.multihost else {},

@@ -122,3 +122,22 @@ def test_messages_never_carry_the_whole_hostile_value():
         endpoint_id(hostile)
     assert len(str(err.value)) < 200 and "\n" not in str(err.value)
     assert safe("a\nb") == "'a\\nb'"
+
+
+def test_an_entry_must_be_stored_under_its_own_key():
+    from canal.records import address_entry, pool_entry, route_entry
+
+    route = {"ip": "100.64.9.9", "host": "h2", "subnet": "100.64.4.0/24"}
+    assert route_entry("64400909", route).ip == ipaddress.IPv4Address("100.64.9.9")  # 100.64.9.9 in hex
+    with pytest.raises(RecordError, match="stored under the key of 100.64.9.10"):
+        route_entry("6440090a", route)
+    with pytest.raises(RecordError, match="not 8 hex digits"):
+        route_entry("6440090\n", route)
+    addr = {"ip": "100.64.3.2", "pool": "canal-default", "kind": "endpoint", "host": "h1"}
+    assert address_entry("64400302", addr).ip == ipaddress.IPv4Address("100.64.3.2")
+    with pytest.raises(RecordError):
+        address_entry("64400303", addr)
+    pool = {"cidr": "100.64.3.0/24"}
+    assert pool_entry("100.64.3.0-24", pool).cidr == ipaddress.IPv4Network("100.64.3.0/24")
+    with pytest.raises(RecordError, match="another key"):
+        pool_entry("10.0.0.0-8", pool)

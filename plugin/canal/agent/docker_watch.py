@@ -21,17 +21,21 @@ from canal.datastore.base import Datastore
 from canal.datastore.keys import Keys
 from canal.errors import CanalError
 from canal.records import (
-    AddressRecord,
     EndpointRecord,
     NetworkRecord,
-    PoolRecord,
     RecordError,
+    address_entry,
     container_id,
     container_name,
-    labels as parse_labels,
+    endpoint_entry,
+    network_entry,
     network_name,
+    pool_entry,
     replace,
     safe,
+)
+from canal.records import (
+    labels as parse_labels,
 )
 
 log = logging.getLogger(__name__)
@@ -117,7 +121,7 @@ class DockerWatch:
         return out
 
     def _endpoints(self) -> dict[str, EndpointRecord]:
-        return self.records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key))
+        return self.records(self.keys.endpoints, endpoint_entry)
 
     def _update_endpoint(self, endpoint_id: str, change: Callable[[EndpointRecord], EndpointRecord]) -> None:
         def apply(raw: Any) -> Any:
@@ -146,7 +150,7 @@ class DockerWatch:
                 endpoint_id = (settings or {}).get("EndpointID")
                 if endpoint_id:
                     by_endpoint[endpoint_id] = container
-        networks_here = self.records(self.keys.networks, lambda key, raw: NetworkRecord.parse(raw, key))
+        networks_here = self.records(self.keys.networks, network_entry)
         for record in networks_here.values():
             if record.host != self.host or record.id not in names or record.explicit_name:
                 continue
@@ -199,7 +203,7 @@ class DockerWatch:
         cidr = pool_id.split(":")[1] if pool_id.startswith("canal-pool:") else ""
         if not cidr:
             return False
-        pools = self.records(self.keys.pools, lambda key, raw: PoolRecord.parse(raw))
+        pools = self.records(self.keys.pools, pool_entry)
         record = pools.get(cidr.replace("/", "-"))
         return record is not None and record.shared
 
@@ -220,7 +224,7 @@ class DockerWatch:
             for config in ((network.get("IPAM") or {}).get("Config") or [])
             for ip in ((config or {}).get("AuxiliaryAddresses") or {}).values()
         }
-        addresses = self.records(self.keys.addresses, lambda key, raw: AddressRecord.parse(raw))
+        addresses = self.records(self.keys.addresses, address_entry)
         for record in addresses.values():
             mine = record.host == self.host and record.kind == "endpoint"
             local_pool = record.pool != "canal-cluster" and not self._shared_pool(record.pool)

@@ -24,6 +24,10 @@ T = TypeVar("T")
 _FAILED = object()  # cached parse failure: re-parsed only when the record changes
 
 
+def _as_is(rel: str, raw: Any) -> Any:
+    return raw
+
+
 class Mirror:
     def __init__(self, store: Datastore, prefixes: list[str], on_change: Callable[[], object], timeout: float = 5.0):
         self.store = store
@@ -34,8 +38,8 @@ class Mirror:
         # directory -> key -> (revision, value; None = deleted): a pass reads the few
         # directories it needs (endpoints, policies, ...), never the IPAM records.
         self._dirs: dict[str, dict[str, tuple[int, str | None]]] = {}
-        self._parsed: dict[str, tuple[int, Any]] = {}
-        self._typed: dict[str, dict[str, tuple[int, Any]]] = {}  # prefix -> key -> (rev, record)
+        # (prefix, parser) -> key -> (revision, record or _FAILED)
+        self._typed: dict[tuple[str, Callable[[str, Any], Any]], dict[str, tuple[int, Any]]] = {}
         # key -> (revision, why): records that did not parse, skipped until they change.
         self.quarantined: dict[str, tuple[int, str]] = {}
         self.quarantined_total = 0  # how many (key, revision) pairs were ever quarantined
@@ -59,42 +63,22 @@ class Mirror:
 
     def json(self, prefix: str) -> dict[str, Any]:
         """key (relative to prefix) -> parsed JSON, for every live key under prefix."""
-        if not any(prefix.startswith(p) for p in self._listed):
-            raise Unavailable(f"datastore not read yet under {prefix}")
-        out = {}
-        with self._lock:
-            for directory, entries in self._dirs.items():
-                if not directory.startswith(prefix):
-                    continue
-                for key, (revision, value) in entries.items():
-                    if value is None:
-                        continue
-                    cached = self._parsed.get(key)
-                    if cached is None or cached[0] != revision:
-                        try:
-                            cached = (revision, json.loads(value))
-                        except ValueError:
-                            self._quarantine(key, revision, "not JSON")
-                            continue
-                        self._parsed[key] = cached
-                        if self.quarantined.get(key, (revision,))[0] != revision:
-                            del self.quarantined[key]  # an older revision's fault, since fixed
-                    out[key[len(prefix):]] = cached[1]
-        return out
+        return self.records(prefix, _as_is)
 
     def records(self, prefix: str, parse: Callable[[str, Any], T]) -> dict[str, T]:
         """key (relative to prefix) -> typed record; parse(relative key, json) raises CanalError
         for a malformed record, which is then quarantined: skipped, logged once per revision,
         counted and listed by `canal status` — one bad record never stops a pass.
 
-        Parsed once per revision and cached: a pass over an unchanged directory costs one dict
-        lookup per key."""
+        Parsed once per revision and cached per (prefix, parse): pass module-level parsers (the
+        `*_entry` functions of canal.records), so a pass over an unchanged directory costs one
+        dict lookup per key."""
         if not any(prefix.startswith(p) for p in self._listed):
             raise Unavailable(f"datastore not read yet under {prefix}")
         out: dict[str, T] = {}
         cut = len(prefix)
         with self._lock:
-            typed = self._typed.setdefault(prefix, {})
+            typed = self._typed.setdefault((prefix, parse), {})
             for directory, entries in self._dirs.items():
                 if not directory.startswith(prefix):
                     continue
@@ -136,7 +120,6 @@ class Mirror:
             return False
         entries[key] = (revision, value)
         if value is None:
-            self._parsed.pop(key, None)
             for typed in self._typed.values():
                 typed.pop(key, None)
             self.quarantined.pop(key, None)

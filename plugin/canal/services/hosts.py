@@ -18,7 +18,17 @@ from typing import Any, Callable, Iterable
 from canal.datastore.base import Datastore, Delete, Guard
 from canal.datastore.keys import Keys
 from canal.errors import CanalError, Conflict
-from canal.records import AddressRecord, EndpointRecord, HostRecord, Lease, NetworkRecord, RecordError, RouteRecord, replace
+from canal.records import (
+    HostRecord,
+    Lease,
+    RecordError,
+    address_entry,
+    endpoint_entry,
+    host_entry,
+    network_entry,
+    replace,
+    route_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +127,7 @@ class Hosts:
         the collected names."""
         now = self.clock()
         live = {lease.public_ip for lease in leases}
-        hosts = records(self.keys.root + "/hosts/", lambda name, raw: HostRecord.parse(raw, name))
+        hosts = records(self.keys.root + "/hosts/", host_entry)
         gone = []
         for name, record in sorted(hosts.items()):
             if name == self.host or not record.public_ip or record.public_ip in live or not record.renewed:
@@ -131,11 +141,11 @@ class Hosts:
         return gone
 
     def _collect(self, name: str, records: Records) -> None:
-        endpoints = records(self.keys.endpoints, lambda key, raw: EndpointRecord.parse(raw, key))
+        endpoints = records(self.keys.endpoints, endpoint_entry)
         theirs = {ep_id for ep_id, ep in endpoints.items() if ep.host == name}
-        networks = records(self.keys.networks, lambda key, raw: NetworkRecord.parse(raw, key))
-        routes = records(self.keys.routes, lambda key, raw: RouteRecord.parse(raw))
-        addresses = records(self.keys.addresses, lambda key, raw: AddressRecord.parse(raw))
+        networks = records(self.keys.networks, network_entry)
+        routes = records(self.keys.routes, route_entry)
+        addresses = records(self.keys.addresses, address_entry)
         ops = [Delete(self.keys.endpoint(ep_id)) for ep_id in sorted(theirs)]
         ops += [Delete(self.keys.network(name, net.id)) for net in networks.values() if net.host == name]
         ops += [Delete(self.keys.route(r.ip)) for r in routes.values() if r.host == name]
