@@ -341,6 +341,13 @@ class Plugin:
     # Status and snapshot ----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        try:
+            snap = self.snapshot()
+            local = [ep for ep in snap.endpoints.values() if ep.host == self.host]
+            # pending: closed because their labels or network name are not known yet
+            endpoints, pending = len(local), sorted(ep.id[:12] for ep in local if not identity_known(snap, ep))
+        except Unavailable:  # the datastore not read yet
+            endpoints, pending = None, []
         return {
             "host": self.host,
             "public_ip": self.public_ip,
@@ -351,19 +358,11 @@ class Plugin:
             "mtu": self.default_mtu(),
             "last_error": self.agent.last_error,
             "docker_error": self.docker.last_error,
-            "endpoints": len(self.networks.local_endpoints()),
-            "pending_endpoints": self._pending_endpoints(),
+            "endpoints": endpoints,
+            "pending_endpoints": pending,
             "quarantined": {key: why for key, (_rev, why) in sorted(self.mirror.quarantined.items())},
             "quarantined_total": self.mirror.quarantined_total,
         }
-
-    def _pending_endpoints(self) -> list[str]:
-        """Local endpoints closed because their labels or network name are not known yet."""
-        try:
-            snap = self.snapshot()
-        except Unavailable:
-            return []
-        return sorted(ep.id[:12] for ep in snap.endpoints.values() if ep.host == self.host and not identity_known(snap, ep))
 
     def cluster_network(self) -> ipaddress.IPv4Network:
         """flannel's Network, from the mirror (IPAM asks on every Swarm call: no etcd round trip).

@@ -334,21 +334,25 @@ class Networks:
         log.info("endpoint %s deleted (%s)", endpoint_id[:12], record.ip)
         self.changed(False)
 
-    def _update(self, endpoint_id: str, change: Callable[[EndpointRecord], EndpointRecord]) -> EndpointRecord:
+    def _update(
+        self, network_id: str, endpoint_id: str, change: Callable[[EndpointRecord], EndpointRecord]
+    ) -> EndpointRecord:
+        """Read-modify-write of one endpoint of `network_id` (one read: Join's hot path)."""
+
         def apply(raw: Any) -> Any:
-            if raw is None:
-                raise NotFound(f"endpoint {endpoint_id[:12]} vanished")
             try:
-                return change(EndpointRecord.parse(raw, endpoint_id)).to_json()
+                record = EndpointRecord.parse(raw, endpoint_id) if raw is not None else None
             except RecordError as err:
                 raise Conflict(f"endpoint record {endpoint_id[:12]} is malformed ({err})") from None
+            if record is None or record.network != network_id:
+                raise NotFound(f"endpoint {endpoint_id[:12]} does not exist in network {network_id[:12]}")
+            return change(record).to_json()
 
         return EndpointRecord.parse(self.store.update(self.keys.endpoint(endpoint_id), apply), endpoint_id)
 
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> JoinResult:
-        self.endpoint(network_id, endpoint_id)
         with self.links.guard:  # the reconciler must not see the veth before the record
-            record = self._update(endpoint_id, lambda r: replace(r, joined=True, sandbox=sandbox_key))
+            record = self._update(network_id, endpoint_id, lambda r: replace(r, joined=True, sandbox=sandbox_key))
             self.links.ensure_veth(EndpointLink(record.id, record.ip, record.mac, record.mtu))
         generation = self._pending.pop(endpoint_id, None)
         self.settle(generation if generation is not None else self.request())
@@ -357,8 +361,7 @@ class Networks:
         return JoinResult(peer_ifname(endpoint_id), "eth", GATEWAY)
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
-        self.endpoint(network_id, endpoint_id)
-        self._update(endpoint_id, lambda r: replace(r, joined=False, sandbox=""))
+        self._update(network_id, endpoint_id, lambda r: replace(r, joined=False, sandbox=""))
         # The agent deletes the veth: the kernel takes tens of ms for it, which Docker's
         # container stop need not wait for (the sandbox's own teardown removes it anyway).
         log.info("endpoint %s left", endpoint_id[:12])
