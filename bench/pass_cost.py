@@ -47,10 +47,14 @@ typed = hasattr(desired, "identity_known")
 
 def snapshot():
     if typed:
-        from canal.records import EndpointRecord, NetworkRecord
-        return desired.Snapshot("h1", "100.64.0.0/16",
-                                mirror.records(root + "/networks/", lambda k, r: NetworkRecord.parse(r, k)),
-                                mirror.records(root + "/endpoints/", lambda k, r: EndpointRecord.parse(r, k)))
+        from canal import records
+        if hasattr(records, "endpoint_entry"):  # the parsers the plugin passes
+            parse_network, parse_endpoint = records.network_entry, records.endpoint_entry
+        else:
+            parse_network = lambda k, r: records.NetworkRecord.parse(r, k)  # noqa: E731
+            parse_endpoint = lambda k, r: records.EndpointRecord.parse(r, k)  # noqa: E731
+        return desired.Snapshot("h1", "100.64.0.0/16", mirror.records(root + "/networks/", parse_network),
+                                mirror.records(root + "/endpoints/", parse_endpoint))
     return desired.Snapshot("h1", "100.64.0.0/16", mirror.json(root + "/networks/"), mirror.json(root + "/endpoints/"))
 
 desired.desired_firewall(snapshot())  # first pass parses everything; the rest hit the caches

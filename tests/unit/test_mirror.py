@@ -89,3 +89,21 @@ def test_relist_drops_keys_deleted_while_not_watching(store):
         assert m.json("/c/z/") == {"newer": "mine"}
     finally:
         m.stop()
+
+
+def test_two_parsers_of_one_directory_never_get_each_others_records(store):
+    store.put("/c/d/1", {"v": 1})
+    m, _ = mirror(store)
+    try:
+        def as_int(rel, raw):
+            return raw["v"]
+
+        def as_text(rel, raw):
+            return str(raw["v"])
+
+        assert m.records("/c/d/", as_int) == {"1": 1}
+        assert m.records("/c/d/", as_text) == {"1": "1"}  # not the other parser's cached int
+        assert m.records("/c/d/", as_int) == {"1": 1}
+        assert m.json("/c/d/") == {"1": {"v": 1}}
+    finally:
+        m.stop()

@@ -75,38 +75,36 @@ def network_of(snap: Snapshot, endpoint: EndpointRecord) -> NetworkRecord | None
     return snap.networks.get(f"{endpoint.host}/{endpoint.network}")
 
 
+def _naming(snap: Snapshot, endpoint: EndpointRecord) -> tuple[str, bool]:
+    """(the endpoint's logical network name, whether that name is learned). Until it is, the
+    Docker network ID stands in, which isolates the network from its namesakes on other hosts."""
+    network = network_of(snap, endpoint)
+    return (network.logical_name, bool(network.name)) if network is not None else (endpoint.network, False)
+
+
 def network_name(snap: Snapshot, endpoint: EndpointRecord) -> str:
     """The logical, cluster-wide name of an endpoint's network: learned from Docker (or
-    -o network=NAME); until then the Docker network ID, which isolates the network from its
-    namesakes on other hosts meanwhile (a Swarm network has one ID everywhere)."""
-    network = network_of(snap, endpoint)
-    return network.logical_name if network is not None else endpoint.network
+    -o network=NAME)."""
+    return _naming(snap, endpoint)[0]
 
 
 def identity_known(snap: Snapshot, endpoint: EndpointRecord) -> bool:
     """Labels and network name both learned: until then NetworkPolicy of its network could
     not find it, nor a Deny naming its labels, so it is closed (unknown means closed)."""
-    network = network_of(snap, endpoint)
-    return endpoint.labels is not None and network is not None and bool(network.name)
+    return endpoint.labels is not None and _naming(snap, endpoint)[1]
 
 
 def endpoint_infos(snap: Snapshot) -> list[EndpointInfo]:
     """Joined endpoints everywhere, plus our own not yet joined: their chains are programmed
     between CreateEndpoint and Join, so a container's first packet finds them in place.
     An endpoint whose identity is not known yet has labels None: closed, in no selector."""
-    names = {key: (record.logical_name, bool(record.name)) for key, record in snap.networks.items()}
-    out = []
-    for ep in snap.endpoints.values():
-        if not (ep.joined or ep.host == snap.host):
-            continue
-        name, named = names.get(f"{ep.host}/{ep.network}", (ep.network, False))
-        out.append(_info(ep, name, named))
-    return out
+    return [_info(ep, *_naming(snap, ep)) for ep in snap.endpoints.values() if ep.joined or ep.host == snap.host]
 
 
 def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
-    """The compiler's view of a record, kept on the (immutable, per-revision) record itself:
-    a pass over thousands of unchanged endpoints builds none of them again."""
+    """The compiler's view of a record (labels None while its identity is unknown), kept on
+    the (immutable, per-revision) record itself: a pass over thousands of unchanged endpoints
+    builds none of them again."""
     cached = ep.__dict__.get("_info")
     if cached is None or cached[0] != (name, named):
         info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None)
@@ -152,7 +150,7 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     for network in snap.networks.values():
         nets.update(p for p in network.pools if p != ANY_NET)
     masq = frozenset(
-        str(ep.ip)
+        ep.ip_text
         for ep in local_endpoints(snap)
         if (own := network_of(snap, ep)) is None or (own.nat and not own.internal)
     )
@@ -172,7 +170,7 @@ def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:
     if snap.own_subnet is None:
         return {}
     return {
-        str(ep.ip): RouteRecord(ep.ip, snap.host, snap.own_subnet)
+        ep.ip_text: RouteRecord(ep.ip, snap.host, snap.own_subnet)
         for ep in local_endpoints(snap)
         if ep.joined and ep.ip not in snap.own_subnet
     }
@@ -204,16 +202,16 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
     """Every endpoint of the cluster, with what policy sees of it (`canal endpoint list`)."""
     rows = []
     for ep in sorted(snap.endpoints.values(), key=lambda e: (e.host, e.ip)):
-        info = EndpointInfo(ep.id, str(ep.ip), network_name(snap, ep), ep.host, ep.labels)
+        info = _info(ep, *_naming(snap, ep))
         rows.append({
             "endpoint": ep.id[:12],
             "container": ep.container_name,
             "network": info.network,
             "host": ep.host,
-            "ip": str(ep.ip),
+            "ip": ep.ip_text,
             "labels": dict(ep.labels) if ep.labels is not None else None,
             # pending: labels or network name unknown, so closed until learned
-            "state": "pending" if not identity_known(snap, ep) else "joined" if ep.joined else "created",
+            "state": "pending" if info.labels is None else "joined" if ep.joined else "created",
             "policies": applied_policies(info, list(snap.policies)) if ep.joined else [],
         })
     return rows

@@ -38,8 +38,9 @@ class Mirror:
         # directory -> key -> (revision, value; None = deleted): a pass reads the few
         # directories it needs (endpoints, policies, ...), never the IPAM records.
         self._dirs: dict[str, dict[str, tuple[int, str | None]]] = {}
-        # (prefix, parser) -> key -> (revision, record or _FAILED)
-        self._typed: dict[tuple[str, Callable[[str, Any], Any]], dict[str, tuple[int, Any]]] = {}
+        # prefix -> (parser, key -> (revision, record or _FAILED)); another parser for the same
+        # prefix starts the cache afresh (never hands out another parser's types, never grows)
+        self._typed: dict[str, tuple[Callable[[str, Any], Any], dict[str, tuple[int, Any]]]] = {}
         # key -> (revision, why): records that did not parse, skipped until they change.
         self.quarantined: dict[str, tuple[int, str]] = {}
         self.quarantined_total = 0  # how many (key, revision) pairs were ever quarantined
@@ -70,15 +71,18 @@ class Mirror:
         for a malformed record, which is then quarantined: skipped, logged once per revision,
         counted and listed by `canal status` — one bad record never stops a pass.
 
-        Parsed once per revision and cached per (prefix, parse): pass module-level parsers (the
-        `*_entry` functions of canal.records), so a pass over an unchanged directory costs one
-        dict lookup per key."""
+        Parsed once per revision and cached per prefix for one parser: pass the same function
+        each time (the `*_entry` functions of canal.records), so a pass over an unchanged
+        directory costs one dict lookup per key; a new lambda each call re-parses everything."""
         if not any(prefix.startswith(p) for p in self._listed):
             raise Unavailable(f"datastore not read yet under {prefix}")
         out: dict[str, T] = {}
         cut = len(prefix)
         with self._lock:
-            typed = self._typed.setdefault((prefix, parse), {})
+            cache = self._typed.get(prefix)
+            if cache is None or cache[0] is not parse:
+                cache = self._typed[prefix] = (parse, {})
+            typed = cache[1]
             for directory, entries in self._dirs.items():
                 if not directory.startswith(prefix):
                     continue
@@ -120,7 +124,7 @@ class Mirror:
             return False
         entries[key] = (revision, value)
         if value is None:
-            for typed in self._typed.values():
+            for _parse, typed in self._typed.values():
                 typed.pop(key, None)
             self.quarantined.pop(key, None)
         return True
