@@ -159,6 +159,10 @@ class Config:
     gc_grace: float = _setting(
         60.0, float, "seconds before an endpoint or address Docker forgot (a lost DeleteEndpoint/ReleaseAddress) is collected"
     )
+    netns_dir: str = _setting(
+        "/var/run/docker/netns", str,
+        "where Docker's sandboxes (container network namespaces) are: routes for containers on several canal networks",
+    )
     workload_to_host: str = _setting(
         "drop", _choice("drop", "return", "accept"),
         "containers to this host, after their egress policy: drop, return (the host's INPUT rules decide) or accept",

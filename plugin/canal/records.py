@@ -141,6 +141,18 @@ def ipv4(value: Any, what: str = "address") -> ipaddress.IPv4Address:
         raise _fail(what, value, "not an IPv4 address") from None
 
 
+
+DEFAULT_GATEWAY = ipaddress.IPv4Address("169.254.1.1")
+GATEWAYS = tuple(ipaddress.IPv4Address(f"169.254.1.{n}") for n in range(1, 255))
+
+
+def endpoint_gateway(value: Any, what: str = "gateway") -> ipaddress.IPv4Address:
+    """A container's link-local next hop: one of 169.254.1.1-254 (the host veth carries it)."""
+    address = ipv4(value, what)
+    if address not in GATEWAYS:
+        raise _fail(what, value, "must be one of 169.254.1.1-169.254.1.254")
+    return address
+
 def ipv4_net(value: Any, what: str = "subnet") -> ipaddress.IPv4Network:
     text = _str(what, value)
     try:
@@ -231,6 +243,9 @@ class EndpointRecord:
     labels: Optional[Mapping[str, str]] = None  # None: not learned from Docker yet
     container: str = ""
     container_name: str = ""
+    # The container's next hop on this interface: distinct per canal interface of one sandbox
+    # (169.254.1.N), so each gets its own connected /32 to it (see canal.agent.sandboxes).
+    gateway: ipaddress.IPv4Address = DEFAULT_GATEWAY
 
     @functools.cached_property
     def ip_text(self) -> str:
@@ -262,6 +277,7 @@ class EndpointRecord:
             labels=_get(obj, "labels", lambda w, v: labels(v, w), what, None),
             container=_get(obj, "container", lambda w, v: container_id(v, w) if v else "", what, ""),
             container_name=_get(obj, "container_name", lambda w, v: container_name(v, w) if v else "", what, ""),
+            gateway=_get(obj, "gateway", lambda w, v: endpoint_gateway(v, w), what, DEFAULT_GATEWAY),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -282,6 +298,8 @@ class EndpointRecord:
         if self.container:
             out["container"] = self.container
             out["container_name"] = self.container_name
+        if self.gateway != DEFAULT_GATEWAY:
+            out["gateway"] = str(self.gateway)
         return out
 
 

@@ -25,10 +25,12 @@ from canal.agent.desired import (
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
+from canal.agent.sandboxes import SandboxRouting, SandboxStep
 from canal.config import Config
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
+from canal.dataplane.sandbox import Sandboxes
 from canal.dataplane.vxlan import Vxlan, VxlanState, vxlan_mtu
 from canal.datastore.base import Datastore, open_datastore
 from canal.datastore.keys import Keys
@@ -145,6 +147,7 @@ class Plugin:
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
+        sandboxes = Sandboxes(config.netns_dir)
         self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip)
         self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, self.cluster_network)
         self.networks = Networks(
@@ -153,6 +156,7 @@ class Plugin:
             request=lambda: self.agent.request(),
             settle=self._settle,
             docker_ipam_allowed=not self.multihost,
+            routing=SandboxRouting(self.snapshot, sandboxes),
         )
         self.policies = Policies(self.store, self.keys, self._changed)
         backend = detect_backend(config.iptables_backend)
@@ -160,7 +164,8 @@ class Plugin:
             "host %s: underlay %s (%s, mtu %d), iptables %s, datastore %s",
             self.host, self.public_ip, self.iface, self.underlay_mtu, backend, config.datastore,
         )
-        steps = [self.publish_routes, self.program_vxlan] if self.multihost else []
+        steps: list[Any] = [self.publish_routes, self.program_vxlan] if self.multihost else []
+        steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
         self.agent = Agent(
             self.snapshot,
             self.links,
@@ -207,6 +212,12 @@ class Plugin:
             raise self._dataplane_failed()
         if not sync:
             self.agent.trigger()
+
+    def _retry_soon(self) -> None:
+        """Another pass shortly: an interface Docker is still moving into its sandbox."""
+        timer = threading.Timer(0.05, self.agent.request)
+        timer.daemon = True
+        timer.start()
 
     def _forget(self, ip: str) -> None:
         """Queue a departed address for the next pass: DeleteEndpoint need not wait for

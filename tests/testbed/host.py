@@ -308,7 +308,9 @@ class SimHost:
         if self.plugin_running():
             raise TestbedError(f"{self.name}: plugin already running")
         penv: Dict[str, str] = {"PYTHONPATH": str(REPO / "plugin"),
-                                "CANAL_STATE_DIR": str(self.workdir / "canal")}
+                                "CANAL_STATE_DIR": str(self.workdir / "canal"),
+                                # dockerd's --exec-root is the test's own: its sandboxes too
+                                "CANAL_NETNS_DIR": str(self.exec_root / "netns")}
         penv.update(env or {})
         argv = list(command) if command is not None else self.plugin_argv(args)
         self.plugin = self.popen(argv, self.plugin_log, env=penv)

@@ -59,7 +59,7 @@ class DataplaneSettings:
 
 
 def link_of(record: EndpointRecord) -> EndpointLink:
-    return EndpointLink(record.id, record.ip, record.mac, record.mtu)
+    return EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway)
 
 
 def local_endpoints(snap: Snapshot) -> list[EndpointRecord]:

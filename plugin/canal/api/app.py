@@ -200,4 +200,4 @@ def _oper_info(record: EndpointRecord) -> dict:
 
 
 def _join_answer(result: JoinResult) -> dict:
-    return p.join(result.src_name, result.dst_prefix, result.gateway)
+    return p.join(result.src_name, result.dst_prefix, result.gateway, [str(r) for r in result.routes])

@@ -22,7 +22,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Type, TypeVar
+from typing import Any, Callable, Iterable, Type, TypeVar
 
 from canal.errors import BadRequest
 from canal.records import ENDPOINT_ID, NETWORK_ID, RecordError, mac_address
@@ -520,12 +520,16 @@ def address(cidr: str, data: dict) -> dict:
     return {"Address": cidr, "Data": data}
 
 
-def join(src_name: str, dst_prefix: str, gateway: str) -> dict:
-    """Calico's answer: a link-local gateway made reachable by a connected /32 route."""
+def join(src_name: str, dst_prefix: str, gateway: str, routes: Iterable[str] = ()) -> dict:
+    """Calico's answer: a link-local gateway made reachable by a connected /32 route; then, for
+    a container's further canal interfaces, the destinations that interface carries (RouteType
+    0: via the gateway), in place before the container runs."""
+    static = [{"Destination": f"{gateway}/32", "RouteType": 1, "NextHop": ""}]
+    static += [{"Destination": cidr, "RouteType": 0, "NextHop": gateway} for cidr in routes]
     return {
         "InterfaceName": {"SrcName": src_name, "DstPrefix": dst_prefix},
         "Gateway": gateway,
-        "StaticRoutes": [{"Destination": f"{gateway}/32", "RouteType": 1, "NextHop": ""}],
+        "StaticRoutes": static,
         "DisableGatewayService": False,
     }
 

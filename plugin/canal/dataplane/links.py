@@ -1,8 +1,9 @@
 """Routed endpoints, Calico's way, through netlink (pyroute2).
 
 Per endpoint: a veth pair; the container end is moved into the sandbox by Docker (Join's
-SrcName); the host end carries 169.254.1.1/32 (so the container's gateway answers ARP even on
-hosts without a default route), proxy ARP, and a /32 route to the container. No bridge.
+SrcName); the host end carries the container's gateway (169.254.1.1/32, or 169.254.1.N for a
+container's further canal interfaces: it answers ARP even on hosts without a default route),
+proxy ARP, and a /32 route to the container. No bridge.
 Every function here is idempotent: the reconcile loop calls the same ones the handlers do.
 """
 
@@ -62,6 +63,7 @@ class EndpointLink:
     ip: ipaddress.IPv4Address
     mac: str
     mtu: int
+    gateway: ipaddress.IPv4Address = ipaddress.IPv4Address(GATEWAY)  # the container's next hop
 
     @property
     def host_if(self) -> str:
@@ -168,7 +170,7 @@ class Links:
             _sysctl(self.sysctl_dir, f"net/ipv6/conf/{link.host_if}/disable_ipv6", "1")
         self._ipr.link("set", index=index, state="up", mtu=link.mtu)
         try:
-            self._ipr.addr("add", index=index, address=GATEWAY, prefixlen=32, scope=RT_SCOPE_LINK)
+            self._ipr.addr("add", index=index, address=str(link.gateway), prefixlen=32, scope=RT_SCOPE_LINK)
         except NetlinkError as err:
             if err.code != errno.EEXIST:
                 raise

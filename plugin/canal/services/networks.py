@@ -13,13 +13,21 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from canal.datastore.base import Datastore, Delete, Entry, Guard, Put, dumps
 from canal.datastore.keys import Keys
-from canal.dataplane.links import GATEWAY, EndpointLink, Links, host_ifname, peer_ifname
+from canal.dataplane.links import EndpointLink, Links, host_ifname, peer_ifname
 from canal.errors import BadRequest, Conflict, NotFound
-from canal.records import AddressRecord, EndpointRecord, NetworkRecord, RecordError, mac_address, replace
+from canal.records import (
+    DEFAULT_GATEWAY,
+    AddressRecord,
+    EndpointRecord,
+    NetworkRecord,
+    RecordError,
+    mac_address,
+    replace,
+)
 from canal.records import options as endpoint_options
 from canal.services.ipam import GLOBAL_SPACE, LOCAL_SPACE, Ipam
 
@@ -149,6 +157,25 @@ class JoinResult:
     src_name: str
     dst_prefix: str
     gateway: str
+    routes: tuple[ipaddress.IPv4Network, ...] = ()  # destinations via `gateway` (several canal networks)
+
+
+class SandboxRouting(Protocol):
+    """Routing inside a container with several canal interfaces (canal.agent.sandboxes)."""
+
+    def gateway(self, key: str, record: EndpointRecord) -> ipaddress.IPv4Address: ...
+
+    def routes(self, record: EndpointRecord) -> tuple[ipaddress.IPv4Network, ...]: ...
+
+
+class SingleInterface:
+    """Routing without access to sandboxes: every interface gets the one gateway."""
+
+    def gateway(self, key: str, record: EndpointRecord) -> ipaddress.IPv4Address:
+        return DEFAULT_GATEWAY
+
+    def routes(self, record: EndpointRecord) -> tuple[ipaddress.IPv4Network, ...]:
+        return ()
 
 
 def _parse(entry: Entry | None, parse: Callable[[Any], Any]) -> Any:
@@ -175,8 +202,10 @@ class Networks:
         request: Callable[[], int] = lambda: 0,
         settle: Callable[[int], None] = lambda generation: None,
         docker_ipam_allowed: bool = False,
+        routing: SandboxRouting | None = None,
     ):
         self.docker_ipam_allowed = docker_ipam_allowed
+        self.routing: SandboxRouting = routing or SingleInterface()
         self.store = store
         self.keys = keys
         self.ipam = ipam
@@ -351,14 +380,19 @@ class Networks:
         return EndpointRecord.parse(self.store.update(self.keys.endpoint(endpoint_id), apply), endpoint_id)
 
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> JoinResult:
+        def joined(r: EndpointRecord) -> EndpointRecord:
+            return replace(r, joined=True, sandbox=sandbox_key, gateway=self.routing.gateway(sandbox_key, r))
+
         with self.links.guard:  # the reconciler must not see the veth before the record
-            record = self._update(network_id, endpoint_id, lambda r: replace(r, joined=True, sandbox=sandbox_key))
-            self.links.ensure_veth(EndpointLink(record.id, record.ip, record.mac, record.mtu))
+            record = self._update(network_id, endpoint_id, joined)
+            self.links.ensure_veth(EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway))
+        routes = self.routing.routes(record)
         generation = self._pending.pop(endpoint_id, None)
         self.settle(generation if generation is not None else self.request())
-        log.info("endpoint %s joined (%s via %s)", endpoint_id[:12], record.ip, host_ifname(endpoint_id))
+        log.info("endpoint %s joined (%s via %s, gateway %s%s)", endpoint_id[:12], record.ip,
+                 host_ifname(endpoint_id), record.gateway, f", {len(routes)} routes" if routes else "")
         self.changed(False)
-        return JoinResult(peer_ifname(endpoint_id), "eth", GATEWAY)
+        return JoinResult(peer_ifname(endpoint_id), "eth", str(record.gateway), routes)
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
         self._update(network_id, endpoint_id, lambda r: replace(r, joined=False, sandbox=""))

@@ -1,0 +1,186 @@
+"""Containers on several canal networks, one host, real dockerd: `docker network connect` and
+`disconnect`, routing by network inside the container, isolation and per-network policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from e2e_support import CLUSTER, IMAGE, canal_leftovers, clear, endpoint_ids, start_host, wait_open
+
+from testbed import SimHost, wait_until
+
+PLUGIN = ["--network", CLUSTER, "--log-level", "debug", "--resync-interval", "2"]
+
+
+@pytest.fixture(scope="module")
+def host(underlay):
+    h = start_host(underlay, "m1", "198.18.0.1", PLUGIN)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def h(host):
+    yield host
+    if not host.plugin_running():
+        host.start_plugin(PLUGIN)
+    for doc in canal(host, "policy", "list", "-o", "json"):
+        meta = doc["metadata"]
+        canal(host, "policy", "delete", f"{meta['network']}/{meta['name']}", raw=True)
+    clear(host)
+
+
+def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False):
+    proc = h.exec([h.plugin_argv()[0], "-m", "canal", *args], input=input)
+    return proc if raw else json.loads(proc.stdout)
+
+
+def net(h: SimHost, *names: str) -> None:
+    for name in names:
+        h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", name)
+
+
+def run(h: SimHost, name: str, network: str, *opts: str) -> None:
+    """A container answering `hello-NAME` on TCP 80."""
+    h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sh", "-c",
+             f"while true; do echo hello-{name} | nc -l -p 80; done & sleep 100000")
+    wait_open(h, name)
+
+
+def ip_of(h: SimHost, container: str, network: str) -> str:
+    return h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def fetch(h: SimHost, client: str, address: str, timeout: int = 2) -> str:
+    """What `nc` gets from address:80 inside `client` ("" when nothing answers)."""
+    proc = h.docker("exec", client, "sh", "-c", f"nc -w {timeout} {address} 80 </dev/null", check=False)
+    return proc.stdout.strip()
+
+
+def routes(h: SimHost, container: str) -> str:
+    return h.docker("exec", container, "ip", "route").stdout
+
+
+def test_connect_second_canal_network_reaches_both(h):
+    """The issue's report: a proxy on front, connected to back, reaches members of both, each
+    from the address of the network they are on (as their servers see it)."""
+    net(h, "front", "back")
+    run(h, "web", "front")
+    run(h, "db", "back")
+    run(h, "proxy", "front")
+    h.docker("network", "connect", "back", "proxy")
+    wait_open(h, "proxy")
+    assert len(endpoint_ids(h, "proxy")) == 2
+    assert fetch(h, "proxy", ip_of(h, "web", "front")) == "hello-web"
+    assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"
+    # Sourced from the right network's address: the connections as the host's conntrack saw them.
+    for server, network in (("web", "front"), ("db", "back")):
+        assert sources(h, ip_of(h, server, network)) == {ip_of(h, "proxy", network)}, routes(h, "proxy")
+    # And the members of each network reach the proxy on that network's address, replies included.
+    assert fetch(h, "web", ip_of(h, "proxy", "front")) == "hello-proxy"
+    assert fetch(h, "db", ip_of(h, "proxy", "back")) == "hello-proxy"
+
+
+def sources(h: SimHost, address: str) -> set[str]:
+    """Source addresses of the TCP connections to address:80 the host's conntrack has seen."""
+    out = h.exec(["conntrack", "-L", "-p", "tcp", "--orig-dst", address, "--dport", "80"], check=False).stdout
+    return {field.split("=", 1)[1] for line in out.splitlines() for field in line.split()[:6] if field.startswith("src=")}
+
+
+def test_isolation_between_single_network_members(h):
+    """web (front) and db (back) share no network: closed, while both reach the proxy (the
+    positive control: the same servers answer a member of their own network)."""
+    net(h, "front", "back")
+    run(h, "web", "front")
+    run(h, "db", "back")
+    run(h, "proxy", "front")
+    h.docker("network", "connect", "back", "proxy")
+    wait_open(h, "proxy")
+    assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"  # control: db answers
+    assert fetch(h, "web", ip_of(h, "db", "back")) == ""
+    assert fetch(h, "db", ip_of(h, "web", "front")) == ""
+    # The proxy's front address is not a member of back, whatever web tries.
+    assert fetch(h, "db", ip_of(h, "proxy", "front")) == ""
+    assert fetch(h, "web", ip_of(h, "proxy", "back")) == ""
+
+
+def test_not_a_bridge_even_when_forwarding(h):
+    """A multi-network container that forwards (NET_ADMIN, ip_forward=1) does not join its
+    networks at L3: web (front) routes db's address via the proxy, and nothing arrives.
+    Positive control: the proxy itself reaches db, and web reaches the proxy."""
+    net(h, "front", "back")
+    run(h, "db", "back")
+    run(h, "proxy", "front", "--cap-add", "NET_ADMIN", "--sysctl", "net.ipv4.ip_forward=1")
+    h.docker("network", "connect", "back", "proxy")
+    run(h, "web", "front", "--cap-add", "NET_ADMIN")
+    wait_open(h, "proxy")
+    db, proxy_front = ip_of(h, "db", "back"), ip_of(h, "proxy", "front")
+    assert fetch(h, "proxy", db) == "hello-db"
+    assert fetch(h, "web", proxy_front) == "hello-proxy"
+    # web's own next hop for db: the proxy (on-link through its gateway's proxy ARP, the only
+    # way a packet for db can be handed to the host on web's interface).
+    h.docker("exec", "web", "ip", "route", "add", f"{db}/32", "via", proxy_front, "dev", "eth0", "onlink")
+    assert fetch(h, "web", db) == ""
+
+
+def test_disconnect_and_reconnect_leave_nothing(h):
+    net(h, "front", "back")
+    run(h, "db", "back")
+    run(h, "proxy", "front")
+    h.docker("network", "connect", "back", "proxy")
+    wait_open(h, "proxy")
+    back_ip = ip_of(h, "proxy", "back")
+    assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"
+    eps = endpoint_ids(h, "proxy")
+    h.docker("network", "disconnect", "back", "proxy")
+    gone = [e for e in eps if e not in endpoint_ids(h, "proxy")]
+    assert len(gone) == 1
+    wait_until(lambda: not any(v.startswith("cnl" + gone[0][:12]) for v in canal_leftovers(h)["veths"]),
+               timeout=10, what="the back veth removed")
+    wait_until(lambda: back_ip not in h.exec(["ipset", "list"]).stdout, timeout=10, what="no ipset member")
+    assert fetch(h, "proxy", ip_of(h, "db", "back")) == ""  # no longer on back
+    wait_until(lambda: "proto 101" not in routes(h, "proxy"), timeout=10, what="explicit routes removed")
+    assert h.docker("exec", "proxy", "ip", "rule").stdout.count("lookup 256") == 0
+    # Still fine on front, and a reconnect works again.
+    run(h, "web", "front")
+    assert fetch(h, "proxy", ip_of(h, "web", "front")) == "hello-web"
+    h.docker("network", "connect", "back", "proxy")
+    wait_open(h, "proxy")
+    assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"
+    assert fetch(h, "proxy", ip_of(h, "web", "front")) == "hello-web"
+
+
+def test_members_joining_later_are_routed(h):
+    """Routes follow the networks' membership live: a member started after the connect."""
+    net(h, "front", "back")
+    run(h, "proxy", "front")
+    h.docker("network", "connect", "back", "proxy")
+    wait_open(h, "proxy")
+    run(h, "db", "back")
+    run(h, "web", "front")
+    assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"
+    assert fetch(h, "proxy", ip_of(h, "web", "front")) == "hello-web"
+    h.docker("rm", "-f", "db")
+    run(h, "db2", "back")
+    assert fetch(h, "proxy", ip_of(h, "db2", "back")) == "hello-db2"
+
+
+def test_three_networks_and_gateway_choice(h):
+    """Any number of canal networks; Docker's gateway choice decides the default route only."""
+    net(h, "alpha", "beta", "gamma")
+    for network in ("alpha", "beta", "gamma"):
+        run(h, f"m-{network}", network)
+    run(h, "multi", "gamma")
+    h.docker("network", "connect", "alpha", "multi")
+    h.docker("network", "connect", "beta", "multi")
+    wait_open(h, "multi")
+    for network in ("alpha", "beta", "gamma"):
+        assert fetch(h, "multi", ip_of(h, f"m-{network}", network)) == f"hello-m-{network}", routes(h, "multi")
+        assert fetch(h, f"m-{network}", ip_of(h, "multi", network)) == "hello-multi"
+    gateways = {n: v["Gateway"] for n, v in h.docker_json("inspect", "multi")[0]["NetworkSettings"]["Networks"].items()}
+    assert len(set(gateways.values())) == 3, gateways
+    default = [line for line in routes(h, "multi").splitlines() if line.startswith("default")]
+    assert len(default) == 1, routes(h, "multi")
