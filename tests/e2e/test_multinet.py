@@ -183,4 +183,13 @@ def test_three_networks_and_gateway_choice(h):
     gateways = {n: v["Gateway"] for n, v in h.docker_json("inspect", "multi")[0]["NetworkSettings"]["Networks"].items()}
     assert len(set(gateways.values())) == 3, gateways
     default = [line for line in routes(h, "multi").splitlines() if line.startswith("default")]
-    assert len(default) == 1, routes(h, "multi")
+    # Docker's choice (documented in the README): the first network by name, not the first joined.
+    assert default == [f"default via {gateways['alpha']} dev {iface_of(h, 'multi', 'alpha')} "], routes(h, "multi")
+
+
+def iface_of(h: SimHost, container: str, network: str) -> str:
+    address = ip_of(h, container, network)
+    for line in h.docker("exec", container, "ip", "-o", "-4", "addr").stdout.splitlines():
+        if f" {address}/" in line:
+            return line.split()[1]
+    raise AssertionError(f"{address} not in {container}")
