@@ -67,7 +67,7 @@ def netns_path(key: str, netns_dir: str) -> str:
     """The namespace file of a SandboxKey, under the configured directory only: a record may
     name any path, and a namespace other than a Docker sandbox's (the host's own) must never
     be entered."""
-    name = key.rstrip("/").rsplit("/", 1)[-1]
+    name = key.rsplit("/", 1)[-1]
     if not _KEY_NAME.fullmatch(name) or name in (".", ".."):
         raise Unavailable(f"sandbox key {key[:80]!r} is not a Docker sandbox")
     return os.path.join(netns_dir, name)
