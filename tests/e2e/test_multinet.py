@@ -126,6 +126,30 @@ def test_not_a_bridge_even_when_forwarding(h):
     assert fetch(h, "web", db) == ""
 
 
+def test_anti_spoofing_per_interface(h):
+    """The proxy (NET_ADMIN) sends to db out of its back interface with its front address as
+    source: dropped, so its front identity never reaches back members. Positive control: the
+    same forced path with its back address gets db's answer."""
+    net(h, "front", "back")
+    run(h, "db", "back")
+    run(h, "proxy", "front", "--cap-add", "NET_ADMIN")
+    h.docker("network", "connect", "back", "proxy")
+    wait_open(h, "proxy")
+    db, front, back = ip_of(h, "db", "back"), ip_of(h, "proxy", "front"), ip_of(h, "proxy", "back")
+    eth1, gateway = iface_of(h, "proxy", "back"), h.docker_json("inspect", "proxy")[0]["NetworkSettings"]["Networks"]["back"]["Gateway"]
+
+    def forced(source: str) -> str:
+        # A table of the test's own, ahead of Canal's: the agent leaves it alone.
+        h.docker("exec", "proxy", "ip", "route", "replace", f"{db}/32", "via", gateway, "dev", eth1,
+                 "src", source, "onlink", "table", "100")
+        return fetch(h, "proxy", db)
+
+    h.docker("exec", "proxy", "ip", "rule", "add", "to", f"{db}/32", "lookup", "100", "pref", "10")
+    assert forced(back) == "hello-db"
+    assert forced(front) == ""
+    assert sources(h, db) == {back}
+
+
 def test_disconnect_and_reconnect_leave_nothing(h):
     net(h, "front", "back")
     run(h, "db", "back")
@@ -141,6 +165,8 @@ def test_disconnect_and_reconnect_leave_nothing(h):
     wait_until(lambda: not any(v.startswith("cnl" + gone[0][:12]) for v in canal_leftovers(h)["veths"]),
                timeout=10, what="the back veth removed")
     wait_until(lambda: back_ip not in h.exec(["ipset", "list"]).stdout, timeout=10, what="no ipset member")
+    wait_until(lambda: not h.exec(["conntrack", "-L", "--orig-src", back_ip], check=False).stdout.strip(),
+               timeout=10, what="no conntrack state of the departed address")
     assert fetch(h, "proxy", ip_of(h, "db", "back")) == ""  # no longer on back
     wait_until(lambda: "proto 101" not in routes(h, "proxy"), timeout=10, what="explicit routes removed")
     assert h.docker("exec", "proxy", "ip", "rule").stdout.count("lookup 256") == 0
