@@ -120,7 +120,7 @@ class FakeApplier:
 
 def test_step_applies_changes_only_and_clears_a_sandbox_that_drops_to_one():
     applier, retries = FakeApplier(), []
-    step = SandboxStep(applier, lambda: retries.append(1))
+    step = SandboxStep(applier, retries.append)
     eps = proxy_and_members()
     step(snap(eps), False)
     step(snap(eps), False)  # unchanged: nothing to do
@@ -135,10 +135,10 @@ def test_step_applies_changes_only_and_clears_a_sandbox_that_drops_to_one():
 
 def test_step_retries_an_interface_docker_has_not_moved_in_yet_then_stops():
     applier, retries = FakeApplier(missing={f"{2:064x}"}), []
-    step = SandboxStep(applier, lambda: retries.append(1))
-    for _ in range(SandboxStep.RETRIES + 5):
+    step = SandboxStep(applier, retries.append)
+    for _ in range(SandboxStep.QUICK + SandboxStep.SLOW + 5):
         step(snap(proxy_and_members()), False)
-    assert len(retries) == SandboxStep.RETRIES
+    assert retries == [0.05] * SandboxStep.QUICK + [1.0] * SandboxStep.SLOW
     applier.missing = set()
     step(snap(proxy_and_members()), False)
     assert KEY not in step.incomplete
@@ -147,7 +147,7 @@ def test_step_retries_an_interface_docker_has_not_moved_in_yet_then_stops():
 def test_step_failure_in_one_sandbox_is_logged_not_raised(caplog):
     applier = FakeApplier()
     applier.fail = Unavailable("netlink said no")
-    step = SandboxStep(applier, lambda: None)
+    step = SandboxStep(applier, lambda delay: None)
     step(snap(proxy_and_members()), False)
     assert "netlink said no" in caplog.text
 
@@ -177,6 +177,13 @@ def test_join_picks_the_first_free_gateway_of_the_sandbox_and_keeps_it_on_replay
     assert routing.gateway(KEY, fresh) == A("169.254.1.2")
     joined = endpoint(9, "b", sandbox=KEY, gateway=A("169.254.1.7"))
     assert routing.gateway(KEY, joined) == A("169.254.1.7")
+
+
+def test_join_before_the_sandbox_exists_takes_the_recorded_gateways_into_account():
+    """docker create + network connect (Compose): both Joins come before the namespace exists."""
+    first = endpoint(1, "a", sandbox=KEY)
+    routing = SandboxRouting(lambda: snap([first]), FakeDataplane(error=FileNotFoundError(2, "gone")))
+    assert routing.gateway(KEY, endpoint(2, "b", joined=False)) == A("169.254.1.2")
 
 
 def test_join_without_access_to_the_sandbox_falls_back_to_the_one_gateway(caplog):

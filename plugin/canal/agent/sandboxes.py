@@ -93,9 +93,12 @@ class SandboxStep:
     that drops to one canal interface gets an empty plan once (Canal's routes and rules go);
     one whose new interface is not there yet is retried through `retry`."""
 
-    RETRIES = 100  # quick retries for an interface Docker has not moved in yet; then the timer's
+    # Retries for an interface Docker has not moved in yet (or a sandbox not made yet: a created
+    # container starts when its user says): quick ones first, then once a second for a minute;
+    # then the timer's full passes.
+    QUICK, SLOW = 100, 60
 
-    def __init__(self, apply: Callable[[SandboxPlan], set[str]], retry: Callable[[], None]):
+    def __init__(self, apply: Callable[[SandboxPlan], set[str]], retry: Callable[[float], None]):
         self.apply = apply
         self.retry = retry
         self.applied: dict[str, SandboxPlan] = {}
@@ -114,7 +117,7 @@ class SandboxStep:
                 continue
             self.applied.pop(key, None)
             self.incomplete.pop(key, None)
-        retry = False
+        delay = 0.0
         for key, plan in desired.items():
             if not full and self.applied.get(key) == plan and key not in self.incomplete:
                 continue
@@ -131,11 +134,13 @@ class SandboxStep:
             if missing:
                 tries = self.incomplete.get(key, 0) + 1
                 self.incomplete[key] = tries
-                retry = retry or tries <= self.RETRIES
+                if tries <= self.QUICK + self.SLOW:
+                    wait = 0.05 if tries <= self.QUICK else 1.0
+                    delay = min(delay, wait) if delay else wait
             else:
                 self.incomplete.pop(key, None)
-        if retry:
-            self.retry()
+        if delay:
+            self.retry(delay)
         if failures:
             log.warning("routes of %d multi-network sandbox(es) not programmed: %s",
                         len(failures), "; ".join(failures)[:1000])
@@ -163,14 +168,17 @@ class SandboxRouting:
                         where, self.dataplane.netns_dir, where)
         try:
             taken = self.dataplane.gateways(key)
-        except (FileNotFoundError, CanalError) as err:
+        except FileNotFoundError:
+            # Not made yet: Docker joins a created container's networks before it starts it
+            # (`docker create` + `network connect`, Compose). The records know the others.
+            taken = set()
+        except CanalError as err:
             # Unreadable (e.g. the managed plugin without CAP_SYS_ADMIN): the first interface's
             # gateway, as before multi-network support; a second canal interface then fails.
             log.warning("endpoint %s: cannot read sandbox %s (%s); gateway %s",
                         record.id[:12], key, err, DEFAULT_GATEWAY)
             return DEFAULT_GATEWAY
-        taken.update(ep.gateway for eps in [sandboxes(self.snapshot()).get(key, [])] for ep in eps
-                     if ep.id != record.id)
+        taken.update(ep.gateway for ep in sandboxes(self.snapshot()).get(key, []) if ep.id != record.id)
         return free_gateway(taken)
 
     def routes(self, record: EndpointRecord) -> tuple[Net, ...]:
@@ -185,7 +193,9 @@ class SandboxRouting:
         plan = plan_for(snap, record.sandbox, members, members_by_network(snap))
         try:
             self.dataplane.apply(plan)  # the interfaces already there; this one is not yet
-        except (FileNotFoundError, CanalError) as err:
+        except FileNotFoundError:
+            pass  # no sandbox yet (a created container): the agent programs it once it exists
+        except CanalError as err:
             log.warning("endpoint %s: routes of sandbox %s not updated yet (%s); the agent retries",
                         record.id[:12], record.sandbox, err)
         own = {str(ep.ip) for ep in members}
