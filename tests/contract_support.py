@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from fakes import FakeIpsets, FakeIptables, FakeLinks
+from fakes import FakeIpsets, FakeIptables, FakeLinks, FakeReservations
 
 from canal import config
 from canal.agent.desired import Snapshot, desired_firewall, desired_links, endpoint_rows
@@ -28,6 +28,7 @@ from canal.services.ipam import Ipam
 from canal.services.networks import Networks
 from canal.records import EndpointRecord, NetworkRecord
 from canal.services.policies import Policies
+from canal.services.ports import Ports
 
 HOST_SUBNET = "100.64.7.0/24"
 CLUSTER = "100.64.0.0/16"
@@ -63,6 +64,8 @@ class ContractPlugin:
         self.networks = Networks(self.store, keys, self.ipam, self.links, "h1", lambda: 1450, self._changed,
                                  docker_ipam_allowed=docker_ipam_allowed)
         self.policies = Policies(self.store, keys, self._changed)
+        self.reservations = FakeReservations()
+        self.ports = Ports(self.networks.endpoint, self.networks.update_endpoint, self.reservations, self._changed)
 
     def snapshot(self) -> Snapshot:
         return Snapshot(

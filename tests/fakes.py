@@ -6,6 +6,8 @@ import shlex
 
 from canal.dataplane.iptables import Table, parse_save
 from canal.dataplane.links import EndpointLink
+from canal.dataplane.ports import HostPort, Reservations
+from canal.errors import Conflict
 
 
 class FakeIptables:
@@ -18,7 +20,7 @@ class FakeIptables:
         self.restores: list[str] = []
         builtin_chains = {
             "filter": ("INPUT", "FORWARD", "OUTPUT"),
-            "nat": ("PREROUTING", "POSTROUTING"),
+            "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
             "raw": ("PREROUTING", "OUTPUT"),
         }
         for name, builtins in builtin_chains.items():
@@ -120,3 +122,28 @@ class FakeIpsets:
                     for rules in table.rules.values():
                         assert not any(name in r.split() for r in rules), f"ipset {name} still in use"
             del self.sets[name]
+
+
+class FakeReservations(Reservations):
+    """Reservations without sockets: the contract tests run in the machine's own namespace,
+    whose ports are not theirs to hold. `busy` plays ports a host process holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy: dict[HostPort, str] = {}
+
+    def reserve(self, key: HostPort, endpoint: str) -> None:
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                if held[0] == endpoint:
+                    return
+                raise Conflict(f"host port {key} is already published by endpoint {held[0][:12]}")
+            if key in self.busy:
+                raise Conflict(f"host port {key} is in use by {self.busy[key]}")
+            self._held[key] = (endpoint, _NoSocket())
+
+
+class _NoSocket:
+    def close(self) -> None:
+        pass

@@ -22,14 +22,19 @@ from canal.errors import BadRequest
 
 __all__ = [
     "ANY_NET",
+    "DEFAULT_GATEWAY",
+    "GATEWAYS",
+    "PROTOCOLS",
     "AddressRecord",
     "EndpointRecord",
     "HostRecord",
     "Lease",
     "NetworkRecord",
     "PoolRecord",
+    "PortBinding",
     "RecordError",
     "RouteRecord",
+    "endpoint_gateway",
     "endpoint_id",
     "hostname",
     "labels",
@@ -226,6 +231,41 @@ def _get(raw: Mapping[str, Any], name: str, parse: Callable[[str, Any], T], what
 # Records ---------------------------------------------------------------------------------------
 
 
+PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}  # Docker's Proto numbers -> names
+
+
+@dataclass(frozen=True, order=True)
+class PortBinding:
+    """One published port: host_ip:host_port on this host -> the container's port."""
+
+    proto: str  # tcp, udp or sctp
+    port: int  # the container's
+    host_port: int
+    host_ip: Optional[ipaddress.IPv4Address] = None  # None: every address of the host
+
+    @classmethod
+    def parse(cls, raw: Any, what: str = "port binding") -> "PortBinding":
+        obj = _object(what, raw)
+        proto = _get(obj, "proto", _str, what)
+        if proto not in PROTOCOLS.values():
+            raise _fail(f"{what} field proto", proto, "must be tcp, udp or sctp")
+        host_ip = _get(obj, "host_ip", _str, what, "")
+        return cls(
+            proto=proto,
+            port=_get(obj, "port", lambda w, v: _int(w, v, 1, 65535), what),
+            host_port=_get(obj, "host_port", lambda w, v: _int(w, v, 1, 65535), what),
+            host_ip=ipv4(host_ip, f"{what} host_ip") if host_ip else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"proto": self.proto, "port": self.port, "host_port": self.host_port,
+                "host_ip": str(self.host_ip) if self.host_ip else ""}
+
+    def __str__(self) -> str:
+        """As `docker port` prints it: 80/tcp -> 0.0.0.0:8080."""
+        return f"{self.port}/{self.proto} -> {self.host_ip or '0.0.0.0'}:{self.host_port}"
+
+
 @dataclass(frozen=True)
 class EndpointRecord:
     """One container interface anywhere in the cluster (`<prefix>/endpoints/<id>`)."""
@@ -246,6 +286,7 @@ class EndpointRecord:
     # The container's next hop on this interface: distinct per canal interface of one sandbox
     # (169.254.1.N), so each gets its own connected /32 to it (see canal.agent.sandboxes).
     gateway: ipaddress.IPv4Address = DEFAULT_GATEWAY
+    ports: tuple[PortBinding, ...] = ()  # published (ProgramExternalConnectivity), sorted
 
     @functools.cached_property
     def ip_text(self) -> str:
@@ -278,6 +319,7 @@ class EndpointRecord:
             container=_get(obj, "container", lambda w, v: container_id(v, w) if v else "", what, ""),
             container_name=_get(obj, "container_name", lambda w, v: container_name(v, w) if v else "", what, ""),
             gateway=_get(obj, "gateway", lambda w, v: endpoint_gateway(v, w), what, DEFAULT_GATEWAY),
+            ports=_get(obj, "ports", lambda w, v: _ports(v, w), what, ()),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -300,6 +342,8 @@ class EndpointRecord:
             out["container_name"] = self.container_name
         if self.gateway != DEFAULT_GATEWAY:
             out["gateway"] = str(self.gateway)
+        if self.ports:
+            out["ports"] = [b.to_json() for b in self.ports]
         return out
 
 
@@ -357,6 +401,13 @@ class NetworkRecord:
     @property
     def logical_name(self) -> str:
         return self.name or self.id
+
+
+def _ports(value: Any, what: str) -> tuple[PortBinding, ...]:
+    items = _list(what, value)
+    if len(items) > 65535:
+        raise _fail(what, f"{len(items)} bindings", "too many")
+    return tuple(sorted(PortBinding.parse(item, f"{what} entry") for item in items))
 
 
 def _list(what: str, value: Any) -> list[Any]:

@@ -22,6 +22,7 @@ from canal.agent.desired import (
     desired_vxlan,
     endpoint_rows,
     identity_known,
+    local_endpoints,
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
@@ -30,6 +31,7 @@ from canal.config import Config
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
+from canal.dataplane.ports import Reservations
 from canal.dataplane.sandbox import Sandboxes
 from canal.dataplane.vxlan import Vxlan, VxlanState, vxlan_mtu
 from canal.datastore.base import Datastore, open_datastore
@@ -54,6 +56,7 @@ from canal.services.hosts import Hosts
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
 from canal.services.policies import Policies
+from canal.services.ports import Ports, wanted_reservations
 from canal.services.subnets import NetworkConfig, SubnetManager, parse_network_config
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,10 @@ class Plugin:
             docker_ipam_allowed=not self.multihost,
             routing=SandboxRouting(self.snapshot, sandboxes),
         )
+        self.reservations = Reservations()
+        self._port_problems: list[str] = []
+        self.ports = Ports(self.networks.endpoint, self.networks.update_endpoint, self.reservations, self._changed,
+                           config.sysctl_dir)
         self.policies = Policies(self.store, self.keys, self._changed)
         backend = detect_backend(config.iptables_backend)
         log.info(
@@ -173,7 +180,7 @@ class Plugin:
             config.resync_interval,
             periodic=self.renew_lease,
             steps=steps,
-            side_steps=[self.forget_departed],
+            side_steps=[self.forget_departed, self.hold_ports],
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
         )
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
@@ -203,6 +210,7 @@ class Plugin:
         self.mirror.stop()
         self.docker.stop()
         self.agent.stop()
+        self.reservations.close()
         self.links.close()
         self.store.close()
 
@@ -213,9 +221,18 @@ class Plugin:
         if not sync:
             self.agent.trigger()
 
-    def _retry_soon(self) -> None:
+    def hold_ports(self, snap: Snapshot, full: bool) -> None:
+        """Hold the host ports the records publish: after a restart, and let go of those of
+        endpoints removed while the plugin was down."""
+        problems = self.reservations.sync(wanted_reservations(local_endpoints(snap)))
+        if problems and problems != self._port_problems:
+            log.warning("published ports not reserved (their DNAT is in place; a process may hold "
+                        "the port): %s", "; ".join(problems)[:1000])
+        self._port_problems = problems
+
+    def _retry_soon(self, delay: float) -> None:
         """Another pass shortly: an interface Docker is still moving into its sandbox."""
-        timer = threading.Timer(0.05, self.agent.request)
+        timer = threading.Timer(delay, self.agent.request)
         timer.daemon = True
         timer.start()
 

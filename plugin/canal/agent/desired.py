@@ -28,6 +28,7 @@ from canal.policy.model import Policy
 from canal.records import ANY_NET, EndpointRecord, Lease, NetworkRecord, RouteRecord
 
 POSTROUTING = "CANAL-POSTROUTING"
+DNAT = "CANAL-DNAT"  # nat: published ports (docker run -p) on this host's addresses
 PREROUTING = "CANAL-PREROUTING"  # raw table: before conntrack sees a packet
 WORKLOADS = "cnl+"
 CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network + canal pools
@@ -107,7 +108,9 @@ def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
     builds none of them again."""
     cached = ep.__dict__.get("_info")
     if cached is None or cached[0] != (name, named):
-        info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None)
+        published = tuple(sorted({(b.proto, b.port) for b in ep.ports}))
+        info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None,
+                            published)
         cached = ((name, named), info)
         ep.__dict__["_info"] = cached  # frozen dataclass: a cache, not a field (eq/repr ignore it)
     return cached[1]
@@ -138,6 +141,10 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         f"-i {WORKLOADS} -p udp -m udp --dport {snap.settings.vxlan_port} -j DROP",
         f"-i {WORKLOADS} -p {protocol_name(4)} -j DROP",
         f"-i {WORKLOADS} -p {protocol_name(50)} -j DROP",
+        # The veths have route_localnet (published ports on 127.0.0.1 are DNATed out of them):
+        # nothing from a workload may address, or claim to come from, the host's loopback.
+        f"-s 127.0.0.0/8 -i {WORKLOADS} -j DROP",
+        f"-d 127.0.0.0/8 -i {WORKLOADS} -j DROP",
     ]
     state.jumps.append(Jump("raw", "PREROUTING", PREROUTING))
     # IPv6: Canal networks are IPv4 only, so nothing IPv6 comes from or goes to a workload
@@ -155,7 +162,21 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         if (own := network_of(snap, ep)) is None or (own.nat and not own.internal)
     )
     state.ipsets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
+    published = sorted((b, ep.ip_text) for ep in local_endpoints(snap) if ep.joined for b in ep.ports)
+    # Published ports: DNAT of traffic to the host's own addresses (from other hosts, from this
+    # one, loopback included), so remote clients keep their address for the container's policy.
+    state.chains[("nat", DNAT)] = ["-m addrtype ! --dst-type LOCAL -j RETURN"] + [
+        f"{f'-d {b.host_ip}/32 ' if b.host_ip else ''}-p {b.proto} -m {b.proto} --dport {b.host_port} "
+        f"-j DNAT --to-destination {ip}:{b.port}"
+        for b, ip in published
+    ]
+    state.jumps += [Jump("nat", "PREROUTING", DNAT), Jump("nat", "OUTPUT", DNAT)]
     state.chains[("nat", POSTROUTING)] = [
+        # From the host's loopback (a client of 127.0.0.1:PORT), and a container to its own
+        # published port (hairpin): the container answers the host end of its veth.
+        f"-s 127.0.0.0/8 -o {WORKLOADS} -j MASQUERADE",
+        *sorted({f"-s {ip}/32 -d {ip}/32 -p {b.proto} -m {b.proto} --dport {b.port} -j MASQUERADE"
+                 for b, ip in published}),
         f"-m set ! --match-set {MASQ_SET} src -j RETURN",
         f"-m set --match-set {CLUSTER_SET} dst -j RETURN",
         "-j MASQUERADE",
@@ -206,6 +227,7 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
         rows.append({
             "endpoint": ep.id[:12],
             "container": ep.container_name,
+            "container_id": ep.container[:12],
             "network": info.network,
             "host": ep.host,
             "ip": ep.ip_text,
@@ -213,5 +235,6 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
             # pending: labels or network name unknown, so closed until learned
             "state": "pending" if info.labels is None else "joined" if ep.joined else "created",
             "policies": applied_policies(info, list(snap.policies)) if ep.joined else [],
+            "ports": [str(b) for b in ep.ports],
         })
     return rows

@@ -122,8 +122,14 @@ def create_app(plugin: Any) -> Flask:
     route("NetworkDriver.Leave", p.EndpointRef, lambda r: nets.leave(r.NetworkID, r.EndpointID) or {})
     route("NetworkDriver.DiscoverNew", p.Discovery, lambda r: {})
     route("NetworkDriver.DiscoverDelete", p.Discovery, lambda r: {})
-    route("NetworkDriver.ProgramExternalConnectivity", p.EndpointRef, lambda r: {})
-    route("NetworkDriver.RevokeExternalConnectivity", p.EndpointRef, lambda r: {})
+    ports = plugin.ports
+    route(
+        "NetworkDriver.ProgramExternalConnectivity",
+        p.ExternalConnectivity,
+        lambda r: ports.program(r.NetworkID, r.EndpointID, r.requests) and {} or {},
+    )
+    route("NetworkDriver.RevokeExternalConnectivity", p.ExternalConnectivity,
+          lambda r: ports.revoke(r.NetworkID, r.EndpointID) or {})
 
     # IpamDriver
     route("IpamDriver.GetCapabilities", None, p.ipam_capabilities)
@@ -196,7 +202,8 @@ def create_app(plugin: Any) -> Flask:
 
 
 def _oper_info(record: EndpointRecord) -> dict:
-    return {"ip": str(record.ip), "mac": record.mac, "host": record.host, "joined": record.joined}
+    return {"ip": str(record.ip), "mac": record.mac, "host": record.host, "joined": record.joined,
+            "ports": [str(b) for b in record.ports]}
 
 
 def _join_answer(result: JoinResult) -> dict:

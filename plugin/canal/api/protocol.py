@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Type, TypeVar
 
 from canal.errors import BadRequest
 from canal.records import ENDPOINT_ID, NETWORK_ID, RecordError, mac_address
+from canal.services.ports import PortRequest
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
@@ -291,6 +292,66 @@ def _required(check: Callable[[str, Any], Any] | None = None) -> Any:
 
 def _options() -> Any:
     return _field(factory=dict, check=_check_map)
+
+
+PORTMAP = "com.docker.network.portmap"
+_PROTO_NUMBERS = {6: "tcp", 17: "udp", 132: "sctp"}
+
+
+def _check_port(path: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise _Refused(path, f"must be a port number {low}-65535, got {_show(value)}")
+    return value
+
+
+def _check_portmap(path: str, value: Any) -> list[PortRequest]:
+    """Docker's PortBindings: [{Proto, IP, Port, HostIP, HostPort, HostPortEnd}], typed."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > 65535:
+        raise _Refused(path, f"must be a list of port bindings, got {_kind(value)}")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(entry, dict):
+            raise _Refused(where, f"must be an object, got {_kind(entry)}")
+        proto = entry.get("Proto")
+        if isinstance(proto, bool) or proto not in _PROTO_NUMBERS:
+            raise _Refused(f"{where}.Proto", f"must be 6 (tcp), 17 (udp) or 132 (sctp), got {_show(proto)}")
+        host_ip = entry.get("HostIP") or ""
+        if not isinstance(host_ip, str):
+            raise _Refused(f"{where}.HostIP", f"must be a string, got {_kind(host_ip)}")
+        try:
+            address = ipaddress.IPv4Address(host_ip) if host_ip else None
+        except ValueError:
+            raise _Refused(f"{where}.HostIP", f"must be an IPv4 address or empty (IPv6 is not supported), got {_show(host_ip)}") from None
+        if address is not None and address.is_unspecified:
+            address = None
+        port = _check_port(f"{where}.Port", entry.get("Port"), 1)
+        host_port = _check_port(f"{where}.HostPort", entry.get("HostPort", 0), 0)
+        end = _check_port(f"{where}.HostPortEnd", entry.get("HostPortEnd", 0) or host_port, 0)
+        if end < host_port:
+            raise _Refused(f"{where}.HostPortEnd", f"{end} is below HostPort {host_port}")
+        out.append(PortRequest(_PROTO_NUMBERS[proto], port, address, host_port, end))
+    return out
+
+
+def _check_connectivity(path: str, value: Any) -> dict:
+    options = _check_map(path, value)
+    return {**options, PORTMAP: _check_portmap(f"{path}.{PORTMAP}", options.get(PORTMAP))}
+
+
+@dataclass(frozen=True)
+class ExternalConnectivity:
+    """ProgramExternalConnectivity / RevokeExternalConnectivity: Options carry the bindings."""
+
+    NetworkID: str = _required(_check_network_id)
+    EndpointID: str = _required(_check_endpoint_id)
+    Options: dict = _field(factory=dict, check=_check_connectivity)
+
+    @property
+    def requests(self) -> list[PortRequest]:
+        return list(self.Options.get(PORTMAP, []))
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ import logging
 import os
 import socket
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from canal import config as configmod
 from canal.cli.client import AdminClient
-from canal.errors import BadRequest, CanalError
+from canal.errors import BadRequest, CanalError, NotFound
 
 log = logging.getLogger("canal")
 
@@ -132,6 +132,26 @@ def _policy_row(doc: dict) -> dict:
     }
 
 
+def _port(rows: list[dict], container: str, port: Optional[str], output: str) -> int:
+    """`docker port`'s output for a canal container (on this host: published ports are local)."""
+    mine = [r for r in rows if container in (r.get("container"), r.get("container_id")) or (
+        len(container) >= 3 and str(r.get("container_id", "")).startswith(container))]
+    if not mine:
+        raise NotFound(f"no canal endpoint of container {container!r} on this cluster")
+    lines = [b for r in mine for b in r.get("ports", [])]
+    if port:
+        wanted = port if "/" in port else f"{port}/tcp"
+        lines = [b.split(" -> ", 1)[1] for b in lines if b.split(" -> ", 1)[0] == wanted]
+        if not lines:
+            raise NotFound(f"no public port '{wanted}' published for {container}")
+    if output == "table":
+        for line in lines:
+            print(line)
+    else:
+        _print(lines, output)
+    return 0
+
+
 def _read_file(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
@@ -167,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     endpoint = sub.add_parser("endpoint", help="endpoints").add_subparsers(dest="verb", required=True)
     client_args(endpoint.add_parser("list", help="every endpoint of the cluster, with labels and policies"))
 
+    port_p = sub.add_parser("port", help="published ports of a container, as `docker port` prints them "
+                            "(Docker cannot show a remote driver's: see the README)")
+    port_p.add_argument("container", help="name or ID (prefix)")
+    port_p.add_argument("port", nargs="?", help="PORT[/PROTO]: only this one")
+    client_args(port_p)
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -174,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         client = AdminClient(args.socket)
         if args.command in ("status", "stats"):
             _print(client.get(f"/canal/v1/{args.command}"), args.output)
+        elif args.command == "port":
+            sys.exit(_port(client.get("/canal/v1/endpoints")["endpoints"], args.container, args.port, args.output))
         elif args.command == "endpoint":
             columns = ["container", "network", "host", "ip", "state", "labels", "policies"]
             _print(client.get("/canal/v1/endpoints")["endpoints"], args.output, columns)

@@ -165,6 +165,10 @@ class Links:
         # (the raw table's rpfilter rule does the same where conf/all asks for loose mode).
         _sysctl(self.sysctl_dir, conf + "rp_filter", "1")
         _sysctl(self.sysctl_dir, f"net/ipv4/neigh/{link.host_if}/proxy_delay", "0")
+        # Published ports on 127.0.0.1 are DNATed out of the veth (masqueraded): the kernel
+        # routes loopback sources out of it only with route_localnet. The raw table drops
+        # every loopback address arriving from a workload, which this would otherwise accept.
+        _sysctl(self.sysctl_dir, conf + "route_localnet", "1")
         # IPv4 only: no IPv6 address on the host side, so no link-local way to the host.
         if os.path.isdir(f"{self.sysctl_dir}/net/ipv6/conf/{link.host_if}"):
             _sysctl(self.sysctl_dir, f"net/ipv6/conf/{link.host_if}/disable_ipv6", "1")

@@ -21,7 +21,8 @@ Layout (filter table):
                    RETURN on the accept mark, later policies skipped on the pass mark), the
                    datastore's endpoints dropped unless a policy allowed them, default deny if
                    any policy applied, then the network profile (egress: allow; ingress: allow
-                   from own network).
+                   from own network, and to its published ports from anywhere: DNATed by
+                   canal.agent.desired, with the client's address for policies to see).
     CANAL-PI-/CANAL-PO-<hash>: one policy's rules for one direction.
 
 Spoofed sources and encapsulated packets from workloads are dropped earlier still, in the raw
@@ -107,6 +108,7 @@ class EndpointInfo:
     network: str  # logical network name
     host: str
     labels: Optional[Mapping[str, str]] = None
+    published: tuple[tuple[str, int], ...] = ()  # (proto, container port) published on its host
 
 
 @dataclass(frozen=True)
@@ -409,6 +411,8 @@ class _Compiler:
         else:
             members = self._network_set(endpoint.network)
             rules.append(f"-m set --match-set {members} src -j RETURN")  # profile: own network
+            for proto, port in endpoint.published:  # profile: its published ports, from anywhere
+                rules.append(f"-p {proto} -m {proto} --dport {port} -m conntrack --ctstate DNAT -j RETURN")
             rules.append("-j DROP")
         return rules
 

@@ -363,7 +363,7 @@ class Networks:
         log.info("endpoint %s deleted (%s)", endpoint_id[:12], record.ip)
         self.changed(False)
 
-    def _update(
+    def update_endpoint(
         self, network_id: str, endpoint_id: str, change: Callable[[EndpointRecord], EndpointRecord]
     ) -> EndpointRecord:
         """Read-modify-write of one endpoint of `network_id` (one read: Join's hot path)."""
@@ -384,7 +384,7 @@ class Networks:
             return replace(r, joined=True, sandbox=sandbox_key, gateway=self.routing.gateway(sandbox_key, r))
 
         with self.links.guard:  # the reconciler must not see the veth before the record
-            record = self._update(network_id, endpoint_id, joined)
+            record = self.update_endpoint(network_id, endpoint_id, joined)
             self.links.ensure_veth(EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway))
         routes = self.routing.routes(record)
         generation = self._pending.pop(endpoint_id, None)
@@ -395,7 +395,7 @@ class Networks:
         return JoinResult(peer_ifname(endpoint_id), "eth", str(record.gateway), routes)
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
-        self._update(network_id, endpoint_id, lambda r: replace(r, joined=False, sandbox=""))
+        self.update_endpoint(network_id, endpoint_id, lambda r: replace(r, joined=False, sandbox=""))
         # The agent deletes the veth: the kernel takes tens of ms for it, which Docker's
         # container stop need not wait for (the sandbox's own teardown removes it anyway).
         log.info("endpoint %s left", endpoint_id[:12])

@@ -1,0 +1,160 @@
+"""Host ports of published container ports: reserved by holding a bound socket, as Docker's
+port mapper does, so a host process cannot take one later and a taken one is refused now.
+
+The traffic itself never reaches these sockets: the nat table's DNAT (canal.agent.desired)
+sends every packet for a published port on one of the host's addresses to the container first.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from canal.errors import Conflict, Unavailable
+from canal.records import PortBinding
+
+log = logging.getLogger(__name__)
+
+_KINDS = {"tcp": (socket.SOCK_STREAM, 0), "udp": (socket.SOCK_DGRAM, 0), "sctp": (socket.SOCK_STREAM, 132)}
+_PROC_FILES = {"tcp": ("tcp", "tcp6"), "udp": ("udp", "udp6"), "sctp": ()}
+
+
+@dataclass(frozen=True, order=True)
+class HostPort:
+    """What a reservation holds: a protocol's port on one host address (None: all of them)."""
+
+    proto: str
+    port: int
+    ip: Optional[ipaddress.IPv4Address] = None
+
+    @classmethod
+    def of(cls, binding: PortBinding) -> "HostPort":
+        return cls(binding.proto, binding.host_port, binding.host_ip)
+
+    def __str__(self) -> str:
+        return f"{self.ip or '0.0.0.0'}:{self.port}/{self.proto}"
+
+
+def ephemeral_range(sysctl_dir: str = "/proc/sys") -> tuple[int, int]:
+    """The kernel's ephemeral port range, where `-P` and `-p PORT` take host ports (as Docker)."""
+    try:
+        with open(f"{sysctl_dir}/net/ipv4/ip_local_port_range") as handle:
+            low, high = (int(x) for x in handle.read().split())
+        if 1 <= low <= high <= 65535:
+            return low, high
+    except (OSError, ValueError):
+        pass
+    return 49153, 60999  # Docker's fallback
+
+
+def process_owner(proto: str, port: int, proc: str = "/proc") -> str:
+    """Which process has `port` bound ('' if none is found): for the conflict message."""
+    inodes = set()
+    for name in _PROC_FILES.get(proto, ()):
+        try:
+            with open(f"{proc}/net/{name}") as handle:
+                lines = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    if not inodes:
+        return ""
+    wanted = {f"socket:[{inode}]" for inode in inodes if inode != "0"}
+    for pid in (p for p in os.listdir(proc) if p.isdigit()):
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{proc}/{pid}/fd/{fd}") in wanted:
+                    with open(f"{proc}/{pid}/comm") as handle:
+                        return f"process {handle.read().strip()[:32]} (pid {pid})"
+            except OSError:
+                continue
+    return "a process of another namespace or user"
+
+
+class Reservations:
+    """Bound sockets, one per published host port, owned by the endpoint that published it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[HostPort, tuple[str, socket.socket]] = {}  # -> (endpoint id, socket)
+
+    def owner(self, key: HostPort) -> str:
+        """The endpoint holding `key` or a port overlapping it ('' if none of ours)."""
+        with self._lock:
+            for held, (endpoint, _sock) in self._held.items():
+                if held.proto == key.proto and held.port == key.port and (
+                    held.ip is None or key.ip is None or held.ip == key.ip
+                ):
+                    return endpoint
+        return ""
+
+    def reserve(self, key: HostPort, endpoint: str) -> None:
+        """Hold `key` for `endpoint` (a no-op if it already does). Conflict names the holder."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                if held[0] == endpoint:
+                    return
+                raise Conflict(f"host port {key} is already published by endpoint {held[0][:12]}")
+            kind, number = _KINDS[key.proto]
+            try:
+                sock = socket.socket(socket.AF_INET, kind, number)
+            except OSError as err:
+                raise Unavailable(f"cannot open a {key.proto} socket to reserve {key}: {err.strerror}"
+                                  f"{' (no SCTP in this kernel: modprobe sctp)' if key.proto == 'sctp' else ''}") from err
+            try:
+                sock.bind((str(key.ip) if key.ip else "0.0.0.0", key.port))
+            except OSError as err:
+                sock.close()
+                if err.errno == errno.EADDRNOTAVAIL:
+                    raise Conflict(f"host address {key.ip} of {key} is not an address of this host") from None
+                if err.errno != errno.EADDRINUSE:
+                    raise Unavailable(f"cannot reserve host port {key}: {err.strerror}") from err
+                holder = None
+                for other, (owner, _sock) in self._held.items():
+                    if other.proto == key.proto and other.port == key.port:
+                        holder = f"endpoint {owner[:12]}"
+                raise Conflict(f"host port {key} is in use by {holder or process_owner(key.proto, key.port) or 'another socket'}") from None
+            self._held[key] = (endpoint, sock)
+
+    def release(self, keys: Iterable[HostPort]) -> None:
+        with self._lock:
+            for key in keys:
+                held = self._held.pop(key, None)
+                if held is not None:
+                    held[1].close()
+
+    def held(self) -> dict[HostPort, str]:
+        with self._lock:
+            return {key: endpoint for key, (endpoint, _sock) in self._held.items()}
+
+    def sync(self, wanted: dict[HostPort, str]) -> list[str]:
+        """Hold exactly `wanted` (from the records: after a restart, or a container removed
+        while the plugin was down); returns what could not be taken back."""
+        held = self.held()
+        self.release(key for key, endpoint in held.items() if wanted.get(key) != endpoint)
+        problems = []
+        for key, endpoint in sorted(wanted.items()):
+            if held.get(key) == endpoint:
+                continue
+            try:
+                self.reserve(key, endpoint)
+            except (Conflict, Unavailable) as err:
+                problems.append(f"endpoint {endpoint[:12]}: {err}")
+        return problems
+
+    def close(self) -> None:
+        self.release(list(self.held()))

@@ -1,0 +1,153 @@
+"""Published ports through Docker's calls (ProgramExternalConnectivity / Revoke), replayed
+through the Flask app: what is recorded, held and programmed, and every refusal."""
+
+from __future__ import annotations
+
+import pytest
+from test_protocol import EP, NET, SANDBOX, call, create_network, ok
+
+from canal.dataplane.ports import HostPort
+
+PORTMAP = "com.docker.network.portmap"
+
+
+def learned(plugin, ep=EP):
+    """As the Docker watcher does once the container started: labels and network name."""
+    from canal.records import NetworkRecord, replace
+
+    key = plugin.keys.network("h1", NET)
+    plugin.store.put(key, replace(NetworkRecord.parse(plugin.store.get_json(key), f"h1/{NET}"), name="web").to_json())
+    plugin.networks.update_endpoint(NET, ep, lambda r: replace(r, labels={"app": "srv"}))
+    plugin._changed(False)
+
+
+def endpoint(client, ep=EP):
+    addr = ok(client, "IpamDriver.RequestAddress", {"PoolID": "canal-default", "Address": "", "Options": None})["Address"]
+    ok(client, "NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": ep,
+                                                "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}})
+    ok(client, "NetworkDriver.Join", {"NetworkID": NET, "EndpointID": ep, "SandboxKey": SANDBOX, "Options": {}})
+    return addr.split("/")[0]
+
+
+def binding(proto=6, port=80, host_port=8080, end=None, host_ip=""):
+    return {"Proto": proto, "IP": "", "Port": port, "HostIP": host_ip, "HostPort": host_port,
+            "HostPortEnd": host_port if end is None else end}
+
+
+def program(client, *bindings, ep=EP):
+    return call(client, "NetworkDriver.ProgramExternalConnectivity",
+                {"NetworkID": NET, "EndpointID": ep, "Options": {PORTMAP: list(bindings)}})
+
+
+def nat(plugin) -> list[str]:
+    return plugin.iptables.tables["nat"].rules.get("CANAL-DNAT", [])
+
+
+def ingress(plugin, ep=EP) -> list[str]:
+    return plugin.iptables.tables["filter"].rules[f"CANAL-TW-{ep[:12]}"]
+
+
+def test_publish_records_holds_and_programs_then_revoke_undoes_it(client, plugin):
+    create_network(client)
+    ip = endpoint(client)
+    learned(plugin)
+    assert program(client, binding(), binding(17, 90, 9090, host_ip="127.0.0.1")) == (200, {})
+    assert [str(b) for b in plugin.networks.endpoint(NET, EP).ports] == [
+        "80/tcp -> 0.0.0.0:8080", "90/udp -> 127.0.0.1:9090"]
+    assert set(plugin.reservations.held()) == {HostPort("tcp", 8080), HostPort("udp", 9090, _ip("127.0.0.1"))}
+    assert nat(plugin) == [
+        "-m addrtype ! --dst-type LOCAL -j RETURN",
+        f"-p tcp -m tcp --dport 8080 -j DNAT --to-destination {ip}:80",
+        f"-d 127.0.0.1/32 -p udp -m udp --dport 9090 -j DNAT --to-destination {ip}:90",
+    ]
+    # Ingress profile: the published ports, DNATed, from anywhere (policies may narrow it).
+    assert "-p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -j RETURN" in ingress(plugin)
+    # A replay is idempotent.
+    assert program(client, binding(), binding(17, 90, 9090, host_ip="127.0.0.1")) == (200, {})
+    ok(client, "NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NET, "EndpointID": EP})
+    assert plugin.networks.endpoint(NET, EP).ports == ()
+    assert plugin.reservations.held() == {}
+    assert nat(plugin) == ["-m addrtype ! --dst-type LOCAL -j RETURN"]
+    assert not any("DNAT" in r for r in ingress(plugin))
+    ok(client, "NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NET, "EndpointID": EP})  # replay
+
+
+def test_any_port_comes_from_the_ephemeral_range_and_a_replay_keeps_it(client, plugin):
+    create_network(client)
+    endpoint(client)
+    ok(client, "NetworkDriver.ProgramExternalConnectivity",
+       {"NetworkID": NET, "EndpointID": EP, "Options": {PORTMAP: [binding(host_port=0)]}})
+    first = plugin.networks.endpoint(NET, EP).ports[0].host_port
+    low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    assert low <= first <= high
+    program(client, binding(host_port=0))
+    assert plugin.networks.endpoint(NET, EP).ports[0].host_port == first
+
+
+def test_a_range_takes_the_first_free_port(client, plugin):
+    create_network(client)
+    endpoint(client)
+    plugin.reservations.busy[HostPort("tcp", 8100)] = "process nginx (pid 7)"
+    assert program(client, binding(host_port=8100, end=8102))[0] == 200
+    assert plugin.networks.endpoint(NET, EP).ports[0].host_port == 8101
+
+
+def test_a_taken_port_is_refused_naming_its_owner_and_nothing_is_kept(client, plugin):
+    create_network(client)
+    endpoint(client)
+    other = "a1b2" * 16
+    endpoint(client, other)
+    assert program(client, binding(), ep=other)[0] == 200
+    before = plugin.dump()
+    status, answer = program(client, binding(port=81, host_port=8081), binding())
+    assert status == 409 and "0.0.0.0:8080/tcp is already published by endpoint a1b2a1b2a1b2" in answer["Err"]
+    assert plugin.dump() == before  # nothing recorded
+    assert HostPort("tcp", 8081) not in plugin.reservations.held()  # nor held
+    plugin.reservations.busy[HostPort("tcp", 9000)] = "process python3 (pid 42)"
+    status, answer = program(client, binding(host_port=9000))
+    assert status == 409 and "9000/tcp is in use by process python3 (pid 42)" in answer["Err"]
+    status, answer = program(client, binding(host_port=8100, end=8101), binding(port=82, host_port=8100, end=8101),
+                             binding(port=83, host_port=8100, end=8101))
+    assert status == 409 and "no free host port in 8100-8101" in answer["Err"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    (binding(proto=99), "Proto must be 6 (tcp), 17 (udp) or 132 (sctp), got int"),
+    (binding(host_ip="::1"), "HostIP must be an IPv4 address or empty (IPv6 is not supported)"),
+    (binding(host_ip="10.0.0.1; rm"), "HostIP must be an IPv4 address"),
+    (binding(port=0), "Port must be a port number 1-65535"),
+    (binding(host_port=70000), "HostPort must be a port number 0-65535"),
+    (binding(host_port=8080, end=8000), "HostPortEnd 8000 is below HostPort 8080"),
+    ("x", "must be an object"),
+])
+def test_bad_bindings_are_named_and_change_nothing(client, plugin, entry, message):
+    create_network(client)
+    endpoint(client)
+    before = plugin.dump()
+    status, answer = program(client, entry)
+    assert status == 400 and message in answer["Err"], answer
+    assert plugin.dump() == before and plugin.reservations.held() == {}
+
+
+def test_publish_on_an_unknown_endpoint_is_404_and_revoke_of_one_is_fine(client, plugin):
+    create_network(client)
+    status, _ = program(client, binding())
+    assert status == 404
+    ok(client, "NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NET, "EndpointID": EP})
+
+
+def test_a_pending_endpoint_stays_closed_to_published_traffic(client, plugin):
+    """Fail-closed labels hold for DNATed traffic: until its identity is known the endpoint's
+    ingress chain drops everything, published ports included; then they open."""
+    create_network(client)
+    endpoint(client)
+    program(client, binding())
+    assert ingress(plugin)[1:] == ["-j DROP"]
+    learned(plugin)
+    assert "-p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -j RETURN" in ingress(plugin)
+
+
+def _ip(text):
+    import ipaddress
+
+    return ipaddress.IPv4Address(text)
