@@ -184,6 +184,20 @@ def test_removal_restart_and_unpublish(b):
     assert not bind_fails(h, 8080)
 
 
+def test_dockerd_restart_republishes_exactly_once(b):
+    """dockerd restarts: a --restart=always container comes back published, with one rule per
+    port; one without a restart policy leaves none behind."""
+    h, client, _ = b
+    h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "web")
+    serve(h, "always", "-p", "8080:80", "--restart", "always")
+    serve(h, "once", "-p", "8081:80")
+    h.restart_dockerd(["-H", "unix:///run/docker.sock"])
+    wait_until(lambda: tcp(client.exec, HOST_IP, 8080) == "hello-always", timeout=30, what="8080 back after dockerd")
+    assert len([r for r in nat_rules(h) if "--dport 8080 " in r]) == 1, nat_rules(h)
+    wait_until(lambda: not [r for r in nat_rules(h) if "--dport 8081 " in r], timeout=10, what="8081 gone")
+    assert not bind_fails(h, 8081)
+
+
 def bind_fails(h: SimHost, port: int) -> bool:
     script = f"import socket; s=socket.socket(); s.bind(('0.0.0.0', {port})); print('bound')"
     return "bound" not in h.exec(["python3", "-c", script], check=False).stdout
