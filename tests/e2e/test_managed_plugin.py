@@ -9,7 +9,9 @@ also gets its own /var/lib (a directory of its workdir bind-mounted in its priva
 namespace) and its own /etc (an overlay over the machine's, so /etc/canal/pki can be created
 without touching the machine), and the host preparation the README asks for (the mount
 sources /var/lib/canal, /etc/canal/pki, /run/flannel, /run/xtables.lock), so the plugin's
-default mounts are used as is and the machine's /var/lib and /etc are never written.
+default mounts are used as is and the machine's /var/lib and /etc are never written. The one
+mount source set per host is `docker-exec-root`: the test dockerd's own --exec-root, a shared
+mount in the host's mount namespace (see testbed.host), where its sandboxes are.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ MOUNTS = {
     "xtables-lock": ("/run/xtables.lock", "/run/xtables.lock"),
     "flannel": ("/run/flannel", "/run/flannel"),
     "sysctl": ("/proc/sys/net", "/host/proc/sys/net"),
+    "docker-exec-root": ("/run/docker", "/host/run/docker"),
 }
 #: The layout before the narrow mounts (the host's whole /var/lib and /run, read-write): the
 #: upgrade test builds that plugin to upgrade from it.
@@ -79,7 +82,7 @@ def test_config_json_declares_every_setting_a_user_needs():
     assert "canal serve" in " ".join(cfg["entrypoint"])
     env = {e["name"]: e for e in cfg["env"]}
     fixed = {"CANAL_SOCKET": "/run/docker/plugins/canal.sock", "CANAL_STATE_DIR": "/host/var/lib/canal",
-             "CANAL_SYSCTL_DIR": "/host/proc/sys"}
+             "CANAL_SYSCTL_DIR": "/host/proc/sys", "CANAL_NETNS_DIR": "/host/run/docker/netns"}
     for name, value in fixed.items():
         assert env[name]["value"] == value and env[name]["settable"] == []
     known = {configmod.env_name(f.name): f for f in dataclasses.fields(configmod.Config)}
@@ -97,6 +100,13 @@ def test_config_json_declares_every_setting_a_user_needs():
     assert "ro" in mounts["certs"]["options"] and "rw" not in mounts["certs"]["options"]
     assert mounts["state"]["settable"] == ["source"] and mounts["certs"]["settable"] == ["source"]
     assert env["CANAL_DOCKER_HOST"]["value"] == "unix:///run/docker.sock"
+    # Containers on several canal networks: the plugin enters their sandboxes (setns needs
+    # CAP_SYS_ADMIN), found below dockerd's exec root, mounted so later sandboxes appear too.
+    assert cfg["linux"]["capabilities"] == ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+    exec_root = mounts["docker-exec-root"]
+    assert exec_root["type"] == "bind" and exec_root["settable"] == ["source"]
+    assert {"rbind", "rslave", "ro"} <= set(exec_root["options"]) and "rw" not in exec_root["options"]
+    assert env["CANAL_NETNS_DIR"]["value"] == exec_root["destination"] + "/netns"
     # Upgrade from the previous layout: the state directory is the same host directory.
     assert env["CANAL_STATE_DIR"]["value"] == mounts["state"]["destination"]
     previous = dict(PREVIOUS_MOUNTS)
@@ -245,8 +255,14 @@ class Bed:
         return (self.h1, self.h2)
 
 
+def exec_root_source(h: SimHost) -> str:
+    """The `docker-exec-root` mount's source for this host: its dockerd's own --exec-root (a
+    shared mount in the host's mount namespace, see testbed.host), where its sandboxes are."""
+    return f"docker-exec-root.source={h.exec_root}"
+
+
 def install(h: SimHost, ref: str, *settings: str) -> None:
-    h.docker("plugin", "install", "--grant-all-permissions", ref, *settings, timeout=600)
+    h.docker("plugin", "install", "--grant-all-permissions", ref, exec_root_source(h), *settings, timeout=600)
     PLUGIN_IDS.append(h.docker("plugin", "inspect", "-f", "{{.Id}}", ref).stdout.strip())
 
 
@@ -377,7 +393,8 @@ def test_installed_from_the_registry_and_enabled_on_both_hosts(b):
         assert f"CANAL_ETCD_ENDPOINTS={b.etcd.endpoint}" in env and f"CANAL_NETWORK={CLUSTER}" in env
         assert info["PluginReference"] == b.ref
         mounts = {m["Name"]: m["Source"] for m in info["Settings"]["Mounts"]}
-        assert mounts == {name: source for name, (source, _) in MOUNTS.items()}
+        assert mounts == {**{name: source for name, (source, _) in MOUNTS.items()},
+                          "docker-exec-root": str(h.exec_root)}
         assert len(plugin_pids(h)) >= 1
         # Inside the plugin: exactly the narrow mounts, not the host's /run or /var/lib.
         inside = plugin_mountpoints(h)
@@ -401,6 +418,39 @@ def test_containers_on_two_hosts_talk(b):
         out = b.etcd.etcdctl("get", "--prefix", "/canal/v1/networks/", "--print-value-only").stdout
         return sorted(json.loads(line).get("name") or "" for line in out.splitlines() if line.startswith("{"))
     wait_until(lambda: names() == ["appnet", "appnet"], timeout=20, what="network names learned from Docker")
+
+
+def test_second_canal_network_by_connect(b):
+    """`docker network connect` of a second canal network: the managed plugin enters the
+    container's sandbox (CAP_SYS_ADMIN, the docker-exec-root mount) and routes each network
+    through its own interface. A sandbox created after the plugin started is visible in the
+    plugin (rslave over the host's shared exec root), and gone from it again once its container
+    is removed (the plugin's mount namespace keeps no network namespace alive)."""
+    h = b.h1
+    for name in ("front", "back"):
+        net(b, h, name)
+    daemon(h, "web", "front")
+    daemon(h, "db", "back")
+    daemon(h, "proxy", "front")
+    key = h.docker("inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "proxy").stdout.strip()
+    inside = "/host/run/docker/netns/" + key.rsplit("/", 1)[-1]
+    assert key.startswith(f"{h.exec_root}/netns/") and inside in plugin_mountpoints(h), key
+    # The connect's Join reads the sandbox: no fallback for an unreadable one (EPERM without
+    # CAP_SYS_ADMIN, say), which the plugin logs as "cannot read sandbox".
+    unread = plugin_output(h).count("cannot read sandbox")
+    h.docker("network", "connect", "back", "proxy")
+    web, db = ip_of(h, "web", "front"), ip_of(h, "db", "back")
+    assert pings(h, "proxy", web) and pings(h, "proxy", db)
+    # Canal's own routes in the sandbox (busybox's ip does not show the protocol): each
+    # network's through its own interface.
+    pid = h.container_pid("proxy")
+    ours = h.exec(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "route", "show", "proto", "101"]).stdout
+    assert "dev eth0" in ours and "dev eth1" in ours, ours
+    assert pings(h, "db", ip_of(h, "proxy", "back"))
+    assert not pings(h, "web", db, timeout=3)  # isolation (db answers the proxy, above)
+    assert plugin_output(h).count("cannot read sandbox") == unread
+    h.docker("rm", "-f", "proxy")
+    wait_until(lambda: inside not in plugin_mountpoints(h), timeout=10, what="the sandbox gone from the plugin")
 
 
 def test_disable_enable_keeps_connectivity_allocations_and_takes_new_settings(b):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from e2e_support import IMAGE
-from test_managed_plugin import Registry, plugin_enabled, plugin_host, remove_everything
+from test_managed_plugin import Registry, exec_root_source, plugin_enabled, plugin_host, remove_everything
 
 from testbed import REPO, Etcd, SimHost, TestbedError, Underlay, wait_until
 from testbed._util import cgroup_dirs, remove_cgroups, run
@@ -34,7 +34,7 @@ class Swarm:
         return (self.manager, self.worker)
 
     def install(self, h: SimHost) -> None:
-        h.docker("plugin", "install", "--grant-all-permissions", self.ref,
+        h.docker("plugin", "install", "--grant-all-permissions", self.ref, exec_root_source(h),
                  f"CANAL_ETCD_ENDPOINTS={self.etcd.endpoint}", *SETTINGS, timeout=600)
         PLUGIN_IDS.append(h.docker("plugin", "inspect", "-f", "{{.Id}}", self.ref).stdout.strip())
 
@@ -166,6 +166,33 @@ def test_swarm_network_and_services_across_nodes(sw):
             assert reaches(h, cid, ip)
             out = h.container_exec(cid, "sh", "-c", f"nc -w 2 {ip} 8080 </dev/null", check=False, timeout=20).stdout
             assert "pong-api" in out
+
+
+def test_service_on_two_canal_networks_across_nodes(sw):
+    """A service on two canal networks (--network twice), one task per node: each of its tasks
+    reaches the tasks of a service on either network by their addresses, on its own node and
+    on the other; tasks of the two single-network services do not reach each other."""
+    swarm_net(sw, "neta")
+    swarm_net(sw, "netb")
+    spread = ("--endpoint-mode", "dnsrr", "--replicas-max-per-node", "1")
+    service(sw, "multi", "neta", "--network", "netb", *spread)
+    service(sw, "ona", "neta", *spread)
+    service(sw, "onb", "netb", *spread)
+    for name in ("multi", "ona", "onb"):
+        assert {h.name for h, _ in tasks(sw, name)} == {"s1", "s2"}, name
+    on_a = [task_ip(h, cid, "neta") for h, cid in tasks(sw, "ona")]
+    on_b = [task_ip(h, cid, "netb") for h, cid in tasks(sw, "onb")]
+    for h, cid in tasks(sw, "multi"):
+        for ip in on_a + on_b:
+            assert reaches(h, cid, ip), (h.name, ip, h.container_exec(cid, "ip", "route").stdout)
+    # Each single-network task reaches the multi-network tasks on its own network (the
+    # positive control of the isolation below) and no task of the other network.
+    for svc, own, other in (("ona", "neta", on_b), ("onb", "netb", on_a)):
+        for h, cid in tasks(sw, svc):
+            for mh, mcid in tasks(sw, "multi"):
+                assert reaches(h, cid, task_ip(mh, mcid, own)), (svc, h.name, mh.name)
+            for ip in other:
+                assert not reaches(h, cid, ip, timeout=3), (svc, h.name, ip)
 
 
 def test_scale_and_remove_leave_nothing_behind(sw):

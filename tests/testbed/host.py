@@ -5,6 +5,12 @@ owns a private mount namespace with its own tmpfs /run (docker.sock, /run/docker
 and a sysfs showing the host's own interfaces, and a UTS namespace with its own hostname.  dockerd, the plugin and `exec()` all run
 with ``nsenter`` into both namespaces, so default paths work as on a real machine and
 nothing touches the machine's root netns.
+
+dockerd's --exec-root (where its sandboxes, the containers' network namespaces, are mounted at
+netns/<id>) is bound onto itself and made a *shared* mount inside the host's mount namespace,
+as it is on a systemd host (where / and /run are shared): a managed plugin that bind-mounts it
+rslave then sees sandboxes created after it started.  The mount exists only in the holder's
+namespace (created private), never in the machine's own.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ for m in "$@"; do
 done
 mount --move /run/.cnlt-sys /sys
 rmdir /run/.cnlt-sys
+mkdir -p "$CNLT_EXEC_ROOT"
+mount --bind "$CNLT_EXEC_ROOT" "$CNLT_EXEC_ROOT"
+mount --make-shared "$CNLT_EXEC_ROOT"
 echo ready
 exec sleep infinity >/dev/null
 """
@@ -145,7 +154,8 @@ class SimHost:
         with open(self.workdir / "holder.log", "ab") as errlog:
             self.holder = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                            stderr=errlog, start_new_session=True,
-                                           env={**os.environ, "CNLT_HOSTNAME": self.hostname})
+                                           env={**os.environ, "CNLT_HOSTNAME": self.hostname,
+                                                "CNLT_EXEC_ROOT": str(self.exec_root)})
         assert self.holder.stdout is not None
         ready, _, _ = select.select([self.holder.stdout], [], [], timeout)
         line = self.holder.stdout.readline().decode().strip() if ready else ""
