@@ -74,6 +74,7 @@ class ContractPlugin:
             {k: NetworkRecord.parse(v, k) for k, v in self.store.list_json(self.keys.networks).items()},
             {k: EndpointRecord.parse(v, k) for k, v in self.store.list_json(self.keys.endpoints).items()},
             policies=tuple(self.policies.list()),
+            held_ports={(k.proto, str(k.ip or ""), k.port): e for k, e in self.reservations.held().items()},
         )
 
     def _changed(self, sync: bool) -> None:

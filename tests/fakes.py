@@ -141,7 +141,8 @@ class FakeReservations(Reservations):
                 raise Conflict(f"host port {key} is already published by endpoint {held[0][:12]}")
             if key in self.busy:
                 raise Conflict(f"host port {key} is in use by {self.busy[key]}")
-            self._held[key] = (endpoint, _NoSocket())
+            self._held[key] = (endpoint, _NoSocket())  # type: ignore[assignment]
+            self._since[key] = self.clock()
 
 
 class _NoSocket:

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from canal.agent.agent import Agent
 from canal.agent.desired import (
@@ -22,7 +22,6 @@ from canal.agent.desired import (
     desired_vxlan,
     endpoint_rows,
     identity_known,
-    local_endpoints,
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
@@ -40,6 +39,7 @@ from canal.errors import CanalError, Unavailable
 from canal.policy.compiler import HostProtection
 from canal.policy.model import Policy
 from canal.records import (
+    EndpointRecord,
     Lease,
     NetworkRecord,
     RecordError,
@@ -180,7 +180,7 @@ class Plugin:
             config.resync_interval,
             periodic=self.renew_lease,
             steps=steps,
-            side_steps=[self.forget_departed, self.hold_ports],
+            side_steps=[self.forget_departed],
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
         )
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
@@ -221,14 +221,17 @@ class Plugin:
         if not sync:
             self.agent.trigger()
 
-    def hold_ports(self, snap: Snapshot, full: bool) -> None:
-        """Hold the host ports the records publish: after a restart, and let go of those of
-        endpoints removed while the plugin was down."""
-        problems = self.reservations.sync(wanted_reservations(local_endpoints(snap)))
+    def hold_ports(self, endpoints: Mapping[str, EndpointRecord]) -> dict[tuple[str, str, int], str]:
+        """Hold the host ports the records publish (after a restart; and let go of those of
+        endpoints removed while the plugin was down), before the pass computes the DNAT: only
+        ports actually held are DNATed."""
+        local = [ep for ep in endpoints.values() if ep.host == self.host and ep.joined]
+        problems = self.reservations.sync(wanted_reservations(local))
         if problems and problems != self._port_problems:
-            log.warning("published ports not reserved (their DNAT is in place; a process may hold "
-                        "the port): %s", "; ".join(problems)[:1000])
+            log.warning("published ports not held, so not DNATed (a host process holds them, or the "
+                        "records are not this plugin's): %s", "; ".join(problems)[:1000])
         self._port_problems = problems
+        return {(k.proto, str(k.ip or ""), k.port): endpoint for k, endpoint in self.reservations.held().items()}
 
     def _retry_soon(self, delay: float) -> None:
         """Another pass shortly: an interface Docker is still moving into its sandbox."""
@@ -427,17 +430,19 @@ class Plugin:
         are quarantined by the mirror and absent here."""
         network = self.cluster_network().with_prefixlen
         policies, broken = self._policies()
+        endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
         return Snapshot(
             host=self.host,
             cluster_network=network,
             networks=self._networks(),
-            endpoints=self.mirror.records(self.keys.endpoints, endpoint_entry),
+            endpoints=endpoints,
             own_subnet=self.lease.subnet if self.lease else None,
             leases=tuple(self._leases()) if self.multihost else (),
             routes=self._routes() if self.multihost else {},
             policies=policies,
             broken_policy_scopes=broken,
             settings=self.dataplane_settings(),
+            held_ports=self.hold_ports(endpoints),
         )
 
     def dataplane_settings(self) -> DataplaneSettings:

@@ -151,3 +151,35 @@ def _ip(text):
     import ipaddress
 
     return ipaddress.IPv4Address(text)
+
+
+def test_a_forged_record_cannot_divert_a_port_a_host_service_holds(client, plugin):
+    """A record naming a host port this plugin does not hold (sshd's 22, etcd's 2379) is not
+    DNATed: only held ports are. Positive control: the same forged binding on a free port is."""
+    from canal.records import PortBinding, replace
+
+    create_network(client)
+    endpoint(client)
+    learned(plugin)
+    plugin.reservations.busy[HostPort("tcp", 22)] = "process sshd (pid 1)"
+    forged = (PortBinding("tcp", 80, 22), PortBinding("tcp", 81, 2222))
+    plugin.networks.update_endpoint(NET, EP, lambda r: replace(r, ports=forged))
+    # What the running plugin does on every pass: hold what the records publish, DNAT what is held.
+    plugin.reservations.sync({HostPort("tcp", b.host_port): EP for b in forged})
+    plugin._changed(False)
+    rules = " ".join(nat(plugin))
+    assert "--dport 2222 " in rules  # control: a held port is programmed
+    assert "--dport 22 " not in rules
+
+
+def test_reservations_keep_a_young_one_through_mirror_lag_then_let_go():
+    from fakes import FakeReservations
+
+    now = [100.0]
+    reservations = FakeReservations()
+    reservations.clock = lambda: now[0]
+    reservations.reserve(HostPort("tcp", 8080), EP)
+    assert reservations.sync({}) == [] and HostPort("tcp", 8080) in reservations.held()
+    now[0] += reservations.GRACE + 1
+    reservations.sync({})
+    assert reservations.held() == {}

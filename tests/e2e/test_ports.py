@@ -61,9 +61,15 @@ def serve(h: SimHost, name: str, *opts: str, network: str = "web") -> None:
     wait_open(h, name)
 
 
-def tcp(run, address: str, port: int) -> str:
-    proc = run(["busybox", "nc", "-w", "2", address, str(port)], check=False, input="")
-    return proc.stdout.strip()
+def tcp(run, address: str, port: int, tries: int = 3) -> str:
+    """The server's answer, "" if none: retried, as the busybox server loop has a moment
+    between two connections when nothing listens."""
+    for _ in range(tries):
+        answer = run(["busybox", "nc", "-w", "2", address, str(port)], check=False, input="").stdout.strip()
+        if answer:
+            return answer
+        time.sleep(0.2)
+    return ""
 
 
 def udp(run, address: str, port: int) -> str:

@@ -49,6 +49,9 @@ class Snapshot:
     # Endpoints such a policy could select are closed (fail closed, never open).
     broken_policy_scopes: frozenset[Optional[str]] = frozenset()
     settings: "DataplaneSettings" = field(default_factory=lambda: DataplaneSettings())
+    # Published host ports this plugin holds, (proto, host ip or "", port) -> endpoint id: only
+    # those are DNATed, so a forged record cannot divert a port some host service listens on.
+    held_ports: Mapping[tuple[str, str, int], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,13 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         if (own := network_of(snap, ep)) is None or (own.nat and not own.internal)
     )
     state.ipsets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
-    published = sorted((b, ep.ip_text) for ep in local_endpoints(snap) if ep.joined for b in ep.ports)
+    published = sorted(
+        (b, ep.ip_text)
+        for ep in local_endpoints(snap)
+        if ep.joined
+        for b in ep.ports
+        if snap.held_ports.get((b.proto, str(b.host_ip or ""), b.host_port)) == ep.id
+    )
     # Published ports: DNAT of traffic to the host's own addresses (from other hosts, from this
     # one, loopback included), so remote clients keep their address for the container's policy.
     state.chains[("nat", DNAT)] = ["-m addrtype ! --dst-type LOCAL -j RETURN"] + [

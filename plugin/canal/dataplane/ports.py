@@ -13,8 +13,9 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from canal.errors import Conflict, Unavailable
 from canal.records import PortBinding
@@ -87,9 +88,13 @@ def process_owner(proto: str, port: int, proc: str = "/proc") -> str:
 class Reservations:
     """Bound sockets, one per published host port, owned by the endpoint that published it."""
 
-    def __init__(self) -> None:
+    GRACE = 10.0  # seconds a new reservation is kept though no record shows it yet (mirror lag)
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._held: dict[HostPort, tuple[str, socket.socket]] = {}  # -> (endpoint id, socket)
+        self._since: dict[HostPort, float] = {}
+        self.clock = clock
 
     def owner(self, key: HostPort) -> str:
         """The endpoint holding `key` or a port overlapping it ('' if none of ours)."""
@@ -129,10 +134,12 @@ class Reservations:
                         holder = f"endpoint {owner[:12]}"
                 raise Conflict(f"host port {key} is in use by {holder or process_owner(key.proto, key.port) or 'another socket'}") from None
             self._held[key] = (endpoint, sock)
+            self._since[key] = self.clock()
 
     def release(self, keys: Iterable[HostPort]) -> None:
         with self._lock:
             for key in keys:
+                self._since.pop(key, None)
                 held = self._held.pop(key, None)
                 if held is not None:
                     held[1].close()
@@ -143,9 +150,13 @@ class Reservations:
 
     def sync(self, wanted: dict[HostPort, str]) -> list[str]:
         """Hold exactly `wanted` (from the records: after a restart, or a container removed
-        while the plugin was down); returns what could not be taken back."""
+        while the plugin was down); returns what could not be taken back. A reservation younger
+        than GRACE is kept: its record may not have reached the records read yet."""
         held = self.held()
-        self.release(key for key, endpoint in held.items() if wanted.get(key) != endpoint)
+        now = self.clock()
+        with self._lock:
+            young = {key for key, since in self._since.items() if now - since < self.GRACE}
+        self.release(key for key, endpoint in held.items() if wanted.get(key) != endpoint and key not in young)
         problems = []
         for key, endpoint in sorted(wanted.items()):
             if held.get(key) == endpoint:
