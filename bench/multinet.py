@@ -22,9 +22,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "e2e"), os.path.join(HERE, "..", "plugin")]
 
-from e2e_support import wait_open  # noqa: E402
+from e2e_support import start_host, wait_open  # noqa: E402
 
-from testbed import IMAGE, SimHost, Underlay  # noqa: E402
+from testbed import IMAGE, Underlay  # noqa: E402
 
 SERVER = "while true; do echo hi | nc -l -p 80; done & sleep 100000"
 
@@ -46,10 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     ul = Underlay()
     try:
-        h = SimHost(ul, "b1", "198.18.0.1")
-        h.start_dockerd()
-        h.load_image()
-        h.start_plugin(["--network", "100.64.0.0/16"])
+        h = start_host(ul, "b1", "198.18.0.1", ["--network", "100.64.0.0/16"])
         for name in ("front", "back"):
             h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", name)
         h.docker("network", "create", "-d", "bridge", "br")
