@@ -190,6 +190,30 @@ def test_removal_restart_and_unpublish(b):
     assert not bind_fails(h, 8080)
 
 
+def test_published_ports_follow_the_gateway_network_through_connect_and_disconnect(b):
+    """Docker publishes on the network holding the default route: connecting a network that
+    takes it over (first by name) moves the ports there, disconnecting moves them back; one
+    DNAT rule at every moment, always reachable."""
+    h, client, _ = b
+    for name in ("web", "aaa"):
+        h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", name)
+    serve(h, "srv", "-p", "8080:80")
+    web_ip = h.docker_json("inspect", "srv")[0]["NetworkSettings"]["Networks"]["web"]["IPAddress"]
+    assert [r for r in nat_rules(h) if "--dport 8080 " in r][0].endswith(f"{web_ip}:80")
+    h.docker("network", "connect", "aaa", "srv")
+    wait_open(h, "srv")
+    aaa_ip = h.docker_json("inspect", "srv")[0]["NetworkSettings"]["Networks"]["aaa"]["IPAddress"]
+    wait_until(lambda: [r for r in nat_rules(h) if "--dport 8080 " in r] == [
+        f"-A CANAL-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination {aaa_ip}:80"], timeout=10,
+        what="the port moved to the new gateway network")
+    assert tcp(client.exec, HOST_IP, 8080) == "hello-srv"
+    h.docker("network", "disconnect", "aaa", "srv")
+    wait_until(lambda: [r for r in nat_rules(h) if "--dport 8080 " in r] == [
+        f"-A CANAL-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination {web_ip}:80"], timeout=10,
+        what="the port back on web")
+    assert tcp(client.exec, HOST_IP, 8080) == "hello-srv"
+
+
 def test_dockerd_restart_republishes_exactly_once(b):
     """dockerd restarts: a --restart=always container comes back published, with one rule per
     port; one without a restart policy leaves none behind."""
