@@ -54,6 +54,15 @@ def secret_values(cfg: Config) -> list[str]:
     return [v for v in values if v]
 
 
+def plugin_half(cfg: Config, status: dict[str, Any], records: dict[str, Any],
+                log_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What GET /canal/v1/diagnose answers: redacted as a whole before it leaves the plugin."""
+    data = {"status": status, "settings": settings(cfg), "records": records, "logs": log_records}
+    secrets = secret_values(cfg)
+    redact = Redactor(secrets + [json.dumps(v)[1:-1] for v in secrets])  # also as JSON escapes them
+    return dict(json.loads(redact(json.dumps(data, default=str))))
+
+
 def _tool_output(run: Run, argv: list[str]) -> str:
     try:
         return run(argv)
@@ -91,7 +100,7 @@ def kernel_state(vni: int, run: Run = default_run, backends: tuple[str, ...] = (
     return parts
 
 
-def bundle(parts: Mapping[str, Any], redact: Redactor, now: Optional[float] = None) -> bytes:
+def bundle(parts: Mapping[str, Any], redact: Callable[[str], str], now: Optional[float] = None) -> bytes:
     """The tar.gz: each part (text, or data written as JSON) redacted on its way in."""
     buffer = io.BytesIO()
     stamp = time.time() if now is None else now

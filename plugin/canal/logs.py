@@ -7,7 +7,8 @@ can fetch them over the socket without access to the journal or a log file.
 
 Redaction: every known secret value (the etcd password, from the flag or its file) is replaced
 by `***` in the message, the context and exception text before a record is formatted or kept;
-PEM private-key blocks are cut out whatever their origin.
+PEM private-key blocks and credentials in URLs (scheme://user:pass@) are cut out whatever
+their origin.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Iterable
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d:%(threadName)s] %(message)s"
 MASK = "***"
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
 _PEM_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.S)
 # LogRecord attributes that are not context: everything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -40,6 +42,8 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, MASK)
+        if "://" in text:
+            text = _URL_CREDENTIALS.sub(rf"\1{MASK}@", text)
         return _PEM_KEY.sub("-----PRIVATE KEY REDACTED-----", text) if "PRIVATE KEY" in text else text
 
 

@@ -6,7 +6,6 @@ Nothing is built at import time; tests build services with fakes where they need
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -414,7 +413,6 @@ class Plugin:
         """The plugin's half of `canal diagnose`: redacted here, and again as the CLI writes it."""
         from canal import diagnose, logs
 
-        redact = logs.Redactor(diagnose.secret_values(self.config))
         records: dict[str, Any] = {}
         try:
             snap = self.snapshot()
@@ -429,13 +427,7 @@ class Plugin:
                                     "value": entry.json() if entry else None}
         except CanalError as err:
             records["error"] = str(err)
-        data = {
-            "status": self.status(),
-            "settings": diagnose.settings(self.config),
-            "records": records,
-            "logs": logs.RING.records(),
-        }
-        return json.loads(redact(json.dumps(data, default=str)))
+        return diagnose.plugin_half(self.config, self.status(), records, logs.RING.records())
 
     def _lease_status(self) -> dict[str, Any] | None:
         if self.lease is None:

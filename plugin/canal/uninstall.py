@@ -33,7 +33,15 @@ from canal.dataplane.iptables import check_restore, find_tool, parse_save
 from canal.datastore.base import Datastore, Delete
 from canal.datastore.keys import Keys
 from canal.errors import CanalError, Conflict
-from canal.records import HostRecord, Lease, RecordError, endpoint_entry
+from canal.records import (
+    HostRecord,
+    Lease,
+    RecordError,
+    address_entry,
+    endpoint_entry,
+    network_entry,
+    route_entry,
+)
 from canal.services.hosts import Hosts
 
 log = logging.getLogger(__name__)
@@ -201,8 +209,15 @@ class Uninstall:
                 key = keys.lease(lease.subnet)
                 steps.append(Step(f"release subnet lease {lease.subnet} ({key})", partial(self._release, key)))
         hosts = Hosts(store, keys, self.host, self.public_ip)
-        steps.append(Step(f"remove host {self.host}'s networks, routes and addresses from the datastore",
-                          lambda: hosts._collect(self.host, _records(store))))
+        records = _records(store)
+        # What Hosts._collect removes (no endpoints here: refused above)
+        count = sum(1 for prefix, parse in ((keys.networks, network_entry), (keys.routes, route_entry))
+                    for r in records(prefix, parse).values() if r.host == self.host)
+        count += sum(1 for a in records(keys.addresses, address_entry).values()
+                     if a.host == self.host and a.kind == "endpoint" and not a.endpoint)
+        if count:
+            steps.append(Step(f"remove host {self.host}'s {count} network, route and address record(s)",
+                              lambda: hosts._collect(self.host, records)))
         if store.get(keys.host(self.host)) is not None:
             steps.append(Step(f"remove host record {keys.host(self.host)}",
                               lambda: store.txn([], [Delete(keys.host(self.host))])))
