@@ -75,12 +75,19 @@ def _records(store: Datastore) -> Callable[[str, Callable[[str, Any], Any]], dic
 
 def refuse_endpoints(store: Datastore, keys: Keys, host: str) -> None:
     """Conflict naming the containers of this host's canal endpoints, if any."""
-    endpoints = _records(store)(keys.endpoints, endpoint_entry)
-    mine = sorted({ep.container_name or ep.container[:12] or f"endpoint {ep.id[:12]}"
-                   for ep in endpoints.values() if ep.host == host})
+    mine: set[str] = set()
+    for rel, raw in store.list_json(keys.endpoints).items():
+        try:
+            ep = endpoint_entry(rel, raw)
+        except (RecordError, CanalError):  # malformed, but if it says it is ours it still counts
+            if isinstance(raw, dict) and raw.get("host") == host:
+                mine.add(f"endpoint {rel[:12]!r} (malformed record)")
+            continue
+        if ep.host == host:
+            mine.add(ep.container_name or ep.container[:12] or f"endpoint {ep.id[:12]}")
     if mine:
         raise Conflict(
-            f"canal endpoints are still on host {host}, of container(s): {', '.join(mine)}. "
+            f"canal endpoints are still on host {host}, of container(s): {', '.join(sorted(mine))}. "
             "Remove them (docker rm -f, with the plugin running) and run canal uninstall again"
         )
 
