@@ -76,6 +76,21 @@ def test_status_exit_codes_etcd_up_stopped_and_plugin_down(c):
     assert code == 2 and st is None and "cannot reach the canal plugin" in err
 
 
+def test_json_logs_from_a_real_plugin(c):
+    etcd, h1, _h2 = c
+    h1.stop_plugin()
+    start = h1.plugin_log.stat().st_size if h1.plugin_log.exists() else 0
+    h1.start_plugin([*plugin_args(h1, etcd), "--log-format", "json"])
+    wait_until(lambda: status(h1)[0] == 0, timeout=20, what="h1 healthy")
+    h1.stop_plugin()
+    lines = [line for line in h1.plugin_log.read_text()[start:].splitlines()
+             if line.strip() and not line.startswith("==== ")]  # the test bed's own markers
+    records = [json.loads(line) for line in lines]  # every line, gunicorn's too, is one JSON object
+    assert any(r["logger"].startswith("gunicorn") for r in records)
+    assert any(r["logger"].startswith("canal") and "owns subnet" in r["message"] for r in records)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+
+
 def test_diagnose_on_a_live_host(c, tmp_path):
     _etcd, h1, _h2 = c
     h1.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "diagnet")
