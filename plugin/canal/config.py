@@ -172,6 +172,7 @@ class Config:
     )
     workers_threads: int = _setting(32, _int_range(1, 512), "threads serving Docker's calls")
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error")
+    log_format: str = _setting("text", _choice("text", "json"), "text, or json: one object per line for log shippers")
 
     @property
     def host_name(self) -> str:

@@ -26,6 +26,7 @@ from canal.agent.desired import (
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
 from canal.agent.sandboxes import SandboxRouting, SandboxStep
+from canal import health
 from canal.config import Config
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
@@ -45,6 +46,7 @@ from canal.records import (
     RecordError,
     RouteRecord,
     endpoint_entry,
+    host_entry,
     hostname,
     lease_entry,
     network_entry,
@@ -146,6 +148,7 @@ class Plugin:
         self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
+        self._lease_renewed: float | None = None  # wall clock of the last acquire/renew (status)
         self._vxlan_applied: VxlanState | None = None
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
@@ -312,6 +315,7 @@ class Plugin:
                 if record.subnet != self.lease.subnet:
                     subnet = self.lease.subnet
                     self.hosts.update(lambda r: replace(r, subnet=subnet))
+                self._lease_renewed = time.time()
                 log.info("host %s owns subnet %s (flannel %s)", self.host, self.lease.subnet, self.flannel_mode)
             return self.lease.subnet
 
@@ -321,6 +325,7 @@ class Plugin:
         with self._lease_lock:
             if self.lease is not None:
                 self.lease = self.subnets.renew(self.lease)
+                self._lease_renewed = time.time()
                 self.hosts.touch()
         if self.multihost:
             self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
@@ -379,7 +384,13 @@ class Plugin:
             endpoints, pending = len(local), sorted(ep.id[:12] for ep in local if not identity_known(snap, ep))
         except Unavailable:  # the datastore not read yet
             endpoints, pending = None, []
-        return {
+        reachable, store_error = True, ""
+        try:
+            self.store.get(self.keys.host(self.host))  # one read: does the datastore answer now?
+        except CanalError as err:
+            reachable, store_error = False, str(err)
+        last = self.agent.last_success
+        return health.annotate({
             "host": self.host,
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
@@ -393,7 +404,66 @@ class Plugin:
             "pending_endpoints": pending,
             "quarantined": {key: why for key, (_rev, why) in sorted(self.mirror.quarantined.items())},
             "quarantined_total": self.mirror.quarantined_total,
-        }
+            "datastore_reachable": reachable,
+            "datastore_error": store_error,
+            "last_pass_age": None if last is None else round(time.monotonic() - last, 1),
+            "resync_interval": self.config.resync_interval,
+            "lease": self._lease_status(),
+            "peers": self._peers(),
+        })
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The plugin's half of `canal diagnose`: redacted here, and again as the CLI writes it."""
+        from canal import diagnose, logs
+
+        records: dict[str, Any] = {}
+        try:
+            snap = self.snapshot()
+            records["endpoints"] = {k: e.to_json() for k, e in snap.endpoints.items() if e.host == self.host}
+            records["networks"] = {k: n.to_json() for k, n in snap.networks.items() if n.host == self.host}
+            records["routes"] = {k: r.to_json() for k, r in snap.routes.items() if r.host == self.host}
+            record = self.hosts.read()
+            records["host"] = record.to_json() if record else None
+            if self.lease is not None:
+                entry = self.store.get(self.keys.lease(self.lease.subnet))
+                records["lease"] = {"key": self.keys.lease(self.lease.subnet),
+                                    "value": entry.json() if entry else None}
+        except CanalError as err:
+            records["error"] = str(err)
+        return diagnose.plugin_half(self.config, self.status(), records, logs.RING.records())
+
+    def _lease_status(self) -> dict[str, Any] | None:
+        if self.lease is None:
+            return None
+        own = self.multihost and self._flannel_mode != "external" and self.lease.lease_id != 0
+        left = None
+        if own and self._lease_renewed is not None:
+            left = round(self._lease_renewed + self.config.lease_ttl - time.time(), 1)
+        return {"subnet": str(self.lease.subnet), "ttl": self.config.lease_ttl if own else None, "expires_in": left}
+
+    def _peers(self) -> list[dict[str, Any]]:
+        """Other hosts with a lease, and when each last renewed (their host record), if known."""
+        if not self.multihost:
+            return []
+        try:
+            hosts = self.mirror.records(self.keys.root + "/hosts/", host_entry)
+            leases = self._leases()
+        except Unavailable:
+            return []
+        by_ip = {r.public_ip: r for r in hosts.values() if r.public_ip}
+        now = time.time()
+        out = []
+        for lease in sorted(leases, key=lambda x: x.subnet):
+            if lease.public_ip == self.public_ip:
+                continue
+            record = by_ip.get(lease.public_ip)
+            out.append({
+                "host": record.name if record else None,
+                "public_ip": lease.public_ip,
+                "subnet": str(lease.subnet),
+                "last_contact_age": round(now - record.renewed, 1) if record and record.renewed else None,
+            })
+        return out
 
     def cluster_network(self) -> ipaddress.IPv4Network:
         """flannel's Network, from the mirror (IPAM asks on every Swarm call: no etcd round trip).

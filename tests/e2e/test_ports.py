@@ -266,7 +266,7 @@ def test_a_container_cannot_reach_the_hosts_loopback(b):
         for rule in drops:
             h.exec(["iptables-nft", "-t", "raw", "-D", "CANAL-PREROUTING", *rule.split()])
         control = attack("without-drop")
-        canal(h, "status", raw=True)
+        canal(h, "status", raw=True, check=False)
         wait_until(lambda: all(r in h.exec(["iptables-nft-save", "-t", "raw"]).stdout for r in drops), timeout=10,
                    what="the raw drops restored by a full pass")
         assert control, "the attack does not work even without the drop: this test proves nothing"

@@ -56,6 +56,7 @@ class Agent:
         self._thread: threading.Thread | None = None
         self.last_error: str = ""
         self.last_exception: Exception | None = None  # what failed the last pass, for its status
+        self.last_success: float | None = None  # time.monotonic() of the last good pass (health)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="canal-agent", daemon=True)
@@ -152,6 +153,7 @@ class Agent:
                     next_full = time.monotonic() + self.interval
                 self.last_error = ""
                 self.last_exception = None
+                self.last_success = time.monotonic()
                 backoff = 1.0
             except Exception as err:  # keep the loop alive; the next pass retries
                 self.last_error = f"{type(err).__name__}: {err}"

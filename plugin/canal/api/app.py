@@ -152,6 +152,10 @@ def create_app(plugin: Any) -> Flask:
     def status() -> Response:
         return _answer(plugin.status())
 
+    @app.get("/canal/v1/diagnose")
+    def diagnostics() -> Response:
+        return _answer(plugin.diagnostics())
+
     @app.get("/canal/v1/stats")
     def call_stats() -> Response:
         return _answer(stats.summary())

@@ -11,8 +11,9 @@ import sys
 from typing import Any, Optional
 
 from canal import config as configmod
+from canal import health
 from canal.cli.client import AdminClient
-from canal.errors import BadRequest, CanalError, NotFound
+from canal.errors import BadRequest, CanalError, Conflict, NotFound
 
 log = logging.getLogger("canal")
 
@@ -32,10 +33,20 @@ def _socket_alive(path: str) -> bool:
 def serve(cfg: configmod.Config) -> int:
     from gunicorn.app.base import BaseApplication
 
-    logging.basicConfig(
-        level=cfg.log_level,
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d:%(threadName)s] %(message)s",
-    )
+    from gunicorn.glogging import Logger as GunicornLogger
+
+    from canal import diagnose, logs
+
+    logs.setup(cfg.log_level, cfg.log_format, diagnose.secret_values(cfg))
+
+    class Glogger(GunicornLogger):  # type: ignore[misc]
+        """gunicorn's error log through our handlers (format, ring, redaction)."""
+
+        def setup(self, gcfg: Any) -> None:
+            super().setup(gcfg)
+            self.error_log.handlers = []
+            self.error_log.propagate = True
+
     from canal import preflight
     from canal.runtime import check_start
 
@@ -63,6 +74,7 @@ def serve(cfg: configmod.Config) -> int:
                 "errorlog": "-",
                 "accesslog": None,
                 "control_socket_disable": True,
+                "logger_class": Glogger,
                 "proc_name": "canal",
             }
             for key, value in settings.items():
@@ -93,6 +105,11 @@ def _print(data: Any, output: str, columns: list[str] | None = None) -> None:
     elif isinstance(data, dict):
         width = max((len(str(k)) for k in data), default=0)
         for key, value in data.items():
+            if key in ("problems", "warnings", "peers") and isinstance(value, list):
+                print(f"{str(key).ljust(width)}  {len(value) or '-'}")
+                for item in value:
+                    print(f"  {_cell(item)}")
+                continue
             if isinstance(value, dict) and value and key == "quarantined":
                 # One line each: a record's key and why it was refused (long, never one cell).
                 print(f"{str(key).ljust(width)}  {len(value)} record(s) skipped until fixed:")
@@ -162,6 +179,65 @@ def _read_file(path: str) -> str:
         raise BadRequest(f"cannot read {path}: {err.strerror}") from None
 
 
+def _diagnose(socket_path: str, output: str, vni: int) -> int:
+    """The plugin's half if it answers (else the error, in the bundle), the kernel's always."""
+    import time
+
+    from canal import diagnose, logs
+
+    parts: dict[str, Any] = {}
+    host = socket.gethostname()
+    try:
+        data = AdminClient(socket_path).get("/canal/v1/diagnose")
+        host = str(data.get("status", {}).get("host") or host)
+        for name in ("status", "settings", "records"):
+            parts[f"{name}.json"] = data.get(name)
+        parts["logs.jsonl"] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in data.get("logs", []))
+    except CanalError as err:
+        parts["plugin-unreachable.txt"] = f"{err}\n"
+    parts.update(diagnose.kernel_state(vni))
+    secrets = [v for k, v in os.environ.items() if k == "CANAL_ETCD_PASSWORD" and v]
+    data_bytes = diagnose.bundle(parts, logs.Redactor(secrets))
+    path = output or f"canal-diagnose-{host}-{time.strftime('%Y%m%dT%H%M%S')}.tar.gz"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data_bytes)
+    print(path)
+    return 0
+
+
+def _uninstall(cfg: configmod.Config, dry_run: bool) -> int:
+    """Exit 0 when done (or planned, with --dry-run), 1 when refused, 2 on an error."""
+    from canal.dataplane import links as linkmod
+    from canal.datastore.base import open_datastore
+    from canal.datastore.keys import Keys
+    from canal.uninstall import Uninstall
+
+    if _socket_alive(cfg.socket):
+        print(f"canal: the plugin is running (it answers at {cfg.socket}): stop it first "
+              "(systemctl stop canal, or docker plugin disable for the managed plugin)", file=sys.stderr)
+        return 1
+    store = open_datastore(cfg)
+    try:
+        _iface, public_ip, _mtu = linkmod.underlay(cfg.iface, cfg.public_ip)
+        plan = Uninstall(cfg.host_name, public_ip, cfg.vxlan_vni, store, Keys(cfg.etcd_prefix, cfg.flannel_prefix),
+                         cfg.flannel_mode, release=cfg.datastore == "etcd")
+        try:
+            steps = plan.plan()
+        except Conflict as err:
+            print(f"canal: refused: {err}", file=sys.stderr)
+            return 1
+        if not steps:
+            print("nothing of canal left on this host")
+        for step in steps:
+            print(("would " if dry_run else "") + step.what)
+            if not dry_run:
+                step.apply()
+    finally:
+        store.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="canal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,12 +269,32 @@ def main(argv: list[str] | None = None) -> None:
     port_p.add_argument("port", nargs="?", help="PORT[/PROTO]: only this one")
     client_args(port_p)
 
+    diag = sub.add_parser("diagnose", help="write a tar.gz for bug reports (secrets redacted)")
+    diag.add_argument("--socket", default=os.environ.get("CANAL_SOCKET", "/run/docker/plugins/canal.sock"),
+                      help="the plugin's socket (env CANAL_SOCKET)")
+    diag.add_argument("-o", "--output", default="", help="the file to write (default canal-diagnose-HOST-TIME.tar.gz)")
+    diag.add_argument("--vxlan-vni", type=int, default=int(os.environ.get("CANAL_VXLAN_VNI", "1")),
+                      help="VNI of Canal's VXLAN device, whose neighbours and FDB are included (env CANAL_VXLAN_VNI)")
+    uninstall_p = sub.add_parser("uninstall", help="remove everything Canal owns on this host (plugin stopped; "
+                                 "same settings as canal serve)")
+    configmod.add_arguments(uninstall_p)
+    uninstall_p.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             sys.exit(serve(configmod.load(vars(args))))
+        if args.command == "uninstall":
+            sys.exit(_uninstall(configmod.load({k: v for k, v in vars(args).items() if k != "dry_run"}),
+                                args.dry_run))
+        if args.command == "diagnose":
+            sys.exit(_diagnose(args.socket, args.output, args.vxlan_vni))
         client = AdminClient(args.socket)
-        if args.command in ("status", "stats"):
+        if args.command == "status":
+            status = client.get("/canal/v1/status")
+            _print(status, args.output)
+            sys.exit(health.exit_code(status))
+        if args.command == "stats":
             _print(client.get(f"/canal/v1/{args.command}"), args.output)
         elif args.command == "port":
             sys.exit(_port(client.get("/canal/v1/endpoints")["endpoints"], args.container, args.port, args.output))
