@@ -146,6 +146,7 @@ class Plugin:
         self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
+        self.lease_renewed_at: float | None = None  # Unix time of its last grant or renewal (metrics)
         self._vxlan_applied: VxlanState | None = None
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
@@ -306,6 +307,7 @@ class Plugin:
                 record = self.hosts.ensure()
                 previous = str(record.subnet) if record.subnet else None
                 self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous)
+                self.lease_renewed_at = time.time()
                 if record.subnet != self.lease.subnet:
                     subnet = self.lease.subnet
                     self.hosts.update(lambda r: replace(r, subnet=subnet))
@@ -318,6 +320,7 @@ class Plugin:
         with self._lease_lock:
             if self.lease is not None:
                 self.lease = self.subnets.renew(self.lease)
+                self.lease_renewed_at = time.time()
                 self.hosts.touch()
         if self.multihost:
             self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
