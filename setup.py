@@ -14,6 +14,7 @@ setup(
         "docker>=6.0",
         "requests>=2.28",
         "PyYAML>=6.0",
+        "prometheus-client>=0.17",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "types-requests"]},
     entry_points={"console_scripts": ["canal=canal.cli.main:main"]},

@@ -75,6 +75,12 @@ def _endpoints(value: str) -> str:
     return ",".join(parts)
 
 
+def _metrics_addr(value: str) -> str:
+    from canal.metrics import parse_addr
+
+    return parse_addr(value.strip())
+
+
 class Secret:
     """A value that must not be shown: masked in repr/str (so in logs, errors and dumps)."""
 
@@ -173,6 +179,9 @@ class Config:
     workers_threads: int = _setting(32, _int_range(1, 512), "threads serving Docker's calls")
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error")
     log_format: str = _setting("text", _choice("text", "json"), "text, or json: one object per line for log shippers")
+    metrics_addr: str = _setting(
+        "", _metrics_addr, "HOST:PORT to serve Prometheus metrics on over plain HTTP (/metrics); empty: off",
+    )
 
     @property
     def host_name(self) -> str:

@@ -148,7 +148,7 @@ class Plugin:
         self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
-        self._lease_renewed: float | None = None  # wall clock of the last acquire/renew (status)
+        self.lease_renewed_at: float | None = None  # Unix time of its last grant or renewal (status, metrics)
         self._vxlan_applied: VxlanState | None = None
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
@@ -315,7 +315,7 @@ class Plugin:
                 if record.subnet != self.lease.subnet:
                     subnet = self.lease.subnet
                     self.hosts.update(lambda r: replace(r, subnet=subnet))
-                self._lease_renewed = time.time()
+                self.lease_renewed_at = time.time()
                 log.info("host %s owns subnet %s (flannel %s)", self.host, self.lease.subnet, self.flannel_mode)
             return self.lease.subnet
 
@@ -325,7 +325,7 @@ class Plugin:
         with self._lease_lock:
             if self.lease is not None:
                 self.lease = self.subnets.renew(self.lease)
-                self._lease_renewed = time.time()
+                self.lease_renewed_at = time.time()
                 self.hosts.touch()
         if self.multihost:
             self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
@@ -437,8 +437,8 @@ class Plugin:
             return None
         own = self.multihost and self._flannel_mode != "external" and self.lease.lease_id != 0
         left = None
-        if own and self._lease_renewed is not None:
-            left = round(self._lease_renewed + self.config.lease_ttl - time.time(), 1)
+        if own and self.lease_renewed_at is not None:
+            left = round(self.lease_renewed_at + self.config.lease_ttl - time.time(), 1)
         return {"subnet": str(self.lease.subnet), "ttl": self.config.lease_ttl if own else None, "expires_in": left}
 
     def _peers(self) -> list[dict[str, Any]]:

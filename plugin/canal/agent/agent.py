@@ -11,12 +11,19 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from canal import metrics
 from canal.agent.desired import Snapshot, desired_firewall, desired_links
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.links import Links
 from canal.errors import CanalError, Unavailable
 
 log = logging.getLogger(__name__)
+
+
+# Reconcile phases, in order (the log line's "links" phase runs every step, veths included).
+_PHASES = ("snapshot", "steps", "compile", "firewall")
+_PHASE_SECONDS = {phase: metrics.RECONCILE_PHASE_SECONDS.labels(phase) for phase in _PHASES}
+_PASS_SECONDS = {full: metrics.RECONCILE_SECONDS.labels(str(full).lower()) for full in (True, False)}
 
 
 class StepsFailed(Unavailable):
@@ -124,10 +131,10 @@ class Agent:
         marks.append(time.perf_counter())
         if failures:
             raise failures[0] if len(failures) == 1 else StepsFailed(failures)
-        spans = " ".join(
-            f"{name} {1000 * (b - a):.1f}ms"
-            for name, a, b in zip(("snapshot", "links", "compile", "firewall"), marks, marks[1:])
-        )
+        phases = list(zip(_PHASES, marks, marks[1:]))
+        for phase, a, b in phases:
+            _PHASE_SECONDS[phase].observe(b - a)
+        spans = " ".join(f"{name} {1000 * (b - a):.1f}ms" for name, a, b in phases)
         log.log(logging.INFO if changed else logging.DEBUG, "pass: %s%s", spans, " (firewall changed)" if changed else "")
 
     def _run(self) -> None:
@@ -148,7 +155,12 @@ class Agent:
                 if time.monotonic() >= next_periodic:
                     self.periodic()
                     next_periodic = time.monotonic() + self.periodic_interval
-                self.reconcile(full)
+                started = time.perf_counter()
+                try:
+                    self.reconcile(full)
+                finally:
+                    _PASS_SECONDS[full].observe(time.perf_counter() - started)
+                metrics.RECONCILE_LAST_SUCCESS.set(time.time())
                 if full:
                     next_full = time.monotonic() + self.interval
                 self.last_error = ""
@@ -158,6 +170,7 @@ class Agent:
             except Exception as err:  # keep the loop alive; the next pass retries
                 self.last_error = f"{type(err).__name__}: {err}"
                 self.last_exception = err
+                metrics.RECONCILE_FAILURES.labels(type(err).__name__).inc()
                 if isinstance(err, CanalError):  # expected kinds (datastore down, ...): no stack
                     log.warning("reconcile failed (retrying in %.0fs): %s", backoff, err)
                 else:

@@ -14,6 +14,7 @@ import logging
 import threading
 from typing import Any, Callable, Sequence, TypeVar
 
+from canal import metrics
 from canal.datastore.base import Datastore, Op, Put
 from canal.errors import CanalError, Unavailable
 from canal.records import safe
@@ -176,6 +177,7 @@ class Mirror:
                     log.info("watch on %s works again", prefix)
                     failing = False
                 if result.compacted:
+                    metrics.WATCH_RESTARTS.labels("compacted").inc()
                     log.info("watch on %s fell behind compaction; re-listing", prefix)
                     start = 0
                     continue
@@ -191,6 +193,7 @@ class Mirror:
             except Exception as err:  # datastore down: keep trying, re-list when back
                 if not failing:
                     log.warning("watch on %s failed: %s", prefix, err)
+                metrics.WATCH_RESTARTS.labels("error").inc()
                 failing = True
                 start = 0
                 self._stopping.wait(1.0)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from canal import metrics
 from canal.api import protocol as p
 from canal.errors import BadRequest, CanalError
 from canal.records import EndpointRecord
@@ -80,11 +81,15 @@ def create_app(plugin: Any) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = p.MAX_BODY
     stats = CallStats()
     app.extensions["canal_stats"] = stats
+    registry = metrics.registry_for(plugin)
+    app.extensions["canal_metrics"] = registry
     nets = plugin.networks
     ipam = plugin.ipam
     scope = plugin.config.scope
 
     def route(call: str, cls: type | None, handler: Callable[..., dict]) -> None:
+        seconds = metrics.API_CALL_SECONDS.labels(call)  # bound once: one observe() per call
+
         def view() -> Response:
             started = time.perf_counter()
             ok = False
@@ -93,8 +98,13 @@ def create_app(plugin: Any) -> Flask:
                 result = handler(p.parse(call, cls, body)) if cls else handler()
                 ok = True
                 return _answer(result)
+            except Exception as err:
+                metrics.API_CALL_ERRORS.labels(call, *metrics.error_kind(err)).inc()
+                raise
             finally:
-                stats.record(call, time.perf_counter() - started, ok)
+                elapsed = time.perf_counter() - started
+                stats.record(call, elapsed, ok)
+                seconds.observe(elapsed)
 
         app.add_url_rule("/" + call, call, view, methods=["POST"])
 
@@ -159,6 +169,10 @@ def create_app(plugin: Any) -> Flask:
     @app.get("/canal/v1/stats")
     def call_stats() -> Response:
         return _answer(stats.summary())
+
+    @app.get("/canal/v1/metrics")
+    def metrics_text() -> Response:
+        return Response(metrics.exposition(registry), content_type=metrics.CONTENT_TYPE)
 
     @app.post("/canal/v1/policies")
     def apply_policies() -> Response:

@@ -30,6 +30,29 @@ class AdminClient:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        status, data = self._exchange(method, path, body)
+        return self._decode(method, path, status, data)
+
+    def text(self, path: str) -> str:
+        """GET a plain-text answer (the metrics exposition); errors are JSON as everywhere."""
+        status, data = self._exchange("GET", path, None)
+        if status >= 400:
+            self._decode("GET", path, status, data)  # raises the error the plugin named
+        return data.decode("utf-8", "replace")
+
+    @staticmethod
+    def _decode(method: str, path: str, status: int, data: bytes) -> Any:
+        try:
+            decoded = json.loads(data) if data else {}
+        except ValueError:
+            raise Unavailable(f"{method} {path}: answer is not JSON: {data[:200]!r}") from None
+        if status >= 400:
+            message = decoded.get("Err", "") if isinstance(decoded, dict) else str(decoded)
+            kind = _KINDS.get(status, CanalError)
+            raise kind(message or f"{method} {path}: HTTP {status}")
+        return decoded
+
+    def _exchange(self, method: str, path: str, body: Any) -> tuple[int, bytes]:
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
             payload = None if body is None else json.dumps(body)
@@ -45,15 +68,7 @@ class AdminClient:
             raise Unavailable(f"cannot reach the canal plugin at {self.socket_path}: {err}") from err
         finally:
             conn.close()
-        try:
-            decoded = json.loads(data) if data else {}
-        except ValueError:
-            raise Unavailable(f"{method} {path}: answer is not JSON: {data[:200]!r}") from None
-        if response.status >= 400:
-            message = decoded.get("Err", "") if isinstance(decoded, dict) else str(decoded)
-            kind = _KINDS.get(response.status, CanalError)
-            raise kind(message or f"{method} {path}: HTTP {response.status}")
-        return decoded
+        return response.status, data
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

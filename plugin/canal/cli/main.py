@@ -59,6 +59,10 @@ def serve(cfg: configmod.Config) -> int:
         log.info("replacing stale socket %s", cfg.socket)
         os.unlink(cfg.socket)
     check_start(cfg)  # refused TLS or credentials, a second host with our name
+    if cfg.metrics_addr:
+        from canal import metrics
+
+        metrics.check_listen(cfg.metrics_addr)  # a clear refusal now, not a worker failing to boot
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -87,7 +91,12 @@ def serve(cfg: configmod.Config) -> int:
 
             plugin = Plugin(cfg)
             plugin.start()
-            return create_app(plugin)
+            app = create_app(plugin)
+            if cfg.metrics_addr:
+                from canal import metrics
+
+                metrics.serve(app.extensions["canal_metrics"], cfg.metrics_addr)
+            return app
 
     Server().run()
     return 0
@@ -251,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, help_text in (("status", "show the running plugin's state"), ("stats", "per-call handling times")):
         client_args(sub.add_parser(name, help=help_text))
+    metrics_p = sub.add_parser("metrics", help="the plugin's Prometheus metrics, in the text exposition format")
+    metrics_p.add_argument("--socket", default=os.environ.get("CANAL_SOCKET", "/run/docker/plugins/canal.sock"),
+                           help="the plugin's socket (env CANAL_SOCKET)")
     policy = sub.add_parser("policy", help="label policies").add_subparsers(dest="verb", required=True)
     apply_p = policy.add_parser("apply", help="create or update the policies in a YAML/JSON file")
     apply_p.add_argument("-f", "--filename", required=True, help="file, or - for standard input")
@@ -290,11 +302,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "diagnose":
             sys.exit(_diagnose(args.socket, args.output, args.vxlan_vni))
         client = AdminClient(args.socket)
-        if args.command == "status":
+        if args.command == "metrics":
+            sys.stdout.write(client.text("/canal/v1/metrics"))
+        elif args.command == "status":
             status = client.get("/canal/v1/status")
             _print(status, args.output)
             sys.exit(health.exit_code(status))
-        if args.command == "stats":
+        elif args.command == "stats":
             _print(client.get(f"/canal/v1/{args.command}"), args.output)
         elif args.command == "port":
             sys.exit(_port(client.get("/canal/v1/endpoints")["endpoints"], args.container, args.port, args.output))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from canal import metrics
 from canal.dataplane.ipset import IpSet, Ipsets
 from canal.dataplane.iptables import Iptables, Table
 
@@ -129,6 +130,11 @@ class Firewall:
         self.ipsets = ipsets or Ipsets()
         self._applied: FirewallState | None = None
 
+    @property
+    def applied(self) -> FirewallState | None:
+        """What was last programmed (None before the first pass or after a failed restore)."""
+        return self._applied
+
     def apply(self, desired: FirewallState, read_back: bool = True) -> bool:
         """Program desired; True if anything had to change."""
         if not read_back and self._applied == desired:
@@ -144,7 +150,12 @@ class Firewall:
             if text:
                 log.debug("%s-restore:\n%s", iptables.family, text)
                 self._applied = None  # unknown until the restore succeeded
-                iptables.restore(text)
+                metrics.IPTABLES_RESTORES.labels(iptables.family).inc()
+                try:
+                    iptables.restore(text)
+                except Exception:
+                    metrics.IPTABLES_RESTORE_ERRORS.labels(iptables.family).inc()
+                    raise
                 changed = True
         self._applied = desired
         self.ipsets.destroy_unused({s.name for s in desired.ipsets})

@@ -52,6 +52,7 @@ from typing import Any
 import requests
 import urllib3.exceptions
 
+from canal import metrics
 from canal.config import Secret
 from canal.datastore.base import (
     Datastore,
@@ -249,6 +250,8 @@ def _entry(kv: dict[str, Any]) -> Entry:
 class EtcdDatastore(Datastore):
     """Thread-safe: one shared requests.Session (urllib3's pool is thread-safe and etcd sets no
     cookies), so threads that come and go do not each leak a connection pool."""
+
+    metrics_backend = "etcd"
 
     def __init__(
         self,
@@ -598,10 +601,12 @@ class EtcdDatastore(Datastore):
             body["range_end"] = _b64(range_end)
         return self._call(op, "/v3/kv/range", body)[0]
 
+    @metrics.datastore_request("get")
     def get(self, key: str) -> Entry | None:
         kvs = self._range("get", key.encode("utf-8")).get("kvs") or []
         return _entry(kvs[0]) if kvs else None
 
+    @metrics.datastore_request("list")
     def list(self, prefix: str) -> tuple[list[Entry], int]:
         answer = self._range("list", *_prefix_range(prefix))
         entries = [_entry(kv) for kv in answer.get("kvs") or []]
@@ -610,6 +615,7 @@ class EtcdDatastore(Datastore):
 
     # Transactions -------------------------------------------------------------------------
 
+    @metrics.datastore_request("txn")
     def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
         compare = []
         for guard in guards:
@@ -653,6 +659,7 @@ class EtcdDatastore(Datastore):
 
     # Leases -------------------------------------------------------------------------------
 
+    @metrics.datastore_request("grant")
     def grant(self, ttl: int) -> int:
         # Not idempotent, but a duplicate grant after a failover only leaves a lease that expires.
         answer = self._call("grant", "/v3/lease/grant", {"TTL": str(ttl)})[0]
@@ -661,10 +668,12 @@ class EtcdDatastore(Datastore):
             raise Unavailable(f"etcd granted no lease: {answer}")
         return lease
 
+    @metrics.datastore_request("keepalive")
     def keepalive(self, lease: int) -> bool:
         messages = self._call("keepalive", "/v3/lease/keepalive", {"ID": str(lease)})
         return _int(messages[0].get("result", {}).get("TTL")) > 0  # TTL 0: lease gone
 
+    @metrics.datastore_request("revoke")
     def revoke(self, lease: int) -> None:
         try:
             self._call("revoke", "/v3/lease/revoke", {"ID": str(lease)})

@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Sequence
 
+from canal import metrics
 from canal.datastore.base import (
     Datastore,
     Delete,
@@ -44,6 +45,8 @@ INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compacted', 0);
 
 
 class LocalDatastore(Datastore):
+    metrics_backend = "local"
+
     def __init__(self, path: str, busy_timeout: float = 5.0):
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
@@ -117,6 +120,7 @@ class LocalDatastore(Datastore):
         cur.execute("DELETE FROM kv WHERE lease=?", (lease,))
         cur.execute("DELETE FROM leases WHERE id=?", (lease,))
 
+    @metrics.datastore_request("txn")
     def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
         def body(cur: sqlite3.Cursor, events: list[tuple[str, str, str]]) -> bool:
             for guard in guards:
@@ -165,6 +169,7 @@ class LocalDatastore(Datastore):
         # Keys of expired-but-not-yet-purged leases are already gone, as in etcd.
         return "(lease = 0 OR lease IN (SELECT id FROM leases WHERE expires >= %r))" % time.time()
 
+    @metrics.datastore_request("get")
     def get(self, key: str) -> Entry | None:
         rows = self._read(
             "SELECT key, value, mod_rev, create_rev, lease FROM kv WHERE key=? AND " + self._live(),
@@ -172,6 +177,7 @@ class LocalDatastore(Datastore):
         )
         return Entry(*rows[0]) if rows else None
 
+    @metrics.datastore_request("list")
     def list(self, prefix: str) -> tuple[list[Entry], int]:
         conn = self._reader()
         try:
@@ -192,6 +198,7 @@ class LocalDatastore(Datastore):
 
     # Leases -------------------------------------------------------------------------------
 
+    @metrics.datastore_request("grant")
     def grant(self, ttl: int) -> int:
         def body(cur: sqlite3.Cursor, events: list) -> int:
             cur.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, time.time() + ttl))
@@ -199,6 +206,7 @@ class LocalDatastore(Datastore):
 
         return self._write(body)
 
+    @metrics.datastore_request("keepalive")
     def keepalive(self, lease: int) -> bool:
         def body(cur: sqlite3.Cursor, events: list) -> bool:
             return bool(
@@ -209,6 +217,7 @@ class LocalDatastore(Datastore):
 
         return self._write(body)
 
+    @metrics.datastore_request("revoke")
     def revoke(self, lease: int) -> None:
         self._write(lambda cur, events: self._drop_lease(cur, lease, events))
 
