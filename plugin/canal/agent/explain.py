@@ -18,7 +18,7 @@ from canal.agent.desired import CLUSTER_SET, Snapshot, cluster_nets, filter_inpu
 from canal.dataplane.ipset import IpSet
 from canal.dataplane.links import host_ifname
 from canal.errors import BadRequest, NotFound
-from canal.policy.compiler import FROM_WL, TO_WL, Note, compile_filter_annotated, endpoint_chain, policy_chain
+from canal.policy.compiler import FROM_WL, TO_WL, Note, compile_filter_annotated, endpoint_chain
 from canal.policy.evaluate import Packet, Table, Walk
 from canal.policy.model import EGRESS, INGRESS, PORT_PROTOCOLS, PROTOCOLS, Policy
 from canal.records import EndpointRecord
@@ -186,7 +186,7 @@ def _decision(walk: Walk, notes: Mapping[str, List[Note]], direction: str, host:
             if n.kind == "rule" and n.action == "Allow" and step.target == "MARK":
                 deciding, deciding_step = n, step
                 break
-    selected = [notes[s.chain][s.index].policy for s in mine if notes[s.chain][s.index].kind == "policy"]
+    selected = [n.policy for s in mine if (n := notes[s.chain][s.index]).kind == "policy" and n.policy]
     matched = [
         {"policy": n.policy, "rule": n.index, "action": n.action}
         for s in mine if (n := notes[s.chain][s.index]).kind == "rule" and n.action in ("Log", "Pass")
@@ -295,7 +295,7 @@ def _selection(cluster: Cluster, ep: EndpointRecord) -> Dict[str, List[str]]:
 def _probes(policies: Iterable[Policy], endpoints: Iterable[EndpointRecord]) -> List[Tuple[str, Optional[int]]]:
     """Protocol/port pairs worth testing: ICMP echo, each port the changed rules name (first and
     last of ranges, and the port after), each published port, and one port nobody names."""
-    probes = {("icmp", None)}
+    probes: set[Tuple[str, Optional[int]]] = {("icmp", None)}
     named = set()
     for policy in policies:
         for direction in (EGRESS, INGRESS):
@@ -339,16 +339,16 @@ def dry_run(snap: Snapshot, new: Sequence[Policy], limit_flows: int = MAX_FLOWS,
     affected: Dict[str, set] = {EGRESS: set(), INGRESS: set()}
     changed_keys = {p.key for p in changed}
     for ep in endpoints:
-        old, now = _selection(before, ep), _selection(after, ep)
+        was, now = _selection(before, ep), _selection(after, ep)
         row: Dict[str, Any] = {}
         for direction in (EGRESS, INGRESS):
-            gained = [k for k in now[direction] if k not in old[direction]]
-            lost = [k for k in old[direction] if k not in now[direction]]
+            gained = [k for k in now[direction] if k not in was[direction]]
+            lost = [k for k in was[direction] if k not in now[direction]]
             if gained:
                 row[f"{direction.lower()}_now_selected_by"] = gained
             if lost:
                 row[f"{direction.lower()}_no_longer_selected_by"] = lost
-            if gained or lost or changed_keys & (set(now[direction]) | set(old[direction])):
+            if gained or lost or changed_keys & (set(now[direction]) | set(was[direction])):
                 affected[direction].add(ep.id)
         if row:
             selection.append({**before.party(ep).describe(), **row})
