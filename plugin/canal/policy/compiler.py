@@ -37,6 +37,7 @@ endpoints a selector matches lives in ipsets (membership changes never rewrite r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -115,7 +116,8 @@ class EndpointInfo:
 
 @dataclass(frozen=True)
 class Note:
-    """Why one emitted rule exists: `kind` is "rule" (a policy's rule `index`), "policy" (the
+    """Why one emitted rule exists: `kind` is "rule" (a policy's rule `index`; "rule-return" for
+    the RETURN after an Allow or Pass rule's MARK), "policy" (the
     jump to a policy's chain), "accepted" (return once it allowed), or an implicit outcome
     (labels-pending, broken-policy, anti-spoof, internal-fence, datastore, default-deny,
     profile-egress, profile-network, profile-published, profile-deny, clear-marks)."""
@@ -382,7 +384,10 @@ class _Compiler:
             for index, rule in enumerate(policy.rules(direction)):
                 lines = self._rule(policy, rule)
                 rules += lines
-                notes += [Note("rule", policy.key, direction, index, rule.action)] * len(lines)
+                note = Note("rule", policy.key, direction, index, rule.action)
+                notes += [note] * len(lines)
+                if rule.action in ("Allow", "Pass") and lines:  # the last line returns on the mark
+                    notes[-1] = dataclasses.replace(note, kind="rule-return")
             self.chains[name] = rules
             self.notes[name] = notes
         return name
