@@ -129,6 +129,16 @@ class Note:
     action: Optional[str] = None
 
 
+# The implicit outcomes' notes, shared (built once: the agent compiles on every pass).
+_IMPLICIT_ACTIONS = {
+    "clear-marks": None, "anti-spoof": "Deny", "internal-fence": "Deny", "broken-policy": "Deny",
+    "labels-pending": "Deny", "datastore": "Deny", "default-deny": "Deny", "profile-egress": "Allow",
+    "profile-network": "Allow", "profile-published": "Allow", "profile-deny": "Deny",
+}
+_IMPLICIT = {(kind, d): Note(kind, direction=d, action=action) for kind, action in _IMPLICIT_ACTIONS.items()
+             for d in (INGRESS, EGRESS)}
+
+
 @dataclass(frozen=True)
 class NetworkInfo:
     name: str
@@ -289,6 +299,7 @@ class _Compiler:
         # Why each rule is there, one Note per rule of self.chains[name]: what `canal policy
         # explain` and `stats` report, taken from the rules as emitted (never re-derived).
         self.notes: Dict[str, List[Note]] = {}
+        self._jump_note_cache: Dict[tuple[str, str], tuple[Note, Note]] = {}
 
     # -- ipsets --------------------------------------------------------------------------------------
 
@@ -403,56 +414,64 @@ class _Compiler:
             return False
         return selectors.parse(policy.selector).matches(labels)
 
+    def _jump_notes(self, policy: Policy, direction: str) -> tuple[Note, Note]:
+        key = (policy.key, direction)
+        if key not in self._jump_note_cache:
+            self._jump_note_cache[key] = (Note("policy", policy.key, direction),
+                                          Note("accepted", policy.key, direction, action="Allow"))
+        return self._jump_note_cache[key]
+
     def _endpoint_chain(self, endpoint: EndpointInfo, direction: str) -> tuple[List[str], List[Note]]:
         ip = _bare_ip(endpoint.ip)
         rules = [CLEAR_MARKS]
-        notes = [Note("clear-marks", direction=direction)]
+        notes = [_IMPLICIT[("clear-marks", direction)]]
 
         def add(rule: str, note: Note) -> None:
             rules.append(rule)
             notes.append(note)
 
         if direction == EGRESS:
-            add(f"! -s {ip}/32 -j DROP", Note("anti-spoof", direction=direction, action="Deny"))
+            add(f"! -s {ip}/32 -j DROP", _IMPLICIT[("anti-spoof", direction)])
             network = self.networks.get(endpoint.network)
             if network is not None and network.internal:
                 members = self._network_set(endpoint.network)
-                add(f"-m set ! --match-set {members} dst -j DROP", Note("internal-fence", direction=direction, action="Deny"))
+                add(f"-m set ! --match-set {members} dst -j DROP", _IMPLICIT[("internal-fence", direction)])
         if None in self.broken_scopes or endpoint.network in self.broken_scopes:
             # a stored policy of its scope does not parse: fail closed
-            add("-j DROP", Note("broken-policy", direction=direction, action="Deny"))
+            add("-j DROP", _IMPLICIT[("broken-policy", direction)])
             return rules, notes
         if self.labels[endpoint.id] is None:
             # Identity unknown: any policy's Deny could name it as a source, so it neither
             # sends nor receives anything until its labels and network name are learned.
-            add("-j DROP", Note("labels-pending", direction=direction, action="Deny"))
+            add("-j DROP", _IMPLICIT[("labels-pending", direction)])
             return rules, notes
         applied = [p for p in self.policies if self._selects(p, endpoint, direction)]
         may_have_passed = False
         for policy in applied:
             chain = self._policy_chain(policy, direction)
-            add(f"{UNLESS_PASSED} -j {chain}" if may_have_passed else f"-j {chain}", Note("policy", policy.key, direction))
-            add(RETURN_IF_ACCEPTED, Note("accepted", policy.key, direction, action="Allow"))
+            jump_note, accepted_note = self._jump_notes(policy, direction)
+            add(f"{UNLESS_PASSED} -j {chain}" if may_have_passed else f"-j {chain}", jump_note)
+            add(RETURN_IF_ACCEPTED, accepted_note)
             may_have_passed = may_have_passed or any(r.action == "Pass" for r in policy.rules(direction))
         if direction == EGRESS:
             # The datastore is every host's trust root: closed unless a policy allowed it above.
             for address, port in self.host.datastore:
                 add(f"-d {address}/32 -p tcp -m multiport --dports {port} -j DROP",
-                    Note("datastore", direction=direction, action="Deny"))
+                    _IMPLICIT[("datastore", direction)])
         if applied:
             # Default deny once any policy selects the endpoint, unless one of them passed.
             add(f"{UNLESS_PASSED} -j DROP" if may_have_passed else "-j DROP",
-                Note("default-deny", direction=direction, action="Deny"))
+                _IMPLICIT[("default-deny", direction)])
         if direction == EGRESS:
-            add("-j RETURN", Note("profile-egress", direction=direction, action="Allow"))  # profile: egress allowed
+            add("-j RETURN", _IMPLICIT[("profile-egress", direction)])  # profile: egress allowed
         else:
             members = self._network_set(endpoint.network)
             add(f"-m set --match-set {members} src -j RETURN",  # profile: own network
-                Note("profile-network", direction=direction, action="Allow"))
+                _IMPLICIT[("profile-network", direction)])
             for proto, port in endpoint.published:  # profile: its published ports, from anywhere
                 add(f"-p {proto} -m {proto} --dport {port} -m conntrack --ctstate DNAT -j RETURN",
-                    Note("profile-published", direction=direction, action="Allow"))
-            add("-j DROP", Note("profile-deny", direction=direction, action="Deny"))
+                    _IMPLICIT[("profile-published", direction)])
+            add("-j DROP", _IMPLICIT[("profile-deny", direction)])
         return rules, notes
 
     # -- whole table ---------------------------------------------------------------------------------
