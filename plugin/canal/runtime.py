@@ -184,7 +184,8 @@ class Plugin:
             side_steps=[self.forget_departed, self.hold_ports],
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
         )
-        self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters())
+        self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
+                                                 linkmod.local_addresses)
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
         self.docker = DockerWatch(
             self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,

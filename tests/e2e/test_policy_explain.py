@@ -228,5 +228,9 @@ def test_explain_container_on_two_networks_and_addresses(h, underlay):
     a = canal(h, "policy", "explain", "lone", underlay.gateway_ip, "-o", "json")
     assert a["ingress"]["evaluated"] is False and a["verdict"] == "allowed"
     assert pings(h, "lone", underlay.gateway_ip)
+    # The host's own address: the workload-to-host setting decides, as for packets.
+    a = canal(h, "policy", "explain", "lone", h.address, "-o", "json")
+    assert "workload-to-host" in a["ingress"]["explanation"]
+    assert (a["verdict"] == "allowed") == pings(h, "lone", h.address)
     proc = canal(h, "policy", "explain", "nosuch", "lone", check=False)
     assert proc.returncode == 2 and "'nosuch'" in proc.stderr

@@ -373,3 +373,19 @@ def test_stats_map_kernel_counters_to_policy_rules():
     # A kernel chain that differs from the compiled one is reported, not misattributed.
     tampered = "\n".join(line for line in lines if not line.endswith("-j DROP") or chain not in line)
     assert chain in ex.policy_stats(snap, tampered)["stale"]
+
+
+def test_workload_to_its_own_host_meets_the_workload_to_host_setting():
+    from canal.agent.desired import DataplaneSettings
+    from canal.policy.compiler import HostProtection
+
+    eps, _ = fixed()
+    for action, verdict in (("drop", "denied"), ("accept", "allowed")):
+        settings = DataplaneSettings(host=HostProtection(action, dns=("192.0.2.1",)))
+        snap = dataclasses.replace(snapshot(eps), settings=settings)
+        own = frozenset({"192.0.2.1", "192.0.2.9"})
+        a = ex.explain(snap, "web", "192.0.2.9", host_addresses=own)
+        assert a["verdict"] == verdict and "workload-to-host" in a["ingress"]["explanation"]
+        assert ex.explain(snap, "web", "192.0.2.1", "udp", 53, host_addresses=own)["verdict"] == "allowed"  # DNS
+        # Not this host's address: forwarded, the egress profile decides.
+        assert ex.explain(snap, "web", "192.0.2.9")["verdict"] == "allowed"

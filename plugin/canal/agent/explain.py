@@ -18,8 +18,8 @@ from canal.agent.desired import CLUSTER_SET, Snapshot, cluster_nets, filter_inpu
 from canal.dataplane.ipset import IpSet
 from canal.dataplane.links import host_ifname
 from canal.errors import BadRequest, NotFound
-from canal.policy.compiler import FROM_WL, TO_WL, Note, compile_filter_annotated, endpoint_chain
-from canal.policy.evaluate import Packet, Table, Walk
+from canal.policy.compiler import FROM_WL, INPUT, TO_WL, WL_TO_HOST, Note, compile_filter_annotated, endpoint_chain
+from canal.policy.evaluate import EvaluationError, Packet, Table, Walk
 from canal.policy.model import EGRESS, INGRESS, PORT_PROTOCOLS, PROTOCOLS, Policy
 from canal.records import EndpointRecord
 
@@ -177,7 +177,7 @@ def _decision(walk: Walk, notes: Mapping[str, List[Note]], direction: str, host:
     last = mine[-1]
     note = notes.get(last.chain, [])[last.index] if last.index < len(notes.get(last.chain, [])) else None
     if note is None:
-        raise NotFound(f"no note for {last.chain} rule {last.index}")  # compiler and evaluator disagree
+        raise EvaluationError(f"no note for {last.chain} rule {last.index}")  # compiler and evaluator disagree
     deciding = note
     deciding_step = last
     if note.kind == "accepted":  # the Allow rule that set the mark is the decision
@@ -208,10 +208,34 @@ def _decision(walk: Walk, notes: Mapping[str, List[Note]], direction: str, host:
     return out
 
 
+def _to_host(cluster: Cluster, src: Party, packet: Packet) -> Dict[str, Any]:
+    """A workload addressing its own host: its egress policy, then the workload-to-host setting
+    (CANAL-INPUT -> CANAL-WL-TO-HOST), not the forward path."""
+    assert src.endpoint is not None
+    host = src.endpoint.host
+    table, notes = cluster.host(host)
+    p = dataclasses.replace(packet, iif=host_ifname(src.endpoint.id), oif="")
+    result: Dict[str, Any] = {"egress": _decision(table.walk(FROM_WL, p), notes, EGRESS, host, FROM_WL)}
+    walk = table.walk(INPUT, p)
+    last = walk.steps[-1] if walk.steps else None
+    result["ingress"] = {
+        "evaluated": False,
+        "explanation": f"{packet.dst} is {host}'s own address: the workload-to-host setting decides"
+                       + (f" ({last.rule} in {last.chain})" if last is not None and last.chain == WL_TO_HOST else ""),
+    }
+    result["verdict"] = "denied" if walk.verdict == "DROP" else "allowed"
+    result["consistent"] = result["verdict"] == "denied" or result["egress"]["verdict"] == "allow"
+    return result
+
+
 def _flow(cluster: Cluster, src: Party, dst: Party, protocol: str, port: Optional[int],
-          published: bool) -> Dict[str, Any]:
-    """Both directions and the overall verdict of one flow's first packet."""
+          published: bool, host_addresses: frozenset[str] = frozenset()) -> Dict[str, Any]:
+    """Both directions and the overall verdict of one flow's first packet. `host_addresses`:
+    this host's own addresses (traffic to them takes INPUT, not FORWARD)."""
     packet = _packet(protocol, port, src.address, dst.address, published)
+    if (src.endpoint is not None and dst.endpoint is None and dst.address in host_addresses
+            and src.endpoint.host == cluster.snap.host):
+        return _to_host(cluster, src, packet)
     result: Dict[str, Any] = {}
     verdicts = []
     same_host = src.endpoint is not None and dst.endpoint is not None and src.endpoint.host == dst.endpoint.host
@@ -261,14 +285,16 @@ def _flow_args(protocol: Optional[str], port: Optional[int]) -> Tuple[str, Optio
 
 
 def explain(snap: Snapshot, src: str, dst: str, protocol: Optional[str] = None, port: Optional[int] = None,
-            published: bool = False) -> Dict[str, Any]:
-    """The verdict for a flow's first packet from SRC to DST, with the deciding rule each way."""
+            published: bool = False, host_addresses: frozenset[str] = frozenset()) -> Dict[str, Any]:
+    """The verdict for a flow's first packet from SRC to DST, with the deciding rule each way.
+    `host_addresses`: this host's own addresses (a workload addressing them meets the
+    workload-to-host setting); other hosts' addresses are treated as outside destinations."""
     protocol, port = _flow_args(protocol, port)
     cluster = Cluster(snap)
     source, destination = resolve_pair(cluster, src, dst)
     if source.endpoint is None and destination.endpoint is None:
         raise BadRequest(f"neither {src!r} nor {dst!r} is a canal endpoint: Canal's policy decides nothing here")
-    out = _flow(cluster, source, destination, protocol, port, published)
+    out = _flow(cluster, source, destination, protocol, port, published, host_addresses)
     out["source"] = source.describe()
     out["destination"] = destination.describe()
     out["flow"] = {"protocol": protocol, "port": port, "published": published}

@@ -18,9 +18,11 @@ EXPLAIN_FIELDS = ("src", "dst", "protocol", "port", "published")
 
 
 class PolicyIntrospection:
-    def __init__(self, snapshot: Callable[[], Snapshot], counters: Callable[[], str]):
+    def __init__(self, snapshot: Callable[[], Snapshot], counters: Callable[[], str],
+                 local_addresses: Callable[[], set[str]] = set):
         self.snapshot = snapshot
         self.counters = counters  # iptables-save -c -t filter of this host
+        self.local_addresses = local_addresses  # this host's own IPv4 addresses
 
     def explain(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -40,7 +42,8 @@ class PolicyIntrospection:
         published = body.get("published", False)
         if not isinstance(published, bool):
             raise BadRequest("explain: published must be true or false")
-        return ex.explain(self.snapshot(), body["src"], body["dst"], protocol, port, published)
+        return ex.explain(self.snapshot(), body["src"], body["dst"], protocol, port, published,
+                          frozenset(self.local_addresses()))
 
     def dry_run(self, text: str) -> dict[str, Any]:
         policies = load_documents(text)
