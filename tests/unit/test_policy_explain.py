@@ -389,3 +389,25 @@ def test_workload_to_its_own_host_meets_the_workload_to_host_setting():
         assert ex.explain(snap, "web", "192.0.2.1", "udp", 53, host_addresses=own)["verdict"] == "allowed"  # DNS
         # Not this host's address: forwarded, the egress profile decides.
         assert ex.explain(snap, "web", "192.0.2.9")["verdict"] == "allowed"
+
+
+def test_interface_dispatch_shortcut_walks_as_a_full_scan(monkeypatch):
+    from canal.dataplane.links import host_ifname
+    from canal.policy.evaluate import Table
+
+    rng = random.Random(3)
+    eps = [endpoint(n, rng.choice("ab"), "h1", rng.choice([{}, {"role": "db"}, None]), f"e{n}") for n in range(1, 30)]
+    snap = snapshot(eps, [random_policy(rng, i) for i in range(4)])
+    fast, _ = ex.Cluster(snap).host("h1")
+    for chain in fast.chains:  # parsed (and indexed) now: parsing is lazy
+        fast.rules(chain)
+    monkeypatch.setattr(Table, "_index_dispatch", lambda self, chain, parsed: None)
+    slow, _ = ex.Cluster(snap).host("h1")
+    assert fast.chains == slow.chains
+    ifaces = [host_ifname(e.id) for e in eps] + ["underlay", "cnl0000nosuch"]
+    for _ in range(400):
+        pkt = Packet(rng.choice([e.ip_text for e in eps] + EXTERNAL), rng.choice([e.ip_text for e in eps]), 6,
+                     dport=rng.choice(PORTS), iif=rng.choice(ifaces), oif=rng.choice(ifaces))
+        a, b = fast.walk("CANAL-FORWARD", pkt), slow.walk("CANAL-FORWARD", pkt)
+        assert (a.verdict, [(s.chain, s.index) for s in a.steps]) == (b.verdict, [(s.chain, s.index) for s in b.steps])
+    assert fast._dispatch and not slow._dispatch

@@ -28,7 +28,7 @@ __all__ = ["Cluster", "Party", "dry_run", "explain", "policy_stats", "resolve_pa
 UNDERLAY = "underlay"  # stands for any non-workload interface (another host, the outside)
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
 MAX_FLOWS = 200  # changed flows listed by a dry run; the rest are counted
-MAX_EVALUATIONS = 20000  # packets walked by one dry run before it summarises instead
+MAX_EVALUATIONS = 5000  # packets walked by one dry run before it summarises instead
 
 REASONS = {
     "rule": "{action} by policy {policy} {dir} rule {index}",
