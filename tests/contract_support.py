@@ -27,6 +27,7 @@ from canal.datastore.local import LocalDatastore
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
 from canal.records import EndpointRecord, NetworkRecord
+from canal.services.introspect import PolicyIntrospection
 from canal.services.policies import Policies
 from canal.services.ports import Ports
 
@@ -64,6 +65,7 @@ class ContractPlugin:
         self.networks = Networks(self.store, keys, self.ipam, self.links, "h1", lambda: 1450, self._changed,
                                  docker_ipam_allowed=docker_ipam_allowed)
         self.policies = Policies(self.store, keys, self._changed)
+        self.introspection = PolicyIntrospection(self.snapshot, self.iptables.save_counters)
         self.reservations = FakeReservations()
         self.ports = Ports(self.networks.endpoint, self.networks.update_endpoint, self.reservations, self._changed)
 

@@ -35,6 +35,18 @@ class FakeIptables:
             for name, t in self.tables.items()
         }
 
+    def save_counters(self, table: str = "filter") -> str:
+        """`iptables-save -c -t TABLE` of the fake: each rule's counters from `self.counters`
+        ((chain, index) -> (packets, bytes)), zero when unset."""
+        t = self.tables.get(table, Table(table))
+        counters = getattr(self, "counters", {})
+        lines = [f"*{table}"] + [f":{c} {p} [0:0]" for c, p in t.chains.items()]
+        for chain, rules in t.rules.items():
+            for i, rule in enumerate(rules):
+                packets, octets = counters.get((chain, i), (0, 0))
+                lines.append(f"[{packets}:{octets}] -A {chain} {rule}")
+        return "\n".join(lines + ["COMMIT", ""])
+
     def restore(self, text: str) -> None:
         self.restores.append(text)
         table: Table | None = None

@@ -57,6 +57,7 @@ from canal.records import (
 from canal.services.hosts import Hosts
 from canal.services.ipam import Ipam
 from canal.services.networks import Networks
+from canal.services.introspect import PolicyIntrospection
 from canal.services.policies import Policies
 from canal.services.ports import Ports, wanted_reservations
 from canal.services.subnets import NetworkConfig, SubnetManager, parse_network_config
@@ -186,6 +187,8 @@ class Plugin:
             side_steps=[self.forget_departed],
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
         )
+        self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
+                                                 linkmod.local_addresses)
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
         self.docker = DockerWatch(
             self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,

@@ -127,14 +127,28 @@ def network_infos(snap: Snapshot) -> dict[str, NetworkInfo]:
     return out
 
 
+def filter_inputs(snap: Snapshot) -> tuple[Any, ...]:
+    """compile_filter's arguments for this snapshot's host: shared by the agent and by
+    `canal policy explain` / dry-run (canal.policy.explain), so both see the same rules."""
+    return (
+        endpoint_infos(snap), snap.policies, snap.host, network_infos(snap), snap.broken_policy_scopes,
+        snap.settings.host, CLUSTER_SET,
+    )
+
+
+def cluster_nets(snap: Snapshot) -> frozenset[str]:
+    """Members of CLUSTER_SET: the cluster network and every canal pool."""
+    nets = {snap.cluster_network}
+    for network in snap.networks.values():
+        nets.update(p for p in network.pools if p != ANY_NET)
+    return frozenset(nets)
+
+
 def desired_firewall(snap: Snapshot) -> FirewallState:
     """filter: policy and isolation (the compiler); nat: masquerade of outbound traffic."""
     if not any(n.host == snap.host for n in snap.networks.values()):
         return FirewallState()  # nothing of ours on this host: leave no trace
-    state = compile_filter(
-        endpoint_infos(snap), snap.policies, snap.host, network_infos(snap), snap.broken_policy_scopes,
-        snap.settings.host, CLUSTER_SET,
-    )
+    state = compile_filter(*filter_inputs(snap))
     # raw: what no conntrack entry may ever match. A source that would not be routed back out
     # of the veth it came in on (a forged address, a neighbour's) is dropped before conntrack
     # could take it for a reply in someone's flow; so is tunnel traffic from workloads (VXLAN to
@@ -156,15 +170,12 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
     state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
     state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
-    nets = {snap.cluster_network}
-    for network in snap.networks.values():
-        nets.update(p for p in network.pools if p != ANY_NET)
     masq = frozenset(
         ep.ip_text
         for ep in local_endpoints(snap)
         if (own := network_of(snap, ep)) is None or (own.nat and not own.internal)
     )
-    state.ipsets += [IpSet(CLUSTER_SET, "hash:net", frozenset(nets)), IpSet(MASQ_SET, "hash:ip", masq)]
+    state.ipsets += [IpSet(CLUSTER_SET, "hash:net", cluster_nets(snap)), IpSet(MASQ_SET, "hash:ip", masq)]
     published = sorted(
         (b, ep.ip_text)
         for ep in local_endpoints(snap)

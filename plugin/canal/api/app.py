@@ -193,6 +193,22 @@ def create_app(plugin: Any) -> Flask:
     def delete_policy(ref: str) -> Response:
         return _answer({"deleted": plugin.policies.delete(ref).key})
 
+    # Policy introspection (canal.services.introspect): computed from the compiled rules.
+    @app.post("/canal/v1/policies/dry-run")
+    def dry_run_policies() -> Response:
+        body = p.decode("POST /canal/v1/policies/dry-run", _body())
+        if not isinstance(body, dict) or not isinstance(body.get("documents"), str):
+            raise BadRequest('POST /canal/v1/policies/dry-run: body must be {"documents": "<YAML or JSON text>"}')
+        return _answer(plugin.introspection.dry_run(body["documents"]))
+
+    @app.post("/canal/v1/explain")
+    def explain_flow() -> Response:
+        return _answer(plugin.introspection.explain(p.decode("POST /canal/v1/explain", _body())))
+
+    @app.get("/canal/v1/policy-stats")
+    def policy_stats() -> Response:
+        return _answer(plugin.introspection.stats())
+
     @app.get("/canal/v1/endpoints")
     def list_endpoints() -> Response:
         return _answer({"endpoints": plugin.endpoint_list()})

@@ -178,6 +178,67 @@ def _port(rows: list[dict], container: str, port: Optional[str], output: str) ->
     return 0
 
 
+def _party(side: dict) -> str:
+    if side.get("endpoint") is None:
+        return f"{side['address']} (not a canal endpoint)"
+    name = side.get("container") or side["endpoint"]
+    return f"{name} {side['address']} on {side['network']}@{side['host']}"
+
+
+def _print_explain(answer: dict) -> None:
+    flow = answer["flow"]
+    what = flow["protocol"] + (f"/{flow['port']}" if flow["port"] is not None else "")
+    print(f"{answer['verdict'].upper()}: {_party(answer['source'])} -> {_party(answer['destination'])}, {what}"
+          + (" through a published port" if flow["published"] else ""))
+    for side in ("source", "destination"):
+        if answer[side].get("note"):
+            print(f"  note: {answer[side]['note']}")
+    for direction in ("egress", "ingress"):
+        d = answer[direction]
+        if not d["evaluated"]:
+            print(f"  {direction}: {d['explanation']}")
+            continue
+        print(f"  {direction} ({d['host']}): {d['verdict']}: {d['explanation']}")
+        for hop in d.get("matched_on_the_way", []):
+            print(f"    passed through {hop['action']} rule {hop['rule']} of {hop['policy']}")
+        print(f"    rule: -A {d['chain']} {d['rule_text']}")
+    if answer.get("hint"):
+        print(f"  hint: {answer['hint']}")
+
+
+def _print_dry_run(report: dict) -> None:
+    for row in report["results"]:
+        print(f"{row['kind']} {row['policy']} would be {row['result']} (dry run: nothing stored)")
+    for row in report["selection"]:
+        name = row.get("container") or row["endpoint"]
+        for key, label in (("now_selected_by", "now selected by"), ("no_longer_selected_by", "no longer selected by")):
+            for direction in ("egress", "ingress"):
+                if row.get(f"{direction}_{key}"):
+                    print(f"  {name} ({row['address']}): {direction} {label} {', '.join(row[f'{direction}_{key}'])}")
+    for flow in report["flows"]:
+        what = flow["protocol"] + (f"/{flow['port']}" if flow["port"] is not None else "")
+        after = flow["after"]
+        why = "; ".join(
+            f"{d} {after[d]['verdict']} ({after[d].get('policy') or ''}{'' if after[d].get('rule') is None else ' rule ' + str(after[d]['rule'])}"
+            f"{'' if after[d].get('policy') else after[d]['reason']})"
+            for d in ("egress", "ingress") if d in after)
+        print(f"  {'GAINS' if after['verdict'] == 'allowed' else 'LOSES'} {flow['source']} -> {flow['destination']} {what}: {why}")
+    s = report["summary"]
+    print(f"{s['flows_gained']} flow(s) gained, {s['flows_lost']} lost among {s['endpoints']} endpoint(s)"
+          f" (probes: {', '.join(s['probes'])}){'; listing cut at ' + str(s['listed']) if s['listed'] < s['flows_gained'] + s['flows_lost'] else ''}"
+          f"{'; evaluation limit reached, summary partial' if s['truncated'] else ''}")
+
+
+def _print_stats(stats: dict) -> None:
+    _print([{**r, "rule": f"{r['direction'].lower()}[{r['rule']}]"} for r in stats["rules"]], "table",
+           ["policy", "rule", "action", "packets", "bytes"])
+    if stats["implicit"]:
+        print()
+        _print(stats["implicit"], "table", ["container", "address", "direction", "outcome", "packets", "bytes"])
+    if stats["stale"]:
+        print(f"\nnot yet programmed as compiled (counters skipped): {', '.join(stats['stale'])}")
+
+
 def _read_file(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
@@ -266,7 +327,19 @@ def main(argv: list[str] | None = None) -> None:
     policy = sub.add_parser("policy", help="label policies").add_subparsers(dest="verb", required=True)
     apply_p = policy.add_parser("apply", help="create or update the policies in a YAML/JSON file")
     apply_p.add_argument("-f", "--filename", required=True, help="file, or - for standard input")
+    apply_p.add_argument("--dry-run", action="store_true",
+                         help="store nothing: show which endpoints and flows the change would affect")
     client_args(apply_p)
+    explain_p = policy.add_parser("explain", help="why a flow is allowed or denied, from the compiled rules")
+    explain_p.add_argument("src", help="container name or ID, or an IPv4 address")
+    explain_p.add_argument("dst", help="container name or ID, or an IPv4 address")
+    explain_p.add_argument("--port", type=int, help="destination port (tcp/udp)")
+    explain_p.add_argument("--protocol", choices=("tcp", "udp", "icmp"),
+                           help="default: tcp with --port, else icmp (echo request)")
+    explain_p.add_argument("--published", action="store_true",
+                           help="the client comes through DST's published host port (Docker's DNAT)")
+    client_args(explain_p)
+    client_args(policy.add_parser("stats", help="packets and bytes per policy rule on this host (kernel counters)"))
     client_args(policy.add_parser("list", help="list policies"))
     for verb in ("get", "delete"):
         cmd = policy.add_parser(verb, help=f"{verb} one policy: NAME, NETWORK/NAME or global/NAME")
@@ -315,6 +388,17 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "endpoint":
             columns = ["container", "network", "host", "ip", "state", "labels", "policies"]
             _print(client.get("/canal/v1/endpoints")["endpoints"], args.output, columns)
+        elif args.verb == "apply" and args.dry_run:
+            report = client.post("/canal/v1/policies/dry-run", {"documents": _read_file(args.filename)})
+            _print_dry_run(report) if args.output == "table" else _print(report, args.output)
+        elif args.verb == "explain":
+            body = {"src": args.src, "dst": args.dst, "protocol": args.protocol, "port": args.port,
+                    "published": args.published}
+            answer = client.post("/canal/v1/explain", {k: v for k, v in body.items() if v is not None})
+            _print_explain(answer) if args.output == "table" else _print(answer, args.output)
+        elif args.verb == "stats":
+            stats = client.get("/canal/v1/policy-stats")
+            _print_stats(stats) if args.output == "table" else _print(stats, args.output)
         elif args.verb == "apply":
             results = client.post("/canal/v1/policies", {"documents": _read_file(args.filename)})["results"]
             if args.output == "table":

@@ -131,6 +131,12 @@ class Iptables:
     def save(self) -> dict[str, Table]:
         return parse_save(run([self._save], timeout=15).stdout)
 
+    def save_counters(self, table: str = "filter") -> str:
+        """`iptables-save -c -t TABLE`: every rule with its [packets:bytes] (for `canal policy stats`)."""
+        if table not in TABLES:
+            raise UnsafeInput(f"unknown iptables table {table!r}")
+        return run([self._save, "-c", "-t", table], timeout=15).stdout
+
     def restore(self, text: str) -> None:
         """One atomic transaction per table; --noflush keeps everything we do not own."""
         check_restore(text)

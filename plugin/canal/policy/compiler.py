@@ -37,6 +37,7 @@ endpoints a selector matches lives in ipsets (membership changes never rewrite r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -62,8 +63,10 @@ __all__ = [
     "EndpointInfo",
     "HostProtection",
     "NetworkInfo",
+    "Note",
     "WL_TO_HOST",
     "compile_filter",
+    "compile_filter_annotated",
     "effective_labels",
     "endpoint_chain",
     "network_members_set",
@@ -109,6 +112,31 @@ class EndpointInfo:
     host: str
     labels: Optional[Mapping[str, str]] = None
     published: tuple[tuple[str, int], ...] = ()  # (proto, container port) published on its host
+
+
+@dataclass(frozen=True)
+class Note:
+    """Why one emitted rule exists: `kind` is "rule" (a policy's rule `index`; "rule-return" for
+    the RETURN after an Allow or Pass rule's MARK), "policy" (the
+    jump to a policy's chain), "accepted" (return once it allowed), or an implicit outcome
+    (labels-pending, broken-policy, anti-spoof, internal-fence, datastore, default-deny,
+    profile-egress, profile-network, profile-published, profile-deny, clear-marks)."""
+
+    kind: str
+    policy: Optional[str] = None  # policy key
+    direction: Optional[str] = None
+    index: Optional[int] = None
+    action: Optional[str] = None
+
+
+# The implicit outcomes' notes, shared (built once: the agent compiles on every pass).
+_IMPLICIT_ACTIONS = {
+    "clear-marks": None, "anti-spoof": "Deny", "internal-fence": "Deny", "broken-policy": "Deny",
+    "labels-pending": "Deny", "datastore": "Deny", "default-deny": "Deny", "profile-egress": "Allow",
+    "profile-network": "Allow", "profile-published": "Allow", "profile-deny": "Deny",
+}
+_IMPLICIT = {(kind, d): Note(kind, direction=d, action=action) for kind, action in _IMPLICIT_ACTIONS.items()
+             for d in (INGRESS, EGRESS)}
 
 
 @dataclass(frozen=True)
@@ -268,6 +296,10 @@ class _Compiler:
         self.groups = [(dict(key), ips) for key, ips in groups.items()]
         self.chains: Dict[str, List[str]] = {}
         self.sets: Dict[str, IpSet] = {}
+        # Why each rule is there, one Note per rule of self.chains[name]: what `canal policy
+        # explain` and `stats` report, taken from the rules as emitted (never re-derived).
+        self.notes: Dict[str, List[Note]] = {}
+        self._jump_note_cache: Dict[tuple[str, str], tuple[Note, Note]] = {}
 
     # -- ipsets --------------------------------------------------------------------------------------
 
@@ -359,9 +391,16 @@ class _Compiler:
         name = policy_chain(policy, direction)
         if name not in self.chains:
             rules: List[str] = []
-            for rule in policy.rules(direction):
-                rules += self._rule(policy, rule)
+            notes: List[Note] = []
+            for index, rule in enumerate(policy.rules(direction)):
+                lines = self._rule(policy, rule)
+                rules += lines
+                note = Note("rule", policy.key, direction, index, rule.action)
+                notes += [note] * len(lines)
+                if rule.action in ("Allow", "Pass") and lines:  # the last line returns on the mark
+                    notes[-1] = dataclasses.replace(note, kind="rule-return")
             self.chains[name] = rules
+            self.notes[name] = notes
         return name
 
     # -- endpoint chains -----------------------------------------------------------------------------
@@ -375,46 +414,65 @@ class _Compiler:
             return False
         return selectors.parse(policy.selector).matches(labels)
 
-    def _endpoint_chain(self, endpoint: EndpointInfo, direction: str) -> List[str]:
+    def _jump_notes(self, policy: Policy, direction: str) -> tuple[Note, Note]:
+        key = (policy.key, direction)
+        if key not in self._jump_note_cache:
+            self._jump_note_cache[key] = (Note("policy", policy.key, direction),
+                                          Note("accepted", policy.key, direction, action="Allow"))
+        return self._jump_note_cache[key]
+
+    def _endpoint_chain(self, endpoint: EndpointInfo, direction: str) -> tuple[List[str], List[Note]]:
         ip = _bare_ip(endpoint.ip)
         rules = [CLEAR_MARKS]
+        notes = [_IMPLICIT[("clear-marks", direction)]]
+
+        def add(rule: str, note: Note) -> None:
+            rules.append(rule)
+            notes.append(note)
+
         if direction == EGRESS:
-            rules.append(f"! -s {ip}/32 -j DROP")  # anti-spoofing: only its own address
+            add(f"! -s {ip}/32 -j DROP", _IMPLICIT[("anti-spoof", direction)])
             network = self.networks.get(endpoint.network)
             if network is not None and network.internal:
                 members = self._network_set(endpoint.network)
-                rules.append(f"-m set ! --match-set {members} dst -j DROP")
+                add(f"-m set ! --match-set {members} dst -j DROP", _IMPLICIT[("internal-fence", direction)])
         if None in self.broken_scopes or endpoint.network in self.broken_scopes:
-            rules.append("-j DROP")  # a stored policy of its scope does not parse: fail closed
-            return rules
+            # a stored policy of its scope does not parse: fail closed
+            add("-j DROP", _IMPLICIT[("broken-policy", direction)])
+            return rules, notes
         if self.labels[endpoint.id] is None:
             # Identity unknown: any policy's Deny could name it as a source, so it neither
             # sends nor receives anything until its labels and network name are learned.
-            rules.append("-j DROP")
-            return rules
+            add("-j DROP", _IMPLICIT[("labels-pending", direction)])
+            return rules, notes
         applied = [p for p in self.policies if self._selects(p, endpoint, direction)]
         may_have_passed = False
         for policy in applied:
             chain = self._policy_chain(policy, direction)
-            rules.append(f"{UNLESS_PASSED} -j {chain}" if may_have_passed else f"-j {chain}")
-            rules.append(RETURN_IF_ACCEPTED)
+            jump_note, accepted_note = self._jump_notes(policy, direction)
+            add(f"{UNLESS_PASSED} -j {chain}" if may_have_passed else f"-j {chain}", jump_note)
+            add(RETURN_IF_ACCEPTED, accepted_note)
             may_have_passed = may_have_passed or any(r.action == "Pass" for r in policy.rules(direction))
         if direction == EGRESS:
             # The datastore is every host's trust root: closed unless a policy allowed it above.
             for address, port in self.host.datastore:
-                rules.append(f"-d {address}/32 -p tcp -m multiport --dports {port} -j DROP")
+                add(f"-d {address}/32 -p tcp -m multiport --dports {port} -j DROP",
+                    _IMPLICIT[("datastore", direction)])
         if applied:
             # Default deny once any policy selects the endpoint, unless one of them passed.
-            rules.append(f"{UNLESS_PASSED} -j DROP" if may_have_passed else "-j DROP")
+            add(f"{UNLESS_PASSED} -j DROP" if may_have_passed else "-j DROP",
+                _IMPLICIT[("default-deny", direction)])
         if direction == EGRESS:
-            rules.append("-j RETURN")  # profile: egress allowed
+            add("-j RETURN", _IMPLICIT[("profile-egress", direction)])  # profile: egress allowed
         else:
             members = self._network_set(endpoint.network)
-            rules.append(f"-m set --match-set {members} src -j RETURN")  # profile: own network
+            add(f"-m set --match-set {members} src -j RETURN",  # profile: own network
+                _IMPLICIT[("profile-network", direction)])
             for proto, port in endpoint.published:  # profile: its published ports, from anywhere
-                rules.append(f"-p {proto} -m {proto} --dport {port} -m conntrack --ctstate DNAT -j RETURN")
-            rules.append("-j DROP")
-        return rules
+                add(f"-p {proto} -m {proto} --dport {port} -m conntrack --ctstate DNAT -j RETURN",
+                    _IMPLICIT[("profile-published", direction)])
+            add("-j DROP", _IMPLICIT[("profile-deny", direction)])
+        return rules, notes
 
     # -- whole table ---------------------------------------------------------------------------------
 
@@ -455,8 +513,8 @@ class _Compiler:
             egress, ingress = endpoint_chain(endpoint.id, EGRESS), endpoint_chain(endpoint.id, INGRESS)
             from_wl.append(f"-i {ifname} -g {egress}")
             to_wl.append(f"-o {ifname} -g {ingress}")
-            self.chains[egress] = self._endpoint_chain(endpoint, EGRESS)
-            self.chains[ingress] = self._endpoint_chain(endpoint, INGRESS)
+            self.chains[egress], self.notes[egress] = self._endpoint_chain(endpoint, EGRESS)
+            self.chains[ingress], self.notes[ingress] = self._endpoint_chain(endpoint, INGRESS)
         self.chains[FROM_WL] = from_wl + ["-j DROP"]  # unknown workload interface: fail closed
         self.chains[TO_WL] = to_wl + ["-j DROP"]
 
@@ -502,8 +560,22 @@ def compile_filter(
     Deterministic (same input -> equal state, sorted everywhere) so the applier's diff is a no-op
     when nothing changed. Returns an empty state when there is nothing of ours on this host.
     """
+    return compile_filter_annotated(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set)[0]
+
+
+def compile_filter_annotated(
+    endpoints: Iterable[EndpointInfo],
+    policies: Iterable[Policy],
+    local_host: str,
+    networks: Mapping[str, NetworkInfo],
+    broken_scopes: AbstractSet[Optional[str]] = frozenset(),
+    host: HostProtection = HostProtection(),
+    cluster_set: Optional[str] = None,
+) -> tuple[FirewallState, Dict[str, List[Note]]]:
+    """compile_filter, plus a Note per rule of each endpoint and policy chain (chain name -> notes)."""
     endpoints = list(endpoints)
     policies = list(policies)
     if not networks and not any(e.host == local_host for e in endpoints):
-        return FirewallState()
-    return _Compiler(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set).compile()
+        return FirewallState(), {}
+    compiler = _Compiler(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set)
+    return compiler.compile(), compiler.notes

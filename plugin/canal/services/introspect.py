@@ -1,0 +1,59 @@
+"""Policy introspection for the admin API: explain a flow, dry-run an apply, per-rule counters.
+
+Thin over canal.agent.explain (pure, over the compiled rules); this layer only validates the
+request, reads the snapshot the agent would compile, and (for stats) the kernel's counters.
+A dry run never writes: it parses the documents exactly as `apply` does and stops there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from canal.agent import explain as ex
+from canal.agent.desired import Snapshot
+from canal.errors import BadRequest
+from canal.policy.model import load_documents
+
+EXPLAIN_FIELDS = ("src", "dst", "protocol", "port", "published")
+
+
+class PolicyIntrospection:
+    def __init__(self, snapshot: Callable[[], Snapshot], counters: Callable[[], str],
+                 local_addresses: Callable[[], set[str]] = set):
+        self.snapshot = snapshot
+        self.counters = counters  # iptables-save -c -t filter of this host
+        self.local_addresses = local_addresses  # this host's own IPv4 addresses
+
+    def explain(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise BadRequest("explain: body must be an object {src, dst, protocol?, port?, published?}")
+        unknown = sorted(set(body) - set(EXPLAIN_FIELDS))
+        if unknown:
+            raise BadRequest(f"explain: unknown field(s) {', '.join(map(str, unknown))}; expected {', '.join(EXPLAIN_FIELDS)}")
+        for name in ("src", "dst"):
+            if not isinstance(body.get(name), str) or not body[name]:
+                raise BadRequest(f"explain: {name} must be a container name or ID, or an IPv4 address")
+        protocol = body.get("protocol")
+        if protocol is not None and not isinstance(protocol, str):
+            raise BadRequest("explain: protocol must be tcp, udp or icmp")
+        port = body.get("port")
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+            raise BadRequest("explain: port must be an integer 0-65535")
+        published = body.get("published", False)
+        if not isinstance(published, bool):
+            raise BadRequest("explain: published must be true or false")
+        return ex.explain(self.snapshot(), body["src"], body["dst"], protocol, port, published,
+                          frozenset(self.local_addresses()))
+
+    def dry_run(self, text: str) -> dict[str, Any]:
+        policies = load_documents(text)
+        if not policies:
+            raise BadRequest("no policy documents in the input")
+        keys = [p.key for p in policies]
+        for index, key in enumerate(keys, 1):
+            if keys.index(key) + 1 != index:
+                raise BadRequest(f"document {index} ({key}): same policy as document {keys.index(key) + 1}")
+        return ex.dry_run(self.snapshot(), policies)
+
+    def stats(self) -> dict[str, Any]:
+        return ex.policy_stats(self.snapshot(), self.counters())

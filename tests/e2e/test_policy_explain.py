@@ -1,0 +1,236 @@
+"""Issue 11: `canal policy explain`, `apply --dry-run` and `stats` against real packets.
+
+For a matrix of flows (four containers, labels, two networks; Allow, Deny, Pass, ports, an
+egress policy and a GlobalNetworkPolicy), what explain says is what the kernel does; the dry
+run predicts exactly the flows that change when the policies are applied for real, and stores
+nothing; the per-rule counters move with the traffic that hit each rule.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from e2e_support import clear, start_host, wait_open
+from test_policy import IMAGE, PLUGIN, client, ip, net, pings, policy, server, tcp
+
+from testbed import SimHost, wait_until
+
+PLUGIN_DIR = str(Path(__file__).resolve().parents[2] / "plugin")  # this checkout's CLI, as the plugin's
+
+PORTS = (5432, 8080, 9000)
+NAMES = ("db", "web", "batch", "stranger")
+PROBES = [("tcp", p) for p in PORTS] + [("icmp", None)]
+
+POLICIES = [
+    # batch may not reach db's 9000; anything else from batch skips the later policies (Pass).
+    policy("batch-rules", {"order": 10, "selector": "role == 'db'", "ingress": [
+        {"action": "Deny", "protocol": "TCP", "source": {"selector": "role == 'batch'"}, "destination": {"ports": [9000]}},
+        {"action": "Pass", "source": {"selector": "role == 'batch'"}}]}),
+    policy("db-from-web", {"order": 20, "selector": "role == 'db'", "ingress": [
+        {"action": "Allow", "protocol": "TCP", "source": {"selector": "role == 'web'"}, "destination": {"ports": [5432, 8080]}}]}),
+    policy("db-from-other", {"order": 30, "selector": "role == 'db'", "ingress": [
+        {"action": "Allow", "protocol": "TCP", "source": {"selector": "canal.network == 'other'"},
+         "destination": {"ports": [5432]}}]}, network=None),
+    # web may not open 8080 anywhere (an egress Deny beats db's ingress Allow).
+    policy("web-egress", {"order": 40, "selector": "role == 'web'", "types": ["Egress"], "egress": [
+        {"action": "Deny", "protocol": "TCP", "destination": {"ports": [8080]}},
+        {"action": "Allow"}]}),
+]
+
+
+@pytest.fixture(scope="module")
+def host(underlay):
+    h = start_host(underlay, "x1", "198.18.0.1", PLUGIN)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def h(host):
+    yield host
+    for doc in canal(host, "policy", "list", "-o", "json"):
+        meta = doc["metadata"]
+        ref = f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}"
+        canal(host, "policy", "delete", ref, raw=True)
+    clear(host)
+
+
+def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False, check: bool = True):
+    proc = h.exec([h.plugin_argv()[0], "-m", "canal", *args], input=input, check=check,
+                  env={"PYTHONPATH": PLUGIN_DIR})
+    return proc if raw or not check else json.loads(proc.stdout)
+
+
+def apply(h: SimHost, *docs: dict) -> str:
+    return canal(h, "policy", "apply", "-f", "-", input="\n---\n".join(json.dumps(d) for d in docs), raw=True).stdout
+
+
+def labelled(h: SimHost, *containers: str) -> None:
+    def known():
+        rows = canal(h, "endpoint", "list", "-o", "json")
+        return set(containers) <= {r["container"] for r in rows if r["labels"] is not None}
+    wait_until(known, timeout=10)
+
+
+def documents() -> str:
+    return "\n---\n".join(json.dumps(d) for d in POLICIES)
+
+
+def setup_matrix(h) -> None:
+    net(h, "appnet")
+    net(h, "other")
+    server(h, "db", "appnet", ["role=db"], ports=PORTS)
+    server(h, "web", "appnet", ["role=web"], ports=PORTS)
+    server(h, "batch", "appnet", ["role=batch"], ports=PORTS)
+    server(h, "stranger", "other", ["role=web"], ports=PORTS)
+    labelled(h, *NAMES)
+
+
+def measure(h) -> dict:
+    """(src, dst, proto, port) -> True if the packet got through (real traffic)."""
+    out = {}
+    addresses = {n: ip(h, n) for n in NAMES}
+    for src in NAMES:
+        for dst in NAMES:
+            if src == dst:
+                continue
+            for proto, port in PROBES:
+                ok = tcp(h, src, dst, port) if proto == "tcp" else pings(h, src, addresses[dst])
+                out[(src, dst, proto, port)] = ok
+    return out
+
+
+def explained(h, src, dst, proto, port) -> dict:
+    args = ["policy", "explain", src, dst, "--protocol", proto, "-o", "json"]
+    if port is not None:
+        args += ["--port", str(port)]
+    return canal(h, *args)
+
+
+def test_explain_matches_packets_and_dry_run_predicts_apply(h):
+    setup_matrix(h)
+    before = measure(h)
+    # No policy: the network profile alone (same network in, other network out).
+    for (src, dst, proto, port), ok in before.items():
+        answer = explained(h, src, dst, proto, port)
+        assert (answer["verdict"] == "allowed") == ok, (src, dst, proto, port, answer)
+    assert before[("web", "db", "tcp", 5432)] and not before[("stranger", "db", "tcp", 5432)]  # positive control
+
+    report = canal(h, "policy", "apply", "--dry-run", "-f", "-", "-o", "json", input=documents())
+    assert canal(h, "policy", "list", "-o", "json") == []  # nothing stored
+    assert {r["result"] for r in report["results"]} == {"created"}
+    selected = {row["container"]: row for row in report["selection"]}
+    assert selected["db"]["ingress_now_selected_by"] == ["appnet/batch-rules", "appnet/db-from-web", "global/db-from-other"]
+    assert selected["web"]["egress_now_selected_by"] == ["appnet/web-egress"]
+    table = canal(h, "policy", "apply", "--dry-run", "-f", "-", input=documents(), raw=True).stdout
+    assert "would be created (dry run: nothing stored)" in table and "LOSES web" in table
+    assert canal(h, "policy", "list", "-o", "json") == []
+
+    apply(h, *POLICIES)
+    labelled(h, *NAMES)
+    after = measure(h)
+    assert before != after
+    predicted = {}
+    for flow in report["flows"]:
+        src = flow["source"].split(" ")[0]
+        dst = flow["destination"].split(" ")[0]
+        predicted[(src, dst, flow["protocol"], flow["port"])] = flow["after"]["verdict"] == "allowed"
+    assert not report["summary"]["truncated"]
+    probed = set(report["summary"]["probes"])
+    for key in before:
+        proto, port = key[2], key[3]
+        if (f"{proto}/{port}" if port is not None else proto) not in probed:
+            continue
+        if before[key] != after[key]:
+            assert predicted.get(key) == after[key], (key, before[key], after[key])
+        else:
+            assert key not in predicted, (key, predicted[key])
+
+    # What explain says is what the packets did, for every flow of the matrix.
+    for (src, dst, proto, port), ok in after.items():
+        answer = explained(h, src, dst, proto, port)
+        assert (answer["verdict"] == "allowed") == ok, (src, dst, proto, port, answer)
+        assert answer["consistent"]
+
+    # The deciding rules, each kind of outcome at least once.
+    a = explained(h, "web", "db", "tcp", 5432)
+    assert (a["ingress"]["policy"], a["ingress"]["rule"], a["ingress"]["action"]) == ("appnet/db-from-web", 0, "Allow")
+    assert (a["egress"]["policy"], a["egress"]["rule"]) == ("appnet/web-egress", 1)
+    a = explained(h, "web", "db", "tcp", 8080)
+    assert a["verdict"] == "denied" and (a["egress"]["policy"], a["egress"]["rule"], a["egress"]["action"]) == (
+        "appnet/web-egress", 0, "Deny")
+    a = explained(h, "batch", "db", "tcp", 9000)
+    assert (a["ingress"]["policy"], a["ingress"]["rule"], a["ingress"]["action"]) == ("appnet/batch-rules", 0, "Deny")
+    a = explained(h, "batch", "db", "icmp", None)
+    assert a["verdict"] == "allowed" and a["ingress"]["reason"] == "profile-network"
+    assert a["ingress"]["matched_on_the_way"] == [{"policy": "appnet/batch-rules", "rule": 1, "action": "Pass"}]
+    a = explained(h, "stranger", "db", "tcp", 5432)
+    assert (a["ingress"]["policy"], a["ingress"]["action"]) == ("global/db-from-other", "Allow")
+    a = explained(h, "web", "db", "tcp", 9000)
+    assert a["ingress"]["reason"] == "default-deny"
+    a = explained(h, "db", "stranger", "icmp", None)
+    assert a["verdict"] == "denied" and a["ingress"]["reason"] == "profile-deny"
+    text = canal(h, "policy", "explain", "web", "db", "--port", "8080", raw=True).stdout
+    assert text.startswith("DENIED: web ") and "egress" in text and "appnet/web-egress" in text
+
+
+def test_stats_counters_move_with_traffic(h):
+    setup_matrix(h)
+    apply(h, *POLICIES)
+    labelled(h, *NAMES)
+
+    def counter(stats, policy_key, direction, rule):
+        rows = [r for r in stats["rules"] if (r["policy"], r["direction"], r["rule"]) == (policy_key, direction, rule)]
+        return rows[0]["packets"] if rows else None
+
+    def wait_stats():
+        stats = canal(h, "policy", "stats", "-o", "json")
+        return stats if not stats["stale"] else None
+
+    first = wait_stats() or canal(h, "policy", "stats", "-o", "json")
+    deny0 = counter(first, "appnet/batch-rules", "Ingress", 0)
+    allow0 = counter(first, "appnet/db-from-web", "Ingress", 0)
+    assert deny0 is not None and allow0 is not None
+    assert not tcp(h, "batch", "db", 9000)
+    assert tcp(h, "web", "db", 5432)
+    second = canal(h, "policy", "stats", "-o", "json")
+    assert counter(second, "appnet/batch-rules", "Ingress", 0) > deny0
+    assert counter(second, "appnet/db-from-web", "Ingress", 0) > allow0
+    # An implicit outcome is counted too: the isolation profile dropping another network's ping.
+    assert not pings(h, "stranger", ip(h, "web"))
+    third = canal(h, "policy", "stats", "-o", "json")
+    drops = [r for r in third["implicit"] if r["container"] == "web" and r["outcome"] == "profile-deny"]
+    assert drops and drops[0]["packets"] > 0
+    assert "appnet/batch-rules" in canal(h, "policy", "stats", raw=True).stdout
+
+
+def test_explain_container_on_two_networks_and_addresses(h, underlay):
+    net(h, "appnet")
+    net(h, "other")
+    h.docker("run", "-d", "--name", "dual", "--network", "appnet", IMAGE, "sleep", "100000")
+    h.docker("network", "connect", "other", "dual")
+    wait_open(h, "dual")
+    client(h, "lone", "other")
+    labelled(h, "dual", "lone")
+    nets = h.docker_json("inspect", "dual")[0]["NetworkSettings"]["Networks"]
+    on_app, on_other = nets["appnet"]["IPAddress"], nets["other"]["IPAddress"]
+    a = canal(h, "policy", "explain", "lone", "dual", "-o", "json")
+    assert a["destination"]["address"] == on_other and "2 canal endpoints" in a["destination"]["note"]
+    assert a["verdict"] == "allowed" and pings(h, "lone", on_other)
+    a = canal(h, "policy", "explain", "lone", on_app, "-o", "json")
+    assert a["verdict"] == "denied" and a["ingress"]["reason"] == "profile-deny"
+    assert not pings(h, "lone", on_app)
+    # An address outside Canal: only the canal side's policy is evaluated.
+    a = canal(h, "policy", "explain", "lone", underlay.gateway_ip, "-o", "json")
+    assert a["ingress"]["evaluated"] is False and a["verdict"] == "allowed"
+    assert pings(h, "lone", underlay.gateway_ip)
+    # The host's own address: the workload-to-host setting decides, as for packets.
+    a = canal(h, "policy", "explain", "lone", h.address, "-o", "json")
+    assert "workload-to-host" in a["ingress"]["explanation"]
+    assert (a["verdict"] == "allowed") == pings(h, "lone", h.address)
+    proc = canal(h, "policy", "explain", "nosuch", "lone", check=False)
+    assert proc.returncode == 2 and "'nosuch'" in proc.stderr
