@@ -130,5 +130,29 @@ def run_open(host: SimHost, network: str, script: str, *opts: str, check: bool =
     return result
 
 
+def ip_of(host: SimHost, container: str, network: str) -> str:
+    return host.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def serve_hello(host: SimHost, name: str, network: str, *opts: str) -> None:
+    """A container answering `hello-NAME` on TCP 80 (open once its labels are learned)."""
+    host.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sh", "-c",
+                f"while true; do echo hello-{name} | nc -l -p 80; done & sleep 100000")
+    wait_open(host, name)
+
+
+def fetch(host: SimHost, client: str, address: str, timeout: int = 2) -> str:
+    """What `nc` in container `client` gets from address:80 ("" when nothing answers)."""
+    proc = host.docker("exec", client, "sh", "-c", f"nc -w {timeout} {address} 80 </dev/null", check=False)
+    return proc.stdout.strip()
+
+
+def conntrack_sources(host: SimHost, address: str, port: int = 80) -> set[str]:
+    """Source addresses of the TCP connections to address:port the host's conntrack has seen."""
+    out = host.exec(["conntrack", "-L", "-p", "tcp", "--orig-dst", address, "--dport", str(port)], check=False).stdout
+    return {f.split("=", 1)[1] for line in out.splitlines() for f in line.split()[:6] if f.startswith("src=")}
+
+
 __all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "chain_open", "endpoint_ids", "etcd_cluster",
-           "etcd_plugin_args", "is_open", "run_open", "start_host", "wait_open"]
+           "etcd_plugin_args", "fetch", "conntrack_sources", "ip_of", "is_open", "run_open", "serve_hello", "start_host",
+           "wait_open"]

@@ -6,7 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, canal_leftovers, clear, endpoint_ids, start_host, wait_open
+from e2e_support import (
+    CLUSTER,
+    canal_leftovers,
+    clear,
+    conntrack_sources,
+    endpoint_ids,
+    fetch,
+    ip_of,
+    serve_hello,
+    start_host,
+    wait_open,
+)
 
 from testbed import SimHost, wait_until
 
@@ -43,21 +54,10 @@ def net(h: SimHost, *names: str) -> None:
         h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", name)
 
 
-def run(h: SimHost, name: str, network: str, *opts: str) -> None:
-    """A container answering `hello-NAME` on TCP 80."""
-    h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sh", "-c",
-             f"while true; do echo hello-{name} | nc -l -p 80; done & sleep 100000")
-    wait_open(h, name)
 
 
-def ip_of(h: SimHost, container: str, network: str) -> str:
-    return h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["IPAddress"]
 
 
-def fetch(h: SimHost, client: str, address: str, timeout: int = 2) -> str:
-    """What `nc` gets from address:80 inside `client` ("" when nothing answers)."""
-    proc = h.docker("exec", client, "sh", "-c", f"nc -w {timeout} {address} 80 </dev/null", check=False)
-    return proc.stdout.strip()
 
 
 def routes(h: SimHost, container: str) -> str:
@@ -68,9 +68,9 @@ def test_connect_second_canal_network_reaches_both(h):
     """The issue's report: a proxy on front, connected to back, reaches members of both, each
     from the address of the network they are on (as their servers see it)."""
     net(h, "front", "back")
-    run(h, "web", "front")
-    run(h, "db", "back")
-    run(h, "proxy", "front")
+    serve_hello(h, "web", "front")
+    serve_hello(h, "db", "back")
+    serve_hello(h, "proxy", "front")
     h.docker("network", "connect", "back", "proxy")
     wait_open(h, "proxy")
     assert len(endpoint_ids(h, "proxy")) == 2
@@ -78,25 +78,21 @@ def test_connect_second_canal_network_reaches_both(h):
     assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"
     # Sourced from the right network's address: the connections as the host's conntrack saw them.
     for server, network in (("web", "front"), ("db", "back")):
-        assert sources(h, ip_of(h, server, network)) == {ip_of(h, "proxy", network)}, routes(h, "proxy")
+        assert conntrack_sources(h, ip_of(h, server, network)) == {ip_of(h, "proxy", network)}, routes(h, "proxy")
     # And the members of each network reach the proxy on that network's address, replies included.
     assert fetch(h, "web", ip_of(h, "proxy", "front")) == "hello-proxy"
     assert fetch(h, "db", ip_of(h, "proxy", "back")) == "hello-proxy"
 
 
-def sources(h: SimHost, address: str) -> set[str]:
-    """Source addresses of the TCP connections to address:80 the host's conntrack has seen."""
-    out = h.exec(["conntrack", "-L", "-p", "tcp", "--orig-dst", address, "--dport", "80"], check=False).stdout
-    return {field.split("=", 1)[1] for line in out.splitlines() for field in line.split()[:6] if field.startswith("src=")}
 
 
 def test_isolation_between_single_network_members(h):
     """web (front) and db (back) share no network: closed, while both reach the proxy (the
     positive control: the same servers answer a member of their own network)."""
     net(h, "front", "back")
-    run(h, "web", "front")
-    run(h, "db", "back")
-    run(h, "proxy", "front")
+    serve_hello(h, "web", "front")
+    serve_hello(h, "db", "back")
+    serve_hello(h, "proxy", "front")
     h.docker("network", "connect", "back", "proxy")
     wait_open(h, "proxy")
     assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"  # control: db answers
@@ -112,10 +108,10 @@ def test_not_a_bridge_even_when_forwarding(h):
     networks at L3: web (front) routes db's address via the proxy, and nothing arrives.
     Positive control: the proxy itself reaches db, and web reaches the proxy."""
     net(h, "front", "back")
-    run(h, "db", "back")
-    run(h, "proxy", "front", "--cap-add", "NET_ADMIN", "--sysctl", "net.ipv4.ip_forward=1")
+    serve_hello(h, "db", "back")
+    serve_hello(h, "proxy", "front", "--cap-add", "NET_ADMIN", "--sysctl", "net.ipv4.ip_forward=1")
     h.docker("network", "connect", "back", "proxy")
-    run(h, "web", "front", "--cap-add", "NET_ADMIN")
+    serve_hello(h, "web", "front", "--cap-add", "NET_ADMIN")
     wait_open(h, "proxy")
     db, proxy_front = ip_of(h, "db", "back"), ip_of(h, "proxy", "front")
     assert fetch(h, "proxy", db) == "hello-db"
@@ -131,8 +127,8 @@ def test_anti_spoofing_per_interface(h):
     source: dropped, so its front identity never reaches back members. Positive control: the
     same forced path with its back address gets db's answer."""
     net(h, "front", "back")
-    run(h, "db", "back")
-    run(h, "proxy", "front", "--cap-add", "NET_ADMIN")
+    serve_hello(h, "db", "back")
+    serve_hello(h, "proxy", "front", "--cap-add", "NET_ADMIN")
     h.docker("network", "connect", "back", "proxy")
     wait_open(h, "proxy")
     db, front, back = ip_of(h, "db", "back"), ip_of(h, "proxy", "front"), ip_of(h, "proxy", "back")
@@ -147,13 +143,13 @@ def test_anti_spoofing_per_interface(h):
     h.docker("exec", "proxy", "ip", "rule", "add", "to", f"{db}/32", "lookup", "100", "pref", "10")
     assert forced(back) == "hello-db"
     assert forced(front) == ""
-    assert sources(h, db) == {back}
+    assert conntrack_sources(h, db) == {back}
 
 
 def test_disconnect_and_reconnect_leave_nothing(h):
     net(h, "front", "back")
-    run(h, "db", "back")
-    run(h, "proxy", "front")
+    serve_hello(h, "db", "back")
+    serve_hello(h, "proxy", "front")
     h.docker("network", "connect", "back", "proxy")
     wait_open(h, "proxy")
     back_ip = ip_of(h, "proxy", "back")
@@ -171,7 +167,7 @@ def test_disconnect_and_reconnect_leave_nothing(h):
     wait_until(lambda: "proto 101" not in routes(h, "proxy"), timeout=10, what="explicit routes removed")
     assert h.docker("exec", "proxy", "ip", "rule").stdout.count("lookup 256") == 0
     # Still fine on front, and a reconnect works again.
-    run(h, "web", "front")
+    serve_hello(h, "web", "front")
     assert fetch(h, "proxy", ip_of(h, "web", "front")) == "hello-web"
     h.docker("network", "connect", "back", "proxy")
     wait_open(h, "proxy")
@@ -182,15 +178,15 @@ def test_disconnect_and_reconnect_leave_nothing(h):
 def test_members_joining_later_are_routed(h):
     """Routes follow the networks' membership live: a member started after the connect."""
     net(h, "front", "back")
-    run(h, "proxy", "front")
+    serve_hello(h, "proxy", "front")
     h.docker("network", "connect", "back", "proxy")
     wait_open(h, "proxy")
-    run(h, "db", "back")
-    run(h, "web", "front")
+    serve_hello(h, "db", "back")
+    serve_hello(h, "web", "front")
     assert fetch(h, "proxy", ip_of(h, "db", "back")) == "hello-db"
     assert fetch(h, "proxy", ip_of(h, "web", "front")) == "hello-web"
     h.docker("rm", "-f", "db")
-    run(h, "db2", "back")
+    serve_hello(h, "db2", "back")
     assert fetch(h, "proxy", ip_of(h, "db2", "back")) == "hello-db2"
 
 
@@ -198,8 +194,8 @@ def test_three_networks_and_gateway_choice(h):
     """Any number of canal networks; Docker's gateway choice decides the default route only."""
     net(h, "alpha", "beta", "gamma")
     for network in ("alpha", "beta", "gamma"):
-        run(h, f"m-{network}", network)
-    run(h, "multi", "gamma")
+        serve_hello(h, f"m-{network}", network)
+    serve_hello(h, "multi", "gamma")
     h.docker("network", "connect", "alpha", "multi")
     h.docker("network", "connect", "beta", "multi")
     wait_open(h, "multi")

@@ -6,7 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_support import IMAGE, clear, etcd_cluster, etcd_plugin_args, wait_open
+from e2e_support import (
+    clear,
+    conntrack_sources,
+    etcd_cluster,
+    etcd_plugin_args,
+    fetch,
+    ip_of,
+    serve_hello,
+    wait_open,
+)
 
 from testbed import Etcd, SimHost, wait_until
 
@@ -47,28 +56,14 @@ def net(*pairs: tuple[SimHost, str], subnet: str = "") -> None:
                  *(("--subnet", subnet) if subnet else ()), name)
 
 
-def run(h: SimHost, name: str, network: str, *opts: str) -> None:
-    h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sh", "-c",
-             f"while true; do echo hello-{name} | nc -l -p 80; done & sleep 100000")
-    wait_open(h, name)
 
 
-def ip_of(h: SimHost, container: str, network: str) -> str:
-    return h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["IPAddress"]
-
-
-def fetch(h: SimHost, client: str, address: str, timeout: int = 2) -> str:
-    proc = h.docker("exec", client, "sh", "-c", f"nc -w {timeout} {address} 80 </dev/null", check=False)
-    return proc.stdout.strip()
 
 
 def eventually_fetch(h: SimHost, client: str, address: str, expected: str) -> None:
     wait_until(lambda: fetch(h, client, address) == expected, timeout=15, what=f"{client} -> {address}: {expected!r}")
 
 
-def sources(h: SimHost, address: str) -> set[str]:
-    out = h.exec(["conntrack", "-L", "-p", "tcp", "--orig-dst", address, "--dport", "80"], check=False).stdout
-    return {f.split("=", 1)[1] for line in out.splitlines() for f in line.split()[:6] if f.startswith("src=")}
 
 
 def apply(h: SimHost, *docs: dict) -> None:
@@ -78,9 +73,9 @@ def apply(h: SimHost, *docs: dict) -> None:
 def setup_proxy(etcd, h1, h2, subnet_front: str = "", subnet_back: str = ""):
     net((h1, "front"), (h2, "front"), subnet=subnet_front)
     net((h1, "back"), (h2, "back"), subnet=subnet_back)
-    run(h2, "web", "front", "--label", "app=web")
-    run(h2, "db", "back", "--label", "app=db")
-    run(h1, "proxy", "front", "--label", "app=proxy")
+    serve_hello(h2, "web", "front", "--label", "app=web")
+    serve_hello(h2, "db", "back", "--label", "app=db")
+    serve_hello(h1, "proxy", "front", "--label", "app=proxy")
     h1.docker("network", "connect", "back", "proxy")
     wait_open(h1, "proxy")
     return ip_of(h2, "web", "front"), ip_of(h2, "db", "back"), ip_of(h1, "proxy", "front"), ip_of(h1, "proxy", "back")
@@ -91,8 +86,8 @@ def test_across_hosts_each_network_from_its_own_address(c):
     web, db, proxy_front, proxy_back = setup_proxy(etcd, h1, h2)
     eventually_fetch(h1, "proxy", web, "hello-web")
     eventually_fetch(h1, "proxy", db, "hello-db")
-    assert sources(h2, web) == {proxy_front}
-    assert sources(h2, db) == {proxy_back}
+    assert conntrack_sources(h2, web) == {proxy_front}
+    assert conntrack_sources(h2, db) == {proxy_back}
     # Replies and connections towards the proxy, on each network's address.
     eventually_fetch(h2, "web", proxy_front, "hello-proxy")
     eventually_fetch(h2, "db", proxy_back, "hello-proxy")
@@ -147,6 +142,6 @@ def test_plugin_restart_keeps_and_resumes_routes(c):
     assert fetch(h1, "proxy", web) == "hello-web"
     h1.start_plugin(plugin_args(h1, etcd))
     # A member that comes while the plugin was down, or after, is routed once it is back.
-    run(h2, "db2", "back")
+    serve_hello(h2, "db2", "back")
     eventually_fetch(h1, "proxy", ip_of(h2, "db2", "back"), "hello-db2")
     assert fetch(h1, "proxy", web) == "hello-web"
