@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -181,10 +181,43 @@ class StateCollector(Collector):
                                       "(counted once per key and revision)")
             total.add_metric([], mirror.quarantined_total)
             yield total
+        yield from _rule_counters(plugin)
         expiry = lease_expiry(plugin)
         if expiry is not None:
             yield _gauge("canal_lease_expiry_timestamp_seconds", "Unix time this host's subnet lease expires "
                          "unless renewed", expiry)
+
+
+def _rule_counters(plugin: Any) -> Iterator[Any]:
+    """Packets and bytes per policy rule (`canal policy stats`, the kernel's counters read at
+    scrape time), and per implicit outcome summed over endpoints (no endpoint labels: bounded)."""
+    introspection = getattr(plugin, "introspection", None)
+    if introspection is None:
+        return
+    try:
+        stats = introspection.stats()
+    except Exception as err:  # noqa: BLE001 - a scrape never fails for want of counters
+        log.debug("metrics: no rule counters: %s", err)
+        return
+    labels = ["policy", "direction", "rule", "action"]
+    packets = CounterMetricFamily("canal_policy_rule_packets", "packets that hit a policy rule on this host", labels=labels)
+    octets = CounterMetricFamily("canal_policy_rule_bytes", "bytes that hit a policy rule on this host", labels=labels)
+    for row in stats["rules"]:
+        values = [row["policy"], row["direction"] or "", str(row["rule"]), row["action"] or ""]
+        packets.add_metric(values, row["packets"])
+        octets.add_metric(values, row["bytes"])
+    implicit: dict[tuple[str, str], int] = {}
+    for row in stats["implicit"]:
+        key = (row["direction"] or "", row["outcome"])
+        implicit[key] = implicit.get(key, 0) + row["packets"]
+    outcomes = CounterMetricFamily("canal_implicit_outcome_packets", "packets decided by a built-in outcome "
+                                   "(isolation, default deny, pending labels, ...) on this host",
+                                   labels=["direction", "outcome"])
+    for (direction, outcome), count in sorted(implicit.items()):
+        outcomes.add_metric([direction, outcome], count)
+    yield packets
+    yield octets
+    yield outcomes
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -115,3 +115,31 @@ def test_metrics_are_only_on_the_configured_address(h1):
     host, port = ADDR.split(":")
     assert int(h1.exec(["python3", "-c", probe, "127.0.0.1", port]).stdout) != 0
     assert int(h1.exec(["python3", "-c", probe, host, port]).stdout) == 0
+
+
+def test_policy_rule_counters_are_exported(h1):
+    """A Deny rule's packets show in canal_policy_rule_packets_total, as `canal policy stats`
+    counts them; traffic the rule does not match leaves it at 0 (the control)."""
+    import json
+
+    h1.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "mnet")
+    h1.docker("run", "-d", "--name", "srv", "--label", "app=srv", "--network", "mnet", IMAGE, "sh", "-c",
+              "while true; do echo hi | nc -l -p 80; done")
+    h1.docker("run", "-d", "--name", "cli", "--label", "app=cli", "--network", "mnet", IMAGE, "sleep", "1000")
+    wait_open(h1, "srv")
+    wait_open(h1, "cli")
+    srv = h1.docker("inspect", "-f", "{{.NetworkSettings.Networks.mnet.IPAddress}}", "srv").stdout.strip()
+    policy = {"apiVersion": "canal/v1", "kind": "NetworkPolicy", "metadata": {"name": "no-ping", "network": "mnet"},
+              "spec": {"selector": "app == 'srv'", "types": ["Ingress"], "ingress": [
+                  {"action": "Deny", "protocol": "icmp"}, {"action": "Allow"}]}}
+    h1.exec([sys.executable, "-m", "canal", "policy", "apply", "-f", "-"], input=json.dumps(policy),
+            env={"PYTHONPATH": str(REPO / "plugin")})
+    key = dict(policy="mnet/no-ping", direction="Ingress", rule="0", action="Deny")
+    wait_until(lambda: ("canal_policy_rule_packets_total", tuple(sorted(key.items()))) in scrape(h1), 10, 0.2,
+               "the rule's counter exported")
+    assert value(scrape(h1), "canal_policy_rule_packets_total", **key) == 0
+    assert h1.docker("exec", "cli", "nc", "-w", "2", srv, "80", check=False).stdout.strip() == "hi"
+    assert value(scrape(h1), "canal_policy_rule_packets_total", **key) == 0  # TCP is not the Deny's
+    h1.docker("exec", "cli", "ping", "-c", "2", "-W", "1", srv, check=False)
+    assert value(scrape(h1), "canal_policy_rule_packets_total", **key) >= 2
+    h1.exec([sys.executable, "-m", "canal", "policy", "delete", "mnet/no-ping"], env={"PYTHONPATH": str(REPO / "plugin")})
