@@ -106,8 +106,13 @@ def plugin_double(snap=None, fail: Exception | None = None):
 
     firewall.apply(desired_firewall(snap_of()) if not fail else desired_firewall(snapshot()))
     mirror = SimpleNamespace(quarantined={"/canal/v1/policies/global/x": (3, "bad")}, quarantined_total=2)
+    stats = {"rules": [{"policy": "appnet/db", "direction": "Ingress", "rule": 0, "action": "Deny", "packets": 5,
+                        "bytes": 420}],
+             "implicit": [{"direction": "Ingress", "outcome": "profile-deny", "packets": 3},
+                          {"direction": "Ingress", "outcome": "profile-deny", "packets": 4}]}
     return SimpleNamespace(
         snapshot=snap_of, agent=SimpleNamespace(firewall=firewall), mirror=mirror,
+        introspection=SimpleNamespace(stats=lambda: stats),
         lease=Lease(ipaddress.IPv4Network("100.64.7.0/24"), "198.18.0.1", "", 7), lease_renewed_at=1000.0,
         config=config.load({"lease_ttl": "600"}, {}),
     )
@@ -117,6 +122,14 @@ def collected(plugin) -> dict:
     registry = CollectorRegistry()
     registry.register(metrics.StateCollector(plugin))
     return values(registry)
+
+
+def test_rule_counters_come_from_policy_stats_and_outcomes_are_summed():
+    got = collected(plugin_double())
+    labels = (("action", "Deny"), ("direction", "Ingress"), ("policy", "appnet/db"), ("rule", "0"))
+    assert got[("canal_policy_rule_packets_total", labels)] == 5
+    assert got[("canal_policy_rule_bytes_total", labels)] == 420
+    assert got[("canal_implicit_outcome_packets_total", (("direction", "Ingress"), ("outcome", "profile-deny")))] == 7
 
 
 def test_state_gauges_come_from_the_snapshot():
