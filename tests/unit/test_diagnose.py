@@ -137,10 +137,14 @@ def test_positive_control_the_search_finds_a_planted_password():
     assert PASSWORD in gzip.decompress(diagnose.bundle({"a": PASSWORD}, lambda text: text)).decode()
 
 
-def test_plugin_unreachable_still_gives_the_kernel_half(tmp_path, monkeypatch):
+def test_plugin_unreachable_still_gives_the_kernel_half(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(diagnose, "kernel_state", lambda vni: diagnose.__dict__["_kernel"](vni))
     out = tmp_path / "b.tar.gz"
     assert cli._diagnose(str(tmp_path / "no.sock"), str(out), 1) == 0
+    # Progress on stderr, step by step; stdout is only the bundle's path, for scripts.
+    printed = capsys.readouterr()
+    assert printed.out == f"{out}\n"
+    assert "the plugin does not answer" in printed.err and "reading the kernel's state" in printed.err
     files = members(out.read_bytes())
     assert "cannot reach the canal plugin" in files["canal-diagnose/plugin-unreachable.txt"]
     assert "canal-diagnose/kernel/ipsets.txt" in files

@@ -249,6 +249,11 @@ def _read_file(path: str) -> str:
         raise BadRequest(f"cannot read {path}: {err.strerror}") from None
 
 
+def _progress(message: str) -> None:
+    """A step of a long operation, on stderr (stdout stays the result, for scripts)."""
+    print(f"canal: {message}", file=sys.stderr, flush=True)
+
+
 def _diagnose(socket_path: str, output: str, vni: int) -> int:
     """The plugin's half if it answers (else the error, in the bundle), the kernel's always."""
     import time
@@ -257,6 +262,7 @@ def _diagnose(socket_path: str, output: str, vni: int) -> int:
 
     parts: dict[str, Any] = {}
     host = socket.gethostname()
+    _progress("reading the plugin's status, settings, records and recent logs")
     try:
         data = AdminClient(socket_path).get("/canal/v1/diagnose")
         host = str(data.get("status", {}).get("host") or host)
@@ -265,7 +271,10 @@ def _diagnose(socket_path: str, output: str, vni: int) -> int:
         parts["logs.jsonl"] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in data.get("logs", []))
     except CanalError as err:
         parts["plugin-unreachable.txt"] = f"{err}\n"
+        _progress(f"the plugin does not answer ({err}): the bundle holds the kernel's state only")
+    _progress("reading the kernel's state: iptables, ipsets, routes, links, neighbour and FDB entries")
     parts.update(diagnose.kernel_state(vni))
+    _progress(f"redacting and writing {len(parts)} parts")
     secrets = [v for k, v in os.environ.items() if k == "CANAL_ETCD_PASSWORD" and v]
     data_bytes = diagnose.bundle(parts, logs.Redactor(secrets))
     path = output or f"canal-diagnose-{host}-{time.strftime('%Y%m%dT%H%M%S')}.tar.gz"
@@ -389,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             columns = ["container", "network", "host", "ip", "state", "labels", "policies"]
             _print(client.get("/canal/v1/endpoints")["endpoints"], args.output, columns)
         elif args.verb == "apply" and args.dry_run:
+            _progress("evaluating the flows between known endpoints before and after (nothing is stored)")
             report = client.post("/canal/v1/policies/dry-run", {"documents": _read_file(args.filename)})
             _print_dry_run(report) if args.output == "table" else _print(report, args.output)
         elif args.verb == "explain":
@@ -400,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
             stats = client.get("/canal/v1/policy-stats")
             _print_stats(stats) if args.output == "table" else _print(stats, args.output)
         elif args.verb == "apply":
+            _progress("storing the policies; each is in force on this host when this returns")
             results = client.post("/canal/v1/policies", {"documents": _read_file(args.filename)})["results"]
             if args.output == "table":
                 for row in results:
