@@ -11,7 +11,7 @@ Problems (exit 1):
   - no reconcile pass has succeeded yet, the last pass failed, or the last good pass is older
     than STALE_PASSES resync intervals (the agent is stuck);
   - multi-host with Canal's own lease: no lease, or its renewal is late (less than a third of
-    the TTL left: renewals run every TTL/3, so two were missed) or it expired;
+    the TTL left: renewals, every min(resync interval, TTL/3), have failed that long) or it expired;
   - quarantined records (records that failed validation and are ignored until fixed).
 Warnings (exit 0): endpoints pending their labels, Docker's API unreachable, peers whose last
 renewal is older than two TTLs (the collector removes such hosts).
