@@ -151,6 +151,10 @@ class Config:
     mtu: int = _setting(0, _int_range(0, 65535), "container MTU (0: underlay MTU minus 50)")
     vxlan_vni: int = _setting(1, _int_range(1, 16777215), "VXLAN network identifier")
     vxlan_port: int = _setting(8472, _int_range(1, 65535), "VXLAN UDP port")
+    backend: str = _setting(
+        "vxlan", _choice("vxlan", "host-gw"),
+        "flannel backend of a network config Canal creates (the embedded datastore's; etcd's config wins if present)",
+    )
     flannel_mode: str = _setting(
         "auto", _choice("auto", "embedded", "external"), "manage the VXLAN device, or leave it to flanneld"
     )

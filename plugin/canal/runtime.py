@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import threading
 import time
@@ -19,7 +18,6 @@ from canal.agent.desired import (
     DataplaneSettings,
     Snapshot,
     desired_route_records,
-    desired_vxlan,
     endpoint_rows,
     identity_known,
 )
@@ -27,13 +25,13 @@ from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
 from canal.agent.sandboxes import SandboxRouting, SandboxStep
 from canal import health
+from canal.backends.manager import BackendManager
 from canal.config import Config
 from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.ports import Reservations
 from canal.dataplane.sandbox import Sandboxes
-from canal.dataplane.vxlan import Vxlan, VxlanState, vxlan_mtu
 from canal.datastore.base import Datastore, open_datastore
 from canal.datastore.keys import Keys
 from canal.errors import CanalError, Unavailable
@@ -50,7 +48,6 @@ from canal.records import (
     hostname,
     lease_entry,
     network_entry,
-    replace,
     route_entry,
     safe,
 )
@@ -63,34 +60,6 @@ from canal.services.ports import Ports, wanted_reservations
 from canal.services.subnets import NetworkConfig, SubnetManager, parse_network_config
 
 log = logging.getLogger(__name__)
-
-SUBNET_ENV = "/run/flannel/subnet.env"
-
-
-def read_subnet_env(path: str = SUBNET_ENV) -> dict[str, str]:
-    try:
-        with open(path) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return {}
-    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
-def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path: str = SUBNET_ENV) -> None:
-    """flannel's format, so tools written for flannel hosts work on Canal hosts too."""
-    first = next(subnet.hosts())
-    text = (
-        f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
-        f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
-    )
-    if read_subnet_env(path) == dict(line.split("=", 1) for line in text.splitlines()):
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def datastore_addresses(config: Config) -> tuple[tuple[str, int], ...]:
@@ -142,23 +111,19 @@ class Plugin:
         self.iface, self.public_ip, self.underlay_mtu = linkmod.underlay(config.iface, config.public_ip)
         self.subnets = SubnetManager(
             self.store, self.keys, config.network, config.subnet_len, config.vxlan_vni, config.vxlan_port,
-            ttl=config.lease_ttl,
+            ttl=config.lease_ttl, backend=config.backend,
         )
         self.multihost = config.datastore == "etcd"
-        self.vxlan = Vxlan() if self.multihost else None
-        self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
-        self._lease_lock = threading.Lock()
-        self.lease: Lease | None = None
-        self.lease_renewed_at: float | None = None  # Unix time of its last grant or renewal (status, metrics)
-        self._vxlan_applied: VxlanState | None = None
+        self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip)
+        self.backend = BackendManager(config, self.hosts, self.subnets, self.network_config,
+                                      self.iface, self.public_ip, self.underlay_mtu)
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
         sandboxes = Sandboxes(config.netns_dir)
-        self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip)
-        self.ipam = Ipam(self.store, self.keys, self.host, self.host_subnet, self.cluster_network)
+        self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network)
         self.networks = Networks(
-            self.store, self.keys, self.ipam, self.links, self.host, self.default_mtu, self._changed,
+            self.store, self.keys, self.ipam, self.links, self.host, self.backend.default_mtu, self._changed,
             forget=self._forget,
             request=lambda: self.agent.request(),
             settle=self._settle,
@@ -175,7 +140,7 @@ class Plugin:
             "host %s: underlay %s (%s, mtu %d), iptables %s, datastore %s",
             self.host, self.public_ip, self.iface, self.underlay_mtu, backend, config.datastore,
         )
-        steps: list[Any] = [self.publish_routes, self.program_vxlan] if self.multihost else []
+        steps: list[Any] = [self.publish_routes, self.backend.program] if self.multihost else []
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
         self.agent = Agent(
             self.snapshot,
@@ -197,12 +162,11 @@ class Plugin:
         )
         self._network_config: Optional[NetworkConfig] = None  # last valid flannel config seen
         self._settings: Optional[tuple[float, DataplaneSettings]] = None
-        self._vtep_mac = ""
 
     def start(self) -> None:
         linkmod.enable_forwarding(self.config.sysctl_dir)
         try:
-            self.host_subnet()
+            self.backend.host_subnet()
         except Exception as err:  # Docker calls still get answers; IPAM retries the lease
             log.error("could not lease a host subnet yet: %s", err)
         self.mirror.start()
@@ -281,91 +245,22 @@ class Plugin:
             return failure
         return Unavailable(message)
 
-    # Host subnet lease ------------------------------------------------------------------------
+    # Host subnet lease (canal.backends.manager) ------------------------------------------------
 
     @property
-    def flannel_mode(self) -> str:
-        if self._flannel_mode is None:
-            self._flannel_mode = self._detect_flannel_mode()
-        return self._flannel_mode
+    def lease(self) -> Lease | None:
+        return self.backend.lease
 
-    def _detect_flannel_mode(self) -> str:
-        """external: a real flanneld owns this host's lease and VXLAN device; we use its subnet."""
-        if not self.multihost or self.config.flannel_mode == "embedded":
-            return "embedded"
-        env = read_subnet_env()
-        mac = self.vxlan.device_mac(self.config.vxlan_vni) if self.vxlan else None
-        record = self.hosts.read()
-        ours = record.vtep_mac if record else None
-        if self.config.flannel_mode == "external":
-            if not env:
-                raise Unavailable(f"flannel-mode external, but {SUBNET_ENV} is missing: is flanneld running?")
-            return "external"
-        return "external" if env and mac and mac != ours else "embedded"
-
-    def host_subnet(self) -> ipaddress.IPv4Network:
-        with self._lease_lock:
-            if self.lease is None:
-                if self.flannel_mode == "external":
-                    env = read_subnet_env()
-                    subnet = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network
-                    self.lease = Lease(subnet, self.public_ip, "", 0)
-                    log.info("host %s uses flanneld's subnet %s", self.host, subnet)
-                    return subnet
-                record = self.hosts.ensure()
-                previous = str(record.subnet) if record.subnet else None
-                self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous)
-                if record.subnet != self.lease.subnet:
-                    subnet = self.lease.subnet
-                    self.hosts.update(lambda r: replace(r, subnet=subnet))
-                self.lease_renewed_at = time.time()
-                log.info("host %s owns subnet %s (flannel %s)", self.host, self.lease.subnet, self.flannel_mode)
-            return self.lease.subnet
+    @property
+    def lease_renewed_at(self) -> float | None:
+        return self.backend.lease_renewed_at
 
     def renew_lease(self) -> None:
-        if self.flannel_mode == "external":
-            return
-        with self._lease_lock:
-            if self.lease is not None:
-                self.lease = self.subnets.renew(self.lease)
-                self.lease_renewed_at = time.time()
-                self.hosts.touch()
+        self.backend.renew_lease()
         if self.multihost:
             self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
 
-    def default_mtu(self) -> int:
-        if self.config.mtu:
-            return self.config.mtu
-        if self._flannel_mode == "external":
-            mtu = read_subnet_env().get("FLANNEL_MTU", "")
-            if mtu.isdigit():
-                return int(mtu)
-        return max(576, vxlan_mtu(self.underlay_mtu))
-
     # Multi-host steps of the reconcile pass --------------------------------------------------
-
-    def program_vxlan(self, snap: Snapshot, full: bool) -> None:
-        if self.vxlan is None or snap.own_subnet is None:
-            return
-        state = desired_vxlan(snap)
-        if not full and state == self._vxlan_applied:
-            return  # event passes skip the kernel read-back when nothing changed
-        if self.flannel_mode == "embedded":
-            if not self._vtep_mac:
-                self._vtep_mac = self.hosts.ensure().vtep_mac
-            self.vxlan.ensure_device(
-                self.config.vxlan_vni, self.config.vxlan_port, self.public_ip, self.iface,
-                self._vtep_mac, vxlan_mtu(self.underlay_mtu), snap.own_subnet,
-            )
-            write_subnet_env(snap.cluster_network, snap.own_subnet, self.default_mtu())
-            self.vxlan.apply(state, self.config.vxlan_vni)
-        else:
-            if not self.vxlan.exists(self.config.vxlan_vni):
-                raise Unavailable(f"flannel.{self.config.vxlan_vni} is missing: is flanneld running?")
-            # flanneld programs the peers' subnets; we add only the /32s it cannot know about.
-            host_routes = {dst: gw for dst, gw in state.routes.items() if dst.prefixlen == 32}
-            self.vxlan.apply(VxlanState({}, {}, host_routes), self.config.vxlan_vni, routes_only=True)
-        self._vxlan_applied = state
 
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's /32 route records equal to what its endpoints need."""
@@ -398,9 +293,9 @@ class Plugin:
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
             "datastore": self.config.datastore,
-            "flannel_mode": self._flannel_mode or "undecided",
+            "flannel_mode": self.backend.flannel_mode_decided or "undecided",
             "scope": self.config.scope,
-            "mtu": self.default_mtu(),
+            "mtu": self.backend.default_mtu(),
             "last_error": self.agent.last_error,
             "docker_error": self.docker.last_error,
             "endpoints": endpoints,
@@ -411,7 +306,8 @@ class Plugin:
             "datastore_error": store_error,
             "last_pass_age": None if last is None else round(time.monotonic() - last, 1),
             "resync_interval": self.config.resync_interval,
-            "lease": self._lease_status(),
+            "lease": self.backend.lease_status(),
+            "backend": self.backend.status() if self.multihost else None,
             "peers": self._peers(),
         })
 
@@ -434,15 +330,6 @@ class Plugin:
         except CanalError as err:
             records["error"] = str(err)
         return diagnose.plugin_half(self.config, self.status(), records, logs.RING.records())
-
-    def _lease_status(self) -> dict[str, Any] | None:
-        if self.lease is None:
-            return None
-        own = self.multihost and self._flannel_mode != "external" and self.lease.lease_id != 0
-        left = None
-        if own and self.lease_renewed_at is not None:
-            left = round(self.lease_renewed_at + self.config.lease_ttl - time.time(), 1)
-        return {"subnet": str(self.lease.subnet), "ttl": self.config.lease_ttl if own else None, "expires_in": left}
 
     def _peers(self) -> list[dict[str, Any]]:
         """Other hosts with a lease, and when each last renewed (their host record), if known."""
@@ -482,6 +369,12 @@ class Plugin:
             # Absent only before the first lease created it (or malformed from the start).
             self._network_config = self.subnets.network_config()
         return self._network_config.network
+
+    def network_config(self) -> NetworkConfig:
+        """The flannel config in force (its Backend picks the backend), as cluster_network reads it."""
+        self.cluster_network()
+        assert self._network_config is not None
+        return self._network_config
 
     @staticmethod
     def _flannel_config(name: str, raw: Any) -> Any:

@@ -114,3 +114,11 @@ def test_malformed_foreign_leases_are_skipped(store):
 
     store.txn([], [Put(KEYS.leases + "garbage", "not json")])
     assert mgr.leases() == []
+
+
+def test_host_gw_lease_has_flannels_json_without_backend_data(store):
+    mgr = SubnetManager(store, KEYS, "10.5.0.0/16", 24, 1, 8472, backend="host-gw")
+    lease = mgr.acquire("198.18.0.1", "aa:bb:cc:dd:ee:01")
+    assert lease.backend_type == "host-gw"
+    assert store.get_json(KEYS.lease(lease.subnet)) == {"PublicIP": "198.18.0.1", "BackendType": "host-gw"}
+    assert store.get_json(KEYS.flannel_config)["Backend"] == {"Type": "host-gw"}

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from canal.backends.base import BackendConfig, parse_backend
 from canal.datastore.base import Datastore, Guard, Put, dumps
 from canal.datastore.keys import Keys
 from canal.errors import BadRequest, CanalError, Exhausted, Unavailable
@@ -30,6 +31,7 @@ class NetworkConfig:
     subnet_min: ipaddress.IPv4Network
     subnet_max: ipaddress.IPv4Network
     backend: dict
+    backend_config: BackendConfig = BackendConfig()  # `backend`, checked and typed
 
     @property
     def vni(self) -> int:
@@ -69,8 +71,7 @@ def parse_network_config(raw: Any) -> NetworkConfig:
     for name in ("SubnetMin", "SubnetMax"):
         if raw.get(name) is not None and not isinstance(raw[name], str):
             raise BadRequest(f"flannel config {name} {safe(raw[name])} is not an address string")
-    if not isinstance(raw.get("Backend") or {}, dict):
-        raise BadRequest(f"flannel config Backend {safe(raw.get('Backend'))} is not an object")
+    backend_config = parse_backend(raw.get("Backend"))
     subnets = network.subnets(new_prefix=subnet_len)
     first = next(subnets)
     second = next(subnets, first)
@@ -83,13 +84,15 @@ def parse_network_config(raw: Any) -> NetworkConfig:
     except ValueError as err:
         raise BadRequest(f"flannel config SubnetMin/SubnetMax: {err}") from None
     backend = raw.get("Backend") or {"Type": "udp"}
-    return NetworkConfig(network, subnet_len, lo, hi, backend)
+    return NetworkConfig(network, subnet_len, lo, hi, backend, backend_config)
 
 
 class SubnetManager:
     def __init__(
-        self, store: Datastore, keys: Keys, network: str, subnet_len: int, vni: int, port: int, ttl: int = LEASE_TTL
+        self, store: Datastore, keys: Keys, network: str, subnet_len: int, vni: int, port: int, ttl: int = LEASE_TTL,
+        backend: str = "vxlan",
     ):
+        """`backend`: the Backend Type written into a config created here (--backend)."""
         self.ttl = ttl
         self.store = store
         self.keys = keys
@@ -97,7 +100,7 @@ class SubnetManager:
         self._wanted = {
             "Network": network,
             "SubnetLen": subnet_len,
-            "Backend": {"Type": "vxlan", "VNI": vni, "Port": port},
+            "Backend": {"Type": "vxlan", "VNI": vni, "Port": port} if backend == "vxlan" else {"Type": backend},
         }
 
     def network_config(self) -> NetworkConfig:
@@ -136,10 +139,12 @@ class SubnetManager:
     def acquire(self, public_ip: str, vtep_mac: str, previous: str | None = None) -> Lease:
         """flannel's order: our own lease by PublicIP, then the previous subnet, then a free one."""
         cfg = self.network_config()
+        cfg.backend_config.require_supported()
+        kind = cfg.backend_config.type
         leases = self.leases()
         for lease in leases:
             if lease.public_ip == public_ip and lease.subnet.subnet_of(cfg.network):
-                return self._renew(lease, vtep_mac)
+                return self._renew(lease, vtep_mac, kind)
         # Every key counts as taken, parsable or not: a malformed lease is still somebody's.
         taken = self._taken()
         candidates: list[ipaddress.IPv4Network] = []
@@ -152,12 +157,12 @@ class SubnetManager:
         candidates.extend(free)
         if not candidates:
             raise Exhausted(f"no free /{cfg.subnet_len} subnet left in cluster network {cfg.network}")
-        value = self._value(public_ip, vtep_mac)
+        value = self._value(public_ip, vtep_mac, kind)
         for subnet in candidates[:20]:
             lease_id = self.store.grant(self.ttl)
             if self.store.txn([Guard(self.keys.lease(subnet), 0)], [Put(self.keys.lease(subnet), value, lease_id)]):
                 log.info("leased subnet %s for host %s", subnet, public_ip)
-                return Lease(subnet, public_ip, vtep_mac, lease_id)
+                return Lease(subnet, public_ip, vtep_mac, lease_id, kind)
             self.store.revoke(lease_id)
         raise Unavailable("could not lease a subnet: every candidate was taken concurrently; retry")
 
@@ -169,14 +174,16 @@ class SubnetManager:
         log.warning("lease on %s was lost; re-acquiring", lease.subnet)
         return self.acquire(lease.public_ip, lease.vtep_mac, previous=str(lease.subnet))
 
-    def _renew(self, lease: Lease, vtep_mac: str) -> Lease:
+    def _renew(self, lease: Lease, vtep_mac: str, kind: str) -> Lease:
+        """Rewrites the value too: a backend switched (all hosts restart, flannel's rule) shows
+        in our lease's BackendType."""
         key = self.keys.lease(lease.subnet)
         entry = self.store.get(key)
-        value = self._value(lease.public_ip, vtep_mac)
+        value = self._value(lease.public_ip, vtep_mac, kind)
         if entry is not None and entry.lease == 0:  # a reservation: keep it lease-less
             if entry.value != value:
                 self.store.txn([Guard(key, entry.mod_revision)], [Put(key, value)])
-            return Lease(lease.subnet, lease.public_ip, vtep_mac, 0)
+            return Lease(lease.subnet, lease.public_ip, vtep_mac, 0, kind)
         lease_id = self.store.grant(self.ttl)
         guard = Guard(key, entry.mod_revision if entry else 0)
         if not self.store.txn([guard], [Put(key, value, lease_id)]):
@@ -184,7 +191,7 @@ class SubnetManager:
             raise Unavailable(f"lease {key} changed while renewing; retry")
         if entry is not None and entry.lease:
             self.store.revoke(entry.lease)
-        return Lease(lease.subnet, lease.public_ip, vtep_mac, lease_id)
+        return Lease(lease.subnet, lease.public_ip, vtep_mac, lease_id, kind)
 
     @staticmethod
     def _range(cfg: NetworkConfig):  # type: ignore[no-untyped-def]
@@ -192,7 +199,10 @@ class SubnetManager:
         for start in range(int(cfg.subnet_min.network_address), int(cfg.subnet_max.network_address) + 1, step):
             yield ipaddress.IPv4Network((start, cfg.subnet_len))
 
-    def _value(self, public_ip: str, vtep_mac: str) -> str:
+    def _value(self, public_ip: str, vtep_mac: str, kind: str = "vxlan") -> str:
+        """flannel's lease JSON for the backend: host-gw leases carry no BackendData."""
+        if kind != "vxlan":
+            return dumps({"PublicIP": public_ip, "BackendType": kind})
         data = {"VNI": self.vni, "VtepMAC": vtep_mac}
         return dumps({"PublicIP": public_ip, "BackendType": "vxlan", "BackendData": data})
 

@@ -1,0 +1,215 @@
+"""The host's side of flannel's Manager/Backend split: its subnet lease, whether a real flanneld
+owns it (flannel mode), subnet.env, and the pass step that programs the peers with the
+cluster's backend (moved here from runtime.py, which only wires it)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from canal.agent.desired import Snapshot
+from canal.backends import hostgw, vxlan as vxlan_backend
+from canal.backends.base import BackendConfig, Desired
+from canal.config import Config
+from canal.dataplane.routes import DirectRoutes
+from canal.dataplane.vxlan import HostRoute, Vxlan, VxlanState, vxlan_mtu
+from canal.errors import CanalError, Unavailable
+from canal.records import Lease, replace
+from canal.services.hosts import Hosts
+from canal.services.subnets import NetworkConfig, SubnetManager
+
+log = logging.getLogger(__name__)
+
+SUBNET_ENV = "/run/flannel/subnet.env"
+
+DESIRED = {"vxlan": vxlan_backend.desired, "host-gw": hostgw.desired}
+
+
+def read_subnet_env(path: str = SUBNET_ENV) -> dict[str, str]:
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return {}
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path: str = SUBNET_ENV) -> None:
+    """flannel's format, so tools written for flannel hosts work on Canal hosts too."""
+    first = next(subnet.hosts())
+    text = (
+        f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
+        f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
+    )
+    if read_subnet_env(path) == dict(line.split("=", 1) for line in text.splitlines()):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddress.IPv4Network, ...]) -> Desired:
+    """The backend's desired state for this snapshot: pure (the underlay's prefixes passed in)."""
+    config.require_supported()
+    host_routes = [HostRoute(r.ip, r.subnet) for r in snap.routes.values() if r.host != snap.host]
+    return DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay)
+
+
+class BackendManager:
+    """Lease, flannel mode, subnet.env and peer programming for one host."""
+
+    def __init__(
+        self, config: Config, hosts: Hosts, subnets: SubnetManager, network_config: Callable[[], NetworkConfig],
+        iface: str, public_ip: str, underlay_mtu: int,
+    ):
+        self.config = config
+        self.hosts = hosts
+        self.subnets = subnets
+        self.network_config = network_config
+        self.iface, self.public_ip, self.underlay_mtu = iface, public_ip, underlay_mtu
+        self.multihost = config.datastore == "etcd"
+        self.vxlan = Vxlan() if self.multihost else None
+        self.direct = DirectRoutes(iface) if self.multihost else None
+        self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
+        self._lease_lock = threading.Lock()
+        self.lease: Lease | None = None
+        self.lease_renewed_at: float | None = None  # Unix time of its last grant or renewal (status, metrics)
+        self._applied: tuple[BackendConfig, Desired] | None = None
+        self._vtep_mac = ""
+        self.problems: tuple[str, ...] = ()  # peers not routed, each named (canal status)
+
+    # Lease -------------------------------------------------------------------------------------
+
+    @property
+    def flannel_mode(self) -> str:
+        if self._flannel_mode is None:
+            self._flannel_mode = self._detect_flannel_mode()
+        return self._flannel_mode
+
+    @property
+    def flannel_mode_decided(self) -> str | None:
+        return self._flannel_mode
+
+    def _detect_flannel_mode(self) -> str:
+        """external: a real flanneld owns this host's lease and VXLAN device; we use its subnet."""
+        if not self.multihost or self.config.flannel_mode == "embedded":
+            return "embedded"
+        env = read_subnet_env()
+        mac = self.vxlan.device_mac(self.config.vxlan_vni) if self.vxlan else None
+        record = self.hosts.read()
+        ours = record.vtep_mac if record else None
+        if self.config.flannel_mode == "external":
+            if not env:
+                raise Unavailable(f"flannel-mode external, but {SUBNET_ENV} is missing: is flanneld running?")
+            return "external"
+        return "external" if env and mac and mac != ours else "embedded"
+
+    def host_subnet(self) -> ipaddress.IPv4Network:
+        with self._lease_lock:
+            if self.lease is None:
+                if self.flannel_mode == "external":
+                    env = read_subnet_env()
+                    subnet = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network
+                    self.lease = Lease(subnet, self.public_ip, "", 0)
+                    log.info("host %s uses flanneld's subnet %s", self.config.host_name, subnet)
+                    return subnet
+                record = self.hosts.ensure()
+                previous = str(record.subnet) if record.subnet else None
+                self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous)
+                if record.subnet != self.lease.subnet:
+                    subnet = self.lease.subnet
+                    self.hosts.update(lambda r: replace(r, subnet=subnet))
+                self.lease_renewed_at = time.time()
+                log.info("host %s owns subnet %s (flannel %s, backend %s)", self.config.host_name,
+                         self.lease.subnet, self.flannel_mode, self.lease.backend_type)
+            return self.lease.subnet
+
+    def renew_lease(self) -> None:
+        if self.flannel_mode == "external":
+            return
+        with self._lease_lock:
+            if self.lease is not None:
+                self.lease = self.subnets.renew(self.lease)
+                self.lease_renewed_at = time.time()
+                self.hosts.touch()
+
+    def backend(self) -> BackendConfig:
+        return self.network_config().backend_config
+
+    def default_mtu(self) -> int:
+        if self.config.mtu:
+            return self.config.mtu
+        if self._flannel_mode == "external":
+            mtu = read_subnet_env().get("FLANNEL_MTU", "")
+            if mtu.isdigit():
+                return int(mtu)
+        try:
+            host_gw = self.backend().type == "host-gw"
+        except CanalError:  # the config not readable now: the tunnel's MTU fits either way
+            host_gw = False
+        return self.underlay_mtu if host_gw else max(576, vxlan_mtu(self.underlay_mtu))
+
+    def lease_status(self) -> dict[str, Any] | None:
+        if self.lease is None:
+            return None
+        own = self.multihost and self._flannel_mode != "external" and self.lease.lease_id != 0
+        left = None
+        if own and self.lease_renewed_at is not None:
+            left = round(self.lease_renewed_at + self.config.lease_ttl - time.time(), 1)
+        return {"subnet": str(self.lease.subnet), "ttl": self.config.lease_ttl if own else None, "expires_in": left}
+
+    def status(self) -> dict[str, Any]:
+        try:
+            config = self.backend()
+            kind, direct = config.type, config.direct_routing
+        except CanalError as err:
+            kind, direct = f"unknown ({err})", False
+        return {"type": kind, "direct_routing": direct, "problems": list(self.problems)}
+
+    # The pass step -------------------------------------------------------------------------------
+
+    def program(self, snap: Snapshot, full: bool) -> None:
+        """Peers from the leases: the VXLAN device's neighbours/FDB/routes and the direct routes."""
+        if self.vxlan is None or self.direct is None or snap.own_subnet is None:
+            return
+        config = self.backend()
+        desired = desired_state(config, snap, self.direct.underlay_networks())
+        if not full and self._applied == (config, desired):
+            return  # event passes skip the kernel read-back when nothing changed
+        vni = self.config.vxlan_vni
+        self.direct.remove_stale(desired.direct)
+        if self.flannel_mode == "embedded":
+            if desired.vxlan is not None:
+                if not self._vtep_mac:
+                    self._vtep_mac = self.hosts.ensure().vtep_mac
+                self.vxlan.ensure_device(
+                    vni, self.config.vxlan_port, self.public_ip, self.iface,
+                    self._vtep_mac, vxlan_mtu(self.underlay_mtu), snap.own_subnet,
+                )
+                self.vxlan.apply(desired.vxlan, vni)
+            elif self.vxlan.exists(vni):
+                log.info("backend %s has no VXLAN device: removing flannel.%d", config.type, vni)
+                self.vxlan.delete_device(vni)
+            write_subnet_env(snap.cluster_network, snap.own_subnet, self.default_mtu())
+        elif desired.vxlan is not None:
+            if not self.vxlan.exists(vni):
+                raise Unavailable(f"flannel.{vni} is missing: is flanneld running?")
+            # flanneld programs the peers' subnets; we add only the /32s it cannot know about.
+            host_routes = {dst: gw for dst, gw in desired.vxlan.routes.items() if dst.prefixlen == 32}
+            self.vxlan.apply(VxlanState({}, {}, host_routes), vni, routes_only=True)
+        wanted = desired.direct
+        if self.flannel_mode != "embedded":
+            wanted = {dst: gw for dst, gw in wanted.items() if dst.prefixlen == 32}
+        problems = list(desired.problems) + self.direct.add(wanted)
+        if tuple(problems) != self.problems:
+            for problem in problems:
+                log.error("backend %s: %s", config.type, problem)
+        self.problems = tuple(problems)
+        self._applied = (config, desired)
