@@ -12,7 +12,7 @@ idempotent, so an interrupted uninstall is finished by running it again.
 
 Owned, and removed: chains CANAL-* in every table of both iptables backends and families with
 the jumps to them; ipsets canal-*; routes with protocol 101 (endpoint routes) and 102 (tunnel
-routes); leftover veths cnl*/cnp*; the VXLAN device flannel.<VNI> unless a real flanneld owns
+routes) and 103 (direct routes of host-gw and DirectRouting); leftover veths cnl*/cnp*; the VXLAN device flannel.<VNI> unless a real flanneld owns
 it (external mode: its MAC is not our host record's) — its neighbours and FDB go with it;
 /run/flannel/subnet.env when Canal wrote it; in etcd, this host's subnet lease (peers drop
 the routes to it on their next pass), its host record and its networks, routes and addresses;
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMD_UNIT = "/etc/systemd/system/canal.service"
 SUBNET_ENV = "/run/flannel/subnet.env"
-RTPROTS = (101, 102)
+RTPROTS = (101, 102, 103)  # endpoint, tunnel, direct (host-gw, DirectRouting) routes
 Run = Callable[..., Any]
 
 
