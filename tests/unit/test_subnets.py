@@ -8,7 +8,7 @@ import json
 import pytest
 
 from canal.datastore.keys import Keys
-from canal.errors import BadRequest, Exhausted
+from canal.errors import BadRequest, CanalError, Exhausted
 from canal.services.subnets import SubnetManager, parse_network_config
 
 KEYS = Keys("/canal/v1", "/coreos.com/network")
@@ -122,3 +122,19 @@ def test_host_gw_lease_has_flannels_json_without_backend_data(store):
     assert lease.backend_type == "host-gw"
     assert store.get_json(KEYS.lease(lease.subnet)) == {"PublicIP": "198.18.0.1", "BackendType": "host-gw"}
     assert store.get_json(KEYS.flannel_config)["Backend"] == {"Type": "host-gw"}
+
+
+def test_switching_the_backend_rewrites_our_lease_with_the_new_type_on_restart(store):
+    """flannel's rule: every host restarts with the new config; each keeps its subnet."""
+    first = manager(store).acquire("198.18.0.1", "aa:bb:cc:dd:ee:01")
+    assert first.backend_type == "vxlan"
+    store.put(KEYS.flannel_config, {"Network": "100.64.0.0/16", "Backend": {"Type": "host-gw"}})
+    again = manager(store).acquire("198.18.0.1", "aa:bb:cc:dd:ee:01")
+    assert again.subnet == first.subnet and again.backend_type == "host-gw"
+    assert store.get_json(KEYS.lease(first.subnet)) == {"PublicIP": "198.18.0.1", "BackendType": "host-gw"}
+
+
+def test_an_unsupported_backend_is_refused_by_name_before_leasing(store):
+    store.put(KEYS.flannel_config, {"Network": "100.64.0.0/16", "Backend": {"Type": "udp"}})
+    with pytest.raises(CanalError, match="Backend Type 'udp' is not supported by Canal"):
+        manager(store).acquire("198.18.0.1", "aa:bb:cc:dd:ee:01")
