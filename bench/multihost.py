@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Benchmark (issue 3): cross-host TCP throughput and ping latency between two containers on
-two simulated hosts — over Canal, over Docker's own overlay network (a two-node swarm,
---attachable) and over the bare underlay — in one run. Namespaces only.
+"""Benchmark (issues 3, 10): cross-host TCP throughput and ping latency between two containers on
+two simulated hosts — over Canal (vxlan), over Docker's own overlay network (a two-node swarm,
+--attachable) and over the bare underlay — and over Canal host-gw on a second pair of hosts (its
+own flannel prefix in the same etcd), interleaved in one run. Namespaces only.
 
     .venv/bin/python bench/multihost.py [--seconds 5] [--repeat 3]
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     ul = Underlay()
+    servers: dict[str, str] = {}
     try:
         etcd = Etcd(ul)
         h1, h2 = (SimHost(ul, f"m{i}", f"198.18.0.{i}") for i in (1, 2))
@@ -53,11 +55,25 @@ def main() -> None:
             h.start_plugin(["--datastore", "etcd", "--etcd-endpoints", etcd.endpoint,
                             "--network", "100.64.0.0/16", "--docker-host", f"unix://{h.docker_sock}"])
             h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "canalnet")
+        # A second cluster in the same etcd, configured host-gw (flannel's Backend), on m3/m4.
+        h3, h4 = (SimHost(ul, f"m{i}", f"198.18.0.{i}") for i in (3, 4))
+        for h in (h3, h4):
+            h.start_dockerd()
+            h.load_image()
+            h.start_plugin(["--datastore", "etcd", "--etcd-endpoints", etcd.endpoint, "--backend", "host-gw",
+                            "--etcd-prefix", "/canal/hostgw", "--flannel-prefix", "/hostgw/network",
+                            "--network", "100.65.0.0/16", "--docker-host", f"unix://{h.docker_sock}"])
+            h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "canalnet")
+        h3.docker("run", "-d", "--name", "srv-hostgw", "--network", "canalnet", IMAGE, "sleep", "100000")
+        h4.docker("run", "-d", "--name", "cli-hostgw", "--network", "canalnet", IMAGE, "sleep", "100000")
+        servers["hostgw"] = h3.docker_json("inspect", "srv-hostgw")[0]["NetworkSettings"]["Networks"]["canalnet"]["IPAddress"]
+        h3.exec(["nsenter", netns_of(h3, "srv-hostgw"), "iperf3", "-s", "-D"])
+        wait_until(lambda: h4.exec(["nsenter", netns_of(h4, "cli-hostgw"), "ping", "-c1", "-W1", servers["hostgw"]],
+                                   check=False).returncode == 0, timeout=30)
         h1.docker("swarm", "init", "--advertise-addr", h1.address)
         token = h1.docker("swarm", "join-token", "-q", "worker").stdout.strip()
         h2.docker("swarm", "join", "--token", token, f"{h1.address}:2377")
         h1.docker("network", "create", "-d", "overlay", "--attachable", "--subnet", "100.96.0.0/24", "ovl")
-        servers = {}
         for kind in ("canalnet", "ovl"):
             h1.docker("run", "-d", "--name", f"srv-{kind}", "--network", kind, IMAGE, "sleep", "100000")
             h2.docker("run", "-d", "--name", f"cli-{kind}", "--network", kind, IMAGE, "sleep", "100000")
@@ -71,18 +87,23 @@ def main() -> None:
             "canal": (lambda: [netns_of(h2, "cli-canalnet")], servers["canalnet"]),
             "overlay": (lambda: [netns_of(h2, "cli-ovl")], servers["ovl"]),
             "underlay": (lambda: [], h1.address),
+            "host-gw": (lambda: [netns_of(h4, "cli-hostgw")], servers["hostgw"]),
         }
+        client = {name: h4 if name == "host-gw" else h2 for name in paths}
         gbps: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(args.repeat):  # interleaved, so drift hits every path alike
             for name, (ns, target) in paths.items():
-                gbps[name].append(iperf(h2, ns(), target, args.seconds))
-        lat = {name: ping_ms(h2, ns(), target) for name, (ns, target) in paths.items()}
+                gbps[name].append(iperf(client[name], ns(), target, args.seconds))
+        lat = {name: ping_ms(client[name], ns(), target) for name, (ns, target) in paths.items()}
         print(f"TCP throughput (iperf3, {args.seconds}s x {args.repeat}, median) and ping rtt (avg of 20):")
         for name in paths:
             print(f"  {name:9} {statistics.median(gbps[name]):7.2f} Gbit/s   {lat[name]:.3f} ms")
         canal, overlay, under = (statistics.median(gbps[k]) for k in ("canal", "overlay", "underlay"))
         print(f"  canal/overlay throughput {canal / overlay:.3f} (target >= 0.95)")
         print(f"  canal/underlay throughput {canal / under:.3f}")
+        hostgw = statistics.median(gbps["host-gw"])
+        print(f"  host-gw/underlay throughput {hostgw / under:.3f} (target >= 0.9), host-gw/overlay {hostgw / overlay:.3f} (target >= 1.3)")
+        print(f"  latency host-gw/overlay {lat['host-gw'] / lat['overlay']:.3f}")
         print(f"  latency canal/overlay {lat['canal'] / lat['overlay']:.3f}, canal/underlay {lat['canal'] / lat['underlay']:.3f}")
     finally:
         ul.close()

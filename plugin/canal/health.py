@@ -12,7 +12,8 @@ Problems (exit 1):
     than STALE_PASSES resync intervals (the agent is stuck);
   - multi-host with Canal's own lease: no lease, or its renewal is late (less than a third of
     the TTL left: renewals, every min(resync interval, TTL/3), have failed that long) or it expired;
-  - quarantined records (records that failed validation and are ignored until fixed).
+  - quarantined records (records that failed validation and are ignored until fixed);
+  - peers the backend cannot route (a host-gw peer off our L2 segment, an unknown lease type).
 Warnings (exit 0): endpoints pending their labels, Docker's API unreachable, peers whose last
 renewal is older than two TTLs (the collector removes such hosts).
 """
@@ -55,6 +56,8 @@ def evaluate(status: dict[str, Any]) -> tuple[list[str], list[str]]:
     if quarantined:
         problems.append(f"{len(quarantined)} datastore record(s) quarantined (ignored until fixed): "
                         + ", ".join(sorted(quarantined)[:5]))
+    for problem in (status.get("backend") or {}).get("problems") or []:
+        problems.append(f"backend: {problem}")
     pending = status.get("pending_endpoints") or []
     if pending:
         warnings.append(f"{len(pending)} endpoint(s) pending their labels (closed): {', '.join(pending[:5])}")

@@ -99,6 +99,7 @@ def test_peer_off_the_l2_segment_is_refused_by_name_and_the_others_keep_working(
         return any("203.0.113.9" in p and "not on the same L2 segment" in p for p in status(h1)["backend"]["problems"])
 
     wait_until(refused, timeout=20)
+    assert any("203.0.113.9" in p for p in status(h1)["problems"])  # unhealthy, naming the peer
     assert h1.ip("route", "show", "100.64.201.0/24").stdout.strip() == ""
     assert "203.0.113.9" in h1.plugin_log.read_text()
     # ... while h1 and h2 still reach each other.

@@ -59,3 +59,11 @@ def test_pass_age_within_three_intervals_is_fine():
 
 def test_an_unannotated_status_is_judged_by_the_cli():
     assert health.exit_code(good(last_error="x")) == 1
+
+
+def test_a_peer_the_backend_cannot_route_is_a_problem_naming_it():
+    status = good(backend={"type": "host-gw", "direct_routing": False,
+                           "problems": ["peer 203.0.113.9 (subnet 10.1.5.0/24, host-gw): off-link"]})
+    problems, _ = health.evaluate(status)
+    assert health.evaluate(good(backend={"type": "host-gw", "direct_routing": False, "problems": []}))[0] == []
+    assert problems == ["backend: peer 203.0.113.9 (subnet 10.1.5.0/24, host-gw): off-link"]
