@@ -256,6 +256,8 @@ class Plugin:
         return self.backend.lease_renewed_at
 
     def renew_lease(self) -> None:
+        if self.backend.flannel_mode == "external":
+            return
         self.backend.renew_lease()
         if self.multihost:
             self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
