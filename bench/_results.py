@@ -104,12 +104,15 @@ def render(result: dict[str, Any], png: str) -> None:
     for ax, panel in zip(axes[0], panels):
         {"box": _box, "line": _line, "bars": _bars}[panel["kind"]](ax, panel)
         ax.set_title(panel.get("title", ""), fontsize=9)
-        ax.set_ylabel(panel.get("ylabel", ""), fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_ylim(bottom=0)  # differences read against the whole value, not a zoomed band
+        across = panel["kind"] == "bars"  # horizontal bars: the value axis is x (long category names)
+        (ax.set_xlabel if across else ax.set_ylabel)(panel.get("ylabel", ""), fontsize=8)
+        ax.grid(axis="x" if across else "y", alpha=0.3)
+        # differences read against the whole value, not a zoomed band
+        ax.set_xlim(left=0) if across else ax.set_ylim(bottom=0)
         if "target" in panel:
-            ax.axhline(panel["target"], color="tab:red", linestyle="--", linewidth=1, label="target")
+            (ax.axvline if across else ax.axhline)(panel["target"], color="tab:red", linestyle="--", linewidth=1,
+                                                   label="target")
             ax.legend(fontsize=7)
     fig.suptitle(_caption(result), fontsize=9)
     fig.tight_layout()
@@ -118,7 +121,7 @@ def render(result: dict[str, Any], png: str) -> None:
 
 
 def _caption(result: dict[str, Any]) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in result["params"].items())
+    params = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in result["params"].items())
     return f"{result['benchmark']} ({params})" if params else result["benchmark"]
 
 
@@ -146,9 +149,10 @@ def _line(ax: Any, panel: dict[str, Any]) -> None:
 
 def _bars(ax: Any, panel: dict[str, Any]) -> None:
     categories, series = panel["categories"], panel["series"]
-    width = 0.8 / len(series)
+    height = 0.8 / len(series)
     for k, (label, values) in enumerate(series.items()):
-        ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(categories))], values, width, label=label)
-    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=7)
+        ax.barh([i + (k - (len(series) - 1) / 2) * height for i in range(len(categories))], values, height, label=label)
+    ax.set_yticks(range(len(categories)), categories, fontsize=7)
+    ax.invert_yaxis()  # first category on top
     if len(series) > 1:
         ax.legend(fontsize=7)
