@@ -16,6 +16,7 @@ setup(
         "PyYAML>=6.0",
         "prometheus-client>=0.17",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "types-requests"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "ruff>=0.6", "mypy>=1.10", "types-PyYAML", "types-requests",
+                             "matplotlib>=3.5"]},
     entry_points={"console_scripts": ["canal=canal.cli.main:main"]},
 )

@@ -9,9 +9,10 @@ tests/e2e/e2e_support.is_open reads it).
 One simulated host (tests/testbed), one canal network, one container at a time (removed, and its
 chains gone, before the next round), nothing else interleaved.
 
-    .venv/bin/python bench/label_window.py [-n 100] [--json FILE]
+    .venv/bin/python bench/label_window.py [-n 100] [--json bench/results/label_window.json]
 
-Prints a text summary and one JSON line (p50/p99/max in ms).
+Prints a text summary and one JSON line (p50/p99/max in ms); writes the summary and every
+round's window as JSON and a plot next to it (.png).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "e2e"), os.path.join(HERE, "..", "plugin")]
 
+import _results  # noqa: E402
 from e2e_support import chain_open  # noqa: E402
 from testbed import IMAGE, SimHost, Underlay, enter_netns, wait_until  # noqa: E402
 
@@ -84,7 +86,7 @@ def one_round(host: SimHost, i: int) -> dict[str, float | bool | str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=100, help="rounds (one container each)")
-    parser.add_argument("--json", help="also write the JSON summary to this file")
+    _results.add_json_option(parser, "label_window")
     args = parser.parse_args()
     ul = Underlay()
     try:
@@ -115,9 +117,18 @@ def main() -> None:
         print(f"  already open at the first poll: {summary['open_at_first_poll']}; seen pending first: "
               f"{summary['pending_seen']}; docker run -d itself p50 {summary['docker_run_p50_ms']} ms")
         print(json.dumps(summary))
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as out:
-                json.dump(summary, out, indent=2)
+        _results.save({
+            **summary, "params": {"n": args.n, "poll_ms": POLL * 1000},
+            "headline": [_results.headline("window p50", summary["p50_ms"], "ms"),
+                         _results.headline("window p99", summary["p99_ms"], "ms"),
+                         _results.headline("seen pending first", summary["pending_seen"], f"of {len(results)}")],
+            "panels": [
+                {"kind": "box", "title": "docker run -d returned -> endpoint open", "ylabel": "ms",
+                 "series": {"label window": [round(w, 2) for w in windows]}},
+                {"kind": "box", "title": "docker run -d itself", "ylabel": "ms",
+                 "series": {"docker run -d": [round(r, 2) for r in runs]}},
+            ],
+        }, args.json)
     finally:
         ul.close()
 

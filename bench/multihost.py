@@ -4,7 +4,9 @@ two simulated hosts — over Canal (vxlan), over Docker's own overlay network (a
 --attachable) and over the bare underlay — and over Canal host-gw on a second pair of hosts (its
 own flannel prefix in the same etcd), interleaved in one run. Namespaces only.
 
-    .venv/bin/python bench/multihost.py [--seconds 5] [--repeat 3]
+    .venv/bin/python bench/multihost.py [--seconds 5] [--repeat 3] [--json bench/results/multihost.json]
+
+Writes the samples as JSON and a plot next to it (.png): throughput and per-packet rtt per path.
 
 Target: Canal >= 0.95 x Docker overlay throughput.
 """
@@ -21,6 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "plugin")]
 
+import _results  # noqa: E402
 from testbed import IMAGE, Etcd, SimHost, Underlay, wait_until  # noqa: E402
 
 
@@ -34,15 +37,20 @@ def iperf(client: SimHost, client_ns: list[str], server_ip: str, seconds: int) -
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def ping_ms(client: SimHost, client_ns: list[str], target: str, count: int = 20) -> float:
-    out = client.exec(["nsenter", *client_ns, "ping", "-c", str(count), "-i", "0.05", "-q", target]).stdout
-    return float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1))
+def ping_ms(client: SimHost, client_ns: list[str], target: str, count: int = 20) -> list[float]:
+    """Round-trip times of every reply (busybox and iputils both print `time=X ms`)."""
+    out = client.exec(["nsenter", *client_ns, "ping", "-c", str(count), "-i", "0.05", target]).stdout
+    rtts = [float(t) for t in re.findall(r"time=([\d.]+) ms", out)]
+    if not rtts:
+        raise RuntimeError(f"no ping reply from {target}: {out!r}")
+    return rtts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
+    _results.add_json_option(parser, "multihost")
     args = parser.parse_args()
     ul = Underlay()
     servers: dict[str, str] = {}
@@ -94,8 +102,9 @@ def main() -> None:
         for _ in range(args.repeat):  # interleaved, so drift hits every path alike
             for name, (ns, target) in paths.items():
                 gbps[name].append(iperf(client[name], ns(), target, args.seconds))
-        lat = {name: ping_ms(client[name], ns(), target) for name, (ns, target) in paths.items()}
-        print(f"TCP throughput (iperf3, {args.seconds}s x {args.repeat}, median) and ping rtt (avg of 20):")
+        rtts = {name: ping_ms(client[name], ns(), target) for name, (ns, target) in paths.items()}
+        lat = {name: statistics.mean(values) for name, values in rtts.items()}
+        print(f"TCP throughput (iperf3, {args.seconds}s x {args.repeat}, median) and ping rtt (mean of 20):")
         for name in paths:
             print(f"  {name:9} {statistics.median(gbps[name]):7.2f} Gbit/s   {lat[name]:.3f} ms")
         canal, overlay, under = (statistics.median(gbps[k]) for k in ("canal", "overlay", "underlay"))
@@ -105,6 +114,20 @@ def main() -> None:
         print(f"  host-gw/underlay throughput {hostgw / under:.3f} (target >= 0.9), host-gw/overlay {hostgw / overlay:.3f} (target >= 1.3)")
         print(f"  latency host-gw/overlay {lat['host-gw'] / lat['overlay']:.3f}")
         print(f"  latency canal/overlay {lat['canal'] / lat['overlay']:.3f}, canal/underlay {lat['canal'] / lat['underlay']:.3f}")
+        _results.save({
+            "benchmark": "multihost", "params": {"seconds": args.seconds, "repeat": args.repeat},
+            "headline": [
+                *(_results.headline(f"{k} throughput median", statistics.median(gbps[k]), "Gbit/s") for k in paths),
+                _results.headline("canal/overlay throughput", canal / overlay, "", ">= 0.95"),
+                _results.headline("host-gw/underlay throughput", hostgw / under, "", ">= 0.9"),
+                *(_results.headline(f"{k} rtt mean", lat[k], "ms") for k in paths),
+            ],
+            "panels": [
+                {"kind": "box", "title": f"TCP throughput (iperf3, {args.seconds} s runs)", "ylabel": "Gbit/s",
+                 "series": {k: [round(v, 3) for v in gbps[k]] for k in paths}},
+                {"kind": "box", "title": "ping rtt, every reply", "ylabel": "ms", "series": rtts},
+            ],
+        }, args.json)
     finally:
         ul.close()
 

@@ -2,13 +2,15 @@
 """Benchmark (issues 14 and 15): what several canal networks per container and published ports
 cost, each next to its baseline, interleaved in one run on a simulated host (namespaces only).
 
-    .venv/bin/python bench/multinet.py [-n 15]
+    .venv/bin/python bench/multinet.py [-n 15] [--json bench/results/multinet.json]
 
 - `docker network connect` of a second canal network vs of a bridge network (the container
   already on a canal network);
 - `docker run -d` with `-p` vs without, on a canal network;
 - a new member of `back` started -> first TCP answer from a container on front+back, vs from a
   container on back only (routes in the sandbox vs none needed).
+
+Writes the samples as JSON and a plot next to it (.png): each pair side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "e2e"), os.path.join(HERE, "..", "plugin")]
 
+import _results  # noqa: E402
 from e2e_support import start_host, wait_open  # noqa: E402
 
 from testbed import IMAGE, Underlay  # noqa: E402
@@ -43,6 +46,7 @@ def elapsed(action) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=15, help="rounds (each measures every variant once)")
+    _results.add_json_option(parser, "multinet")
     args = parser.parse_args()
     ul = Underlay()
     try:
@@ -87,6 +91,23 @@ def main() -> None:
         print(f"new member -> answer, multi-network client  {ms(reach_multi)}")
         print(f"new member -> answer, single-network client {ms(reach_single)}")
         print(f"  ratio multi/single {statistics.median(reach_multi) / statistics.median(reach_single):.2f}")
+
+        def ratio(a: list[float], b: list[float]) -> float:
+            return statistics.median(a) / statistics.median(b)
+        _results.save({
+            "benchmark": "multinet", "params": {"n": args.n},
+            "headline": [_results.headline("connect 2nd canal / bridge", ratio(connect_canal, connect_bridge), ""),
+                         _results.headline("run -p / plain", ratio(run_p, run_plain), ""),
+                         _results.headline("new member -> answer, multi / single", ratio(reach_multi, reach_single), "")],
+            "panels": [
+                {"kind": "box", "title": "docker network connect", "ylabel": "ms",
+                 "series": {"2nd canal net": _results.ms(connect_canal), "bridge": _results.ms(connect_bridge)}},
+                {"kind": "box", "title": "docker run -d on canal", "ylabel": "ms",
+                 "series": {"-p PORT:80": _results.ms(run_p), "no -p": _results.ms(run_plain)}},
+                {"kind": "box", "title": "new member of back -> first answer", "ylabel": "ms",
+                 "series": {"front+back client": _results.ms(reach_multi), "back-only client": _results.ms(reach_single)}},
+            ],
+        }, args.json)
     finally:
         ul.close()
 

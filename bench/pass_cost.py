@@ -3,8 +3,10 @@
 with N synthetic remote endpoints, no kernel. Compare two trees side by side, interleaved:
 
     .venv/bin/python bench/pass_cost.py --sizes 1000,5000 [--other /path/to/older/checkout]
+                                        [--json bench/results/pass_cost.json]
 
 Each round runs every (tree, N) in a fresh process, alternating trees; medians per tree.
+Writes them as JSON and a plot next to it (.png): snapshot and compile time against N, per tree.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+import _results  # noqa: E402
 
 CHILD = r'''
 import ipaddress, json, os, statistics, sys, tempfile, time
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,5000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--other", help="another checkout to compare with (e.g. a git worktree of an older commit)")
+    _results.add_json_option(parser, "pass_cost")
     args = parser.parse_args()
     trees = {"this": ROOT} | ({"other": args.other} if args.other else {})
     results: dict[tuple[str, int], list[dict]] = {}
@@ -88,6 +93,18 @@ def main() -> None:
         rows.append(row)
         print(f"{name:>6} N={n:<6} snapshot {row['snapshot_ms']:6.2f} ms  compile {row['compile_ms']:6.2f} ms")
     print(json.dumps(rows))
+    sizes = sorted({n for _, n in results})
+    series = {f"{phase} ({name})" if len(trees) > 1 else phase:
+              [next(r[f"{phase}_ms"] for r in rows if r["tree"] == name and r["endpoints"] == n) for n in sizes]
+              for name in trees for phase in ("snapshot", "compile")}
+    _results.save({
+        "benchmark": "pass_cost", "params": {"sizes": args.sizes, "rounds": args.rounds, "trees": list(trees)},
+        "headline": [_results.headline(f"{r['tree']} N={r['endpoints']} snapshot+compile",
+                                       r["snapshot_ms"] + r["compile_ms"], "ms") for r in rows],
+        "rows": rows,
+        "panels": [{"kind": "line", "title": "compute half of a pass (median per run, median of runs)",
+                    "xlabel": "remote endpoints", "ylabel": "ms", "x": sizes, "series": series, "logx": True}],
+    }, args.json)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ and, with real containers, `docker run -d` returning -> the container's labels i
 address in the selector ipset of the policy that allows it).
 
     .venv/bin/python bench/policy.py [--sizes 100,1000,5000] [--policies 10] [--runs 20]
+                                     [--json bench/results/policy.json]
+
+Writes the figures per N as JSON and a plot next to it (.png): the scaling curves, the rule
+count, and the labels-in-force distribution.
 
 Targets at 1,000 endpoints: apply in force <= 200 ms; join -> peer ipset <= 100 ms.
 """
@@ -32,6 +36,7 @@ from canal.cli.client import AdminClient  # noqa: E402
 from canal.datastore.base import Put, dumps  # noqa: E402
 from canal.datastore.etcd import EtcdDatastore  # noqa: E402
 from canal.policy.compiler import scoped_selector, selector_set  # noqa: E402
+import _results  # noqa: E402
 from testbed import IMAGE, Etcd, SimHost, Underlay, enter_netns  # noqa: E402
 
 NETWORK = "appnet"
@@ -93,6 +98,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,5000")
     parser.add_argument("--policies", type=int, default=10)
     parser.add_argument("--runs", type=int, default=20)
+    _results.add_json_option(parser, "policy")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     ul = Underlay()
@@ -115,6 +121,7 @@ def main() -> None:
             host.docker("run", "-d", "--name", f"r{i}", "--network", NETWORK, "--label", f"role=r{i}", IMAGE, "sleep", "100000")
         admin.post("/canal/v1/policies", {"documents": "\n---\n".join(json.dumps(policy(i)) for i in range(args.policies))})
         written = 0
+        rows: list[dict] = []
         print(f"P={args.policies} policies, {args.policies} local containers; synthetic endpoints on 20 other hosts")
         print(f"{'N':>6} {'apply p50':>10} {'apply max':>10} {'join p50':>9} {'join p99':>9} {'rules':>6}")
         for n in sizes:
@@ -139,8 +146,14 @@ def main() -> None:
                 store.delete(key)
                 while in_set(host, set0, record["ip"]):  # one change at a time: settle first
                     time.sleep(0.005)
-            print(f"{n:6d} {statistics.median(applies) * 1000:8.1f}ms {max(applies) * 1000:8.1f}ms "
-                  f"{statistics.median(joins) * 1000:7.1f}ms {pct(joins, 0.99) * 1000:7.1f}ms {rule_count(host):6d}")
+            rows.append({"endpoints": n, "apply_p50_ms": round(statistics.median(applies) * 1000, 2),
+                         "apply_max_ms": round(max(applies) * 1000, 2),
+                         "join_p50_ms": round(statistics.median(joins) * 1000, 2),
+                         "join_p99_ms": round(pct(joins, 0.99) * 1000, 2), "rules": rule_count(host),
+                         "apply_ms": _results.ms(applies), "join_ms": _results.ms(joins)})
+            row = rows[-1]
+            print(f"{n:6d} {row['apply_p50_ms']:8.1f}ms {row['apply_max_ms']:8.1f}ms "
+                  f"{row['join_p50_ms']:7.1f}ms {row['join_p99_ms']:7.1f}ms {row['rules']:6d}")
         # docker run -d returning -> the new container's labels in force.
         label_set = selector_set(scoped_selector("role == 'c0'", NETWORK))
         waits = []
@@ -155,6 +168,36 @@ def main() -> None:
         print(f"docker run -d -> labels in force: p50 {statistics.median(waits) * 1000:.0f} ms, "
               f"p99 {pct(waits, 0.99) * 1000:.0f} ms (n={len(waits)})")
         print("targets at 1,000 endpoints: apply <= 200 ms, join -> peer ipset <= 100 ms")
+        at, last = max(sizes), rows[-1]
+        ref = next((r for r in rows if r["endpoints"] == 1000), last)  # the targets are set at 1,000
+
+        def curve(key: str) -> list[float]:
+            return [r[key] for r in rows]
+        _results.save({
+            "benchmark": "policy", "params": {"sizes": args.sizes, "policies": args.policies, "runs": args.runs},
+            "headline": [
+                _results.headline(f"apply -> in force p50 (N={ref['endpoints']})", ref["apply_p50_ms"], "ms",
+                                  "<= 200 at N=1000"),
+                _results.headline(f"remote join -> ipset p50 (N={ref['endpoints']})", ref["join_p50_ms"], "ms",
+                                  "<= 100 at N=1000"),
+                _results.headline(f"apply -> in force p50 (N={at})", last["apply_p50_ms"], "ms"),
+                _results.headline(f"remote join -> ipset p50 (N={at})", last["join_p50_ms"], "ms"),
+                _results.headline(f"CANAL rules added from N={sizes[0]} to N={at}", last["rules"] - rows[0]["rules"], "",
+                                  "0 (flat)"),
+                _results.headline(f"docker run -> labels in force p50 (N={at})", statistics.median(waits) * 1000, "ms"),
+            ],
+            "rows": rows, "labels_in_force_ms": _results.ms(waits),
+            "panels": [
+                {"kind": "line", "title": "policy latency against N", "xlabel": "synthetic remote endpoints",
+                 "ylabel": "ms", "x": sizes, "logx": True, "series": {
+                     "apply p50": curve("apply_p50_ms"), "apply max": curve("apply_max_ms"),
+                     "join -> ipset p50": curve("join_p50_ms"), "join -> ipset p99": curve("join_p99_ms")}},
+                {"kind": "line", "title": "CANAL iptables rules against N", "xlabel": "synthetic remote endpoints",
+                 "ylabel": "rules", "x": sizes, "logx": True, "series": {"rules": [r["rules"] for r in rows]}},
+                {"kind": "box", "title": f"docker run -d -> labels in force (N={at})", "ylabel": "ms",
+                 "series": {"labels in force": _results.ms(waits)}},
+            ],
+        }, args.json)
     finally:
         ul.close()
 

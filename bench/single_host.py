@@ -2,7 +2,10 @@
 """Benchmark (issue 2): container start time on a canal network vs Docker's bridge, and the
 plugin's own handling time per protocol call. Runs in a simulated host (namespaces only).
 
-    .venv/bin/python bench/single_host.py [-n 30]
+    .venv/bin/python bench/single_host.py [-n 30] [--json bench/results/single_host.json]
+
+Writes the samples as JSON and a plot next to it (.png): start times side by side, and the
+plugin's p50/p99 per call.
 
 Targets: median(canal) / median(bridge) <= 1.10; p99 per call <= 20 ms.
 """
@@ -18,6 +21,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "plugin")]
 
+import _results  # noqa: E402
 from canal.cli.client import AdminClient  # noqa: E402
 from testbed import IMAGE, SimHost, Underlay  # noqa: E402
 
@@ -31,6 +35,7 @@ def timed(host: SimHost, network: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=30, help="runs per network (interleaved)")
+    _results.add_json_option(parser, "single_host")
     args = parser.parse_args()
     ul = Underlay()
     try:
@@ -59,6 +64,25 @@ def main() -> None:
             print(f"  {call:42} {row['count']:6d} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['max_ms']:8.2f}")
         worst = max(row["p99_ms"] for row in stats.values())
         print(f"  worst p99 {worst:.2f} ms (target <= 20 ms)")
+        calls = sorted(stats, key=lambda call: -stats[call]["p99_ms"])
+        _results.save({
+            "benchmark": "single_host", "params": {"n": args.n},
+            "headline": [
+                _results.headline("docker run canal median", mc * 1000, "ms"),
+                _results.headline("docker run bridge median", mb * 1000, "ms"),
+                _results.headline("ratio canal/bridge", mc / mb, "", "<= 1.10"),
+                _results.headline("worst p99 per call", worst, "ms", "<= 20"),
+            ],
+            "calls": stats,
+            "panels": [
+                {"kind": "box", "title": "docker run --rm IMAGE true (interleaved)", "ylabel": "ms",
+                 "series": {"canal": _results.ms(canal), "bridge": _results.ms(bridge)}},
+                {"kind": "bars", "title": "plugin handling time per call", "ylabel": "ms",
+                 "categories": [c.split(".")[-1] for c in calls],
+                 "series": {"p50": [stats[c]["p50_ms"] for c in calls], "p99": [stats[c]["p99_ms"] for c in calls]},
+                 "target": 20},
+            ],
+        }, args.json)
     finally:
         ul.close()
 

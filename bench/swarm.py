@@ -4,7 +4,9 @@ reachable from a task on each node — on a canal network vs Docker's overlay ne
 swarm nodes, same run, interleaved. The managed plugin is built (cached), pushed to a registry
 on the underlay and installed on both nodes. Namespaces only.
 
-    .venv/bin/python bench/swarm.py [--replicas 20] [--rounds 2]
+    .venv/bin/python bench/swarm.py [--replicas 20] [--rounds 2] [--json bench/results/swarm.json]
+
+Writes the convergence times as JSON and a plot next to it (.png).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "tests", "e2e"), os.path.join(HERE, "..", "plugin")]
 
+import _results  # noqa: E402
 from test_managed_plugin import Registry, plugin_host  # noqa: E402
 
 from testbed import IMAGE, REPO, Etcd, SimHost, Underlay, wait_until  # noqa: E402
@@ -55,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    _results.add_json_option(parser, "swarm")
     args = parser.parse_args()
     plugin_ids: list[str] = []
     ul = Underlay()
@@ -88,6 +92,14 @@ def main() -> None:
         print(f"  canal   {c:6.1f} s   {[round(x, 1) for x in results['canal']]}")
         print(f"  overlay {o:6.1f} s   {[round(x, 1) for x in results['overlay']]}")
         print(f"  ratio canal/overlay {c / o:.2f}")
+        _results.save({
+            "benchmark": "swarm", "params": {"replicas": args.replicas, "rounds": args.rounds},
+            "headline": [_results.headline("canal converge median", c, "s"),
+                         _results.headline("overlay converge median", o, "s"),
+                         _results.headline("ratio canal/overlay", c / o, "")],
+            "panels": [{"kind": "box", "title": f"{args.replicas}-replica service: create -> running and reachable",
+                        "ylabel": "s", "series": {k: [round(x, 2) for x in v] for k, v in results.items()}}],
+        }, args.json)
     finally:
         for h in list(ul.hosts):
             if h.dockerd_running():

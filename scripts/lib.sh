@@ -4,6 +4,10 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CANAL_VENV:-$REPO/.venv}"
 
+# What the test bed (tests/testbed) needs on the machine: scripts/test and bench/report install it.
+TESTBED_PACKAGES=(docker.io docker-compose containerd runc iptables ipset iproute2 iputils-ping conntrack busybox-static
+    docker-registry debootstrap etcd-server etcd-client iperf3 util-linux kmod ca-certificates openssl)
+
 say() { printf '%s\n' "canal: $*" >&2; }
 
 need_root() {
