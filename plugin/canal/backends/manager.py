@@ -82,6 +82,7 @@ class BackendManager:
         self.lease: Lease | None = None
         self.lease_renewed_at: float | None = None  # Unix time of its last grant or renewal (status, metrics)
         self._applied: tuple[BackendConfig, Desired] | None = None
+        self._direct_installed = True  # unknown at start: the first pass reads the kernel
         self._vtep_mac = ""
         self.problems: tuple[str, ...] = ()  # peers not routed, each named (canal status)
 
@@ -180,11 +181,18 @@ class BackendManager:
         if self.vxlan is None or self.direct is None or snap.own_subnet is None:
             return
         config = self.backend()
-        desired = desired_state(config, snap, self.direct.underlay_networks())
+        # The underlay's prefixes matter only where peers may be routed directly (one netlink
+        # query less per pass for plain vxlan).
+        direct_capable = config.type == "host-gw" or config.direct_routing
+        desired = desired_state(config, snap, self.direct.underlay_networks() if direct_capable else ())
         if not full and self._applied == (config, desired):
             return  # event passes skip the kernel read-back when nothing changed
         vni = self.config.vxlan_vni
-        self.direct.remove_stale(desired.direct)
+        # Direct routes: two route dumps each time; skipped on event passes while there are
+        # none to have (vxlan without DirectRouting), kept on full passes to clear leftovers.
+        touch_direct = full or bool(desired.direct) or self._direct_installed
+        if touch_direct:
+            self.direct.remove_stale(desired.direct)
         if self.flannel_mode == "embedded":
             if desired.vxlan is not None:
                 if not self._vtep_mac:
@@ -207,7 +215,8 @@ class BackendManager:
         wanted = desired.direct
         if self.flannel_mode != "embedded":
             wanted = {dst: gw for dst, gw in wanted.items() if dst.prefixlen == 32}
-        problems = list(desired.problems) + self.direct.add(wanted)
+        problems = list(desired.problems) + (self.direct.add(wanted) if touch_direct else [])
+        self._direct_installed = bool(wanted)
         if tuple(problems) != self.problems:
             for problem in problems:
                 log.error("backend %s: %s", config.type, problem)
