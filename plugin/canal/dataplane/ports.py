@@ -96,16 +96,6 @@ class Reservations:
         self._since: dict[HostPort, float] = {}
         self.clock = clock
 
-    def owner(self, key: HostPort) -> str:
-        """The endpoint holding `key` or a port overlapping it ('' if none of ours)."""
-        with self._lock:
-            for held, (endpoint, _sock) in self._held.items():
-                if held.proto == key.proto and held.port == key.port and (
-                    held.ip is None or key.ip is None or held.ip == key.ip
-                ):
-                    return endpoint
-        return ""
-
     def reserve(self, key: HostPort, endpoint: str) -> None:
         """Hold `key` for `endpoint` (a no-op if it already does). Conflict names the holder."""
         with self._lock:
