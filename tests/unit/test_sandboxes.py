@@ -3,6 +3,7 @@ the applier against a real kernel in namespaces of the test's own."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -209,6 +210,26 @@ def test_join_routes_replan_the_sandbox_and_hand_the_new_interface_its_members()
     # Alone in its sandbox: nothing to route, nothing applied.
     lone = SandboxRouting(lambda: snap([]), dp)
     assert lone.routes(endpoint(1, "a", sandbox=KEY)) == ()
+
+
+def test_a_lone_join_takes_one_snapshot_not_two():
+    """The single-network Join (the hot path): gateway() already found nothing else in the
+    sandbox, so routes() answers () without reading the records again."""
+    calls = []
+
+    def snapshot():
+        calls.append(1)
+        return snap([])
+
+    routing = SandboxRouting(snapshot, FakeDataplane())
+    record = endpoint(1, "a", joined=False)
+    gateway = routing.gateway(KEY, record)
+    assert gateway == DEFAULT_GATEWAY and len(calls) == 1
+    assert routing.routes(dataclasses.replace(record, joined=True, sandbox=KEY)) == ()
+    assert len(calls) == 1
+    # Not remembered past that Join: a later Join in the same sandbox plans again.
+    assert routing.routes(dataclasses.replace(record, joined=True, sandbox=KEY)) == ()
+    assert len(calls) == 2
 
 
 def test_join_answer_carries_the_routes_via_the_gateway():

@@ -156,6 +156,9 @@ class SandboxRouting:
         self.snapshot = snapshot
         self.dataplane = dataplane
         self._warned: set[str] = set()
+        # Sandboxes whose Join found no other canal interface, seen or recorded: their routes()
+        # is () without a second snapshot (the common, single-network Join).
+        self._alone: set[str] = set()
 
     def gateway(self, key: str, record: EndpointRecord) -> ipaddress.IPv4Address:
         if record.joined and record.sandbox == key:
@@ -179,10 +182,17 @@ class SandboxRouting:
                         record.id[:12], key, err, DEFAULT_GATEWAY)
             return DEFAULT_GATEWAY
         taken.update(ep.gateway for ep in sandboxes(self.snapshot()).get(key, []) if ep.id != record.id)
+        if taken:
+            self._alone.discard(key)
+        else:
+            self._alone.add(key)
         return free_gateway(taken)
 
     def routes(self, record: EndpointRecord) -> tuple[Net, ...]:
         """The joining interface's destinations (none when it is the sandbox's only one)."""
+        if record.sandbox in self._alone:
+            self._alone.discard(record.sandbox)
+            return ()
         snap = self.snapshot()
         endpoints = dict(snap.endpoints)
         endpoints[record.id] = record
