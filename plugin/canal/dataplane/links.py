@@ -120,6 +120,11 @@ class Links:
         self.sysctl_dir = sysctl_dir
         self._ipr = IPRoute()
         self._lock = threading.Lock()
+        # Deletions get their own socket and lock: deleting a veth blocks ~20 ms in the kernel
+        # (an RCU wait), and a Join creating its veth on the shared socket waited behind the
+        # reconciler removing the previous container's (Join p50 18 ms, of it 8-24 ms here).
+        self._reaper = IPRoute()
+        self._reap_lock = threading.Lock()
         # Held by Join across "record joined + create veth" and by the reconciler across
         # "read records + delete unowned veths", so a new veth is never taken for an orphan.
         self.guard = threading.RLock()
@@ -128,6 +133,8 @@ class Links:
     def close(self) -> None:
         with self._lock:
             self._ipr.close()
+        with self._reap_lock:
+            self._reaper.close()
 
     def _index(self, name: str) -> int | None:
         found = self._ipr.link_lookup(ifname=name)
@@ -188,9 +195,9 @@ class Links:
 
     def delete(self, endpoint_id: str) -> None:
         """Remove both ends and the route (the route goes with the device)."""
-        with self._lock:
+        with self._reap_lock:
             for name in (host_ifname(endpoint_id), peer_ifname(endpoint_id)):
-                delete_link(self._ipr, name)
+                delete_link(self._reaper, name)
 
     def present(self) -> set[str]:
         """Names of the host-side veths that exist now (from sysfs: a netlink dump of every
@@ -221,8 +228,8 @@ class Links:
             self._configured.pop(name, None)
         for name in sorted(orphans):
             log.info("removing veth %s (no joined endpoint)", name)
-            with self._lock:
-                delete_link(self._ipr, name)
+            with self._reap_lock:  # not self._lock: a Join's ensure_veth need not wait for it
+                delete_link(self._reaper, name)
 
 
 def default_route_device() -> tuple[str, str, int] | None:
