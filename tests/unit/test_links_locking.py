@@ -48,6 +48,7 @@ def links_with(ipr: FakeIpr, reaper: FakeIpr, sysctl_dir: str) -> Links:
     links._lock, links._reap_lock = threading.Lock(), threading.Lock()
     links.guard = threading.RLock()
     links._configured = {}
+    links._expected = {}
     return links
 
 
@@ -94,3 +95,95 @@ def test_positive_control_a_shared_lock_is_held_through_the_delete(tmp_path):
         release.set()
         deleter.join(10)
     assert links._lock.acquire(blocking=False)
+
+
+class Deferred:
+    """A `submit` that keeps the work for the test to run when it chooses."""
+
+    def __init__(self) -> None:
+        self.work: list[Any] = []
+
+    def __call__(self, work: Any) -> None:
+        self.work.append(work)
+
+    def run(self) -> None:
+        while self.work:
+            self.work.pop(0)()
+
+
+def prepared_links(tmp_path: Any) -> tuple[Links, FakeIpr, Deferred]:
+    ipr, later = FakeIpr(), Deferred()
+    links = links_with(ipr, FakeIpr(), str(tmp_path))
+    links._submit = later
+    links.present = lambda: set(ipr.links)  # type: ignore[method-assign]
+    links._exists = lambda name: name in ipr.links  # type: ignore[method-assign]
+    return links, ipr, later
+
+
+CONFIGURE = ["set", "addr add", "route replace"]
+
+
+def test_prepare_makes_and_configures_the_pair_and_keeps_it_from_the_reaper(tmp_path):
+    links, ipr, later = prepared_links(tmp_path)
+    link = endpoint(tmp_path)
+    links.prepare(link)
+    assert not ipr.calls  # CreateEndpoint does not wait for the kernel
+    later.run()
+    assert [c for c, _ in ipr.calls] == ["add", *CONFIGURE]
+    assert (tmp_path / f"net/ipv4/conf/{link.host_if}/rp_filter").read_text() == "1"
+    assert link.host_if in ipr.links and links.orphans([]) == set()
+    links.reconcile([], set())  # a pass before the Join keeps what was configured
+    links.ensure_veth(link)  # Join: nothing left to do
+    assert [c for c, _ in ipr.calls] == ["add", *CONFIGURE]
+    assert links.orphans([link]) == set()
+    assert links.orphans([]) == {link.host_if}  # once left, an ordinary orphan (positive control)
+    links.ensure_veth(link)  # no longer a prepared pair: configured in full again
+    assert [c for c, _ in ipr.calls] == ["add", *CONFIGURE, *CONFIGURE]
+
+
+def test_a_join_with_another_gateway_moves_the_prepared_address(tmp_path):
+    from dataclasses import replace
+
+    links, ipr, later = prepared_links(tmp_path)
+    link = endpoint(tmp_path)
+    links.prepare(link)
+    later.run()
+    second = replace(link, gateway=ipaddress.IPv4Address("169.254.1.2"))  # a second canal interface
+    links.ensure_veth(second)
+    assert [(c, str(kw.get("address", ""))) for c, kw in ipr.calls[4:]] == [
+        ("addr del", "169.254.1.1"), ("set", ""), ("addr add", "169.254.1.2"), ("route replace", ""),
+    ]
+
+
+def test_a_prepared_pair_that_vanished_is_made_again_at_join(tmp_path):
+    links, ipr, later = prepared_links(tmp_path)
+    link = endpoint(tmp_path)
+    links.prepare(link)
+    later.run()
+    del ipr.links[link.host_if]  # removed behind our back
+    links.ensure_veth(link)
+    assert [c for c, _ in ipr.calls] == ["add", *CONFIGURE, "add", *CONFIGURE]
+
+
+def test_a_pair_prepared_for_an_endpoint_deleted_without_join_is_reaped(tmp_path):
+    links, ipr, later = prepared_links(tmp_path)
+    link = endpoint(tmp_path)
+    links.prepare(link)
+    later.run()
+    assert links.orphans([]) == set()
+    links.forget(link.endpoint_id)
+    assert links.orphans([]) == {link.host_if}
+
+
+def test_background_work_after_join_or_delete_makes_nothing(tmp_path):
+    links, ipr, later = prepared_links(tmp_path)
+    link = endpoint(tmp_path)
+    links.prepare(link)
+    links.forget(link.endpoint_id)  # deleted before the background add ran
+    later.run()
+    assert not ipr.calls
+    links.prepare(link)
+    links.ensure_veth(link)  # joined before it ran: Join made and configured the pair
+    calls = list(ipr.calls)
+    later.run()
+    assert ipr.calls == calls and [c for c, _ in calls].count("add") == 1
