@@ -129,6 +129,7 @@ class Plugin:
             settle=self._settle,
             docker_ipam_allowed=not self.multihost,
             routing=SandboxRouting(self.snapshot, sandboxes),
+            encrypted_mtu=self.backend.encrypted_mtu,
         )
         self.reservations = Reservations()
         self._port_problems: list[str] = []
@@ -411,6 +412,7 @@ class Plugin:
             broken_policy_scopes=broken,
             settings=self.dataplane_settings(),
             held_ports=self.hold_ports(endpoints),
+            encrypt_all=self.multihost and self.network_config().backend_config.type == "wireguard",
         )
 
     def dataplane_settings(self) -> DataplaneSettings:
@@ -438,6 +440,11 @@ class Plugin:
             if key.startswith(prefix):
                 broken.add(_policy_scope(key[len(prefix):]))
         return tuple(sorted(parsed.values(), key=lambda p: p.sort_key)), frozenset(broken)
+
+    def rotate_key(self) -> dict[str, Any]:
+        public = self.backend.rotate_key()
+        self.agent.trigger()
+        return {"host": self.host, "public_key": public}
 
     def endpoint_list(self) -> list[dict[str, Any]]:
         return endpoint_rows(self.snapshot())
