@@ -238,13 +238,18 @@ def _encryption(snap: Snapshot, state: FirewallState) -> None:
     wl, enc, nets = WORKLOADS, ENCRYPTED_SET, CLUSTER_SET
     state.ipsets.append(IpSet(enc, "hash:ip", members))
     checks = [
-        f"-m set --match-set {enc} src -m set --match-set {nets} dst ! -o {WG_DEVICE} -j {ENCRYPT_CHAIN}",
-        f"-m set --match-set {enc} dst -m set --match-set {nets} src ! -i {WG_DEVICE} -j {ENCRYPT_CHAIN}",
+        f"-m set --match-set {enc} src -m set --match-set {nets} dst -j {ENCRYPT_CHAIN}",
+        f"-m set --match-set {enc} dst -m set --match-set {nets} src -j {ENCRYPT_CHAIN}",
     ]
     forward = state.chains.get(("filter", "CANAL-FORWARD"), [])
     state.chains[("filter", "CANAL-FORWARD")] = checks + forward
-    # Reached by a packet not on the tunnel: fine only between workloads of this host.
-    state.chains[("filter", ENCRYPT_CHAIN)] = [f"-i {wl} -o {wl} -j RETURN", "-j DROP"]
+    # In from the tunnel or a local workload, out to the tunnel or a local workload: else dropped.
+    state.chains[("filter", ENCRYPT_CHAIN)] = [
+        f"-i {WG_DEVICE} -o {wl} -j RETURN",
+        f"-i {wl} -o {WG_DEVICE} -j RETURN",
+        f"-i {wl} -o {wl} -j RETURN",
+        "-j DROP",
+    ]
     # The host's own packets to an encrypted endpoint: the tunnel, a local veth, or nothing.
     state.chains[("filter", "CANAL-OUTPUT")] = [
         f"-m set --match-set {enc} dst -m set --match-set {nets} dst -j {ENCRYPT_CHAIN}-OUT",

@@ -189,12 +189,16 @@ class BackendManager:
             self._public_key = (private, self.keys.public(private))
         return self._public_key[1]
 
-    def _publish_key(self, port: int) -> None:
-        """Our public key in our lease (first use, a new key, a new port)."""
+    def _publish_key(self, port: int, seen: Lease | None = None) -> None:
+        """Our public key in our lease (first use, a new key, a new port, or the lease as the
+        datastore holds it (`seen`) rewritten by someone else: repaired)."""
         wanted = (self.public_key(), port)
         with self._lease_lock:
-            if self.lease is not None and (self.lease.public_key, self.lease.wg_port) != wanted:
-                self.lease = self.subnets.publish_key(self.lease, wanted)
+            if self.lease is None:
+                return
+            stale = seen is not None and (seen.public_key, seen.wg_port) != wanted
+            if stale or (self.lease.public_key, self.lease.wg_port) != wanted:
+                self.lease = self.subnets.publish_key(self.lease, wanted, force=stale)
                 log.info("host %s publishes its WireGuard public key %s (port %d) in lease %s",
                          self.config.host_name, wanted[0], port, self.lease.subnet)
 
@@ -241,7 +245,10 @@ class BackendManager:
             encryption = self.encryption_status()
         except CanalError as err:
             encryption = {"error": str(err)}
-        return {"type": kind, "direct_routing": direct, "problems": list(self.problems), "encryption": encryption}
+        out = {"type": kind, "direct_routing": direct, "problems": list(self.problems)}
+        if encryption is not None:
+            out["encryption"] = encryption
+        return out
 
     # The pass step -------------------------------------------------------------------------------
 
@@ -284,7 +291,7 @@ class BackendManager:
         wanted = desired.direct
         if self.flannel_mode != "embedded":
             wanted = {dst: gw for dst, gw in wanted.items() if dst.prefixlen == 32}
-        self._program_wireguard(config, desired, full)
+        self._program_wireguard(config, desired, snap, full)
         problems = list(desired.problems) + (self.direct.add(wanted) if touch_direct else [])
         self._direct_installed = bool(wanted)
         if tuple(problems) != self.problems:
@@ -293,7 +300,7 @@ class BackendManager:
         self.problems = tuple(problems)
         self._applied = (config, desired)
 
-    def _program_wireguard(self, config: BackendConfig, desired: Desired, full: bool) -> None:
+    def _program_wireguard(self, config: BackendConfig, desired: Desired, snap: Snapshot, full: bool) -> None:
         """The device, its peers, routes and mark rule; removed when nothing here wants it.
         flanneld's own device is never touched (flannel-mode external)."""
         if self.wireguard is None or self.flannel_mode != "embedded":
@@ -305,7 +312,8 @@ class BackendManager:
                     log.info("no encrypted network here and backend %s: removing flannel-wg", config.type)
                 self.wireguard.remove()
             return
-        self._publish_key(config.listen_port)
+        own = next((x for x in snap.leases if x.subnet == snap.own_subnet and x.public_ip == self.public_ip), None)
+        self._publish_key(config.listen_port, own)
         self.wireguard.ensure_device(wg_mtu(self.underlay_mtu), state.address)
         self.wireguard.configure(state, full)
         self.wireguard.apply_routes(state.routes, state.table)

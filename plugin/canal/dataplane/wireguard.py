@@ -222,13 +222,15 @@ class WireGuard:
             index = self._index()
             try:
                 have = set()
-                for r in self._ipr.get_routes(family=socket.AF_INET, proto=RTPROT_CANAL_WG, table=0):
-                    rt = r.get_attr("RTA_TABLE") or r["table"]
-                    dst = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
-                    if rt == table and r.get_attr("RTA_OIF") == index and dst in wanted:
-                        have.add(dst)
-                    else:
-                        self._route("del", dst, rt)
+                for rt in (RT_TABLE_MAIN, WG_TABLE):
+                    for r in self._ipr.get_routes(family=socket.AF_INET, table=rt):
+                        if r["proto"] != RTPROT_CANAL_WG or not r.get_attr("RTA_DST"):
+                            continue
+                        dst = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
+                        if rt == table and r.get_attr("RTA_OIF") == index and dst in wanted:
+                            have.add(dst)
+                        else:
+                            self._route("del", dst, rt)
                 for dst in sorted(set(wanted) - have):
                     if index is None:
                         raise Unavailable(f"{DEVICE} does not exist: no route through it")

@@ -176,10 +176,10 @@ class SubnetManager:
         log.warning("lease on %s was lost; re-acquiring", lease.subnet)
         return self.acquire(lease.public_ip, lease.vtep_mac, previous=str(lease.subnet), wg=_wg_of(lease))
 
-    def publish_key(self, lease: Lease, wg: WgKey) -> Lease:
+    def publish_key(self, lease: Lease, wg: WgKey, force: bool = False) -> Lease:
         """Our lease with a new WireGuard public key (first use, rotation): rewritten in place,
-        under a guard, keeping its subnet and kind."""
-        if _wg_of(lease) == wg:
+        under a guard, keeping its subnet and kind (force: even if `lease` already says so)."""
+        if _wg_of(lease) == wg and not force:
             return lease
         return self._renew(lease, lease.vtep_mac, lease.backend_type, wg)
 
