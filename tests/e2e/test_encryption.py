@@ -118,6 +118,7 @@ def bed():
             extra = WG_PREFIX + ("--network", WG_CLUSTER) if i > 2 else ()
             h.start_plugin(etcd_plugin_args(h, etcd, *extra))
             hosts.append(h)
+        hosts.append(SimHost(ul, "f1", "198.18.0.5"))  # a flanneld wireguard host, built by hand
         yield ul, etcd, hosts
     finally:
         ul.close()
@@ -126,7 +127,7 @@ def bed():
 @pytest.fixture
 def pernet(bed):
     """h1, h2 on the vxlan cluster: `secret` (encrypted) and `plain` networks on both."""
-    ul, etcd, (h1, h2, _h3, _h4) = bed
+    ul, etcd, (h1, h2, _h3, _h4, _f1) = bed
     for h in (h1, h2):
         net(h, "secret", "-o", "encrypted=true")
         net(h, "plain")
@@ -253,7 +254,7 @@ def test_key_rotation_keeps_a_running_tcp_flow(pernet):
 
 
 def test_wireguard_cluster_backend_as_flannel_writes_it(bed):
-    ul, etcd, (_h1, _h2, h3, h4) = bed
+    ul, etcd, (_h1, _h2, h3, h4, _f1) = bed
     try:
         for h in (h3, h4):
             net(h, "wgnet")
@@ -279,3 +280,43 @@ def test_wireguard_cluster_backend_as_flannel_writes_it(bed):
     finally:
         for h in (h3, h4):
             clear(h)
+
+
+def test_canal_and_flanneld_wireguard_hosts_reach_each_other(bed):
+    """f1 is built as flanneld's wireguard backend builds a host (FL device.go,
+    wireguard_network.go): its own key, device flannel-wg with the lease's .0/32 and a route for
+    the whole Network, its lease with BackendData {PublicKey, Port}, a peer per other lease
+    (endpoint PublicIP:Port, AllowedIPs its subnet), and a "pod" address in its subnet."""
+    ul, etcd, (_h1, _h2, h3, _h4, f1) = bed
+    subnet, lease_key = "100.66.200.0/24", "/wg/network/subnets/100.66.200.0-24"
+    pod = "100.66.200.1"
+    try:
+        private = f1.exec(["wg", "genkey"]).stdout.strip()
+        public = f1.exec(["wg", "pubkey"], input=private + "\n").stdout.strip()
+        key_file = f1.workdir / "wgkey"
+        key_file.write_text(private + "\n")
+        os.chmod(key_file, 0o600)
+        f1.exec(["wireguard-go", "flannel-wg"])
+        f1.exec(["wg", "set", "flannel-wg", "private-key", str(key_file), "listen-port", "51820"])
+        f1.ip("addr", "add", "100.66.200.0/32", "dev", "flannel-wg")
+        f1.ip("link", "set", "flannel-wg", "up")
+        f1.ip("route", "add", WG_CLUSTER, "dev", "flannel-wg", "scope", "link")
+        f1.ip("addr", "replace", f"{pod}/32", "dev", "lo")
+        etcd.etcdctl("put", lease_key, json.dumps({"PublicIP": f1.address, "BackendType": "wireguard",
+                                                   "BackendData": {"PublicKey": public, "Port": 51820}}))
+        net(h3, "wgnet")
+        daemon(h3, "web", "wgnet")
+        h3_lease = lease(etcd, h3, "/wg/network")
+        f1.exec(["wg", "set", "flannel-wg", "peer", h3_lease["BackendData"]["PublicKey"], "endpoint",
+                 f"{h3.address}:51820", "allowed-ips", status(h3)["subnet"]])
+        wait_until(lambda: public in [p["public_key"] for p in status(h3)["backend"]["encryption"]["peers"]], timeout=20)
+        assert "dev flannel-wg proto 104" in h3.ip("route", "show", subnet).stdout
+        # There over Canal's tunnel, back over flanneld's; nothing in the clear on the way.
+        with capture(ul) as pcap:
+            assert ping(h3, "web", pod)
+        assert not any(in_clear(f, pod) for f in frames(pcap))
+        assert any(udp_ports(f) == (51820, 51820) for f in frames(pcap))
+    finally:
+        etcd.etcdctl("del", lease_key)
+        f1.ip("link", "del", "flannel-wg", check=False)
+        clear(h3)
