@@ -26,7 +26,7 @@ import pytest
 from e2e_support import clear, etcd_plugin_args, ip_of
 from test_multihost import daemon, net, ping
 
-from testbed import Etcd, SimHost, Underlay, wait_until
+from testbed import Etcd, SimHost, TestbedError, Underlay, wait_until
 
 WG_PREFIX = ("--etcd-prefix", "/canal/wg", "--flannel-prefix", "/wg/network")
 WG_CLUSTER = "100.66.0.0/16"
@@ -150,8 +150,12 @@ def test_encrypted_network_crosses_hosts_as_wireguard_only(pernet):
     with capture(ul) as pcap:
         send_marker(h2, "cli-secret", secret_ip, marker_secret)
         send_marker(h2, "cli-plain", plain_ip, marker_plain)
-        wait_until(lambda: received(h1, "srv-secret", marker_secret) and received(h1, "srv-plain", marker_plain),
-                   timeout=10)
+        try:
+            wait_until(lambda: received(h1, "srv-secret", marker_secret) and received(h1, "srv-plain", marker_plain),
+                       timeout=10)
+        except TestbedError:
+            logs = {name: h1.docker("logs", name).stdout for name in ("srv-secret", "srv-plain")}
+            raise AssertionError(f"markers {marker_secret}, {marker_plain} not both received: {logs}") from None
     seen = frames(pcap)
     # Positive control: the plain network's marker is on the wire (inside VXLAN, UDP 8472)...
     assert any(marker_plain.encode() in f for f in seen)
@@ -168,6 +172,11 @@ def test_encrypted_network_crosses_hosts_as_wireguard_only(pernet):
     encryption = status(h2)["backend"]["encryption"]
     assert encryption["implementation"] in ("kernel", "wireguard-go")
     assert [p["public_key"] for p in encryption["peers"]] == [lease(etcd, h1)["BackendData"]["PublicKey"]]
+    # Felix's WireGuard metrics, per peer.
+    metrics = canal_cli(h2, "metrics").stdout
+    assert "canal_wireguard_peers 1.0" in metrics
+    handshake = next(line for line in metrics.splitlines() if line.startswith("canal_wireguard_latest_handshake_seconds{"))
+    assert f'peer_endpoint="{h1.address}:51820"' in handshake and float(handshake.split()[-1]) > 0
 
 
 def test_private_key_stays_on_the_host(pernet):
