@@ -5,10 +5,15 @@ two simulated hosts — over Canal (vxlan), over Docker's own overlay network (a
 own flannel prefix in the same etcd), interleaved in one run. Namespaces only.
 
     .venv/bin/python bench/multihost.py [--seconds 5] [--repeat 3] [--json bench/results/multihost.json]
+        [--baseline DIR]
+
+--baseline DIR adds a third Canal vxlan cluster (m5/m6, its own prefixes in the same etcd) whose
+plugin runs from DIR/plugin (e.g. `git worktree add /tmp/base main`), measured as "canal-base"
+in the same interleaved rounds: an A/B of a dataplane change within one run.
 
 Writes the samples as JSON and a plot next to it (.png): throughput and per-packet rtt per path.
 
-Target: Canal >= 0.95 x Docker overlay throughput.
+Targets: Canal vxlan >= 1.0 x Docker overlay throughput; host-gw >= 0.9 x underlay.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--baseline", metavar="DIR", help="checkout whose plugin/ runs a second vxlan cluster")
     _results.add_json_option(parser, "multihost")
     args = parser.parse_args()
     ul = Underlay()
@@ -78,6 +84,23 @@ def main() -> None:
         h3.exec(["nsenter", netns_of(h3, "srv-hostgw"), "iperf3", "-s", "-D"])
         wait_until(lambda: h4.exec(["nsenter", netns_of(h4, "cli-hostgw"), "ping", "-c1", "-W1", servers["hostgw"]],
                                    check=False).returncode == 0, timeout=30)
+        if args.baseline:  # the same vxlan cluster, run by another checkout's plugin
+            base_env = {"PYTHONPATH": os.path.join(os.path.abspath(args.baseline), "plugin")}
+            h5, h6 = (SimHost(ul, f"m{i}", f"198.18.0.{i}") for i in (5, 6))
+            for h in (h5, h6):
+                h.start_dockerd()
+                h.load_image()
+                h.start_plugin(["--datastore", "etcd", "--etcd-endpoints", etcd.endpoint,
+                                "--etcd-prefix", "/canal/base", "--flannel-prefix", "/base/network",
+                                "--network", "100.66.0.0/16", "--docker-host", f"unix://{h.docker_sock}"],
+                               env=base_env)
+                h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "canalnet")
+            h5.docker("run", "-d", "--name", "srv-base", "--network", "canalnet", IMAGE, "sleep", "100000")
+            h6.docker("run", "-d", "--name", "cli-base", "--network", "canalnet", IMAGE, "sleep", "100000")
+            servers["base"] = h5.docker_json("inspect", "srv-base")[0]["NetworkSettings"]["Networks"]["canalnet"]["IPAddress"]
+            h5.exec(["nsenter", netns_of(h5, "srv-base"), "iperf3", "-s", "-D"])
+            wait_until(lambda: h6.exec(["nsenter", netns_of(h6, "cli-base"), "ping", "-c1", "-W1", servers["base"]],
+                                       check=False).returncode == 0, timeout=30)
         h1.docker("swarm", "init", "--advertise-addr", h1.address)
         token = h1.docker("swarm", "join-token", "-q", "worker").stdout.strip()
         h2.docker("swarm", "join", "--token", token, f"{h1.address}:2377")
@@ -98,6 +121,9 @@ def main() -> None:
             "host-gw": (lambda: [netns_of(h4, "cli-hostgw")], servers["hostgw"]),
         }
         client = {name: h4 if name == "host-gw" else h2 for name in paths}
+        if args.baseline:
+            paths["canal-base"] = (lambda: [netns_of(h6, "cli-base")], servers["base"])
+            client["canal-base"] = h6
         gbps: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(args.repeat):  # interleaved, so drift hits every path alike
             for name, (ns, target) in paths.items():
@@ -108,17 +134,21 @@ def main() -> None:
         for name in paths:
             print(f"  {name:9} {statistics.median(gbps[name]):7.2f} Gbit/s   {lat[name]:.3f} ms")
         canal, overlay, under = (statistics.median(gbps[k]) for k in ("canal", "overlay", "underlay"))
-        print(f"  canal/overlay throughput {canal / overlay:.3f} (target >= 0.95)")
+        print(f"  canal/overlay throughput {canal / overlay:.3f} (target >= 1.0)")
         print(f"  canal/underlay throughput {canal / under:.3f}")
+        if args.baseline:
+            print(f"  canal/canal-base throughput {canal / statistics.median(gbps['canal-base']):.3f} "
+                  f"(canal-base: the plugin of {args.baseline})")
         hostgw = statistics.median(gbps["host-gw"])
         print(f"  host-gw/underlay throughput {hostgw / under:.3f} (target >= 0.9), host-gw/overlay {hostgw / overlay:.3f} (target >= 1.3)")
         print(f"  latency host-gw/overlay {lat['host-gw'] / lat['overlay']:.3f}")
         print(f"  latency canal/overlay {lat['canal'] / lat['overlay']:.3f}, canal/underlay {lat['canal'] / lat['underlay']:.3f}")
         _results.save({
-            "benchmark": "multihost", "params": {"seconds": args.seconds, "repeat": args.repeat},
+            "benchmark": "multihost",
+            "params": {"seconds": args.seconds, "repeat": args.repeat, "baseline": args.baseline or ""},
             "headline": [
                 *(_results.headline(f"{k} throughput median", statistics.median(gbps[k]), "Gbit/s") for k in paths),
-                _results.headline("canal/overlay throughput", canal / overlay, "", ">= 0.95"),
+                _results.headline("canal/overlay throughput", canal / overlay, "", ">= 1.0"),
                 _results.headline("host-gw/underlay throughput", hostgw / under, "", ">= 0.9"),
                 *(_results.headline(f"{k} rtt mean", lat[k], "ms") for k in paths),
             ],

@@ -169,11 +169,13 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         f"-s 127.0.0.0/8 -i {WORKLOADS} -j DROP",
         f"-d 127.0.0.0/8 -i {WORKLOADS} -j DROP",
     ]
-    state.jumps.append(Jump("raw", "PREROUTING", PREROUTING))
+    # Every rule above is -i WORKLOADS: the jump carries it, so the host's other packets (the
+    # tunnel's, the decapsulated ones) skip the chain after one interface check, not six.
+    state.jumps.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))
     # IPv6: Canal networks are IPv4 only, so nothing IPv6 comes from or goes to a workload
     # (the veths also have IPv6 disabled: no link-local address to reach the host on).
     state.chains6[("raw", PREROUTING)] = [f"-i {WORKLOADS} -j DROP"]
-    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
+    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))
     state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
     state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
     masq = frozenset(

@@ -342,6 +342,7 @@ class Networks:
                 break
         else:
             raise Conflict(f"endpoint {req.EndpointID[:12]}: its records changed concurrently 20 times; retry")
+        self.links.prepare(EndpointLink(record.id, record.ip, record.mac, record.mtu))  # Join configures it
         self._pending[req.EndpointID] = self.request()
         log.info("endpoint %s created in network %s with %s", req.EndpointID[:12], req.NetworkID[:12], ip)
         return {} if given_mac else {"Interface": {"MacAddress": mac}}
@@ -373,6 +374,7 @@ class Networks:
         else:
             raise Conflict(f"endpoint {endpoint_id[:12]}: its records changed concurrently 20 times; retry")
         self._pending.pop(endpoint_id, None)
+        self.links.forget(endpoint_id)
         # As in leave(), the agent removes a veth still there; `docker network rm` waits for it.
         self.forget(str(record.ip))
         log.info("endpoint %s deleted (%s)", endpoint_id[:12], record.ip)
