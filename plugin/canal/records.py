@@ -43,6 +43,7 @@ __all__ = [
     "network_name",
     "replace",
     "safe",
+    "wg_key",
 ]
 
 ANY_NET = "0.0.0.0/0"  # the pool of networks created without --subnet (see services.ipam)
@@ -157,6 +158,15 @@ def endpoint_gateway(value: Any, what: str = "gateway") -> ipaddress.IPv4Address
     if address not in GATEWAYS:
         raise _fail(what, value, "must be one of 169.254.1.1-169.254.1.254")
     return address
+
+_WG_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+
+
+def wg_key(value: Any, what: str = "WireGuard public key") -> str:
+    """A WireGuard (Curve25519) key as `wg` prints it: base64 of 32 bytes, 44 characters. It
+    reaches `wg`'s configuration text, so nothing else may pass (no newline, no `=` inside)."""
+    return _pattern(what, value, _WG_KEY, "a WireGuard key (base64 of 32 bytes, 44 characters)")
+
 
 def ipv4_net(value: Any, what: str = "subnet") -> ipaddress.IPv4Network:
     text = _str(what, value)
@@ -360,6 +370,7 @@ class NetworkRecord:
     name: str = ""  # logical name: learned from Docker, or -o network=NAME ("": not yet known)
     explicit_name: bool = False
     docker_ipam: bool = False  # addresses from Docker's default IPAM (one host only), not canal's
+    encrypted: bool = False  # -o encrypted: its traffic between hosts only through WireGuard
 
     @classmethod
     def parse(cls, raw: Any, key: str | None = None) -> "NetworkRecord":
@@ -381,6 +392,7 @@ class NetworkRecord:
             name=_get(obj, "name", lambda w, v: network_name(v, w) if v else "", what, ""),
             explicit_name=_get(obj, "explicit_name", _bool, what, False),
             docker_ipam=_get(obj, "docker_ipam", _bool, what, False),
+            encrypted=_get(obj, "encrypted", _bool, what, False),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -396,6 +408,8 @@ class NetworkRecord:
         }
         if self.docker_ipam:
             out["docker_ipam"] = True
+        if self.encrypted:
+            out["encrypted"] = True
         return out
 
     @property
@@ -547,6 +561,10 @@ class Lease:
     vtep_mac: str  # "" for backends without a VTEP
     lease_id: int = 0  # datastore lease; 0 for a reservation (never expires)
     backend_type: str = "vxlan"
+    # WireGuard: the host's public key and listen port (flannel's wireguard BackendData; Canal
+    # hosts of other backends add them to theirs for encrypted networks). "": no key (yet).
+    public_key: str = ""
+    wg_port: int = 0  # 0: the listener's own port (flannel's rule)
 
     @classmethod
     def parse(cls, name: str, raw: Any, lease_id: int = 0) -> "Lease":
@@ -561,7 +579,9 @@ class Lease:
         mac = data.get("VtepMAC")
         # Absent in a reservation until its host fills it in: such a peer gets no tunnel yet.
         vtep_mac = mac_address(mac, f"{what} VtepMAC") if mac else ""
-        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type)
+        public_key = _get(data, "PublicKey", lambda w, v: wg_key(v, w), what, "")
+        wg_port = _get(data, "Port", lambda w, v: _int(w, v, 0, 65535), what, 0) if public_key else 0
+        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, public_key, wg_port)
 
 
 # Whole datastore entries: (key relative to the record's directory, JSON value) -> record. One

@@ -48,6 +48,7 @@ OPTION_ALIASES = {
     "com.docker.network.driver.mtu": "mtu",
     "network": "name",
     "canal.network": "name",
+    "encrypted": "encrypted",  # Docker's overlay option name: `--opt encrypted` (no value) or =true
 }
 NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -72,11 +73,13 @@ class NetworkSpec:
     mtu: int  # 0: the host default
     name: str = ""  # the logical network name given with -o network=NAME ("": learn Docker's)
     docker_ipam: bool = False  # addresses from Docker's default IPAM (embedded datastore only)
+    encrypted: bool = False  # traffic between hosts only through WireGuard
 
     def record(self, host: str) -> NetworkRecord:
         return NetworkRecord(
             id=self.id, host=host, pools=self.pools, internal=self.internal, nat=self.nat,
             mtu=self.mtu, name=self.name, explicit_name=bool(self.name), docker_ipam=self.docker_ipam,
+            encrypted=self.encrypted,
         )
 
 
@@ -92,7 +95,7 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
         raise BadRequest(f"CreateNetwork: {GENERIC} must be an object")
     if _bool(ENABLE_IPV6, options.get(ENABLE_IPV6, False)) or req.IPv6Data:
         raise BadRequest("IPv6 is not supported by canal: create the network without --ipv6")
-    settings: dict[str, Any] = {"nat": True, "mtu": 0, "name": ""}
+    settings: dict[str, Any] = {"nat": True, "mtu": 0, "name": "", "encrypted": False}
     for name, value in generic.items():
         key = OPTION_ALIASES.get(name)
         if key is None:
@@ -100,6 +103,8 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
             raise BadRequest(f"unknown option {name!r} for a canal network; known options: {known}")
         if key == "nat":
             settings["nat"] = _bool(name, value)
+        elif key == "encrypted":
+            settings["encrypted"] = value == "" or _bool(name, value)
         elif key == "name":
             if not isinstance(value, str) or not NETWORK_NAME.fullmatch(value):
                 raise BadRequest(f"option {name}={value!r}: a network name is [A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -142,7 +147,8 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
         raise BadRequest("CreateNetwork: pools of canal's IPAM and Docker's in one network")
     internal = _bool(INTERNAL, options.get(INTERNAL, False))
     nat = settings["nat"] and not internal
-    return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"], docker_ipam)
+    return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"], docker_ipam,
+                       settings["encrypted"])
 
 
 def container_mac(ip: ipaddress.IPv4Address) -> str:
@@ -203,6 +209,7 @@ class Networks:
         settle: Callable[[int], None] = lambda generation: None,
         docker_ipam_allowed: bool = False,
         routing: SandboxRouting | None = None,
+        encrypted_mtu: Callable[[], int] | None = None,
     ):
         self.docker_ipam_allowed = docker_ipam_allowed
         self.routing: SandboxRouting = routing or SingleInterface()
@@ -212,6 +219,7 @@ class Networks:
         self.links = links
         self.host = host
         self.default_mtu = default_mtu
+        self.encrypted_mtu = encrypted_mtu  # an encrypted network's cap (WireGuard's overhead)
         self.changed = changed  # changed(sync): ask the agent to reconcile (and wait if sync)
         self.forget = forget  # forget(ip): drop the conntrack state of a departed address
         # request() starts an agent pass and returns its generation; settle(g) waits for it.
@@ -226,8 +234,15 @@ class Networks:
     def create_network(self, req: "CreateNetwork") -> None:
         spec = parse_network(req, self.docker_ipam_allowed)
         self.store.put(self.keys.network(self.host, spec.id), spec.record(self.host).to_json())
-        log.info("network %s created (pools %s, internal=%s, nat=%s)", spec.id[:12], spec.pools, spec.internal, spec.nat)
+        log.info("network %s created (pools %s, internal=%s, nat=%s, encrypted=%s)", spec.id[:12], spec.pools,
+                 spec.internal, spec.nat, spec.encrypted)
         self.changed(True)  # base chains must exist before the first packet
+
+    def _mtu(self, network: NetworkRecord) -> int:
+        mtu = network.mtu or self.default_mtu()
+        if network.encrypted and self.encrypted_mtu is not None:
+            mtu = min(mtu, self.encrypted_mtu())
+        return mtu
 
     def delete_network(self, network_id: str) -> None:
         self.network(network_id)
@@ -307,7 +322,7 @@ class Networks:
                 host=self.host,
                 ip=ip,
                 mac=mac,
-                mtu=network.mtu or self.default_mtu(),
+                mtu=self._mtu(network),
                 joined=bool(existing and existing.joined),
                 sandbox=existing.sandbox if existing else "",
                 options=options,
