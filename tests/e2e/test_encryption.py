@@ -9,6 +9,7 @@ same UAPI and is taken where `ip link add type wireguard` works)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -220,11 +221,15 @@ def test_peer_without_a_key_gets_nothing_never_plaintext(pernet):
     assert not received(h1, "srv-secret", marker)
     # Positive control: without the fail-closed rules, the same connection attempt leaves in
     # plaintext (its SYNs inside VXLAN; h1 drops them, so the marker itself never follows).
-    h2.exec(["iptables", "-F", "CANAL-ENCRYPT"])
+    # h2's plugin stopped first, so that no read-back pass puts the chain back meanwhile.
+    h2.stop_plugin()
+    h2.exec(["iptables", "-F", "CANAL-ENCRYPT-OUT"])
     with capture(ul) as pcap:
         send_marker(h2, "cli-secret", secret_ip, marker, check=False)
     assert any(in_clear(f, secret_ip) for f in frames(pcap))
-    # h1's plugin back: it republishes its key, and the network works again, encrypted.
+    # Both plugins back: h2 repairs its chain, h1 republishes its key, and the network works
+    # again, encrypted.
+    h2.start_plugin(etcd_plugin_args(h2, etcd))
     h1.start_plugin(etcd_plugin_args(h1, etcd))
     wait_until(lambda: "PublicKey" in lease(etcd, h1)["BackendData"], timeout=20)
     wait_until(lambda: ping(h2, "cli-secret", secret_ip), timeout=30)
@@ -349,3 +354,23 @@ def test_nothing_of_it_stays_when_the_last_encrypted_network_goes(bed):
     wait_until(gone, timeout=20)  # wireguard-go exits with its device
     # The key stays on the host (and in the lease) for the next encrypted network.
     assert (h1.workdir / "canal" / "wireguard" / "private.key").exists()
+
+
+def test_an_address_from_a_peers_range_on_an_encrypted_network(pernet):
+    """A --ip from h1's subnet, on h2: h1 reaches it through the tunnel (its /32 in h2's
+    AllowedIPs), and h2's own containers reach it locally: the WireGuard table has a throw
+    route for it, or its peer's /24 there would send it to h1."""
+    ul, etcd, h1, h2 = pernet
+    for h in (h1, h2):
+        net(h, "widesecret", "--subnet", "100.64.0.0/16", "-o", "encrypted")
+    daemon(h1, "near", "widesecret")
+    h1_subnet = ipaddress.ip_network(status(h1)["subnet"])
+    foreign = str(h1_subnet.network_address + 200)
+    daemon(h2, "guest", "widesecret", "--ip", foreign)
+    daemon(h2, "neighbour", "widesecret")
+    wait_until(lambda: ping(h1, "near", foreign), timeout=30)
+    assert ping(h2, "neighbour", foreign)
+    assert f"throw {foreign}" in h2.ip("route", "show", "table", "25900").stdout
+    with capture(ul) as pcap:
+        assert ping(h1, "near", foreign)
+    assert not any(in_clear(f, foreign) for f in frames(pcap))

@@ -17,6 +17,7 @@ from canal.backends import wireguard
 from canal.backends.base import BackendConfig, parse_backend
 from canal.backends.manager import desired_state
 from canal.config import Secret
+from canal.dataplane.links import host_ifname
 from canal.dataplane.vxlan import HostRoute
 from canal.dataplane.wireguard import RT_TABLE_MAIN, WG_TABLE, KeyFile, WgPeer, WgState, config_text
 from canal.errors import BadRequest, CommandFailed
@@ -115,22 +116,36 @@ def test_encrypted_endpoints_fail_closed_first_in_forward():
     state = desired_firewall(s)
     sets = {x.name: x for x in state.ipsets}
     assert sets[ENCRYPTED_SET].members == frozenset({"100.64.3.2"})
+    veth = host_ifname(EP["id"])
+    # First in CANAL-FORWARD: what is marked for the tunnel, and what goes to the local
+    # encrypted endpoint's veth, is checked; the plain endpoint's veth is not named.
     forward = state.chains[("filter", "CANAL-FORWARD")]
-    assert forward[:2] == [
-        f"-m set --match-set {ENCRYPTED_SET} src -m set --match-set canal-nets dst -j {ENCRYPT_CHAIN}",
-        f"-m set --match-set {ENCRYPTED_SET} dst -m set --match-set canal-nets src -j {ENCRYPT_CHAIN}",
-    ]
-    assert state.chains[("filter", ENCRYPT_CHAIN)][-1] == "-j DROP"
-    assert ("mangle", MARK_CHAIN) in state.chains
+    assert forward[:2] == [f"-m mark --mark 0x100000/0x100000 -j {ENCRYPT_CHAIN}-OUT", f"-o {veth} -j {ENCRYPT_CHAIN}-IN"]
+    assert not any(host_ifname("e2" * 32) in r for r in forward[:3])
+    assert state.chains[("filter", f"{ENCRYPT_CHAIN}-OUT")][0] == "-o flannel-wg -j RETURN"
+    assert state.chains[("filter", f"{ENCRYPT_CHAIN}-OUT")][-1] == "-j DROP"
+    assert state.chains[("filter", f"{ENCRYPT_CHAIN}-IN")][-1] == "-j DROP"
+    assert state.chains[("mangle", MARK_CHAIN)][0] == f"-i {veth} -j MARK --set-xmark 0x100000/0x100000"
+    # The mark chain is reached from workload interfaces only: the host's other packets skip it.
+    assert [j.match for j in state.jumps if j.chain == MARK_CHAIN] == ["-i cnl+"]
     # Cluster-wide wireguard: every endpoint, routed by the main table (no mark).
     everything = desired_firewall(encrypted_snap(encrypt_all=True))
     assert {x.name: x for x in everything.ipsets}[ENCRYPTED_SET].members == frozenset(
         {"100.64.3.2", "100.64.3.3", "100.64.9.2"})
     assert ("mangle", MARK_CHAIN) not in everything.chains
+    assert everything.chains[("filter", "CANAL-FORWARD")][:2] == [
+        f"-i cnl+ -j {ENCRYPT_CHAIN}-OUT", f"-o cnl+ -j {ENCRYPT_CHAIN}-IN"]
     # No encrypted network: no trace of any of it.
     plain = desired_firewall(snap({"n1": NET}, {"e1": EP}))
     assert ENCRYPTED_SET not in {x.name for x in plain.ipsets}
     assert not any(ENCRYPT_CHAIN in r for r in plain.chains[("filter", "CANAL-FORWARD")])
+
+
+def test_local_addresses_inside_a_tunnelled_prefix_get_throw_routes():
+    state, _ = wireguard.state(BackendConfig("vxlan"), [ME, P2], [], OWN, WG_TABLE, [A("10.1.2.77"), A("10.1.1.5")])
+    assert state.throws == (N("10.1.2.77/32"),)  # a --ip from P2's range lives here
+    main, _ = wireguard.state(BackendConfig("wireguard"), [ME, P2], [], OWN, RT_TABLE_MAIN, [A("10.1.2.77")])
+    assert main.throws == ()  # the main table's /32 veth route is more specific already
 
 
 def test_network_record_keeps_encrypted_and_old_records_read_as_plain():

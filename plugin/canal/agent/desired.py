@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import IpSet
-from canal.dataplane.links import EndpointLink
+from canal.dataplane.links import EndpointLink, host_ifname
 from canal.dataplane.vxlan import HostRoute, Peer, VxlanState
 from canal.dataplane.vxlan import desired_vxlan as vxlan_state
 from canal.dataplane.wireguard import DEVICE as WG_DEVICE, ENCRYPT_MARK
@@ -228,45 +228,49 @@ def encrypted_ips(snap: Snapshot) -> frozenset[str]:
 
 
 def _encryption(snap: Snapshot, state: FirewallState) -> None:
-    """Fail closed for encrypted networks: a packet from or to one of their endpoints, with
-    the other end in the cluster, may leave only through WireGuard or to a local workload, and
-    may arrive only from WireGuard or a local workload. Routing sends it through the tunnel
-    (the mark picks the WireGuard table); these rules make sure nothing else ever carries it
-    (a peer without a key yet, the device gone, a route missing): dropped, never plaintext.
-    First in CANAL-FORWARD: not even an established flow passes in the clear."""
+    """Fail closed for encrypted networks: what must cross hosts through WireGuard may leave
+    only through it (or to a local workload, or out of the cluster), and what is addressed to
+    a local encrypted endpoint may arrive only from it (or from a local workload, or from
+    outside the cluster). Routing sends their packets through the tunnel (the mark picks the
+    WireGuard table); these rules make sure nothing else ever carries them (a peer without a
+    key yet, the device gone, a route missing): dropped, never plaintext, not even an
+    established flow's. Scoped by interface and mark, so the host's other traffic pays an
+    interface check, not a set lookup."""
     members = encrypted_ips(snap)
     if not members:
         return
     wl, enc, nets = WORKLOADS, ENCRYPTED_SET, CLUSTER_SET
+    out, into = f"{ENCRYPT_CHAIN}-OUT", f"{ENCRYPT_CHAIN}-IN"
     state.ipsets.append(IpSet(enc, "hash:ip", members))
-    checks = [
-        f"-m set --match-set {enc} src -m set --match-set {nets} dst -j {ENCRYPT_CHAIN}",
-        f"-m set --match-set {enc} dst -m set --match-set {nets} src -j {ENCRYPT_CHAIN}",
+    state.chains[("filter", out)] = [
+        f"-o {WG_DEVICE} -j RETURN", f"-o {wl} -j RETURN", "-o lo -j RETURN",
+        f"-m set ! --match-set {nets} dst -j RETURN", "-j DROP",
     ]
+    state.chains[("filter", into)] = [
+        f"-i {WG_DEVICE} -j RETURN", f"-i {wl} -j RETURN", f"-m set ! --match-set {nets} src -j RETURN", "-j DROP",
+    ]
+    mark = f"{ENCRYPT_MARK:#x}/{ENCRYPT_MARK:#x}"
+    if snap.encrypt_all:  # every workload, routed through the tunnel by the main table
+        checks = [f"-i {wl} -j {out}", f"-o {wl} -j {into}"]
+        output = [f"-m set --match-set {enc} dst -j {out}"]
+    else:
+        local = sorted(host_ifname(ep.id) for ep in local_endpoints(snap) if ep.ip_text in members)
+        checks = [f"-m mark --mark {mark} -j {out}"] + [f"-o {ifname} -j {into}" for ifname in local]
+        output = [f"-m mark --mark {mark} -j {out}"]
+        set_mark = f"-j MARK --set-xmark {mark}"
+        # From a local encrypted endpoint, and from any workload to an encrypted one elsewhere
+        # (its reply comes back through the tunnel: it must go the same way).
+        state.chains[("mangle", MARK_CHAIN)] = [f"-i {ifname} {set_mark}" for ifname in local] + [
+            f"-m set --match-set {enc} dst -m set --match-set {nets} src {set_mark}",
+        ]
+        state.chains[("mangle", f"{MARK_CHAIN}-OUT")] = [f"-m set --match-set {enc} dst {set_mark}"]
+        state.jumps += [Jump("mangle", "PREROUTING", MARK_CHAIN, match=f"-i {wl}"),
+                        Jump("mangle", "OUTPUT", f"{MARK_CHAIN}-OUT")]
     forward = state.chains.get(("filter", "CANAL-FORWARD"), [])
     state.chains[("filter", "CANAL-FORWARD")] = checks + forward
-    # In from the tunnel or a local workload, out to the tunnel or a local workload: else dropped.
-    state.chains[("filter", ENCRYPT_CHAIN)] = [
-        f"-i {WG_DEVICE} -o {wl} -j RETURN",
-        f"-i {wl} -o {WG_DEVICE} -j RETURN",
-        f"-i {wl} -o {wl} -j RETURN",
-        "-j DROP",
-    ]
     # The host's own packets to an encrypted endpoint: the tunnel, a local veth, or nothing.
-    state.chains[("filter", "CANAL-OUTPUT")] = [
-        f"-m set --match-set {enc} dst -m set --match-set {nets} dst -j {ENCRYPT_CHAIN}-OUT",
-    ]
-    state.chains[("filter", f"{ENCRYPT_CHAIN}-OUT")] = [
-        f"-o {WG_DEVICE} -j RETURN", f"-o {wl} -j RETURN", "-o lo -j RETURN", "-j DROP",
-    ]
+    state.chains[("filter", "CANAL-OUTPUT")] = output
     state.jumps.append(Jump("filter", "OUTPUT", "CANAL-OUTPUT"))
-    if not snap.encrypt_all:
-        mark = f"-j MARK --set-xmark {ENCRYPT_MARK:#x}/{ENCRYPT_MARK:#x}"
-        state.chains[("mangle", MARK_CHAIN)] = [
-            f"-m set --match-set {enc} src -m set --match-set {nets} dst {mark}",
-            f"-m set --match-set {enc} dst -m set --match-set {nets} src {mark}",
-        ]
-        state.jumps += [Jump("mangle", "PREROUTING", MARK_CHAIN), Jump("mangle", "OUTPUT", MARK_CHAIN)]
 
 
 def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:

@@ -64,7 +64,8 @@ def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddre
     desired = DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay)
     if config.type != "wireguard" and encrypts(snap):
         # Encrypted networks on a cluster of another backend: their peers in a table of their own.
-        wg, problems = wireguard_backend.state(config, snap.leases, host_routes, snap.own_subnet, WG_TABLE)
+        local = [ep.ip for ep in snap.endpoints.values() if ep.host == snap.host]
+        wg, problems = wireguard_backend.state(config, snap.leases, host_routes, snap.own_subnet, WG_TABLE, local)
         desired = replace_desired(desired, wireguard=wg, problems=desired.problems + tuple(problems))
     return desired
 
@@ -315,5 +316,5 @@ class BackendManager:
         self._publish_key(config.listen_port, own)
         self.wireguard.ensure_device(wg_mtu(self.underlay_mtu), state.address)
         self.wireguard.configure(state, full)
-        self.wireguard.apply_routes(state.routes, state.table)
+        self.wireguard.apply_routes(state.routes, state.table, state.throws)
         self.wireguard.ensure_rule(state.table != RT_TABLE_MAIN)

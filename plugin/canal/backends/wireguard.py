@@ -44,7 +44,7 @@ def peers(
         chosen[lease.subnet] = lease
     extra: dict[ipaddress.IPv4Network, list[ipaddress.IPv4Network]] = {}
     for route in sorted(host_routes, key=lambda h: (h.ip, h.via_subnet)):
-        if route.via_subnet in chosen and not (own_subnet is not None and route.ip in own_subnet):
+        if route.via_subnet in chosen:  # even inside our own subnet: it lives there, not here
             extra.setdefault(route.via_subnet, []).append(ipaddress.IPv4Network(f"{route.ip}/32"))
     out = []
     routes: list[ipaddress.IPv4Network] = []
@@ -57,11 +57,16 @@ def peers(
 
 def state(
     config: BackendConfig, leases: Iterable[Lease], host_routes: Iterable[HostRoute],
-    own_subnet: ipaddress.IPv4Network | None, table: int,
+    own_subnet: ipaddress.IPv4Network | None, table: int, local: Iterable[ipaddress.IPv4Address] = (),
 ) -> tuple[WgState, list[str]]:
+    """`local`: this host's endpoint addresses; in a table of its own, those inside a routed
+    prefix get a throw route (the main table's veth route is more specific, this table's not)."""
     found, routes, problems = peers(leases, host_routes, own_subnet, config.listen_port)
     address = own_subnet.network_address if own_subnet is not None else None
-    return WgState(config.listen_port, found, routes, table, config.keepalive, config.psk, address), problems
+    throws: tuple[ipaddress.IPv4Network, ...] = ()
+    if table != RT_TABLE_MAIN:
+        throws = tuple(sorted({ipaddress.IPv4Network(f"{ip}/32") for ip in local if any(ip in r for r in routes)}))
+    return WgState(config.listen_port, found, routes, table, config.keepalive, config.psk, address, throws), problems
 
 
 def desired(

@@ -44,6 +44,7 @@ RULE_PRIORITY = 900  # before the main table (32766)
 ENCRYPT_MARK = 0x100000  # set by the mangle table on encrypted networks' packets
 RTPROT_CANAL_WG = 104  # next to direct (103) and vxlan (102)
 RT_TABLE_MAIN = 254
+RTN_THROW = 9
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,9 @@ class WgState:
     keepalive: int = 0
     psk: Secret = field(default_factory=Secret)
     address: ipaddress.IPv4Address | None = None  # the lease's .0, /32 on the device (as flannel)
+    # Local addresses inside a routed prefix (a --ip from a peer's range): `throw` in `table`,
+    # so a marked packet to them falls through to the main table's veth route.
+    throws: tuple[ipaddress.IPv4Network, ...] = ()
 
 
 def wg_mtu(underlay_mtu: int) -> int:
@@ -219,8 +223,11 @@ class WireGuard:
             self._configured = None
         return self.keys.public(private)
 
-    def apply_routes(self, wanted: Sequence[ipaddress.IPv4Network], table: int) -> None:
-        """Our routes (proto 104) through the device: exactly `wanted` in `table`, none elsewhere."""
+    def apply_routes(self, wanted: Sequence[ipaddress.IPv4Network], table: int,
+                     throws: Sequence[ipaddress.IPv4Network] = ()) -> None:
+        """Our routes (proto 104): exactly `wanted` through the device and `throws` in `table`,
+        none elsewhere."""
+        want = {dst: "unicast" for dst in wanted} | {dst: "throw" for dst in throws}
         with self._lock:
             index = self._index()
             try:
@@ -230,28 +237,36 @@ class WireGuard:
                         if r["proto"] != RTPROT_CANAL_WG or not r.get_attr("RTA_DST"):
                             continue
                         dst = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
-                        if rt == table and r.get_attr("RTA_OIF") == index and dst in wanted:
+                        kind = "throw" if r["type"] == RTN_THROW else "unicast"
+                        ok = kind == "throw" or r.get_attr("RTA_OIF") == index
+                        if rt == table and want.get(dst) == kind and ok:
                             have.add(dst)
                         else:
                             self._route("del", dst, rt)
-                for dst in sorted(set(wanted) - have):
-                    if index is None:
+                for dst in sorted(set(want) - have):
+                    if want[dst] == "throw":
+                        self._route("replace", dst, table, kind="throw")
+                    elif index is None:
                         raise Unavailable(f"{DEVICE} does not exist: no route through it")
-                    self._route("replace", dst, table, index)
+                    else:
+                        self._route("replace", dst, table, index)
             except NetlinkError as err:
                 raise Unavailable(f"{DEVICE} routes: netlink: {err}") from err
 
-    def _route(self, command: str, dst: ipaddress.IPv4Network, table: int, index: int | None = None) -> None:
+    def _route(self, command: str, dst: ipaddress.IPv4Network, table: int, index: int | None = None,
+               kind: str = "unicast") -> None:
         kwargs: dict[str, Any] = {"dst": str(dst), "proto": RTPROT_CANAL_WG, "table": table}
         if index is not None:
             kwargs["oif"] = index
+        if kind == "throw":
+            kwargs["type"] = RTN_THROW
         try:
             self._ipr.route(command, **kwargs)
         except NetlinkError as err:
             if command == "del" and err.code in (errno.ESRCH, errno.ENOENT):
                 return
             raise
-        log.info("wireguard route %s %s table %d", command, dst, table)
+        log.info("wireguard route %s %s%s table %d", command, "throw " if kind == "throw" else "", dst, table)
 
     def ensure_rule(self, present: bool) -> None:
         """`fwmark ENCRYPT_MARK lookup WG_TABLE`: encrypted networks' packets find their routes."""
