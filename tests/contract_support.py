@@ -33,6 +33,7 @@ from canal.services.ports import Ports
 
 HOST_SUBNET = "100.64.7.0/24"
 CLUSTER = "100.64.0.0/16"
+CLUSTER6 = "fd00:c0a1::/48"
 
 
 class CheckedIptables(FakeIptables):
@@ -61,7 +62,8 @@ class ContractPlugin:
         self.ipsets = CheckedIpsets(self.iptables)
         self.firewall = Firewall(self.iptables, self.ipsets)  # type: ignore[arg-type]
         self.changes = 0
-        self.ipam = Ipam(self.store, keys, "h1", lambda: ipaddress.IPv4Network(HOST_SUBNET))
+        self.ipam = Ipam(self.store, keys, "h1", lambda: ipaddress.IPv4Network(HOST_SUBNET),
+                         cluster_network6=lambda: ipaddress.IPv6Network(CLUSTER6))
         self.networks = Networks(self.store, keys, self.ipam, self.links, "h1", lambda: 1450, self._changed,
                                  docker_ipam_allowed=docker_ipam_allowed)
         self.policies = Policies(self.store, keys, self._changed)

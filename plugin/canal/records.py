@@ -22,6 +22,8 @@ from canal.errors import BadRequest
 
 __all__ = [
     "ANY_NET",
+    "ANY_NET6",
+    "GATEWAY6",
     "DEFAULT_GATEWAY",
     "GATEWAYS",
     "PROTOCOLS",
@@ -56,7 +58,9 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 # Docker's own pattern for network and container names (daemon/names).
 _DOCKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
-_POOL_ID = re.compile(r"canal-default|canal-cluster|canal-pool:[0-9./]+(?::[0-9./]+)?")
+_POOL_ID = re.compile(
+    r"canal-default6?|canal-cluster|canal-pool:[0-9./]+(?::[0-9./]+)?|canal-pool6:[0-9a-f:/]+(?:\+[0-9a-f:/]+)?"
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_LABELS = 512
@@ -123,7 +127,7 @@ def container_name(value: Any, what: str = "container name") -> str:
 
 
 def pool_id(value: Any, what: str = "pool ID") -> str:
-    return _pattern(what, value, _POOL_ID, "canal-default, canal-cluster or canal-pool:CIDR[:CIDR]")
+    return _pattern(what, value, _POOL_ID, "canal-default[6], canal-cluster, canal-pool:CIDR[:CIDR] or canal-pool6:CIDR[+CIDR]")
 
 
 def mac_address(value: Any, what: str = "MAC address") -> str:
@@ -146,8 +150,46 @@ def ipv4(value: Any, what: str = "address") -> ipaddress.IPv4Address:
         raise _fail(what, value, "not an IPv4 address") from None
 
 
+def ipv6(value: Any, what: str = "address") -> ipaddress.IPv6Address:
+    text = _str(what, value)
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        raise _fail(what, value, "not an IPv6 address") from None
+    if address.scope_id is not None or address.ipv4_mapped is not None:
+        raise _fail(what, value, "not a plain IPv6 address (zone or IPv4-mapped)")
+    return address
+
+
+def ip_address(value: Any, what: str = "address") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """IPv4 or IPv6 (records shared by both families: addresses, pools)."""
+    if isinstance(value, str) and ":" in value:
+        return ipv6(value, what)
+    return ipv4(value, what)
+
+
+def ipv6_net(value: Any, what: str = "subnet") -> ipaddress.IPv6Network:
+    text = _str(what, value)
+    try:
+        net = ipaddress.IPv6Network(text, strict=True)
+    except ValueError as err:
+        raise _fail(what, value, f"not an IPv6 CIDR ({err})") from None
+    if net.network_address.scope_id is not None:
+        raise _fail(what, value, "not a plain IPv6 CIDR (zone)")
+    return net
+
+
+def ip_net(value: Any, what: str = "subnet") -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if isinstance(value, str) and ":" in value:
+        return ipv6_net(value, what)
+    return ipv4_net(value, what)
+
 
 DEFAULT_GATEWAY = ipaddress.IPv4Address("169.254.1.1")
+# The host end of every veth has MAC ee:ee:ee:ee:ee:ee, hence this EUI-64 link-local address:
+# a container's IPv6 default route goes via it (Calico's way), the host answering as a neighbour.
+GATEWAY6 = ipaddress.IPv6Address("fe80::ecee:eeff:feee:eeee")
+ANY_NET6 = "::/0"  # the IPv6 pool of networks created with --ipv6 but no IPv6 --subnet
 GATEWAYS = tuple(ipaddress.IPv4Address(f"169.254.1.{n}") for n in range(1, 255))
 
 
@@ -287,6 +329,7 @@ class EndpointRecord:
     # (169.254.1.N), so each gets its own connected /32 to it (see canal.agent.sandboxes).
     gateway: ipaddress.IPv4Address = DEFAULT_GATEWAY
     ports: tuple[PortBinding, ...] = ()  # published (ProgramExternalConnectivity), sorted
+    ip6: Optional[ipaddress.IPv6Address] = None  # its /128 on a network created with --ipv6
 
     @functools.cached_property
     def ip_text(self) -> str:
@@ -320,6 +363,7 @@ class EndpointRecord:
             container_name=_get(obj, "container_name", lambda w, v: container_name(v, w) if v else "", what, ""),
             gateway=_get(obj, "gateway", lambda w, v: endpoint_gateway(v, w), what, DEFAULT_GATEWAY),
             ports=_get(obj, "ports", lambda w, v: _ports(v, w), what, ()),
+            ip6=_get(obj, "ip6", lambda w, v: ipv6(v, w) if v else None, what, None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -344,6 +388,8 @@ class EndpointRecord:
             out["gateway"] = str(self.gateway)
         if self.ports:
             out["ports"] = [b.to_json() for b in self.ports]
+        if self.ip6 is not None:
+            out["ip6"] = str(self.ip6)
         return out
 
 
@@ -360,6 +406,12 @@ class NetworkRecord:
     name: str = ""  # logical name: learned from Docker, or -o network=NAME ("": not yet known)
     explicit_name: bool = False
     docker_ipam: bool = False  # addresses from Docker's default IPAM (one host only), not canal's
+    pools6: tuple[str, ...] = ()  # IPv6 CIDRs of a network created with --ipv6 (ANY_NET6: no v6 --subnet)
+
+    @property
+    def ipv6(self) -> bool:
+        """Created with --ipv6: IPv6 is open on its endpoints' interfaces (else closed)."""
+        return bool(self.pools6)
 
     @classmethod
     def parse(cls, raw: Any, key: str | None = None) -> "NetworkRecord":
@@ -381,6 +433,7 @@ class NetworkRecord:
             name=_get(obj, "name", lambda w, v: network_name(v, w) if v else "", what, ""),
             explicit_name=_get(obj, "explicit_name", _bool, what, False),
             docker_ipam=_get(obj, "docker_ipam", _bool, what, False),
+            pools6=tuple(str(ipv6_net(p, f"{what} IPv6 pool")) for p in _get(obj, "pools6", _list, what, [])),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -396,6 +449,8 @@ class NetworkRecord:
         }
         if self.docker_ipam:
             out["docker_ipam"] = True
+        if self.pools6:
+            out["pools6"] = list(self.pools6)
         return out
 
     @property
@@ -420,7 +475,7 @@ def _list(what: str, value: Any) -> list[Any]:
 class AddressRecord:
     """One allocated address (`<prefix>/ipam/addresses/<hex>`): unique cluster-wide."""
 
-    ip: ipaddress.IPv4Address
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     pool: str
     kind: str  # "endpoint" or "gateway"
     host: str
@@ -429,10 +484,10 @@ class AddressRecord:
     time: int = 0
 
     @classmethod
-    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | None = None) -> "AddressRecord":
+    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> "AddressRecord":
         obj = _object("address record", raw)
         what = "address record"
-        ip = _get(obj, "ip", lambda w, v: ipv4(v, w), what)
+        ip = _get(obj, "ip", lambda w, v: ip_address(v, w), what)
         if key_ip is not None and ip != key_ip:
             raise RecordError(f"{what} {ip} is stored under the key of {key_ip}")
         what = f"address {ip}"
@@ -465,16 +520,17 @@ class AddressRecord:
 class PoolRecord:
     """A --subnet pool (`<prefix>/ipam/pools/<cidr>`), shared by every network using it."""
 
-    cidr: ipaddress.IPv4Network
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
     gateway: str = ""  # the gateway address, "" if none was requested
     shared: bool = False  # a Swarm pool: the manager allocates, nodes claim
 
     @classmethod
     def parse(cls, raw: Any) -> "PoolRecord":
         obj = _object("pool record", raw)
-        cidr = _get(obj, "cidr", lambda w, v: ipv4_net(v, w), "pool record")
+        cidr = _get(obj, "cidr", lambda w, v: ip_net(v, w), "pool record")
         what = f"pool {cidr}"
-        gateway = _get(obj, "gateway", lambda w, v: str(ipv4(v, w)) if v else "", what, "")
+        parse_ip = ipv4 if cidr.version == 4 else ipv6
+        gateway = _get(obj, "gateway", lambda w, v: str(parse_ip(v, w)) if v else "", what, "")
         return cls(cidr, gateway, _get(obj, "shared", _bool, what, False))
 
     def to_json(self) -> dict[str, Any]:
@@ -569,9 +625,12 @@ class Lease:
 # stored under must agree with the record, so no record can claim another one's slot.
 
 
-def _key_ip(key: str, what: str) -> ipaddress.IPv4Address:
+def _key_ip(key: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """8 hex digits: an IPv4 address; 32: an IPv6 one (see canal.datastore.keys)."""
+    if re.fullmatch(r"[0-9a-f]{32}", key):
+        return ipaddress.IPv6Address(int(key, 16))
     if not re.fullmatch(r"[0-9a-f]{8}", key):
-        raise RecordError(f"{what} key {safe(key)} is not 8 hex digits")
+        raise RecordError(f"{what} key {safe(key)} is not 8 (IPv4) or 32 (IPv6) hex digits")
     return ipaddress.IPv4Address(int(key, 16))
 
 
@@ -588,7 +647,10 @@ def address_entry(key: str, raw: Any) -> AddressRecord:
 
 
 def route_entry(key: str, raw: Any) -> RouteRecord:
-    return RouteRecord.parse(raw, _key_ip(key, "route"))
+    ip = _key_ip(key, "route")
+    if ip.version != 4:
+        raise RecordError(f"route key {safe(key)}: IPv6 route records are not supported yet")
+    return RouteRecord.parse(raw, ip)
 
 
 def pool_entry(key: str, raw: Any) -> PoolRecord:

@@ -121,7 +121,8 @@ class Plugin:
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
         sandboxes = Sandboxes(config.netns_dir)
-        self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network)
+        self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network,
+                         self.cluster_network6)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.backend.default_mtu, self._changed,
             forget=self._forget,
@@ -371,6 +372,13 @@ class Plugin:
             # Absent only before the first lease created it (or malformed from the start).
             self._network_config = self.subnets.network_config()
         return self._network_config.network
+
+    def cluster_network6(self) -> ipaddress.IPv6Network | None:
+        """The IPv6 network of --ipv6 networks without an IPv6 --subnet: flannel's IPv6Network
+        (EnableIPv6) with etcd, where every host must agree; --network6 on a single host."""
+        if self.multihost:
+            return self.network_config().ipv6_network
+        return ipaddress.IPv6Network(self.config.network6)
 
     def network_config(self) -> NetworkConfig:
         """The flannel config in force (its Backend picks the backend), as cluster_network reads it."""

@@ -63,7 +63,7 @@ class DataplaneSettings:
 
 
 def link_of(record: EndpointRecord) -> EndpointLink:
-    return EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway)
+    return EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway, record.ip6)
 
 
 def local_endpoints(snap: Snapshot) -> list[EndpointRecord]:
