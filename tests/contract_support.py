@@ -47,7 +47,8 @@ class CheckedIpsets(FakeIpsets):
         """As the real Ipsets: the restore script is built (bad names refused) and only members
         it would write end up in the kernel (bad members dropped)."""
         restore_script(desired, self.current())
-        super().apply([IpSet(s.name, s.kind, frozenset(filter(valid_member, s.members))) for s in desired], read_back)
+        super().apply([IpSet(s.name, s.kind, frozenset(m for m in s.members if valid_member(m, s.family)), s.family)
+                       for s in desired], read_back)
 
 
 class ContractPlugin:

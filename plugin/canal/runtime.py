@@ -419,7 +419,15 @@ class Plugin:
             broken_policy_scopes=broken,
             settings=self.dataplane_settings(),
             held_ports=self.hold_ports(endpoints),
+            cluster_network6=self._cluster_network6_text(),
         )
+
+    def _cluster_network6_text(self) -> str:
+        try:
+            net6 = self.cluster_network6()
+        except CanalError:  # a flannel config that does not parse: no IPv6 network
+            return ""
+        return str(net6) if net6 is not None else ""
 
     def dataplane_settings(self) -> DataplaneSettings:
         """Settings the rules depend on; the host's resolvers and the datastore's addresses are

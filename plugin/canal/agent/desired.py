@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import IpSet
-from canal.dataplane.links import EndpointLink
+from canal.dataplane.links import EndpointLink, host_ifname
 from canal.dataplane.vxlan import HostRoute, Peer, VxlanState
 from canal.dataplane.vxlan import desired_vxlan as vxlan_state
 from canal.policy import selector as selectors
@@ -21,17 +21,19 @@ from canal.policy.compiler import (
     HostProtection,
     NetworkInfo,
     compile_filter,
+    compile_filter6,
     effective_labels,
     protocol_name,
 )
 from canal.policy.model import Policy
-from canal.records import ANY_NET, EndpointRecord, Lease, NetworkRecord, RouteRecord
+from canal.records import ANY_NET, ANY_NET6, EndpointRecord, Lease, NetworkRecord, RouteRecord
 
 POSTROUTING = "CANAL-POSTROUTING"
 DNAT = "CANAL-DNAT"  # nat: published ports (docker run -p) on this host's addresses
 PREROUTING = "CANAL-PREROUTING"  # raw table: before conntrack sees a packet
 WORKLOADS = "cnl+"
 CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network + canal pools
+CLUSTER_SET6 = "canal-6nets"  # the same for IPv6: the cluster's IPv6 network + canal IPv6 pools
 MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
 
 
@@ -52,6 +54,7 @@ class Snapshot:
     # Published host ports this plugin holds, (proto, host ip or "", port) -> endpoint id: only
     # those are DNATed, so a forged record cannot divert a port some host service listens on.
     held_ports: Mapping[tuple[str, str, int], str] = field(default_factory=dict)
+    cluster_network6: str = ""  # the cluster's IPv6 network ("": none configured)
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
     if cached is None or cached[0] != (name, named):
         published = tuple(sorted({(b.proto, b.port) for b in ep.ports}))
         info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None,
-                            published)
+                            published, str(ep.ip6) if ep.ip6 is not None else None)
         cached = ((name, named), info)
         ep.__dict__["_info"] = cached  # frozen dataclass: a cache, not a field (eq/repr ignore it)
     return cached[1]
@@ -164,12 +167,7 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         f"-d 127.0.0.0/8 -i {WORKLOADS} -j DROP",
     ]
     state.jumps.append(Jump("raw", "PREROUTING", PREROUTING))
-    # IPv6: Canal networks are IPv4 only, so nothing IPv6 comes from or goes to a workload
-    # (the veths also have IPv6 disabled: no link-local address to reach the host on).
-    state.chains6[("raw", PREROUTING)] = [f"-i {WORKLOADS} -j DROP"]
-    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
-    state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
-    state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
+    _ipv6_firewall(snap, state)
     masq = frozenset(
         ep.ip_text
         for ep in local_endpoints(snap)
@@ -203,6 +201,51 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     ]
     state.jumps.append(Jump("nat", "POSTROUTING", POSTROUTING))
     return state
+
+
+def ipv6_networks_here(snap: Snapshot) -> bool:
+    """Whether any canal network of this host was created with --ipv6."""
+    return any(n.host == snap.host and n.ipv6 for n in snap.networks.values())
+
+
+def cluster_nets6(snap: Snapshot) -> frozenset[str]:
+    """Members of CLUSTER_SET6: the cluster's IPv6 network and every canal IPv6 pool."""
+    nets = {snap.cluster_network6} if snap.cluster_network6 else set()
+    for network in snap.networks.values():
+        nets.update(p for p in network.pools6 if p != ANY_NET6)
+    return frozenset(nets)
+
+
+def _ipv6_firewall(snap: Snapshot, state: FirewallState) -> None:
+    """ip6tables' half. Without an --ipv6 network on this host, nothing IPv6 comes from or goes
+    to a workload (their veths also have IPv6 disabled: no link-local way to the host). With
+    one, the same policy as IPv4 (compile_filter6) for endpoints with an IPv6 address, and the
+    raw table's drops as for IPv4; IPv6 from every other veth still dropped there first."""
+    if not ipv6_networks_here(snap):
+        state.chains6[("raw", PREROUTING)] = [f"-i {WORKLOADS} -j DROP"]
+        state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
+        state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
+        state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
+        return
+    infos, policies, host, networks, broken, protection, _ = filter_inputs(snap)
+    filter6 = compile_filter6(infos, policies, host, networks, broken, protection, CLUSTER_SET6)
+    state.chains6.update(filter6.chains)
+    state.jumps6.extend(filter6.jumps)
+    state.ipsets += filter6.ipsets
+    state.ipsets.append(IpSet(CLUSTER_SET6, "hash:net", cluster_nets6(snap), family="inet6"))
+    open6 = sorted(host_ifname(ep.id) for ep in local_endpoints(snap) if ep.ip6 is not None)
+    state.chains6[("raw", PREROUTING)] = [
+        f"-i {WORKLOADS} -m rpfilter --invert -j DROP",
+        f"-i {WORKLOADS} -p udp -m udp --dport {snap.settings.vxlan_port} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(4)} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(41)} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(50)} -j DROP",
+        f"-s ::1/128 -i {WORKLOADS} -j DROP",
+        f"-d ::1/128 -i {WORKLOADS} -j DROP",
+        *(f"-i {name} -j RETURN" for name in open6),
+        f"-i {WORKLOADS} -j DROP",  # IPv6 of endpoints on networks without --ipv6: closed
+    ]
+    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
 
 
 def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:
