@@ -295,6 +295,7 @@ class Plugin:
             "host": self.host,
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
+            "network6": self._cluster_network6_text() or None,
             "datastore": self.config.datastore,
             "flannel_mode": self.backend.flannel_mode_decided or "undecided",
             "scope": self.config.scope,

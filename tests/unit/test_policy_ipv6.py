@@ -141,3 +141,15 @@ def test_with_an_ipv6_network_only_its_endpoints_are_open():
     cluster = [s for s in state.ipsets if s.name == CLUSTER_SET6]
     assert cluster and cluster[0].members == {"fd00:c0a1::/48"} and cluster[0].family == "inet6"
     assert ("filter", "CANAL-FW-aaaaaaaaaaaa") in state.chains6
+
+
+def test_endpoint_list_and_explain_show_the_ipv6_address():
+    from canal.agent.desired import endpoint_rows
+    from canal.agent.explain import Cluster, resolve_pair
+
+    snap = snapshot(ipv6=True)
+    rows = {r["endpoint"]: r for r in endpoint_rows(snap)}
+    assert rows["aaaaaaaaaaaa"]["ip6"] == "fd00::2" and rows["cccccccccccc"]["ip6"] is None
+    src, dst = resolve_pair(Cluster(snap), "fd00::2", "100.64.7.9")  # a container by its IPv6 address
+    assert src.describe()["address6"] == "fd00::2" and src.describe()["address"] == "100.64.7.2"
+    assert "address6" not in dst.describe()

@@ -294,6 +294,7 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
             "network": info.network,
             "host": ep.host,
             "ip": ep.ip_text,
+            "ip6": str(ep.ip6) if ep.ip6 is not None else None,
             "labels": dict(ep.labels) if ep.labels is not None else None,
             # pending: labels or network name unknown, so closed until learned
             "state": "pending" if info.labels is None else "joined" if ep.joined else "created",
