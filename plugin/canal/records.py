@@ -603,10 +603,14 @@ class Lease:
     vtep_mac: str  # "" for backends without a VTEP
     lease_id: int = 0  # datastore lease; 0 for a reservation (never expires)
     backend_type: str = "vxlan"
+    # flannel's dual stack (EnableIPv6): the key's `&<v6 subnet>`, PublicIPv6, BackendV6Data
+    subnet6: Optional[ipaddress.IPv6Network] = None
+    public_ip6: str = ""
+    vtep_mac6: str = ""
 
     @classmethod
     def parse(cls, name: str, raw: Any, lease_id: int = 0) -> "Lease":
-        subnet = ipv4_net(name.replace("-", "/"), "flannel lease key")
+        subnet, subnet6 = lease_key(name)
         obj = _object(f"flannel lease {subnet}", raw)
         what = f"flannel lease {subnet}"
         public_ip = str(_get(obj, "PublicIP", lambda w, v: ipv4(v, w), what))
@@ -617,7 +621,25 @@ class Lease:
         mac = data.get("VtepMAC")
         # Absent in a reservation until its host fills it in: such a peer gets no tunnel yet.
         vtep_mac = mac_address(mac, f"{what} VtepMAC") if mac else ""
-        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type)
+        public_ip6 = _get(obj, "PublicIPv6", lambda w, v: str(ipv6(v, w)) if v else "", what, "")
+        data6 = _get(obj, "BackendV6Data", lambda w, v: _object(w, v), what, {})
+        mac6 = data6.get("VtepMAC")
+        vtep_mac6 = mac_address(mac6, f"{what} BackendV6Data VtepMAC") if mac6 else ""
+        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, subnet6, public_ip6, vtep_mac6)
+
+
+_LEASE_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-9]{1,3}))?")
+
+
+def lease_key(name: str) -> tuple[ipaddress.IPv4Network, Optional[ipaddress.IPv6Network]]:
+    """A flannel lease key: `a.b.c.d-len`, or in dual stack `a.b.c.d-len&<v6 address>-len`
+    (flannel's MakeSubnetKey: the IPv6 address keeps its colons)."""
+    match = _LEASE_KEY.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise _fail("flannel lease key", name, "expected a.b.c.d-len or a.b.c.d-len&<IPv6 address>-len")
+    subnet = ipv4_net(f"{match[1]}/{match[2]}", "flannel lease key")
+    subnet6 = ipv6_net(f"{match[3]}/{match[4]}", "flannel lease key IPv6 subnet") if match[3] else None
+    return subnet, subnet6
 
 
 # Whole datastore entries: (key relative to the record's directory, JSON value) -> record. One

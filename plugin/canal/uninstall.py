@@ -213,7 +213,7 @@ class Uninstall:
             except (RecordError, CanalError):
                 continue
             if lease.public_ip == self.public_ip:
-                key = keys.lease(lease.subnet)
+                key = keys.leases + rel  # as stored (a dual-stack lease's key names both subnets)
                 steps.append(Step(f"release subnet lease {lease.subnet} ({key})", partial(self._release, key)))
         hosts = Hosts(store, keys, self.host, self.public_ip)
         records = _records(store)

@@ -17,7 +17,7 @@ from canal.backends.base import BackendConfig, parse_backend
 from canal.datastore.base import Datastore, Guard, Put, dumps
 from canal.datastore.keys import Keys
 from canal.errors import BadRequest, CanalError, Exhausted, Unavailable
-from canal.records import Lease, safe
+from canal.records import Lease, RecordError, lease_key, safe
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,9 @@ class SubnetManager:
         out = set()
         for entry in entries:
             try:
-                out.add(ipaddress.IPv4Network(entry.key[len(self.keys.leases):].replace("-", "/")))
-            except ValueError:
+                # A dual-stack lease (flanneld with EnableIPv6) holds its IPv4 subnet as well.
+                out.add(lease_key(entry.key[len(self.keys.leases):])[0])
+            except (ValueError, RecordError):
                 continue  # not a subnet key: cannot collide with one
         return out
 
