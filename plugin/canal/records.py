@@ -539,16 +539,17 @@ class PoolRecord:
 
 @dataclass(frozen=True)
 class RouteRecord:
-    """A /32 of a host outside its own subnet (`<prefix>/routes/<hex>`), routed to it by peers."""
+    """A /32 of a host outside its own subnet (`<prefix>/routes/<hex>`), routed to it by peers;
+    or the /128 of an endpoint of an --ipv6 network (every one: IPv6 has no host subnets yet)."""
 
-    ip: ipaddress.IPv4Address
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     host: str
     subnet: ipaddress.IPv4Network  # the owner's subnet: peers route via its VTEP (<subnet>.0)
 
     @classmethod
-    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | None = None) -> "RouteRecord":
+    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> "RouteRecord":
         obj = _object("route record", raw)
-        ip = _get(obj, "ip", lambda w, v: ipv4(v, w), "route record")
+        ip = _get(obj, "ip", lambda w, v: ip_address(v, w), "route record")
         if key_ip is not None and ip != key_ip:
             raise RecordError(f"route record {ip} is stored under the key of {key_ip}")
         what = f"route {ip}"
@@ -669,10 +670,7 @@ def address_entry(key: str, raw: Any) -> AddressRecord:
 
 
 def route_entry(key: str, raw: Any) -> RouteRecord:
-    ip = _key_ip(key, "route")
-    if ip.version != 4:
-        raise RecordError(f"route key {safe(key)}: IPv6 route records are not supported yet")
-    return RouteRecord.parse(raw, ip)
+    return RouteRecord.parse(raw, _key_ip(key, "route"))
 
 
 def pool_entry(key: str, raw: Any) -> PoolRecord:

@@ -18,8 +18,10 @@ from canal.agent.desired import (
     DataplaneSettings,
     Snapshot,
     desired_route_records,
+    desired_route_records6,
     endpoint_rows,
     identity_known,
+    remote_routes6,
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
@@ -31,7 +33,9 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.ports import Reservations
+from canal.dataplane.routes6 import Routes6, desired_routes6
 from canal.dataplane.sandbox import Sandboxes
+from canal.dataplane.vxlan import device_name
 from canal.datastore.base import Datastore, open_datastore
 from canal.datastore.keys import Keys
 from canal.errors import CanalError, Unavailable
@@ -142,6 +146,11 @@ class Plugin:
             self.host, self.public_ip, self.iface, self.underlay_mtu, backend, config.datastore,
         )
         steps: list[Any] = [self.publish_routes, self.backend.program] if self.multihost else []
+        self.routes6 = Routes6(config.sysctl_dir)
+        self._routes6_applied = False
+        self._routes6_warned = False
+        if self.multihost:
+            steps += [self.publish_routes6, self.program_routes6]
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
         self.agent = Agent(
             self.snapshot,
@@ -183,6 +192,7 @@ class Plugin:
         self.agent.stop()
         self.reservations.close()
         self.links.close()
+        self.routes6.close()
         self.store.close()
 
     def _changed(self, sync: bool) -> None:
@@ -264,6 +274,29 @@ class Plugin:
             self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
 
     # Multi-host steps of the reconcile pass --------------------------------------------------
+
+    def publish_routes6(self, snap: Snapshot, full: bool) -> None:
+        """Keep this host's /128 route records equal to its --ipv6 endpoints."""
+        wanted = desired_route_records6(snap)
+        for ip, record in wanted.items():
+            if snap.routes6.get(ip) != record:
+                self.store.put(self.keys.route(record.ip), record.to_json())
+        for ip, record in snap.routes6.items():
+            if record.host == self.host and ip not in wanted:
+                self.store.delete(self.keys.route(record.ip))
+
+    def program_routes6(self, snap: Snapshot, full: bool) -> None:
+        """Other hosts' /128s through the VXLAN device (vxlan backend only, for now)."""
+        pairs = remote_routes6(snap)
+        if self.backend.backend().type != "vxlan":
+            if pairs and not self._routes6_warned:
+                log.warning("IPv6 across hosts needs the vxlan backend; %d remote IPv6 addresses unreachable", len(pairs))
+                self._routes6_warned = True
+            return
+        if not pairs and not full and not self._routes6_applied:
+            return
+        self.routes6.apply(device_name(self.config.vxlan_vni), desired_routes6(pairs))
+        self._routes6_applied = bool(pairs)
 
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's /32 route records equal to what its endpoints need."""
@@ -400,7 +433,11 @@ class Plugin:
 
     def _routes(self) -> dict[str, RouteRecord]:
         records = self.mirror.records(self.keys.routes, route_entry)
-        return {str(r.ip): r for r in records.values()}
+        return {str(r.ip): r for r in records.values() if r.ip.version == 4}
+
+    def _routes6(self) -> dict[str, RouteRecord]:
+        records = self.mirror.records(self.keys.routes, route_entry)
+        return {str(r.ip): r for r in records.values() if r.ip.version == 6}
 
     def snapshot(self) -> Snapshot:
         """From the mirror: memory, not datastore round trips, on every pass. Malformed records
@@ -421,6 +458,7 @@ class Plugin:
             settings=self.dataplane_settings(),
             held_ports=self.hold_ports(endpoints),
             cluster_network6=self._cluster_network6_text(),
+            routes6=self._routes6() if self.multihost else {},
         )
 
     def _cluster_network6_text(self) -> str:

@@ -55,6 +55,7 @@ class Snapshot:
     # those are DNATed, so a forged record cannot divert a port some host service listens on.
     held_ports: Mapping[tuple[str, str, int], str] = field(default_factory=dict)
     cluster_network6: str = ""  # the cluster's IPv6 network ("": none configured)
+    routes6: Mapping[str, RouteRecord] = field(default_factory=dict)  # ip6 -> /128 route record (multi-host)
 
 
 @dataclass(frozen=True)
@@ -260,13 +261,38 @@ def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:
     }
 
 
+def desired_route_records6(snap: Snapshot) -> dict[str, RouteRecord]:
+    """ip6 -> record for every joined local endpoint with an IPv6 address: peers route each
+    /128 to our VTEP (IPv6 addresses come from cluster-wide pools, not host subnets)."""
+    if snap.own_subnet is None:
+        return {}
+    return {
+        str(ep.ip6): RouteRecord(ep.ip6, snap.host, snap.own_subnet)
+        for ep in local_endpoints(snap)
+        if ep.joined and ep.ip6 is not None
+    }
+
+
+def remote_routes6(snap: Snapshot) -> list[tuple[ipaddress.IPv6Address, str]]:
+    """(remote /128, VtepMAC of its host's lease) for other hosts' IPv6 route records whose
+    lease is known (canal.dataplane.routes6 turns them into routes)."""
+    macs = {lease.subnet: lease.vtep_mac for lease in snap.leases if lease.vtep_mac}
+    out = []
+    for record in snap.routes6.values():
+        mac = macs.get(record.subnet)
+        if record.host != snap.host and isinstance(record.ip, ipaddress.IPv6Address) and mac:
+            out.append((record.ip, mac))
+    return sorted(out)
+
+
 def desired_vxlan(snap: Snapshot) -> VxlanState:
     peers = [
         Peer(lease.subnet, lease.public_ip, lease.vtep_mac)
         for lease in snap.leases
         if lease.subnet != snap.own_subnet
     ]
-    host_routes = [HostRoute(record.ip, record.subnet) for record in snap.routes.values() if record.host != snap.host]
+    host_routes = [HostRoute(record.ip, record.subnet) for record in snap.routes.values()
+                   if record.host != snap.host and isinstance(record.ip, ipaddress.IPv4Address)]
     return vxlan_state(peers, host_routes, snap.own_subnet)
 
 
