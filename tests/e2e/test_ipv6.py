@@ -213,3 +213,24 @@ def test_ipv6_of_a_network_without_ipv6_stays_closed(h):
     raw = h.exec(["ip6tables-nft-save", "-t", "raw"]).stdout.splitlines()
     assert raw.index("-A CANAL-PREROUTING -i cnl+ -j DROP") > max(
         i for i, line in enumerate(raw) if line.endswith("-j RETURN"))
+
+
+def wl_to_host_drops(h: SimHost) -> int:
+    """Packets CANAL-WL-TO-HOST's final DROP (workload to host, --workload-to-host drop) took, IPv6."""
+    saved = h.exec(["ip6tables-nft-save", "-c", "-t", "filter"]).stdout.splitlines()
+    (line,) = [line for line in saved if line.endswith("-A CANAL-WL-TO-HOST -j DROP")]
+    return int(line[1:].split(":", 1)[0])
+
+
+def test_host_protection_holds_for_ipv6(h):
+    """The host veth's link-local address is every dual-stack container's IPv6 next hop: neighbour
+    discovery with it works (control: the container reaches another one through it), but the host
+    itself is closed to workloads over IPv6 as over IPv4: a ping to it is dropped and counted."""
+    net(h, "prot", "--ipv6", "--subnet", "fd00:6569::/64")
+    daemon(h, "alpha", "prot")
+    daemon(h, "beta", "prot")
+    assert pings(h, "alpha", addresses(h, "beta", "prot")[1], "-6")  # via the host veth's link-local
+    before = wl_to_host_drops(h)
+    assert not pings(h, "alpha", f"{GATEWAY6}%eth0", "-6")
+    assert wl_to_host_drops(h) > before
+    assert not pings(h, "alpha", h.address)  # IPv4 alike
