@@ -234,3 +234,30 @@ def test_host_protection_holds_for_ipv6(h):
     assert not pings(h, "alpha", f"{GATEWAY6}%eth0", "-6")
     assert wl_to_host_drops(h) > before
     assert not pings(h, "alpha", h.address)  # IPv4 alike
+
+
+def raw_drops(h: SimHost, match: str) -> int:
+    saved = h.exec(["ip6tables-nft-save", "-c", "-t", "raw"]).stdout.splitlines()
+    (line,) = [line for line in saved if "CANAL-PREROUTING" in line and match in line]
+    return int(line[1:].split(":", 1)[0])
+
+
+def test_encapsulated_ipv6_from_a_workload_is_dropped_before_conntrack(h):
+    """VXLAN to the tunnel port over IPv6 would reach peers' VTEPs with any inner address: the
+    raw table drops it as for IPv4, whatever the destination. Control: the same datagram to
+    another port passes the raw table (counted nowhere there)."""
+    net(h, "encap", "--ipv6", "--subnet", "fd00:656a::/64")
+    daemon(h, "alpha", "encap")
+    daemon(h, "beta", "encap")
+    beta6 = addresses(h, "beta", "encap")[1]
+    vxlan = "--dport 8472 -j DROP"
+
+    def send(port: int) -> None:  # from alpha's own /128 (busybox nc has no UDP)
+        in_container(h, "alpha", "python3", "-c", "import socket, sys; socket.socket(socket.AF_INET6, "
+                     "socket.SOCK_DGRAM).sendto(b'x' * 64, (sys.argv[1], int(sys.argv[2])))", beta6, str(port))
+
+    before = raw_drops(h, vxlan)
+    send(8473)
+    assert raw_drops(h, vxlan) == before  # control
+    send(8472)
+    assert raw_drops(h, vxlan) == before + 1
