@@ -6,7 +6,8 @@ VENV="${CANAL_VENV:-$REPO/.venv}"
 
 # What the test bed (tests/testbed) needs on the machine: scripts/test and bench/report install it.
 TESTBED_PACKAGES=(docker.io docker-compose containerd runc iptables ipset iproute2 iputils-ping conntrack busybox-static
-    docker-registry debootstrap etcd-server etcd-client iperf3 util-linux kmod ca-certificates openssl)
+    docker-registry debootstrap etcd-server etcd-client iperf3 util-linux kmod ca-certificates openssl
+    wireguard-go wireguard-tools tcpdump)
 
 say() { printf '%s\n' "canal: $*" >&2; }
 

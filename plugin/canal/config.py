@@ -164,7 +164,7 @@ class Config:
     vxlan_vni: int = _setting(1, _int_range(1, 16777215), "VXLAN network identifier")
     vxlan_port: int = _setting(8472, _int_range(1, 65535), "VXLAN UDP port")
     backend: str = _setting(
-        "vxlan", _choice("vxlan", "host-gw"),
+        "vxlan", _choice("vxlan", "host-gw", "wireguard"),
         "flannel backend of a network config Canal creates (the embedded datastore's; etcd's config wins if present)",
     )
     flannel_mode: str = _setting(

@@ -186,6 +186,7 @@ class StateCollector(Collector):
             total.add_metric([], mirror.quarantined_total)
             yield total
         yield from _rule_counters(plugin)
+        yield from _wireguard(plugin)
         expiry = lease_expiry(plugin)
         if expiry is not None:
             yield _gauge("canal_lease_expiry_timestamp_seconds", "Unix time this host's subnet lease expires "
@@ -222,6 +223,35 @@ def _rule_counters(plugin: Any) -> Iterator[Any]:
     yield packets
     yield octets
     yield outcomes
+
+
+def _wireguard(plugin: Any) -> Iterator[Any]:
+    """Felix's WireGuard metrics, per peer (labels: the peer's public key and endpoint, one
+    series per host of the cluster): last handshake, bytes each way; read from `wg show` at
+    scrape time. Absent where this host has no WireGuard device."""
+    backend = getattr(plugin, "backend", None)
+    try:
+        status = backend.encryption_status() if backend is not None else None
+    except Exception as err:  # noqa: BLE001 - a scrape never fails for want of wg
+        log.debug("metrics: no wireguard status: %s", err)
+        return
+    if status is None:
+        return
+    labels = ["public_key", "peer_endpoint"]
+    handshake = GaugeMetricFamily("canal_wireguard_latest_handshake_seconds",
+                                  "Unix time of the last handshake with a peer (0: none yet)", labels=labels)
+    sent = CounterMetricFamily("canal_wireguard_bytes_sent", "bytes sent to a peer through WireGuard", labels=labels)
+    rcvd = CounterMetricFamily("canal_wireguard_bytes_rcvd", "bytes received from a peer through WireGuard",
+                               labels=labels)
+    for peer in status["peers"]:
+        values = [peer["public_key"], peer["endpoint"]]
+        handshake.add_metric(values, peer["latest_handshake"])
+        sent.add_metric(values, peer["tx_bytes"])
+        rcvd.add_metric(values, peer["rx_bytes"])
+    yield _gauge("canal_wireguard_peers", "WireGuard peers configured on this host", len(status["peers"]))
+    yield handshake
+    yield sent
+    yield rcvd
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -45,6 +45,7 @@ __all__ = [
     "network_name",
     "replace",
     "safe",
+    "wg_key",
 ]
 
 ANY_NET = "0.0.0.0/0"  # the pool of networks created without --subnet (see services.ipam)
@@ -199,6 +200,15 @@ def endpoint_gateway(value: Any, what: str = "gateway") -> ipaddress.IPv4Address
     if address not in GATEWAYS:
         raise _fail(what, value, "must be one of 169.254.1.1-169.254.1.254")
     return address
+
+_WG_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=")
+
+
+def wg_key(value: Any, what: str = "WireGuard public key") -> str:
+    """A WireGuard (Curve25519) key as `wg` prints it: base64 of 32 bytes, 44 characters. It
+    reaches `wg`'s configuration text, so nothing else may pass (no newline, no `=` inside)."""
+    return _pattern(what, value, _WG_KEY, "a WireGuard key (base64 of 32 bytes, 44 characters)")
+
 
 def ipv4_net(value: Any, what: str = "subnet") -> ipaddress.IPv4Network:
     text = _str(what, value)
@@ -406,6 +416,7 @@ class NetworkRecord:
     name: str = ""  # logical name: learned from Docker, or -o network=NAME ("": not yet known)
     explicit_name: bool = False
     docker_ipam: bool = False  # addresses from Docker's default IPAM (one host only), not canal's
+    encrypted: bool = False  # -o encrypted: its traffic between hosts only through WireGuard
     pools6: tuple[str, ...] = ()  # IPv6 CIDRs of a network created with --ipv6 (ANY_NET6: no v6 --subnet)
 
     @property
@@ -434,6 +445,7 @@ class NetworkRecord:
             explicit_name=_get(obj, "explicit_name", _bool, what, False),
             docker_ipam=_get(obj, "docker_ipam", _bool, what, False),
             pools6=tuple(str(ipv6_net(p, f"{what} IPv6 pool")) for p in _get(obj, "pools6", _list, what, [])),
+            encrypted=_get(obj, "encrypted", _bool, what, False),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -451,6 +463,8 @@ class NetworkRecord:
             out["docker_ipam"] = True
         if self.pools6:
             out["pools6"] = list(self.pools6)
+        if self.encrypted:
+            out["encrypted"] = True
         return out
 
     @property
@@ -604,6 +618,10 @@ class Lease:
     vtep_mac: str  # "" for backends without a VTEP
     lease_id: int = 0  # datastore lease; 0 for a reservation (never expires)
     backend_type: str = "vxlan"
+    # WireGuard: the host's public key and listen port (flannel's wireguard BackendData; Canal
+    # hosts of other backends add them to theirs for encrypted networks). "": no key (yet).
+    public_key: str = ""
+    wg_port: int = 0  # 0: the listener's own port (flannel's rule)
     # flannel's dual stack (EnableIPv6): the key's `&<v6 subnet>`, PublicIPv6, BackendV6Data
     subnet6: Optional[ipaddress.IPv6Network] = None
     public_ip6: str = ""
@@ -622,11 +640,14 @@ class Lease:
         mac = data.get("VtepMAC")
         # Absent in a reservation until its host fills it in: such a peer gets no tunnel yet.
         vtep_mac = mac_address(mac, f"{what} VtepMAC") if mac else ""
+        public_key = _get(data, "PublicKey", lambda w, v: wg_key(v, w), what, "")
+        wg_port = _get(data, "Port", lambda w, v: _int(w, v, 0, 65535), what, 0) if public_key else 0
         public_ip6 = _get(obj, "PublicIPv6", lambda w, v: str(ipv6(v, w)) if v else "", what, "")
         data6 = _get(obj, "BackendV6Data", lambda w, v: _object(w, v), what, {})
         mac6 = data6.get("VtepMAC")
         vtep_mac6 = mac_address(mac6, f"{what} BackendV6Data VtepMAC") if mac6 else ""
-        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, subnet6, public_ip6, vtep_mac6)
+        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, public_key, wg_port,
+                   subnet6=subnet6, public_ip6=public_ip6, vtep_mac6=vtep_mac6)
 
 
 _LEASE_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-9]{1,3}))?")

@@ -134,6 +134,7 @@ class Plugin:
             settle=self._settle,
             docker_ipam_allowed=not self.multihost,
             routing=SandboxRouting(self.snapshot, sandboxes),
+            encrypted_mtu=self.backend.encrypted_mtu,
         )
         self.reservations = Reservations()
         self._port_problems: list[str] = []
@@ -153,7 +154,7 @@ class Plugin:
             steps += [self.publish_routes6, self.program_routes6]
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
         self.agent = Agent(
-            self.snapshot,
+            self.pass_snapshot,
             self.links,
             Firewall(Iptables(backend), ip6tables=Iptables(backend, "ip6tables") if linkmod.has_ipv6() else None),
             config.resync_interval,
@@ -202,16 +203,18 @@ class Plugin:
         if not sync:
             self.agent.trigger()
 
-    def hold_ports(self, endpoints: Mapping[str, EndpointRecord]) -> dict[tuple[str, str, int], str]:
+    def hold_ports(self, endpoints: Mapping[str, EndpointRecord]) -> None:
         """Hold the host ports the records publish (after a restart; and let go of those of
         endpoints removed while the plugin was down), before the pass computes the DNAT: only
-        ports actually held are DNATed."""
+        ports actually held are DNATed. O(local endpoints): the pass's work, not every reader's."""
         local = [ep for ep in endpoints.values() if ep.host == self.host and ep.joined]
         problems = self.reservations.sync(wanted_reservations(local))
         if problems and problems != self._port_problems:
             log.warning("published ports not held, so not DNATed (a host process holds them, or the "
                         "records are not this plugin's): %s", "; ".join(problems)[:1000])
         self._port_problems = problems
+
+    def held_ports(self) -> dict[tuple[str, str, int], str]:
         return {(k.proto, str(k.ip or ""), k.port): endpoint for k, endpoint in self.reservations.held().items()}
 
     def _retry_soon(self, delay: float) -> None:
@@ -439,12 +442,19 @@ class Plugin:
         records = self.mirror.records(self.keys.routes, route_entry)
         return {str(r.ip): r for r in records.values() if r.ip.version == 6}
 
-    def snapshot(self) -> Snapshot:
+    def pass_snapshot(self) -> Snapshot:
+        """The agent's snapshot: the published ports are held first (the DNAT follows them)."""
+        return self.snapshot(hold=True)
+
+    def snapshot(self, hold: bool = False) -> Snapshot:
         """From the mirror: memory, not datastore round trips, on every pass. Malformed records
-        are quarantined by the mirror and absent here."""
+        are quarantined by the mirror and absent here. Readers (Join, status, metrics, explain)
+        see the ports as held now; only the pass (hold) syncs them with the records."""
         network = self.cluster_network().with_prefixlen
         policies, broken = self._policies()
         endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
+        if hold:
+            self.hold_ports(endpoints)
         return Snapshot(
             host=self.host,
             cluster_network=network,
@@ -456,7 +466,8 @@ class Plugin:
             policies=policies,
             broken_policy_scopes=broken,
             settings=self.dataplane_settings(),
-            held_ports=self.hold_ports(endpoints),
+            held_ports=self.held_ports(),
+            encrypt_all=self.multihost and self.network_config().backend_config.type == "wireguard",
             cluster_network6=self._cluster_network6_text(),
             routes6=self._routes6() if self.multihost else {},
         )
@@ -493,6 +504,11 @@ class Plugin:
             if key.startswith(prefix):
                 broken.add(_policy_scope(key[len(prefix):]))
         return tuple(sorted(parsed.values(), key=lambda p: p.sort_key)), frozenset(broken)
+
+    def rotate_key(self) -> dict[str, Any]:
+        public = self.backend.rotate_key()
+        self.agent.trigger()
+        return {"host": self.host, "public_key": public}
 
     def endpoint_list(self) -> list[dict[str, Any]]:
         return endpoint_rows(self.snapshot())

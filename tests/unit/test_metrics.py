@@ -115,7 +115,24 @@ def plugin_double(snap=None, fail: Exception | None = None):
         introspection=SimpleNamespace(stats=lambda: stats),
         lease=Lease(ipaddress.IPv4Network("100.64.7.0/24"), "198.18.0.1", "", 7), lease_renewed_at=1000.0,
         config=config.load({"lease_ttl": "600"}, {}),
+        backend=SimpleNamespace(encryption_status=lambda: WG_STATUS),
     )
+
+
+WG_STATUS = {"peers": [{"public_key": "LR5eRhAAA39PgpT7Erc4uAyDZPzzquVKcb/hAS8EX3s=", "endpoint": "198.18.0.2:51820",
+                        "latest_handshake": 1700, "rx_bytes": 10, "tx_bytes": 20}]}
+
+
+def test_wireguard_metrics_per_peer():
+    got = collected(plugin_double())
+    labels = (("peer_endpoint", "198.18.0.2:51820"), ("public_key", WG_STATUS["peers"][0]["public_key"]))
+    assert got[("canal_wireguard_peers", ())] == 1
+    assert got[("canal_wireguard_latest_handshake_seconds", labels)] == 1700
+    assert got[("canal_wireguard_bytes_sent_total", labels)] == 20
+    assert got[("canal_wireguard_bytes_rcvd_total", labels)] == 10
+    plugin = plugin_double()
+    plugin.backend = SimpleNamespace(encryption_status=lambda: None)  # no device: no series
+    assert not any(name.startswith("canal_wireguard") for name, _ in collected(plugin))
 
 
 def collected(plugin) -> dict:

@@ -138,3 +138,28 @@ def test_an_unsupported_backend_is_refused_by_name_before_leasing(store):
     store.put(KEYS.flannel_config, {"Network": "100.64.0.0/16", "Backend": {"Type": "udp"}})
     with pytest.raises(CanalError, match="Backend Type 'udp' is not supported by Canal"):
         manager(store).acquire("198.18.0.1", "aa:bb:cc:dd:ee:01")
+
+
+def test_wireguard_key_rides_in_the_lease_as_flannel_writes_it(store):
+    key, new = "YPrMx+AOvB5f/aqi9Wk22FhdeRCkc1Z4tHh8LrWR+hk=", "LR5eRhAAA39PgpT7Erc4uAyDZPzzquVKcb/hAS8EX3s="
+    wg = SubnetManager(store, KEYS, "100.64.0.0/16", 24, vni=1, port=8472, backend="wireguard")
+    lease = wg.acquire("198.18.0.1", "", wg=(key, 51820))
+    raw = store.get_json(KEYS.lease(lease.subnet))
+    assert raw == {"PublicIP": "198.18.0.1", "BackendType": "wireguard", "BackendData": {"PublicKey": key, "Port": 51820}}
+    assert (lease.public_key, lease.wg_port) == (key, 51820)
+    rotated = wg.publish_key(lease, (new, 51820))
+    assert rotated.subnet == lease.subnet and store.get_json(KEYS.lease(lease.subnet))["BackendData"]["PublicKey"] == new
+    assert wg.renew(rotated).public_key == new  # renewal keeps the published key
+    # Someone rewrote our lease without the key: force puts it back although ours says it is there.
+    store.put(KEYS.lease(lease.subnet), {"PublicIP": "198.18.0.1", "BackendType": "wireguard"})
+    wg.publish_key(rotated, (new, 51820), force=True)
+    assert store.get_json(KEYS.lease(lease.subnet))["BackendData"]["PublicKey"] == new
+
+
+def test_vxlan_lease_carries_a_key_beside_flannels_fields(store):
+    key = "YPrMx+AOvB5f/aqi9Wk22FhdeRCkc1Z4tHh8LrWR+hk="
+    lease = manager(store).acquire("198.18.0.1", "aa:bb:cc:00:00:01")
+    assert "PublicKey" not in store.get_json(KEYS.lease(lease.subnet))["BackendData"]
+    lease = manager(store).publish_key(lease, (key, 51820))
+    assert store.get_json(KEYS.lease(lease.subnet))["BackendData"] == {
+        "VNI": 1, "VtepMAC": "aa:bb:cc:00:00:01", "PublicKey": key, "Port": 51820}

@@ -15,6 +15,7 @@ from canal.dataplane.ipset import IpSet
 from canal.dataplane.links import EndpointLink, host_ifname
 from canal.dataplane.vxlan import HostRoute, Peer, VxlanState
 from canal.dataplane.vxlan import desired_vxlan as vxlan_state
+from canal.dataplane.wireguard import DEVICE as WG_DEVICE, ENCRYPT_MARK
 from canal.policy import selector as selectors
 from canal.policy.compiler import (
     EndpointInfo,
@@ -35,6 +36,9 @@ WORKLOADS = "cnl+"
 CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network + canal pools
 CLUSTER_SET6 = "canal-6nets"  # the same for IPv6: the cluster's IPv6 network + canal IPv6 pools
 MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
+ENCRYPTED_SET = "canal-encrypted"  # endpoints (all hosts) of encrypted networks
+ENCRYPT_CHAIN = "CANAL-ENCRYPT"  # filter: their traffic between hosts only through WireGuard
+MARK_CHAIN = "CANAL-MARK"  # mangle: marks their packets for the WireGuard routing table
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class Snapshot:
     held_ports: Mapping[tuple[str, str, int], str] = field(default_factory=dict)
     cluster_network6: str = ""  # the cluster's IPv6 network ("": none configured)
     routes6: Mapping[str, RouteRecord] = field(default_factory=dict)  # ip6 -> /128 route record (multi-host)
+    # flannel's wireguard backend: every endpoint's traffic between hosts is encrypted.
+    encrypt_all: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,7 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         "-j MASQUERADE",
     ]
     state.jumps.append(Jump("nat", "POSTROUTING", POSTROUTING))
+    _encryption(snap, state)
     return state
 
 
@@ -247,6 +254,61 @@ def _ipv6_firewall(snap: Snapshot, state: FirewallState) -> None:
         f"-i {WORKLOADS} -j DROP",  # IPv6 of endpoints on networks without --ipv6: closed
     ]
     state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
+
+
+def encrypted_ips(snap: Snapshot) -> frozenset[str]:
+    """Addresses of the endpoints whose traffic between hosts must be encrypted (their
+    network's record on their own host says so, or the whole cluster runs wireguard)."""
+    out = set()
+    for ep in snap.endpoints.values():
+        if not (ep.joined or ep.host == snap.host):
+            continue
+        network = network_of(snap, ep)
+        if snap.encrypt_all or (network is not None and network.encrypted):
+            out.add(ep.ip_text)
+    return frozenset(out)
+
+
+def _encryption(snap: Snapshot, state: FirewallState) -> None:
+    """Fail closed for encrypted networks: a packet from or to one of their endpoints, with
+    the other end in the cluster, may leave only through WireGuard or to a local workload, and
+    may arrive only from WireGuard or a local workload. Routing sends it through the tunnel
+    (the mark picks the WireGuard table); these rules make sure nothing else ever carries it
+    (a peer without a key yet, the device gone, a route missing): dropped, never plaintext.
+    First in CANAL-FORWARD: not even an established flow passes in the clear."""
+    members = encrypted_ips(snap)
+    if not members:
+        return
+    wl, enc, nets = WORKLOADS, ENCRYPTED_SET, CLUSTER_SET
+    state.ipsets.append(IpSet(enc, "hash:ip", members))
+    checks = [
+        f"-m set --match-set {enc} src -m set --match-set {nets} dst -j {ENCRYPT_CHAIN}",
+        f"-m set --match-set {enc} dst -m set --match-set {nets} src -j {ENCRYPT_CHAIN}",
+    ]
+    forward = state.chains.get(("filter", "CANAL-FORWARD"), [])
+    state.chains[("filter", "CANAL-FORWARD")] = checks + forward
+    # In from the tunnel or a local workload, out to the tunnel or a local workload: else dropped.
+    state.chains[("filter", ENCRYPT_CHAIN)] = [
+        f"-i {WG_DEVICE} -o {wl} -j RETURN",
+        f"-i {wl} -o {WG_DEVICE} -j RETURN",
+        f"-i {wl} -o {wl} -j RETURN",
+        "-j DROP",
+    ]
+    # The host's own packets to an encrypted endpoint: the tunnel, a local veth, or nothing.
+    state.chains[("filter", "CANAL-OUTPUT")] = [
+        f"-m set --match-set {enc} dst -m set --match-set {nets} dst -j {ENCRYPT_CHAIN}-OUT",
+    ]
+    state.chains[("filter", f"{ENCRYPT_CHAIN}-OUT")] = [
+        f"-o {WG_DEVICE} -j RETURN", f"-o {wl} -j RETURN", "-o lo -j RETURN", "-j DROP",
+    ]
+    state.jumps.append(Jump("filter", "OUTPUT", "CANAL-OUTPUT"))
+    if not snap.encrypt_all:
+        mark = f"-j MARK --set-xmark {ENCRYPT_MARK:#x}/{ENCRYPT_MARK:#x}"
+        state.chains[("mangle", MARK_CHAIN)] = [
+            f"-m set --match-set {enc} src -m set --match-set {nets} dst {mark}",
+            f"-m set --match-set {enc} dst -m set --match-set {nets} src {mark}",
+        ]
+        state.jumps += [Jump("mangle", "PREROUTING", MARK_CHAIN), Jump("mangle", "OUTPUT", MARK_CHAIN)]
 
 
 def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:

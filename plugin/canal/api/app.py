@@ -209,6 +209,10 @@ def create_app(plugin: Any) -> Flask:
     def policy_stats() -> Response:
         return _answer(plugin.introspection.stats())
 
+    @app.post("/canal/v1/encryption/rotate")
+    def rotate_key() -> Response:
+        return _answer(plugin.rotate_key())
+
     @app.get("/canal/v1/endpoints")
     def list_endpoints() -> Response:
         return _answer({"endpoints": plugin.endpoint_list()})

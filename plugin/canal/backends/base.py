@@ -7,11 +7,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from canal.config import Secret
 from canal.dataplane.vxlan import VxlanState
+from canal.dataplane.wireguard import WgState
 from canal.errors import BadRequest, CanalError
-from canal.records import safe
+from canal.records import safe, wg_key
 
-BACKENDS = ("vxlan", "host-gw")  # the flannel backends Canal implements
+BACKENDS = ("vxlan", "host-gw", "wireguard")  # the flannel backends Canal implements
+WG_PORT = 51820  # flannel's and Calico's default ListenPort
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,10 @@ class BackendConfig:
     vni: int = 1
     port: int = 0  # 0: the kernel's default (8472)
     direct_routing: bool = False
+    # wireguard: flannel's PSK (a shared secret: masked in repr), ListenPort, keepalive.
+    psk: Secret = field(default_factory=Secret)
+    listen_port: int = WG_PORT
+    keepalive: int = 0
 
     def require_supported(self) -> None:
         if self.type not in BACKENDS:
@@ -64,11 +71,20 @@ def parse_backend(raw: Any) -> BackendConfig:
     found, direct = _ci(raw, "DirectRouting")
     if found and direct is not None and not isinstance(direct, bool):
         raise BadRequest(f"flannel config Backend DirectRouting {safe(direct)} is not true or false")
+    found, psk = _ci(raw, "PSK")
+    if found and psk:  # never echoed: it is a secret
+        try:
+            wg_key(psk)
+        except BadRequest:
+            raise BadRequest("flannel config Backend PSK is not a WireGuard key (wg genpsk)") from None
     return BackendConfig(
         type=kind,
         vni=_int(raw, "VNI", 1, 1, 16777215),
         port=_int(raw, "Port", 0, 0, 65535),
         direct_routing=bool(direct),
+        psk=Secret(psk if found and psk else ""),
+        listen_port=_int(raw, "ListenPort", WG_PORT, 1, 65535),
+        keepalive=_int(raw, "PersistentKeepaliveInterval", 0, 0, 65535),
     )
 
 
@@ -76,11 +92,13 @@ def parse_backend(raw: Any) -> BackendConfig:
 class Desired:
     """What the kernel should hold for the peers: the VXLAN device's state (None: no device,
     e.g. host-gw), the direct routes over the underlay (dst -> peer public IP, dev = underlay),
-    and one problem per peer left out, naming it (shown by `canal status`)."""
+    the WireGuard device's peers and routes (None: no device), and one problem per peer left
+    out, naming it (shown by `canal status`)."""
 
     vxlan: VxlanState | None = None
     direct: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = field(default_factory=dict)
     problems: tuple[str, ...] = ()
+    wireguard: WgState | None = None
 
 
 def on_link(public_ip: str, underlay: Iterable[ipaddress.IPv4Network]) -> bool:

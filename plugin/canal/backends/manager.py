@@ -12,11 +12,14 @@ import time
 from typing import Any, Callable
 
 from canal.agent.desired import Snapshot
-from canal.backends import hostgw, vxlan as vxlan_backend
+from dataclasses import replace as replace_desired
+
+from canal.backends import hostgw, vxlan as vxlan_backend, wireguard as wireguard_backend
 from canal.backends.base import BackendConfig, Desired
 from canal.config import Config
 from canal.dataplane.routes import DirectRoutes
 from canal.dataplane.vxlan import HostRoute, Vxlan, VxlanState, vxlan_mtu
+from canal.dataplane.wireguard import RT_TABLE_MAIN, WG_TABLE, KeyFile, WireGuard, wg_mtu
 from canal.errors import CanalError, Unavailable
 from canal.records import Lease, replace
 from canal.services.hosts import Hosts
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SUBNET_ENV = "/run/flannel/subnet.env"
 
-DESIRED = {"vxlan": vxlan_backend.desired, "host-gw": hostgw.desired}
+DESIRED = {"vxlan": vxlan_backend.desired, "host-gw": hostgw.desired, "wireguard": wireguard_backend.desired}
 
 
 def read_subnet_env(path: str = SUBNET_ENV) -> dict[str, str]:
@@ -60,7 +63,17 @@ def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddre
     config.require_supported()
     host_routes = [HostRoute(r.ip, r.subnet) for r in snap.routes.values()
                    if r.host != snap.host and isinstance(r.ip, ipaddress.IPv4Address)]  # /128s: routes6
-    return DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay)
+    desired = DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay)
+    if config.type != "wireguard" and encrypts(snap):
+        # Encrypted networks on a cluster of another backend: their peers in a table of their own.
+        wg, problems = wireguard_backend.state(config, snap.leases, host_routes, snap.own_subnet, WG_TABLE)
+        desired = replace_desired(desired, wireguard=wg, problems=desired.problems + tuple(problems))
+    return desired
+
+
+def encrypts(snap: Snapshot) -> bool:
+    """A network of this host is encrypted: this host needs the WireGuard device and key."""
+    return any(n.encrypted for n in snap.networks.values() if n.host == snap.host)
 
 
 class BackendManager:
@@ -78,6 +91,9 @@ class BackendManager:
         self.multihost = config.datastore == "etcd"
         self.vxlan = Vxlan() if self.multihost else None
         self.direct = DirectRoutes(iface) if self.multihost else None
+        self.keys = KeyFile(config.state_dir)
+        self.wireguard = WireGuard(self.keys, config.sysctl_dir) if self.multihost else None
+        self._public_key: tuple[str, str] | None = None  # (private, public): `wg pubkey` once per key
         self._flannel_mode: str | None = None  # decided on first use: the datastore may be down now
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
@@ -124,7 +140,9 @@ class BackendManager:
                     return subnet
                 record = self.hosts.ensure()
                 previous = str(record.subnet) if record.subnet else None
-                self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous)
+                config = self.backend()
+                wg = (self.public_key(), config.listen_port) if config.type == "wireguard" else None
+                self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous, wg=wg)
                 if record.subnet != self.lease.subnet:
                     subnet = self.lease.subnet
                     self.hosts.update(lambda r: replace(r, subnet=subnet))
@@ -153,10 +171,61 @@ class BackendManager:
             if mtu.isdigit():
                 return int(mtu)
         try:
-            host_gw = self.backend().type == "host-gw"
-        except CanalError:  # the config not readable now: the tunnel's MTU fits either way
-            host_gw = False
-        return self.underlay_mtu if host_gw else max(576, vxlan_mtu(self.underlay_mtu))
+            kind = self.backend().type
+        except CanalError:  # the config not readable now: the smallest MTU fits every backend
+            kind = "wireguard"
+        if kind == "wireguard":
+            return max(576, wg_mtu(self.underlay_mtu))
+        return self.underlay_mtu if kind == "host-gw" else max(576, vxlan_mtu(self.underlay_mtu))
+
+    def encrypted_mtu(self) -> int:
+        """The largest MTU of an encrypted network's endpoints: WireGuard's overhead included."""
+        return max(576, wg_mtu(self.underlay_mtu))
+
+    # WireGuard ---------------------------------------------------------------------------------
+
+    def public_key(self) -> str:
+        private = self.keys.private()
+        if self._public_key is None or self._public_key[0] != private:
+            self._public_key = (private, self.keys.public(private))
+        return self._public_key[1]
+
+    def _publish_key(self, port: int, seen: Lease | None = None) -> None:
+        """Our public key in our lease (first use, a new key, a new port, or the lease as the
+        datastore holds it (`seen`) rewritten by someone else: repaired)."""
+        wanted = (self.public_key(), port)
+        with self._lease_lock:
+            if self.lease is None:
+                return
+            stale = seen is not None and (seen.public_key, seen.wg_port) != wanted
+            if stale or (self.lease.public_key, self.lease.wg_port) != wanted:
+                self.lease = self.subnets.publish_key(self.lease, wanted, force=stale)
+                log.info("host %s publishes its WireGuard public key %s (port %d) in lease %s",
+                         self.config.host_name, wanted[0], port, self.lease.subnet)
+
+    def rotate_key(self) -> str:
+        """`canal encryption rotate`: a new key on the device at once, then published; peers
+        pick it up from the lease and handshake again (packets meanwhile are dropped, not
+        sent in the clear; TCP retransmits them)."""
+        if self.wireguard is None or self._flannel_mode == "external":
+            raise CanalError("encryption needs the etcd datastore and Canal's own lease (not flannel-mode external)")
+        if not self.wireguard.exists():
+            raise CanalError("this host has no WireGuard device: no encrypted network here and the "
+                             "cluster backend is not wireguard")
+        public = self.wireguard.rotate()
+        self._public_key = None
+        self._publish_key(self.backend().listen_port)
+        log.info("host %s rotated its WireGuard key; new public key %s", self.config.host_name, public)
+        return public
+
+    def encryption_status(self) -> dict[str, Any] | None:
+        if self.wireguard is None or not self.wireguard.exists():
+            return None
+        now = time.time()
+        peers = [{**p, "latest_handshake_age": round(now - p["latest_handshake"], 1) if p["latest_handshake"] else None}
+                 for p in self.wireguard.peer_status()]
+        return {"device": "flannel-wg", "implementation": self.wireguard.implementation or "unknown",
+                "public_key": self.public_key(), "peers": peers}
 
     def lease_status(self) -> dict[str, Any] | None:
         if self.lease is None:
@@ -173,7 +242,14 @@ class BackendManager:
             kind, direct = config.type, config.direct_routing
         except CanalError as err:
             kind, direct = f"unknown ({err})", False
-        return {"type": kind, "direct_routing": direct, "problems": list(self.problems)}
+        try:
+            encryption = self.encryption_status()
+        except CanalError as err:
+            encryption = {"error": str(err)}
+        out = {"type": kind, "direct_routing": direct, "problems": list(self.problems)}
+        if encryption is not None:
+            out["encryption"] = encryption
+        return out
 
     # The pass step -------------------------------------------------------------------------------
 
@@ -216,6 +292,7 @@ class BackendManager:
         wanted = desired.direct
         if self.flannel_mode != "embedded":
             wanted = {dst: gw for dst, gw in wanted.items() if dst.prefixlen == 32}
+        self._program_wireguard(config, desired, snap, full)
         problems = list(desired.problems) + (self.direct.add(wanted) if touch_direct else [])
         self._direct_installed = bool(wanted)
         if tuple(problems) != self.problems:
@@ -223,3 +300,22 @@ class BackendManager:
                 log.error("backend %s: %s", config.type, problem)
         self.problems = tuple(problems)
         self._applied = (config, desired)
+
+    def _program_wireguard(self, config: BackendConfig, desired: Desired, snap: Snapshot, full: bool) -> None:
+        """The device, its peers, routes and mark rule; removed when nothing here wants it.
+        flanneld's own device is never touched (flannel-mode external)."""
+        if self.wireguard is None or self.flannel_mode != "embedded":
+            return
+        state = desired.wireguard
+        if state is None:
+            if full or self.wireguard.implementation:
+                if self.wireguard.exists():
+                    log.info("no encrypted network here and backend %s: removing flannel-wg", config.type)
+                self.wireguard.remove()
+            return
+        own = next((x for x in snap.leases if x.subnet == snap.own_subnet and x.public_ip == self.public_ip), None)
+        self._publish_key(config.listen_port, own)
+        self.wireguard.ensure_device(wg_mtu(self.underlay_mtu), state.address)
+        self.wireguard.configure(state, full)
+        self.wireguard.apply_routes(state.routes, state.table)
+        self.wireguard.ensure_rule(state.table != RT_TABLE_MAIN)

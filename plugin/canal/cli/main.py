@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
         cmd = policy.add_parser(verb, help=f"{verb} one policy: NAME, NETWORK/NAME or global/NAME")
         cmd.add_argument("name")
         client_args(cmd)
+    encryption = sub.add_parser("encryption", help="WireGuard between hosts").add_subparsers(dest="verb", required=True)
+    client_args(encryption.add_parser("rotate", help="a new key for this host (peers follow; flows survive)"))
+    client_args(encryption.add_parser("status", help="this host's device, public key and peers' handshakes"))
     endpoint = sub.add_parser("endpoint", help="endpoints").add_subparsers(dest="verb", required=True)
     client_args(endpoint.add_parser("list", help="every endpoint of the cluster, with labels and policies"))
 
@@ -394,6 +397,15 @@ def main(argv: list[str] | None = None) -> None:
             _print(client.get(f"/canal/v1/{args.command}"), args.output)
         elif args.command == "port":
             sys.exit(_port(client.get("/canal/v1/endpoints")["endpoints"], args.container, args.port, args.output))
+        elif args.command == "encryption" and args.verb == "rotate":
+            _print(client.post("/canal/v1/encryption/rotate", {}), args.output)
+        elif args.command == "encryption":
+            backend = client.get("/canal/v1/status").get("backend") or {}
+            device = backend.get("encryption")
+            if device is None:
+                print("no WireGuard device on this host (no encrypted network, backend not wireguard)")
+            else:
+                _print(device, args.output)
         elif args.command == "endpoint":
             columns = ["container", "network", "host", "ip", "ip6", "state", "labels", "policies"]
             _print(client.get("/canal/v1/endpoints")["endpoints"], args.output, columns)

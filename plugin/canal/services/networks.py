@@ -49,6 +49,7 @@ OPTION_ALIASES = {
     "com.docker.network.driver.mtu": "mtu",
     "network": "name",
     "canal.network": "name",
+    "encrypted": "encrypted",  # Docker's overlay option name: `--opt encrypted` (no value) or =true
 }
 NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -73,12 +74,14 @@ class NetworkSpec:
     mtu: int  # 0: the host default
     name: str = ""  # the logical network name given with -o network=NAME ("": learn Docker's)
     docker_ipam: bool = False  # addresses from Docker's default IPAM (embedded datastore only)
+    encrypted: bool = False  # traffic between hosts only through WireGuard
     pools6: tuple[str, ...] = ()  # --ipv6: its IPv6 pools
 
     def record(self, host: str) -> NetworkRecord:
         return NetworkRecord(
             id=self.id, host=host, pools=self.pools, internal=self.internal, nat=self.nat,
             mtu=self.mtu, name=self.name, explicit_name=bool(self.name), docker_ipam=self.docker_ipam,
+            encrypted=self.encrypted,
             pools6=self.pools6,
         )
 
@@ -93,7 +96,7 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
     generic = options.get(GENERIC) or {}
     if not isinstance(generic, dict):
         raise BadRequest(f"CreateNetwork: {GENERIC} must be an object")
-    settings: dict[str, Any] = {"nat": True, "mtu": 0, "name": ""}
+    settings: dict[str, Any] = {"nat": True, "mtu": 0, "name": "", "encrypted": False}
     for name, value in generic.items():
         key = OPTION_ALIASES.get(name)
         if key is None:
@@ -101,6 +104,8 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
             raise BadRequest(f"unknown option {name!r} for a canal network; known options: {known}")
         if key == "nat":
             settings["nat"] = _bool(name, value)
+        elif key == "encrypted":
+            settings["encrypted"] = value == "" or _bool(name, value)
         elif key == "name":
             if not isinstance(value, str) or not NETWORK_NAME.fullmatch(value):
                 raise BadRequest(f"option {name}={value!r}: a network name is [A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -144,8 +149,11 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
     internal = _bool(INTERNAL, options.get(INTERNAL, False))
     nat = settings["nat"] and not internal
     pools6 = _pools6(req.IPv6Data, _bool(ENABLE_IPV6, options.get(ENABLE_IPV6, False)), docker_ipam)
+    if pools6 and settings["encrypted"]:
+        # Its IPv6 would cross hosts in the VXLAN tunnel (canal.dataplane.routes6), not WireGuard.
+        raise BadRequest("an encrypted network cannot have IPv6 yet: create it without --ipv6 or without -o encrypted")
     return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"], docker_ipam,
-                       pools6)
+                       settings["encrypted"], pools6)
 
 
 def _pools6(data: list, enabled: bool, docker_ipam: bool) -> tuple[str, ...]:
@@ -242,6 +250,7 @@ class Networks:
         settle: Callable[[int], None] = lambda generation: None,
         docker_ipam_allowed: bool = False,
         routing: SandboxRouting | None = None,
+        encrypted_mtu: Callable[[], int] | None = None,
     ):
         self.docker_ipam_allowed = docker_ipam_allowed
         self.routing: SandboxRouting = routing or SingleInterface()
@@ -251,6 +260,7 @@ class Networks:
         self.links = links
         self.host = host
         self.default_mtu = default_mtu
+        self.encrypted_mtu = encrypted_mtu  # an encrypted network's cap (WireGuard's overhead)
         self.changed = changed  # changed(sync): ask the agent to reconcile (and wait if sync)
         self.forget = forget  # forget(ip): drop the conntrack state of a departed address
         # request() starts an agent pass and returns its generation; settle(g) waits for it.
@@ -265,8 +275,15 @@ class Networks:
     def create_network(self, req: "CreateNetwork") -> None:
         spec = parse_network(req, self.docker_ipam_allowed)
         self.store.put(self.keys.network(self.host, spec.id), spec.record(self.host).to_json())
-        log.info("network %s created (pools %s, internal=%s, nat=%s)", spec.id[:12], spec.pools, spec.internal, spec.nat)
+        log.info("network %s created (pools %s, internal=%s, nat=%s, encrypted=%s)", spec.id[:12], spec.pools,
+                 spec.internal, spec.nat, spec.encrypted)
         self.changed(True)  # base chains must exist before the first packet
+
+    def _mtu(self, network: NetworkRecord) -> int:
+        mtu = network.mtu or self.default_mtu()
+        if network.encrypted and self.encrypted_mtu is not None:
+            mtu = min(mtu, self.encrypted_mtu())
+        return mtu
 
     def delete_network(self, network_id: str) -> None:
         self.network(network_id)
@@ -346,7 +363,7 @@ class Networks:
                 host=self.host,
                 ip=ip,
                 mac=mac,
-                mtu=network.mtu or self.default_mtu(),
+                mtu=self._mtu(network),
                 joined=bool(existing and existing.joined),
                 sandbox=existing.sandbox if existing else "",
                 options=options,

@@ -10,8 +10,8 @@ import ipaddress
 import json
 import logging
 import random
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from canal.backends.base import BackendConfig, parse_backend
 from canal.datastore.base import Datastore, Guard, Put, dumps
@@ -30,7 +30,7 @@ class NetworkConfig:
     subnet_len: int
     subnet_min: ipaddress.IPv4Network
     subnet_max: ipaddress.IPv4Network
-    backend: dict
+    backend: dict = field(repr=False)  # raw: may hold flannel's wireguard PSK
     backend_config: BackendConfig = BackendConfig()  # `backend`, checked and typed
     ipv6_network: ipaddress.IPv6Network | None = None  # EnableIPv6 + IPv6Network (dual stack)
 
@@ -129,7 +129,8 @@ class SubnetManager:
         if raw is None:
             self.store.create(self.keys.flannel_config, self._wanted)
             raw = self.store.get_json(self.keys.flannel_config)
-            log.info("created flannel network config %s", raw)
+            log.info("created flannel network config: Network %s, Backend %s", safe(raw.get("Network")),
+                     safe((raw.get("Backend") or {}).get("Type")))
         elif raw.get("Network") != self._wanted["Network"]:
             log.warning(
                 "cluster network %s from %s overrides the configured %s",
@@ -157,15 +158,16 @@ class SubnetManager:
                 continue  # not a subnet key: cannot collide with one
         return out
 
-    def acquire(self, public_ip: str, vtep_mac: str, previous: str | None = None) -> Lease:
-        """flannel's order: our own lease by PublicIP, then the previous subnet, then a free one."""
+    def acquire(self, public_ip: str, vtep_mac: str, previous: str | None = None, wg: WgKey = None) -> Lease:
+        """flannel's order: our own lease by PublicIP, then the previous subnet, then a free one.
+        wg: (public key, port) this host publishes for WireGuard, or None."""
         cfg = self.network_config()
         cfg.backend_config.require_supported()
         kind = cfg.backend_config.type
         leases = self.leases()
         for lease in leases:
             if lease.public_ip == public_ip and lease.subnet.subnet_of(cfg.network):
-                return self._renew(lease, vtep_mac, kind)
+                return self._renew(lease, vtep_mac, kind, wg)
         # Every key counts as taken, parsable or not: a malformed lease is still somebody's.
         taken = self._taken()
         candidates: list[ipaddress.IPv4Network] = []
@@ -178,12 +180,12 @@ class SubnetManager:
         candidates.extend(free)
         if not candidates:
             raise Exhausted(f"no free /{cfg.subnet_len} subnet left in cluster network {cfg.network}")
-        value = self._value(public_ip, vtep_mac, kind)
+        value = self._value(public_ip, vtep_mac, kind, wg)
         for subnet in candidates[:20]:
             lease_id = self.store.grant(self.ttl)
             if self.store.txn([Guard(self.keys.lease(subnet), 0)], [Put(self.keys.lease(subnet), value, lease_id)]):
                 log.info("leased subnet %s for host %s", subnet, public_ip)
-                return Lease(subnet, public_ip, vtep_mac, lease_id, kind)
+                return _lease(subnet, public_ip, vtep_mac, lease_id, kind, wg)
             self.store.revoke(lease_id)
         raise Unavailable("could not lease a subnet: every candidate was taken concurrently; retry")
 
@@ -193,18 +195,25 @@ class SubnetManager:
             if self.store.get(self.keys.lease(lease.subnet)) is not None:
                 return lease
         log.warning("lease on %s was lost; re-acquiring", lease.subnet)
-        return self.acquire(lease.public_ip, lease.vtep_mac, previous=str(lease.subnet))
+        return self.acquire(lease.public_ip, lease.vtep_mac, previous=str(lease.subnet), wg=_wg_of(lease))
 
-    def _renew(self, lease: Lease, vtep_mac: str, kind: str) -> Lease:
+    def publish_key(self, lease: Lease, wg: WgKey, force: bool = False) -> Lease:
+        """Our lease with a new WireGuard public key (first use, rotation): rewritten in place,
+        under a guard, keeping its subnet and kind (force: even if `lease` already says so)."""
+        if _wg_of(lease) == wg and not force:
+            return lease
+        return self._renew(lease, lease.vtep_mac, lease.backend_type, wg)
+
+    def _renew(self, lease: Lease, vtep_mac: str, kind: str, wg: WgKey = None) -> Lease:
         """Rewrites the value too: a backend switched (all hosts restart, flannel's rule) shows
         in our lease's BackendType."""
         key = self.keys.lease(lease.subnet)
         entry = self.store.get(key)
-        value = self._value(lease.public_ip, vtep_mac, kind)
+        value = self._value(lease.public_ip, vtep_mac, kind, wg)
         if entry is not None and entry.lease == 0:  # a reservation: keep it lease-less
             if entry.value != value:
                 self.store.txn([Guard(key, entry.mod_revision)], [Put(key, value)])
-            return Lease(lease.subnet, lease.public_ip, vtep_mac, 0, kind)
+            return _lease(lease.subnet, lease.public_ip, vtep_mac, 0, kind, wg)
         lease_id = self.store.grant(self.ttl)
         guard = Guard(key, entry.mod_revision if entry else 0)
         if not self.store.txn([guard], [Put(key, value, lease_id)]):
@@ -212,7 +221,7 @@ class SubnetManager:
             raise Unavailable(f"lease {key} changed while renewing; retry")
         if entry is not None and entry.lease:
             self.store.revoke(entry.lease)
-        return Lease(lease.subnet, lease.public_ip, vtep_mac, lease_id, kind)
+        return _lease(lease.subnet, lease.public_ip, vtep_mac, lease_id, kind, wg)
 
     @staticmethod
     def _range(cfg: NetworkConfig):  # type: ignore[no-untyped-def]
@@ -220,12 +229,32 @@ class SubnetManager:
         for start in range(int(cfg.subnet_min.network_address), int(cfg.subnet_max.network_address) + 1, step):
             yield ipaddress.IPv4Network((start, cfg.subnet_len))
 
-    def _value(self, public_ip: str, vtep_mac: str, kind: str = "vxlan") -> str:
-        """flannel's lease JSON for the backend: host-gw leases carry no BackendData."""
-        if kind != "vxlan":
-            return dumps({"PublicIP": public_ip, "BackendType": kind})
-        data = {"VNI": self.vni, "VtepMAC": vtep_mac}
-        return dumps({"PublicIP": public_ip, "BackendType": "vxlan", "BackendData": data})
+    def _value(self, public_ip: str, vtep_mac: str, kind: str = "vxlan", wg: WgKey = None) -> str:
+        """flannel's lease JSON for the backend: host-gw leases carry no BackendData of their own;
+        a WireGuard key rides in BackendData as flannel's wireguard backend writes it (other
+        backends' readers ignore the extra fields)."""
+        data: dict[str, object] = {}
+        if kind == "vxlan":
+            data = {"VNI": self.vni, "VtepMAC": vtep_mac}
+        if wg is not None:
+            data.update(PublicKey=wg[0], Port=wg[1])
+        lease: dict[str, object] = {"PublicIP": public_ip, "BackendType": kind}
+        if data:
+            lease["BackendData"] = data
+        return dumps(lease)
+
+
+WgKey = Optional[tuple[str, int]]  # (WireGuard public key, listen port) published in a lease
+
+
+def _wg_of(lease: Lease) -> WgKey:
+    return (lease.public_key, lease.wg_port) if lease.public_key else None
+
+
+def _lease(subnet: ipaddress.IPv4Network, public_ip: str, vtep_mac: str, lease_id: int, kind: str,
+           wg: WgKey) -> Lease:
+    key, port = wg if wg is not None else ("", 0)
+    return Lease(subnet, public_ip, vtep_mac, lease_id, kind, key, port)
 
 
 def lease_from_entry(name: str, value: str, lease_id: int) -> Lease | None:

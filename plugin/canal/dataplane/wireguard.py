@@ -1,0 +1,297 @@
+"""WireGuard between hosts: flannel's `wireguard` backend and Canal's encrypted networks.
+
+One device, `flannel-wg` (flannel's name, so flanneld wireguard hosts and Canal hosts peer):
+the kernel's where the kernel has WireGuard, `wireguard-go` (userspace, over a TUN device)
+where it does not; both are configured the same way, through `wg` (the UAPI). The private key
+is made on this host and never leaves it: a 0600 file under the state directory, handed to
+`wg` on stdin, never in argv, a log line or the datastore. Only the public key is published
+(flannel's lease `BackendData.PublicKey`).
+
+What the device should hold is computed from the leases (`WgState`, pure) and then converged:
+`wg syncconf` changes only what differs, so established sessions survive a peer being added.
+Routes through the device go in the main table for flannel's cluster-wide backend, or in a
+table of their own, chosen by a firewall mark, for encrypted networks on a cluster of another
+backend. Whatever is not (yet) routed through the device is dropped by the firewall
+(canal.agent.desired): an encrypted network fails closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from canal.config import Secret
+from canal.dataplane.cmd import run
+from canal.dataplane.links import _sysctl, delete_link
+from canal.errors import CanalError, CommandFailed, Unavailable
+from canal.records import wg_key
+
+log = logging.getLogger(__name__)
+
+DEVICE = "flannel-wg"
+OVERHEAD = 80  # outer IPv6 + UDP + WireGuard header and tag: flannel's figure, either family
+WG_TABLE = 25900  # routes of encrypted networks' traffic (per-network mode)
+RULE_PRIORITY = 900  # before the main table (32766)
+ENCRYPT_MARK = 0x100000  # set by the mangle table on encrypted networks' packets
+RTPROT_CANAL_WG = 104  # next to direct (103) and vxlan (102)
+RT_TABLE_MAIN = 254
+
+
+@dataclass(frozen=True)
+class WgPeer:
+    public_key: str  # checked (records.wg_key) before it gets here
+    endpoint: str  # "a.b.c.d:port"
+    allowed_ips: tuple[ipaddress.IPv4Network, ...]
+
+
+@dataclass(frozen=True)
+class WgState:
+    """The device's peers and the destinations routed through it (in `table`)."""
+
+    listen_port: int
+    peers: tuple[WgPeer, ...] = ()
+    routes: tuple[ipaddress.IPv4Network, ...] = ()
+    table: int = RT_TABLE_MAIN
+    keepalive: int = 0
+    psk: Secret = field(default_factory=Secret)
+    address: ipaddress.IPv4Address | None = None  # the lease's .0, /32 on the device (as flannel)
+
+
+def wg_mtu(underlay_mtu: int) -> int:
+    return underlay_mtu - OVERHEAD
+
+
+def config_text(state: WgState, private_key: str) -> str:
+    """`wg syncconf`'s input. Every value here was validated (keys by records.wg_key, addresses
+    and ports typed): the format has no quoting, so nothing else may reach it."""
+    lines = ["[Interface]", f"PrivateKey = {private_key}", f"ListenPort = {state.listen_port}"]
+    for peer in state.peers:
+        lines += ["", "[Peer]", f"PublicKey = {peer.public_key}"]
+        if state.psk:
+            lines.append(f"PresharedKey = {state.psk.reveal()}")
+        lines.append(f"Endpoint = {peer.endpoint}")
+        lines.append(f"AllowedIPs = {', '.join(str(n) for n in peer.allowed_ips)}")
+        if state.keepalive:
+            lines.append(f"PersistentKeepalive = {state.keepalive}")
+    return "\n".join(lines) + "\n"
+
+
+class KeyFile:
+    """This host's private key: made here, kept in a 0600 file, replaced atomically."""
+
+    def __init__(self, directory: str, runner: Callable[..., Any] = run) -> None:
+        self.path = os.path.join(directory, "wireguard", "private.key")
+        self._run = runner
+
+    def private(self) -> str:
+        """The key, made on first use. A file that does not hold a key is replaced, not used."""
+        try:
+            with open(self.path) as handle:
+                text = handle.read().strip()
+            return wg_key(text, f"private key in {self.path}")
+        except FileNotFoundError:
+            pass
+        except CanalError:
+            log.error("%s does not hold a WireGuard key: making a new one", self.path)
+        return self.renew()
+
+    def renew(self) -> str:
+        key = wg_key(self._run(["wg", "genkey"]).stdout.strip(), "output of wg genkey")
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        return key
+
+    def public(self, private: str | None = None) -> str:
+        out = self._run(["wg", "pubkey"], input=(private or self.private()) + "\n").stdout.strip()
+        return wg_key(out, "output of wg pubkey")
+
+
+class WireGuard:
+    """The device (kernel or wireguard-go), its configuration, its routes and mark rule."""
+
+    def __init__(self, keys: KeyFile, sysctl_dir: str = "/proc/sys", runner: Callable[..., Any] = run) -> None:
+        self.keys = keys
+        self.sysctl_dir = sysctl_dir
+        self._run = runner
+        try:
+            self._ipr = IPRoute()
+        except (OSError, NetlinkError) as err:
+            raise Unavailable(f"cannot open netlink: {err}") from err
+        self._lock = threading.Lock()
+        self.implementation = ""  # "kernel" or "wireguard-go", once the device exists
+        self._configured: tuple[WgState, str] | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._ipr.close()
+
+    def _index(self) -> int | None:
+        found = self._ipr.link_lookup(ifname=DEVICE)
+        return int(found[0]) if found else None
+
+    def exists(self) -> bool:
+        with self._lock:
+            return self._index() is not None
+
+    def ensure_device(self, mtu: int, address: ipaddress.IPv4Address | None) -> None:
+        """Create the device if it is missing (kernel first, else wireguard-go), then its MTU,
+        address, loose reverse-path filter (WireGuard itself checks each packet's source against
+        the peer's AllowedIPs) and state up."""
+        with self._lock:
+            index = self._index()
+            if index is None:
+                self._configured = None
+                index = self._create()
+            elif not self.implementation:
+                self.implementation = self._kind(index)
+            try:
+                link = self._ipr.get_links(index)[0]
+                if link.get_attr("IFLA_MTU") != mtu:
+                    self._ipr.link("set", index=index, mtu=mtu)
+                if address is not None:
+                    have = {a.get_attr("IFA_ADDRESS") for a in self._ipr.get_addr(family=socket.AF_INET, index=index)}
+                    if str(address) not in have:
+                        self._ipr.addr("add", index=index, address=str(address), prefixlen=32)
+                if not link["flags"] & 1:
+                    self._ipr.link("set", index=index, state="up")
+            except NetlinkError as err:
+                raise Unavailable(f"{DEVICE}: netlink: {err}") from err
+        _sysctl(self.sysctl_dir, f"net/ipv4/conf/{DEVICE}/rp_filter", "2")
+
+    def _create(self) -> int:
+        try:
+            self._ipr.link("add", ifname=DEVICE, kind="wireguard")
+            self.implementation = "kernel"
+        except NetlinkError as err:
+            if err.code not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
+                raise Unavailable(f"cannot create {DEVICE}: {err}") from err
+            # No WireGuard in this kernel: the userspace implementation, same UAPI. It detaches
+            # itself once the device and its socket exist; it exits when the device is deleted.
+            try:
+                self._run(["wireguard-go", DEVICE], timeout=15)
+            except CommandFailed as failed:
+                raise Unavailable(f"cannot create {DEVICE}: the kernel has no WireGuard ({err}) and "
+                                  f"wireguard-go failed: {failed}") from failed
+            self.implementation = "wireguard-go"
+        log.info("created %s (%s)", DEVICE, self.implementation)
+        index = self._index()
+        if index is None:
+            raise Unavailable(f"{DEVICE} vanished right after it was created")
+        return index
+
+    def _kind(self, index: int) -> str:
+        info = self._ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        return "kernel" if kind == "wireguard" else "wireguard-go"
+
+    def configure(self, state: WgState, full: bool) -> None:
+        """`wg syncconf`: peers added, changed or removed without touching the others' sessions.
+        Skipped when neither the state nor the key changed, unless full (repairs tampering)."""
+        private = self.keys.private()
+        if not full and self._configured == (state, private):
+            return
+        self._run(["wg", "syncconf", DEVICE, "/dev/stdin"], input=config_text(state, private))
+        self._configured = (state, private)
+
+    def rotate(self) -> str:
+        """A new private key, in force at once; returns the new public key (to publish)."""
+        private = self.keys.renew()
+        if self.exists():
+            self._run(["wg", "set", DEVICE, "private-key", "/dev/stdin"], input=private + "\n")
+        self._configured = None
+        return self.keys.public(private)
+
+    def apply_routes(self, wanted: Sequence[ipaddress.IPv4Network], table: int) -> None:
+        """Our routes (proto 104) through the device: exactly `wanted` in `table`, none elsewhere."""
+        with self._lock:
+            index = self._index()
+            try:
+                have = set()
+                for rt in (RT_TABLE_MAIN, WG_TABLE):
+                    for r in self._ipr.get_routes(family=socket.AF_INET, table=rt):
+                        if r["proto"] != RTPROT_CANAL_WG or not r.get_attr("RTA_DST"):
+                            continue
+                        dst = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
+                        if rt == table and r.get_attr("RTA_OIF") == index and dst in wanted:
+                            have.add(dst)
+                        else:
+                            self._route("del", dst, rt)
+                for dst in sorted(set(wanted) - have):
+                    if index is None:
+                        raise Unavailable(f"{DEVICE} does not exist: no route through it")
+                    self._route("replace", dst, table, index)
+            except NetlinkError as err:
+                raise Unavailable(f"{DEVICE} routes: netlink: {err}") from err
+
+    def _route(self, command: str, dst: ipaddress.IPv4Network, table: int, index: int | None = None) -> None:
+        kwargs: dict[str, Any] = {"dst": str(dst), "proto": RTPROT_CANAL_WG, "table": table}
+        if index is not None:
+            kwargs["oif"] = index
+        try:
+            self._ipr.route(command, **kwargs)
+        except NetlinkError as err:
+            if command == "del" and err.code in (errno.ESRCH, errno.ENOENT):
+                return
+            raise
+        log.info("wireguard route %s %s table %d", command, dst, table)
+
+    def ensure_rule(self, present: bool) -> None:
+        """`fwmark ENCRYPT_MARK lookup WG_TABLE`: encrypted networks' packets find their routes."""
+        with self._lock:
+            try:
+                rules = [r for r in self._ipr.get_rules(family=socket.AF_INET) if r.get_attr("FRA_PRIORITY") == RULE_PRIORITY]
+                ours = [r for r in rules if (r.get_attr("FRA_TABLE") or r["table"]) == WG_TABLE
+                        and r.get_attr("FRA_FWMARK") == ENCRYPT_MARK and r.get_attr("FRA_FWMASK") == ENCRYPT_MARK]
+                if present and not ours:
+                    self._ipr.rule("add", table=WG_TABLE, priority=RULE_PRIORITY, fwmark=ENCRYPT_MARK,
+                                   fwmask=ENCRYPT_MARK, family=socket.AF_INET)
+                    log.info("rule fwmark %#x lookup %d added", ENCRYPT_MARK, WG_TABLE)
+                elif not present:
+                    for _ in ours:
+                        self._ipr.rule("del", table=WG_TABLE, priority=RULE_PRIORITY, fwmark=ENCRYPT_MARK,
+                                       fwmask=ENCRYPT_MARK, family=socket.AF_INET)
+            except NetlinkError as err:
+                raise Unavailable(f"wireguard rule: netlink: {err}") from err
+
+    def remove(self) -> None:
+        """No encryption wanted any more: routes, rule and device go."""
+        self.apply_routes((), RT_TABLE_MAIN)
+        self.ensure_rule(False)
+        with self._lock:
+            delete_link(self._ipr, DEVICE)
+        self._configured = None
+        self.implementation = ""
+
+    def peer_status(self) -> list[dict[str, Any]]:
+        """Per peer: public key, endpoint, latest handshake, bytes. `wg show dump`'s first line
+        carries the private key: it is skipped, never parsed into anything kept."""
+        if not self.exists():
+            return []
+        lines = self._run(["wg", "show", DEVICE, "dump"]).stdout.splitlines()[1:]
+        out = []
+        for line in lines:
+            fields = line.split("\t")
+            if len(fields) < 8:
+                continue
+            out.append({
+                "public_key": fields[0], "endpoint": fields[2], "allowed_ips": fields[3],
+                "latest_handshake": int(fields[4]) if fields[4].isdigit() else 0,
+                "rx_bytes": int(fields[5]) if fields[5].isdigit() else 0,
+                "tx_bytes": int(fields[6]) if fields[6].isdigit() else 0,
+            })
+        return out
