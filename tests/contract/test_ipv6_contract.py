@@ -102,3 +102,16 @@ def test_ipv6_address_on_a_v4_only_network_is_refused(client):
     body = {"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr, "AddressIPv6": "fd00:c0a1::5/128"}}
     status, answer = call(client, "NetworkDriver.CreateEndpoint", body)
     assert status == 400 and "not created with --ipv6" in answer["Err"]
+
+
+def test_an_encrypted_network_cannot_have_ipv6_yet(client, plugin):
+    """Its IPv6 would cross hosts in the VXLAN tunnel, not WireGuard: refused, nothing stored."""
+    pool6 = ok(client, "IpamDriver.RequestPool", {"AddressSpace": "CanalLocal", "Pool": "", "SubPool": "", "Options": {}, "V6": True})
+    status, answer = call(client, "NetworkDriver.CreateNetwork", {
+        "NetworkID": NET,
+        "Options": {"com.docker.network.enable_ipv6": True, "com.docker.network.generic": {"encrypted": ""}},
+        "IPv4Data": [{"AddressSpace": "CanalLocal", "Pool": "0.0.0.0/0", "Gateway": "0.0.0.0/0"}],
+        "IPv6Data": [{"AddressSpace": "CanalLocal", "Pool": pool6["Pool"], "Gateway": "::/0"}],
+    })
+    assert status == 400 and "an encrypted network cannot have IPv6 yet" in answer["Err"]
+    assert plugin.store.get(plugin.keys.network("h1", NET)) is None
