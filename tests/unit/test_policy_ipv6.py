@@ -81,7 +81,9 @@ def test_rules_keep_only_their_familys_nets_and_icmp():
 def test_anti_spoofing_and_neighbour_discovery():
     _, v6 = both()
     assert ("filter", "CANAL-FW-" + WEB.id[:12]) in v6.chains
-    assert "! -s fd00::2/128 -j DROP" in v6.chains[("filter", "CANAL-FW-" + WEB.id[:12])]
+    assert "! -s fd00::2/128 -j CANAL-SPOOF6" in v6.chains[("filter", "CANAL-FW-" + WEB.id[:12])]
+    # Its own /128, or its link-local address (to its host veth; never forwarded): else dropped.
+    assert v6.chains[("filter", "CANAL-SPOOF6")] == ["-s fe80::/10 -j RETURN", "-j DROP"]
     input6 = v6.chains[("filter", "CANAL-INPUT")]
     ndp = [r for r in input6 if "icmpv6-type" in r]
     assert ndp == [f"-i cnl+ -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in range(130, 137)]
@@ -101,7 +103,8 @@ def test_same_decision_structure_in_both_families():
     v4, v6 = both()
     for name in ("CANAL-TW-" + DB.id[:12], "CANAL-FW-" + WEB.id[:12]):
         r4 = [r.replace("/32", "") for r in v4.chains[("filter", name)]]
-        r6 = [r.replace("/128", "").replace("canal-6", "canal-") for r in v6.chains[("filter", name)]]
+        r6 = [r.replace("/128", "").replace("canal-6", "canal-").replace("CANAL-SPOOF6", "DROP")
+              for r in v6.chains[("filter", name)]]
         r6 = [r.replace("fd00::2", "100.64.7.2") for r in r6]
         assert r4 == r6
 

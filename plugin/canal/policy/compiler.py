@@ -303,6 +303,11 @@ class _Compiler:
         """Rules accepting what the family needs between a workload and its host veth."""
         return []
 
+    spoofed = "DROP"  # where a source other than the endpoint's own address goes
+
+    def _extra_chains(self) -> None:
+        """Chains of this family only."""
+
     def __init__(
         self,
         endpoints: Sequence[EndpointInfo],
@@ -474,7 +479,7 @@ class _Compiler:
             notes.append(note)
 
         if direction == EGRESS:
-            add(f"! -s {ip}/{self.host_bits} -j DROP", _IMPLICIT[("anti-spoof", direction)])
+            add(f"! -s {ip}/{self.host_bits} -j {self.spoofed}", _IMPLICIT[("anti-spoof", direction)])
             network = self.networks.get(endpoint.network)
             if network is not None and network.internal:
                 members = self._network_set(endpoint.network)
@@ -565,6 +570,7 @@ class _Compiler:
             self.chains[ingress], self.notes[ingress] = self._endpoint_chain(endpoint, INGRESS)
         self.chains[FROM_WL] = from_wl + ["-j DROP"]  # unknown workload interface: fail closed
         self.chains[TO_WL] = to_wl + ["-j DROP"]
+        self._extra_chains()
 
         for name in self.chains:
             assert len(name) <= MAX_CHAIN_NAME, name
@@ -578,6 +584,9 @@ class _Compiler:
             ],
             ipsets=[self.sets[name] for name in sorted(self.sets)],
         )
+
+
+SPOOF6 = "CANAL-SPOOF6"
 
 
 class _Compiler6(_Compiler):
@@ -596,6 +605,13 @@ class _Compiler6(_Compiler):
 
     def _ipset(self, name: str, kind: str, members: frozenset[str]) -> IpSet:
         return IpSet(name, kind, members, family="inet6")
+
+    # Besides its /128, a workload may send from its link-local address (to its host veth: the
+    # kernel never forwards link-local sources); anything else is dropped.
+    spoofed = SPOOF6
+
+    def _extra_chains(self) -> None:
+        self.chains[SPOOF6] = ["-s fe80::/10 -j RETURN", "-j DROP"]
 
     def _ndp(self) -> List[str]:
         # Router/neighbour solicitations and advertisements, MLD: untracked by conntrack, sent
