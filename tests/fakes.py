@@ -95,10 +95,18 @@ class FakeLinks:
         import threading
 
         self.veths: dict[str, EndpointLink] = {}
+        self.prepared: dict[str, EndpointLink] = {}  # prepare()d ahead of a Join, not yet joined
         self.guard = threading.RLock()
 
     def ensure_veth(self, link: EndpointLink) -> None:
         self.veths[link.host_if] = link
+        self.prepared.pop(link.host_if, None)
+
+    def prepare(self, link: EndpointLink) -> None:
+        self.prepared[link.host_if] = link
+
+    def forget(self, endpoint_id: str) -> None:
+        self.prepared = {n: l for n, l in self.prepared.items() if l.endpoint_id != endpoint_id}
 
     def delete(self, endpoint_id: str) -> None:
         self.veths = {n: l for n, l in self.veths.items() if l.endpoint_id != endpoint_id}

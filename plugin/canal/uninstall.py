@@ -12,7 +12,9 @@ idempotent, so an interrupted uninstall is finished by running it again.
 
 Owned, and removed: chains CANAL-* in every table of both iptables backends and families with
 the jumps to them; ipsets canal-*; routes with protocol 101 (endpoint routes) and 102 (tunnel
-routes) and 103 (direct routes of host-gw and DirectRouting); leftover veths cnl*/cnp*; the VXLAN device flannel.<VNI> unless a real flanneld owns
+routes) and 103 (direct routes of host-gw and DirectRouting) and 104 (WireGuard routes), the
+WireGuard mark rule (priority 900) and device flannel-wg (unless flannel-mode external: then it
+is flanneld's); leftover veths cnl*/cnp*; the VXLAN device flannel.<VNI> unless a real flanneld owns
 it (external mode: its MAC is not our host record's) — its neighbours and FDB go with it;
 /run/flannel/subnet.env when Canal wrote it; in etcd, this host's subnet lease (peers drop
 the routes to it on their next pass), its host record and its networks, routes and addresses;
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMD_UNIT = "/etc/systemd/system/canal.service"
 SUBNET_ENV = "/run/flannel/subnet.env"
-RTPROTS = (101, 102, 103)  # endpoint, tunnel, direct (host-gw, DirectRouting) routes
+RTPROTS = (101, 102, 103, 104)  # endpoint, tunnel, direct (host-gw, DirectRouting), WireGuard routes
 Run = Callable[..., Any]
 
 
@@ -110,7 +112,7 @@ class Uninstall:
     def plan(self) -> list[Step]:
         if self.store is not None:
             refuse_endpoints(self.store, self.keys, self.host)
-        steps = self._iptables() + self._ipsets() + self._routes() + self._links()
+        steps = self._iptables() + self._ipsets() + self._routes() + self._rules() + self._links()
         if self.store is not None and self.release:
             steps += self._datastore()
         for path, why in ((self.unit, "the systemd unit"),):
@@ -170,6 +172,14 @@ class Uninstall:
                                       timeout=15)))
         return steps
 
+    def _rules(self) -> list[Step]:
+        shown = self.run(["ip", "rule", "show", "priority", "900"], timeout=15, check=False).stdout
+        if "lookup 25900" not in shown:
+            return []
+        return [Step("delete the WireGuard mark rule (priority 900, table 25900)",
+                     partial(self.run, ["ip", "rule", "del", "priority", "900", "table", "25900"], timeout=15,
+                             check=False))]
+
     def _links(self) -> list[Step]:
         try:
             names = sorted(os.listdir(self.sys_class_net))
@@ -177,6 +187,9 @@ class Uninstall:
             names = []
         steps = [Step(f"delete leftover veth {name}", partial(self._del_link, name))
                  for name in names if name.startswith(("cnl", "cnp"))]
+        if "flannel-wg" in names and self.flannel_mode != "external":
+            steps.append(Step("delete flannel-wg (WireGuard; the key stays in the state directory)",
+                              lambda: self._del_link("flannel-wg")))
         device = f"flannel.{self.vni}"
         if device in names:
             if self._owns_device(device):

@@ -67,6 +67,8 @@ def test_container_lifecycle(client, plugin):
     })
     ip = addr.split("/")[0]
     assert answer == {"Interface": {"MacAddress": "02:42:" + ":".join(f"{int(b):02x}" for b in ip.split("."))}}
+    # The pair is started at CreateEndpoint (the kernel's add overlaps with Docker's own work), not configured.
+    assert set(plugin.links.prepared) == {"cnl" + EP[:12]} and plugin.links.veths == {}
     join = ok(client, "NetworkDriver.Join", {"NetworkID": NET, "EndpointID": EP, "SandboxKey": SANDBOX, "Options": {}})
     assert join == {
         "InterfaceName": {"SrcName": "cnp" + EP[:12], "DstPrefix": "eth"},
@@ -74,7 +76,7 @@ def test_container_lifecycle(client, plugin):
         "StaticRoutes": [{"Destination": "169.254.1.1/32", "RouteType": 1, "NextHop": ""}],
         "DisableGatewayService": False,
     }
-    assert set(plugin.links.veths) == {"cnl" + EP[:12]}
+    assert set(plugin.links.veths) == {"cnl" + EP[:12]} and plugin.links.prepared == {}
     assert plugin.links.veths["cnl" + EP[:12]].mtu == 1450
     ok(client, "NetworkDriver.ProgramExternalConnectivity", {"NetworkID": NET, "EndpointID": EP, "Options": {}})
     info = ok(client, "NetworkDriver.EndpointOperInfo", {"NetworkID": NET, "EndpointID": EP})
@@ -89,6 +91,15 @@ def test_container_lifecycle(client, plugin):
     ok(client, "NetworkDriver.DeleteNetwork", {"NetworkID": NET})
     ok(client, "IpamDriver.ReleasePool", {"PoolID": "canal-default"})
     assert plugin.store.list("")[0] == []
+
+
+def test_an_endpoint_deleted_without_join_leaves_no_prepared_pair(client, plugin):
+    create_network(client)
+    addr = ok(client, "IpamDriver.RequestAddress", {"PoolID": "canal-default", "Address": "", "Options": None})["Address"]
+    ok(client, "NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr}})
+    assert set(plugin.links.prepared) == {"cnl" + EP[:12]}
+    ok(client, "NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP})
+    assert plugin.links.prepared == {} and plugin.links.veths == {}
 
 
 def test_user_subnet_with_gateway_aux_and_static_ip(client, plugin):

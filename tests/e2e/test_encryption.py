@@ -329,3 +329,23 @@ def test_canal_and_flanneld_wireguard_hosts_reach_each_other(bed):
         etcd.etcdctl("del", lease_key)
         f1.ip("link", "del", "flannel-wg", check=False)
         clear(h3)
+
+
+def test_nothing_of_it_stays_when_the_last_encrypted_network_goes(bed):
+    _ul, etcd, (h1, _h2, _h3, _h4, _f1) = bed
+    net(h1, "secret", "-o", "encrypted")
+    daemon(h1, "cc", "secret")
+    wait_until(lambda: h1.ip("link", "show", "flannel-wg", check=False).returncode == 0, timeout=20)
+    assert "fwmark 0x100000/0x100000 lookup 25900" in h1.ip("rule").stdout
+    clear(h1)
+
+    def gone() -> bool:
+        return (h1.ip("link", "show", "flannel-wg", check=False).returncode != 0
+                and "25900" not in h1.ip("rule").stdout
+                and "canal-encrypted" not in h1.exec(["ipset", "list", "-n"]).stdout
+                and "CANAL-ENCRYPT" not in h1.exec(["iptables-save"]).stdout
+                and "CANAL-MARK" not in h1.exec(["iptables-save", "-t", "mangle"]).stdout)
+
+    wait_until(gone, timeout=20)  # wireguard-go exits with its device
+    # The key stays on the host (and in the lease) for the next encrypted network.
+    assert (h1.workdir / "canal" / "wireguard" / "private.key").exists()

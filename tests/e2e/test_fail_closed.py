@@ -231,7 +231,7 @@ def jumps_first(h: SimHost) -> bool:
         forward = forward[1:]
     inp = rules(h, "INPUT")
     return (bool(forward) and forward[0] == "-A FORWARD -j CANAL-FORWARD"
-            and bool(inp) and inp[0] == "-A INPUT -j CANAL-INPUT")
+            and bool(inp) and inp[0] == "-A INPUT -i cnl+ -j CANAL-INPUT")
 
 
 def start_host_services(h: SimHost):

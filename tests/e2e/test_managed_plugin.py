@@ -103,6 +103,8 @@ def test_config_json_declares_every_setting_a_user_needs():
     # Containers on several canal networks: the plugin enters their sandboxes (setns needs
     # CAP_SYS_ADMIN), found below dockerd's exec root, mounted so later sandboxes appear too.
     assert cfg["linux"]["capabilities"] == ["CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+    # wireguard-go (encryption where the kernel has no WireGuard) needs the TUN device.
+    assert [d["path"] for d in cfg["linux"]["devices"]] == ["/dev/net/tun"]
     exec_root = mounts["docker-exec-root"]
     assert exec_root["type"] == "bind" and exec_root["settable"] == ["source"]
     assert {"rbind", "rslave", "ro"} <= set(exec_root["options"]) and "rw" not in exec_root["options"]
@@ -418,6 +420,22 @@ def test_containers_on_two_hosts_talk(b):
         out = b.etcd.etcdctl("get", "--prefix", "/canal/v1/networks/", "--print-value-only").stdout
         return sorted(json.loads(line).get("name") or "" for line in out.splitlines() if line.startswith("{"))
     wait_until(lambda: names() == ["appnet", "appnet"], timeout=20, what="network names learned from Docker")
+
+
+def test_encrypted_network_through_wireguard_go_in_the_plugin(b):
+    """`-o encrypted`: the managed plugin runs wireguard-go from its rootfs over the host's
+    /dev/net/tun (config.json's devices), and containers on two hosts talk through it."""
+    for h in b.hosts:
+        net(b, h, "secretnet", "-o", "encrypted")
+    daemon(b.h1, "s1", "secretnet")
+    daemon(b.h2, "s2", "secretnet")
+    ip1, ip2 = ip_of(b.h1, "s1", "secretnet"), ip_of(b.h2, "s2", "secretnet")
+    assert pings(b.h1, "s1", ip2, timeout=30) and pings(b.h2, "s2", ip1)
+    for h in b.hosts:
+        assert "flannel-wg" in h.ip("link", "show", "flannel-wg").stdout
+        assert "dev flannel-wg" in h.ip("route", "show", "table", "25900").stdout
+    leases = b.etcd.etcdctl("get", "--prefix", "/coreos.com/network/subnets/", "--print-value-only").stdout
+    assert leases.count('"PublicKey"') == 2
 
 
 def test_second_canal_network_by_connect(b):

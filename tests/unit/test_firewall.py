@@ -200,6 +200,20 @@ def test_a_swarm_network_has_one_id_and_a_record_per_node():
     assert desired_firewall(snap(nets, eps)).chains
 
 
+def test_bare_jumps_of_an_older_release_are_replaced_by_the_interface_scoped_ones():
+    """Upgrade: `-j CANAL-INPUT` / raw `-j CANAL-PREROUTING` (before the jumps carried -i cnl+)
+    are deleted and the scoped jumps inserted first, in the same restore."""
+    fw, ipt = firewall()
+    state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
+    fw.apply(state)
+    ipt.tables["filter"].rules["INPUT"][0] = "-j CANAL-INPUT"
+    ipt.tables["raw"].rules["PREROUTING"][0] = "-j CANAL-PREROUTING"
+    assert fw.apply(state, read_back=True) is True
+    assert ipt.tables["filter"].rules["INPUT"] == ["-i cnl+ -j CANAL-INPUT"]
+    assert ipt.tables["raw"].rules["PREROUTING"] == ["-i cnl+ -j CANAL-PREROUTING"]
+    assert fw.apply(state, read_back=True) is False
+
+
 def test_jumps_are_put_back_first_when_another_tool_inserts_ahead_of_them():
     fw, ipt = firewall()
     state = desired_firewall(snap({"h1/n1": NET}, {"e1": EP}))
@@ -209,7 +223,7 @@ def test_jumps_are_put_back_first_when_another_tool_inserts_ahead_of_them():
     ipt.tables["filter"].rules["INPUT"].insert(0, "-j ACCEPT")
     assert fw.apply(state, read_back=True) is True
     assert ipt.tables["filter"].rules["FORWARD"][:2] == [f"-j {FORWARD}", "-i eth0 -j DROP"]
-    assert ipt.tables["filter"].rules["INPUT"][0] == "-j CANAL-INPUT"
+    assert ipt.tables["filter"].rules["INPUT"][0] == "-i cnl+ -j CANAL-INPUT"
     # Docker re-inserting DOCKER-USER on top (every network create) is accepted as it is: no
     # fight over the first slot.
     forward = ipt.tables["filter"].rules["FORWARD"]
@@ -250,7 +264,7 @@ def test_raw_table_drops_spoofed_sources_and_tunnels_from_workloads_and_all_ipv6
     ipt, ipt6 = FakeIptables(DOCKER_SAVE), FakeIptables()
     fw = Firewall(ipt, FakeIpsets(ipt), ip6tables=ipt6)
     assert fw.apply(state) is True
-    assert ipt6.save()["raw"].rules["PREROUTING"] == [f"-j {PREROUTING}"]
+    assert ipt6.save()["raw"].rules["PREROUTING"] == [f"-i cnl+ -j {PREROUTING}"]
     assert fw.apply(state) is False
     fw.apply(FirewallState())
     assert not any(c.startswith("CANAL-") for t in ipt6.save().values() for c in t.chains)

@@ -760,14 +760,14 @@ def test_layout_of_shared_chains():
     chains = {c: r for (_, c), r in state.chains.items()}
     assert state.jumps == [
         Jump("filter", "FORWARD", FORWARD, after=frozenset({"-j DOCKER-USER"})),
-        Jump("filter", "INPUT", INPUT),
+        Jump("filter", "INPUT", INPUT, match="-i cnl+"),
     ]
     # Every rule scoped to Canal's interfaces.
     assert chains[FORWARD] == [
-        "-i cnl+ -m conntrack --ctstate INVALID -j DROP",
-        "-o cnl+ -m conntrack --ctstate INVALID -j DROP",
         "-i cnl+ -m conntrack --ctstate ESTABLISHED -j ACCEPT",
         "-o cnl+ -m conntrack --ctstate ESTABLISHED -j ACCEPT",
+        "-i cnl+ -m conntrack --ctstate INVALID -j DROP",
+        "-o cnl+ -m conntrack --ctstate INVALID -j DROP",
         "! -i cnl+ -o cnl+ -m conntrack --ctstate RELATED -j ACCEPT",
         f"-i cnl+ -j {FROM_WL}",
         f"-o cnl+ -j {TO_WL}",
@@ -845,7 +845,7 @@ def test_applier_is_a_no_op_on_the_second_apply():
     assert fw.apply(state) is True
     assert fw.apply(compile_(POLICY_SET)) is False
     saved = ipt.save()["filter"]
-    assert saved.rules["FORWARD"] == [f"-j {FORWARD}"] and saved.rules["INPUT"] == [f"-j {INPUT}"]
+    assert saved.rules["FORWARD"] == [f"-j {FORWARD}"] and saved.rules["INPUT"] == [f"-i cnl+ -j {INPUT}"]
     fw.apply(FirewallState())  # nothing of ours left on the host
     assert not any(c.startswith("CANAL-") for c in ipt.save()["filter"].chains)
     assert fw.ipsets.current() == {}

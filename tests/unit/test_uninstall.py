@@ -37,6 +37,7 @@ class Kernel:
                  sets="create canal-nets hash:net family inet\nadd canal-nets 1.2.3.0/24\ncreate docker-x hash:ip\n"):
         self.calls: list[tuple[list[str], str | None]] = []
         self.save, self.routes, self.sets = save, routes, sets
+        self.rules = "900:\tfrom all fwmark 0x100000/0x100000 lookup 25900\n"
 
     def __call__(self, argv, input=None, timeout=0, check=True):
         self.calls.append((list(argv), input))
@@ -47,6 +48,8 @@ class Kernel:
             out = self.sets
         elif argv[:3] == ["ip", "route", "show"]:
             out = self.routes if argv[-1] == "101" else ""
+        elif argv[:3] == ["ip", "rule", "show"]:
+            out = self.rules
         return subprocess.CompletedProcess(argv, 0, out, "")
 
 
@@ -59,7 +62,7 @@ def env(tmp_path):
     store = LocalDatastore(str(tmp_path / "db"))
     keys = Keys("/canal/v1", "/coreos.com/network")
     net = tmp_path / "net"
-    for name in ("lo", "eth0", "cnlabc123", "flannel.1"):
+    for name in ("lo", "eth0", "cnlabc123", "flannel.1", "flannel-wg"):
         (net / name).mkdir(parents=True)
     (net / "flannel.1" / "address").write_text("02:00:00:00:00:01\n")
     yield store, keys, net, tmp_path
@@ -84,8 +87,8 @@ def test_plan_removes_canal_objects_only(env):
     assert "flush 1 route(s) with protocol 101" in whats
     assert "delete leftover veth cnlabc123" in whats
     assert any(w.startswith("delete flannel.1") for w in whats)
-    assert kernel.calls and all(c[0][0].endswith("-save") or c[0][1] in ("save", "route") or c[0][1:3] == ["-6", "route"]
-                                for c in kernel.calls)
+    assert kernel.calls and all(c[0][0].endswith("-save") or c[0][1] in ("save", "route", "rule")
+                                or c[0][1:3] == ["-6", "route"] for c in kernel.calls)
     for step in steps:
         step.apply()
     restore = next(text for argv, text in kernel.calls if argv[0] == "iptables-nft-restore")
@@ -98,7 +101,8 @@ def test_flanneld_device_is_left_alone(env):
     store, keys, _net, _tmp = env
     store.put(keys.host("h1"), {"vtep_mac": "02:00:00:00:00:99", "public_ip": "198.18.0.1"})
     assert not any("flannel.1" in s.what for s in plan(env, Kernel()))  # auto: another MAC
-    assert not any("flannel.1" in s.what for s in plan(env, Kernel(), flannel_mode="external"))
+    external = plan(env, Kernel(), flannel_mode="external")
+    assert not any("flannel.1" in s.what or "flannel-wg" in s.what for s in external)
 
 
 def test_refuses_naming_the_containers(env):
@@ -121,4 +125,7 @@ def test_nothing_left_is_an_empty_plan(env):
     (net / "cnlabc123").rmdir()
     (net / "flannel.1" / "address").unlink()
     (net / "flannel.1").rmdir()
-    assert plan(env, Kernel(save="*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n", routes="", sets="")) == []
+    (net / "flannel-wg").rmdir()
+    kernel = Kernel(save="*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n", routes="", sets="")
+    kernel.rules = ""
+    assert plan(env, kernel) == []

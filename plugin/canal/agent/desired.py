@@ -173,7 +173,9 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         f"-s 127.0.0.0/8 -i {WORKLOADS} -j DROP",
         f"-d 127.0.0.0/8 -i {WORKLOADS} -j DROP",
     ]
-    state.jumps.append(Jump("raw", "PREROUTING", PREROUTING))
+    # Every rule above is -i WORKLOADS: the jump carries it, so the host's other packets (the
+    # tunnel's, the decapsulated ones) skip the chain after one interface check, not six.
+    state.jumps.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))
     _ipv6_firewall(snap, state)
     masq = frozenset(
         ep.ip_text
@@ -231,7 +233,7 @@ def _ipv6_firewall(snap: Snapshot, state: FirewallState) -> None:
     raw table's drops as for IPv4; IPv6 from every other veth still dropped there first."""
     if not ipv6_networks_here(snap):
         state.chains6[("raw", PREROUTING)] = [f"-i {WORKLOADS} -j DROP"]
-        state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
+        state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))
         state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
         state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
         return
@@ -253,7 +255,7 @@ def _ipv6_firewall(snap: Snapshot, state: FirewallState) -> None:
         *(f"-i {name} -j RETURN" for name in open6),
         f"-i {WORKLOADS} -j DROP",  # IPv6 of endpoints on networks without --ipv6: closed
     ]
-    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING))
+    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))  # every rule is -i cnl+
 
 
 def encrypted_ips(snap: Snapshot) -> frozenset[str]:

@@ -9,11 +9,10 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace as replace_desired
 from typing import Any, Callable
 
 from canal.agent.desired import Snapshot
-from dataclasses import replace as replace_desired
-
 from canal.backends import hostgw, vxlan as vxlan_backend, wireguard as wireguard_backend
 from canal.backends.base import BackendConfig, Desired
 from canal.config import Config

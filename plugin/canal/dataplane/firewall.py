@@ -30,10 +30,14 @@ class Jump:
     # Rules that may stay ahead of this jump (Docker re-inserts DOCKER-USER at the top of
     # FORWARD whenever it creates a network: fighting over the first slot would flap).
     after: frozenset[str] = frozenset()
+    # A match in front of the jump (e.g. "-i cnl+"): where every rule of the chain carries it,
+    # the jump does, so the host's other packets skip the chain on one interface check instead
+    # of one per rule (each is an interface-name load per packet under iptables-nft).
+    match: str = ""
 
     @property
     def spec(self) -> str:
-        return f"-j {self.chain}"
+        return f"{self.match} -j {self.chain}" if self.match else f"-j {self.chain}"
 
 
 @dataclass

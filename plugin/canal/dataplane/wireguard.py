@@ -133,6 +133,7 @@ class WireGuard:
         except (OSError, NetlinkError) as err:
             raise Unavailable(f"cannot open netlink: {err}") from err
         self._lock = threading.Lock()
+        self._key_lock = threading.Lock()  # a rotation never interleaves with a syncconf of the old key
         self.implementation = ""  # "kernel" or "wireguard-go", once the device exists
         self._configured: tuple[WgState, str] | None = None
 
@@ -202,18 +203,20 @@ class WireGuard:
     def configure(self, state: WgState, full: bool) -> None:
         """`wg syncconf`: peers added, changed or removed without touching the others' sessions.
         Skipped when neither the state nor the key changed, unless full (repairs tampering)."""
-        private = self.keys.private()
-        if not full and self._configured == (state, private):
-            return
-        self._run(["wg", "syncconf", DEVICE, "/dev/stdin"], input=config_text(state, private))
-        self._configured = (state, private)
+        with self._key_lock:
+            private = self.keys.private()
+            if not full and self._configured == (state, private):
+                return
+            self._run(["wg", "syncconf", DEVICE, "/dev/stdin"], input=config_text(state, private))
+            self._configured = (state, private)
 
     def rotate(self) -> str:
         """A new private key, in force at once; returns the new public key (to publish)."""
-        private = self.keys.renew()
-        if self.exists():
-            self._run(["wg", "set", DEVICE, "private-key", "/dev/stdin"], input=private + "\n")
-        self._configured = None
+        with self._key_lock:
+            private = self.keys.renew()
+            if self.exists():
+                self._run(["wg", "set", DEVICE, "private-key", "/dev/stdin"], input=private + "\n")
+            self._configured = None
         return self.keys.public(private)
 
     def apply_routes(self, wanted: Sequence[ipaddress.IPv4Network], table: int) -> None:

@@ -386,6 +386,7 @@ class Networks:
                 break
         else:
             raise Conflict(f"endpoint {req.EndpointID[:12]}: its records changed concurrently 20 times; retry")
+        self.links.prepare(EndpointLink(record.id, record.ip, record.mac, record.mtu, ip6=record.ip6))  # Join configures it
         self._pending[req.EndpointID] = self.request()
         log.info("endpoint %s created in network %s with %s%s", req.EndpointID[:12], req.NetworkID[:12], ip,
                  f" and {ip6}" if ip6 else "")
@@ -448,6 +449,7 @@ class Networks:
         else:
             raise Conflict(f"endpoint {endpoint_id[:12]}: its records changed concurrently 20 times; retry")
         self._pending.pop(endpoint_id, None)
+        self.links.forget(endpoint_id)
         # As in leave(), the agent removes a veth still there; `docker network rm` waits for it.
         self.forget(str(record.ip))
         if record.ip6 is not None:
