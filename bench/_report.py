@@ -35,6 +35,7 @@ PLAN: dict[str, tuple[list[str], str, float]] = {
     "policy": (["--sizes", "100,1000,5000", "--policies", "10", "--runs", "10"],
                "N = 100, 1,000, 5,000 synthetic endpoints, 10 policies, 10 runs per figure", 0.5),
     "multihost": (["--seconds", "3", "--repeat", "3"], "iperf3 3 s x 3 per path, interleaved; 20 pings", 1.1),
+    "ipv6": (["--seconds", "3", "--repeat", "3"], "iperf3 3 s x 3 per family, interleaved; 20 pings", 0.6),
     "swarm": (["--replicas", "20", "--rounds", "2"],
               "20 replicas, 2 rounds per network (+ plugin build when the tree changed)", 2.7),
 }

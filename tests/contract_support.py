@@ -33,6 +33,7 @@ from canal.services.ports import Ports
 
 HOST_SUBNET = "100.64.7.0/24"
 CLUSTER = "100.64.0.0/16"
+CLUSTER6 = "fd00:c0a1::/48"
 
 
 class CheckedIptables(FakeIptables):
@@ -46,7 +47,8 @@ class CheckedIpsets(FakeIpsets):
         """As the real Ipsets: the restore script is built (bad names refused) and only members
         it would write end up in the kernel (bad members dropped)."""
         restore_script(desired, self.current())
-        super().apply([IpSet(s.name, s.kind, frozenset(filter(valid_member, s.members))) for s in desired], read_back)
+        super().apply([IpSet(s.name, s.kind, frozenset(m for m in s.members if valid_member(m, s.family)), s.family)
+                       for s in desired], read_back)
 
 
 class ContractPlugin:
@@ -61,7 +63,8 @@ class ContractPlugin:
         self.ipsets = CheckedIpsets(self.iptables)
         self.firewall = Firewall(self.iptables, self.ipsets)  # type: ignore[arg-type]
         self.changes = 0
-        self.ipam = Ipam(self.store, keys, "h1", lambda: ipaddress.IPv4Network(HOST_SUBNET))
+        self.ipam = Ipam(self.store, keys, "h1", lambda: ipaddress.IPv4Network(HOST_SUBNET),
+                         cluster_network6=lambda: ipaddress.IPv6Network(CLUSTER6))
         self.networks = Networks(self.store, keys, self.ipam, self.links, "h1", lambda: 1450, self._changed,
                                  docker_ipam_allowed=docker_ipam_allowed)
         self.policies = Policies(self.store, keys, self._changed)

@@ -35,6 +35,13 @@ def _network(value: str) -> str:
     return str(net)
 
 
+def _network6(value: str) -> str:
+    net = ipaddress.IPv6Network(value, strict=True)
+    if net.prefixlen > 120:
+        raise ValueError("the cluster's IPv6 network must be /120 or larger")
+    return str(net)
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value not in choices:
@@ -144,6 +151,11 @@ class Config:
     flannel_prefix: str = _setting("/coreos.com/network", str, "flannel's key prefix (config, leases)")
     network: str = _setting("10.1.0.0/16", _network, "cluster network CIDR, flannel-style")
     subnet_len: int = _setting(24, _int_range(8, 30), "prefix length of each host's subnet lease")
+    network6: str = _setting(
+        "fd00:c0a1::/48", _network6,
+        "IPv6 network of --ipv6 canal networks without an IPv6 --subnet (embedded datastore; with etcd, "
+        "flannel's EnableIPv6 + IPv6Network)",
+    )
     scope: str = _setting("local", _choice("local", "global"), "driver scope (global for Swarm)")
     hostname: str = _setting("", str, "this host's name in the datastore (default: hostname)")
     public_ip: str = _setting("", _optional_ip, "this host's underlay address (default: autodetect)")

@@ -162,6 +162,8 @@ class StateCollector(Collector):
                          len(snap.policies))
             yield _gauge("canal_published_ports", "published port bindings of this host's endpoints",
                          sum(len(ep.ports) for ep in local))
+            yield _gauge("canal_ipv6_local_endpoints", "this host's endpoints with an IPv6 address (--ipv6 networks)",
+                         sum(1 for ep in local if ep.ip6 is not None))
             own = str(snap.own_subnet) if snap.own_subnet else None
             yield _gauge("canal_cluster_num_hosts", "hosts holding a subnet lease (multi-host)", len(snap.leases))
             yield _gauge("canal_peers", "other hosts' leases this host tunnels to (multi-host)",
@@ -173,6 +175,8 @@ class StateCollector(Collector):
                          sum(len(s.members) for s in applied.ipsets))
             yield _gauge("canal_iptables_rules", "rules in Canal's IPv4 chains",
                          sum(len(rules) for rules in applied.chains.values()))
+            yield _gauge("canal_ip6tables_rules", "rules in Canal's IPv6 chains",
+                         sum(len(rules) for rules in applied.chains6.values()))
         mirror = getattr(plugin, "mirror", None)
         if mirror is not None:
             yield _gauge("canal_quarantined_records", "datastore records skipped as malformed until they change",

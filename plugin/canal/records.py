@@ -22,6 +22,8 @@ from canal.errors import BadRequest
 
 __all__ = [
     "ANY_NET",
+    "ANY_NET6",
+    "GATEWAY6",
     "DEFAULT_GATEWAY",
     "GATEWAYS",
     "PROTOCOLS",
@@ -57,7 +59,9 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
 # Docker's own pattern for network and container names (daemon/names).
 _DOCKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
-_POOL_ID = re.compile(r"canal-default|canal-cluster|canal-pool:[0-9./]+(?::[0-9./]+)?")
+_POOL_ID = re.compile(
+    r"canal-default6?|canal-cluster|canal-pool:[0-9./]+(?::[0-9./]+)?|canal-pool6:[0-9a-f:/]+(?:\+[0-9a-f:/]+)?"
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 MAX_LABELS = 512
@@ -124,7 +128,7 @@ def container_name(value: Any, what: str = "container name") -> str:
 
 
 def pool_id(value: Any, what: str = "pool ID") -> str:
-    return _pattern(what, value, _POOL_ID, "canal-default, canal-cluster or canal-pool:CIDR[:CIDR]")
+    return _pattern(what, value, _POOL_ID, "canal-default[6], canal-cluster, canal-pool:CIDR[:CIDR] or canal-pool6:CIDR[+CIDR]")
 
 
 def mac_address(value: Any, what: str = "MAC address") -> str:
@@ -147,8 +151,46 @@ def ipv4(value: Any, what: str = "address") -> ipaddress.IPv4Address:
         raise _fail(what, value, "not an IPv4 address") from None
 
 
+def ipv6(value: Any, what: str = "address") -> ipaddress.IPv6Address:
+    text = _str(what, value)
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        raise _fail(what, value, "not an IPv6 address") from None
+    if address.scope_id is not None or address.ipv4_mapped is not None:
+        raise _fail(what, value, "not a plain IPv6 address (zone or IPv4-mapped)")
+    return address
+
+
+def ip_address(value: Any, what: str = "address") -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """IPv4 or IPv6 (records shared by both families: addresses, pools)."""
+    if isinstance(value, str) and ":" in value:
+        return ipv6(value, what)
+    return ipv4(value, what)
+
+
+def ipv6_net(value: Any, what: str = "subnet") -> ipaddress.IPv6Network:
+    text = _str(what, value)
+    try:
+        net = ipaddress.IPv6Network(text, strict=True)
+    except ValueError as err:
+        raise _fail(what, value, f"not an IPv6 CIDR ({err})") from None
+    if net.network_address.scope_id is not None:
+        raise _fail(what, value, "not a plain IPv6 CIDR (zone)")
+    return net
+
+
+def ip_net(value: Any, what: str = "subnet") -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if isinstance(value, str) and ":" in value:
+        return ipv6_net(value, what)
+    return ipv4_net(value, what)
+
 
 DEFAULT_GATEWAY = ipaddress.IPv4Address("169.254.1.1")
+# The host end of every veth has MAC ee:ee:ee:ee:ee:ee, hence this EUI-64 link-local address:
+# a container's IPv6 default route goes via it (Calico's way), the host answering as a neighbour.
+GATEWAY6 = ipaddress.IPv6Address("fe80::ecee:eeff:feee:eeee")
+ANY_NET6 = "::/0"  # the IPv6 pool of networks created with --ipv6 but no IPv6 --subnet
 GATEWAYS = tuple(ipaddress.IPv4Address(f"169.254.1.{n}") for n in range(1, 255))
 
 
@@ -297,6 +339,7 @@ class EndpointRecord:
     # (169.254.1.N), so each gets its own connected /32 to it (see canal.agent.sandboxes).
     gateway: ipaddress.IPv4Address = DEFAULT_GATEWAY
     ports: tuple[PortBinding, ...] = ()  # published (ProgramExternalConnectivity), sorted
+    ip6: Optional[ipaddress.IPv6Address] = None  # its /128 on a network created with --ipv6
 
     @functools.cached_property
     def ip_text(self) -> str:
@@ -330,6 +373,7 @@ class EndpointRecord:
             container_name=_get(obj, "container_name", lambda w, v: container_name(v, w) if v else "", what, ""),
             gateway=_get(obj, "gateway", lambda w, v: endpoint_gateway(v, w), what, DEFAULT_GATEWAY),
             ports=_get(obj, "ports", lambda w, v: _ports(v, w), what, ()),
+            ip6=_get(obj, "ip6", lambda w, v: ipv6(v, w) if v else None, what, None),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -354,6 +398,8 @@ class EndpointRecord:
             out["gateway"] = str(self.gateway)
         if self.ports:
             out["ports"] = [b.to_json() for b in self.ports]
+        if self.ip6 is not None:
+            out["ip6"] = str(self.ip6)
         return out
 
 
@@ -371,6 +417,12 @@ class NetworkRecord:
     explicit_name: bool = False
     docker_ipam: bool = False  # addresses from Docker's default IPAM (one host only), not canal's
     encrypted: bool = False  # -o encrypted: its traffic between hosts only through WireGuard
+    pools6: tuple[str, ...] = ()  # IPv6 CIDRs of a network created with --ipv6 (ANY_NET6: no v6 --subnet)
+
+    @property
+    def ipv6(self) -> bool:
+        """Created with --ipv6: IPv6 is open on its endpoints' interfaces (else closed)."""
+        return bool(self.pools6)
 
     @classmethod
     def parse(cls, raw: Any, key: str | None = None) -> "NetworkRecord":
@@ -392,6 +444,7 @@ class NetworkRecord:
             name=_get(obj, "name", lambda w, v: network_name(v, w) if v else "", what, ""),
             explicit_name=_get(obj, "explicit_name", _bool, what, False),
             docker_ipam=_get(obj, "docker_ipam", _bool, what, False),
+            pools6=tuple(str(ipv6_net(p, f"{what} IPv6 pool")) for p in _get(obj, "pools6", _list, what, [])),
             encrypted=_get(obj, "encrypted", _bool, what, False),
         )
 
@@ -408,6 +461,8 @@ class NetworkRecord:
         }
         if self.docker_ipam:
             out["docker_ipam"] = True
+        if self.pools6:
+            out["pools6"] = list(self.pools6)
         if self.encrypted:
             out["encrypted"] = True
         return out
@@ -434,7 +489,7 @@ def _list(what: str, value: Any) -> list[Any]:
 class AddressRecord:
     """One allocated address (`<prefix>/ipam/addresses/<hex>`): unique cluster-wide."""
 
-    ip: ipaddress.IPv4Address
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     pool: str
     kind: str  # "endpoint" or "gateway"
     host: str
@@ -443,10 +498,10 @@ class AddressRecord:
     time: int = 0
 
     @classmethod
-    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | None = None) -> "AddressRecord":
+    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> "AddressRecord":
         obj = _object("address record", raw)
         what = "address record"
-        ip = _get(obj, "ip", lambda w, v: ipv4(v, w), what)
+        ip = _get(obj, "ip", lambda w, v: ip_address(v, w), what)
         if key_ip is not None and ip != key_ip:
             raise RecordError(f"{what} {ip} is stored under the key of {key_ip}")
         what = f"address {ip}"
@@ -479,16 +534,17 @@ class AddressRecord:
 class PoolRecord:
     """A --subnet pool (`<prefix>/ipam/pools/<cidr>`), shared by every network using it."""
 
-    cidr: ipaddress.IPv4Network
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
     gateway: str = ""  # the gateway address, "" if none was requested
     shared: bool = False  # a Swarm pool: the manager allocates, nodes claim
 
     @classmethod
     def parse(cls, raw: Any) -> "PoolRecord":
         obj = _object("pool record", raw)
-        cidr = _get(obj, "cidr", lambda w, v: ipv4_net(v, w), "pool record")
+        cidr = _get(obj, "cidr", lambda w, v: ip_net(v, w), "pool record")
         what = f"pool {cidr}"
-        gateway = _get(obj, "gateway", lambda w, v: str(ipv4(v, w)) if v else "", what, "")
+        parse_ip = ipv4 if cidr.version == 4 else ipv6
+        gateway = _get(obj, "gateway", lambda w, v: str(parse_ip(v, w)) if v else "", what, "")
         return cls(cidr, gateway, _get(obj, "shared", _bool, what, False))
 
     def to_json(self) -> dict[str, Any]:
@@ -497,16 +553,17 @@ class PoolRecord:
 
 @dataclass(frozen=True)
 class RouteRecord:
-    """A /32 of a host outside its own subnet (`<prefix>/routes/<hex>`), routed to it by peers."""
+    """A /32 of a host outside its own subnet (`<prefix>/routes/<hex>`), routed to it by peers;
+    or the /128 of an endpoint of an --ipv6 network (every one: IPv6 has no host subnets yet)."""
 
-    ip: ipaddress.IPv4Address
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     host: str
     subnet: ipaddress.IPv4Network  # the owner's subnet: peers route via its VTEP (<subnet>.0)
 
     @classmethod
-    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | None = None) -> "RouteRecord":
+    def parse(cls, raw: Any, key_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None) -> "RouteRecord":
         obj = _object("route record", raw)
-        ip = _get(obj, "ip", lambda w, v: ipv4(v, w), "route record")
+        ip = _get(obj, "ip", lambda w, v: ip_address(v, w), "route record")
         if key_ip is not None and ip != key_ip:
             raise RecordError(f"route record {ip} is stored under the key of {key_ip}")
         what = f"route {ip}"
@@ -565,10 +622,14 @@ class Lease:
     # hosts of other backends add them to theirs for encrypted networks). "": no key (yet).
     public_key: str = ""
     wg_port: int = 0  # 0: the listener's own port (flannel's rule)
+    # flannel's dual stack (EnableIPv6): the key's `&<v6 subnet>`, PublicIPv6, BackendV6Data
+    subnet6: Optional[ipaddress.IPv6Network] = None
+    public_ip6: str = ""
+    vtep_mac6: str = ""
 
     @classmethod
     def parse(cls, name: str, raw: Any, lease_id: int = 0) -> "Lease":
-        subnet = ipv4_net(name.replace("-", "/"), "flannel lease key")
+        subnet, subnet6 = lease_key(name)
         obj = _object(f"flannel lease {subnet}", raw)
         what = f"flannel lease {subnet}"
         public_ip = str(_get(obj, "PublicIP", lambda w, v: ipv4(v, w), what))
@@ -581,7 +642,26 @@ class Lease:
         vtep_mac = mac_address(mac, f"{what} VtepMAC") if mac else ""
         public_key = _get(data, "PublicKey", lambda w, v: wg_key(v, w), what, "")
         wg_port = _get(data, "Port", lambda w, v: _int(w, v, 0, 65535), what, 0) if public_key else 0
-        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, public_key, wg_port)
+        public_ip6 = _get(obj, "PublicIPv6", lambda w, v: str(ipv6(v, w)) if v else "", what, "")
+        data6 = _get(obj, "BackendV6Data", lambda w, v: _object(w, v), what, {})
+        mac6 = data6.get("VtepMAC")
+        vtep_mac6 = mac_address(mac6, f"{what} BackendV6Data VtepMAC") if mac6 else ""
+        return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, public_key, wg_port,
+                   subnet6=subnet6, public_ip6=public_ip6, vtep_mac6=vtep_mac6)
+
+
+_LEASE_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-9]{1,3}))?")
+
+
+def lease_key(name: str) -> tuple[ipaddress.IPv4Network, Optional[ipaddress.IPv6Network]]:
+    """A flannel lease key: `a.b.c.d-len`, or in dual stack `a.b.c.d-len&<v6 address>-len`
+    (flannel's MakeSubnetKey: the IPv6 address keeps its colons)."""
+    match = _LEASE_KEY.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise _fail("flannel lease key", name, "expected a.b.c.d-len or a.b.c.d-len&<IPv6 address>-len")
+    subnet = ipv4_net(f"{match[1]}/{match[2]}", "flannel lease key")
+    subnet6 = ipv6_net(f"{match[3]}/{match[4]}", "flannel lease key IPv6 subnet") if match[3] else None
+    return subnet, subnet6
 
 
 # Whole datastore entries: (key relative to the record's directory, JSON value) -> record. One
@@ -589,9 +669,12 @@ class Lease:
 # stored under must agree with the record, so no record can claim another one's slot.
 
 
-def _key_ip(key: str, what: str) -> ipaddress.IPv4Address:
+def _key_ip(key: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """8 hex digits: an IPv4 address; 32: an IPv6 one (see canal.datastore.keys)."""
+    if re.fullmatch(r"[0-9a-f]{32}", key):
+        return ipaddress.IPv6Address(int(key, 16))
     if not re.fullmatch(r"[0-9a-f]{8}", key):
-        raise RecordError(f"{what} key {safe(key)} is not 8 hex digits")
+        raise RecordError(f"{what} key {safe(key)} is not 8 (IPv4) or 32 (IPv6) hex digits")
     return ipaddress.IPv4Address(int(key, 16))
 
 

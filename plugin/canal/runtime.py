@@ -18,8 +18,10 @@ from canal.agent.desired import (
     DataplaneSettings,
     Snapshot,
     desired_route_records,
+    desired_route_records6,
     endpoint_rows,
     identity_known,
+    remote_routes6,
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.mirror import Mirror
@@ -31,7 +33,9 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.ports import Reservations
+from canal.dataplane.routes6 import Routes6, desired_routes6
 from canal.dataplane.sandbox import Sandboxes
+from canal.dataplane.vxlan import device_name
 from canal.datastore.base import Datastore, open_datastore
 from canal.datastore.keys import Keys
 from canal.errors import CanalError, Unavailable
@@ -121,7 +125,8 @@ class Plugin:
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
         sandboxes = Sandboxes(config.netns_dir)
-        self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network)
+        self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network,
+                         self.cluster_network6)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.backend.default_mtu, self._changed,
             forget=self._forget,
@@ -142,6 +147,11 @@ class Plugin:
             self.host, self.public_ip, self.iface, self.underlay_mtu, backend, config.datastore,
         )
         steps: list[Any] = [self.publish_routes, self.backend.program] if self.multihost else []
+        self.routes6 = Routes6(config.sysctl_dir)
+        self._routes6_applied = False
+        self._routes6_warned = False
+        if self.multihost:
+            steps += [self.publish_routes6, self.program_routes6]
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
         self.agent = Agent(
             self.pass_snapshot,
@@ -183,6 +193,7 @@ class Plugin:
         self.agent.stop()
         self.reservations.close()
         self.links.close()
+        self.routes6.close()
         self.store.close()
 
     def _changed(self, sync: bool) -> None:
@@ -267,6 +278,29 @@ class Plugin:
 
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
+    def publish_routes6(self, snap: Snapshot, full: bool) -> None:
+        """Keep this host's /128 route records equal to its --ipv6 endpoints."""
+        wanted = desired_route_records6(snap)
+        for ip, record in wanted.items():
+            if snap.routes6.get(ip) != record:
+                self.store.put(self.keys.route(record.ip), record.to_json())
+        for ip, record in snap.routes6.items():
+            if record.host == self.host and ip not in wanted:
+                self.store.delete(self.keys.route(record.ip))
+
+    def program_routes6(self, snap: Snapshot, full: bool) -> None:
+        """Other hosts' /128s through the VXLAN device (vxlan backend only, for now)."""
+        pairs = remote_routes6(snap)
+        if self.backend.backend().type != "vxlan":
+            if pairs and not self._routes6_warned:
+                log.warning("IPv6 across hosts needs the vxlan backend; %d remote IPv6 addresses unreachable", len(pairs))
+                self._routes6_warned = True
+            return
+        if not pairs and not full and not self._routes6_applied:
+            return
+        self.routes6.apply(device_name(self.config.vxlan_vni), desired_routes6(pairs))
+        self._routes6_applied = bool(pairs)
+
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's /32 route records equal to what its endpoints need."""
         wanted = desired_route_records(snap)
@@ -297,6 +331,7 @@ class Plugin:
             "host": self.host,
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
+            "network6": self._cluster_network6_text() or None,
             "datastore": self.config.datastore,
             "flannel_mode": self.backend.flannel_mode_decided or "undecided",
             "scope": self.config.scope,
@@ -375,6 +410,13 @@ class Plugin:
             self._network_config = self.subnets.network_config()
         return self._network_config.network
 
+    def cluster_network6(self) -> ipaddress.IPv6Network | None:
+        """The IPv6 network of --ipv6 networks without an IPv6 --subnet: flannel's IPv6Network
+        (EnableIPv6) with etcd, where every host must agree; --network6 on a single host."""
+        if self.multihost:
+            return self.network_config().ipv6_network
+        return ipaddress.IPv6Network(self.config.network6)
+
     def network_config(self) -> NetworkConfig:
         """The flannel config in force (its Backend picks the backend), as cluster_network reads it."""
         self.cluster_network()
@@ -394,7 +436,11 @@ class Plugin:
 
     def _routes(self) -> dict[str, RouteRecord]:
         records = self.mirror.records(self.keys.routes, route_entry)
-        return {str(r.ip): r for r in records.values()}
+        return {str(r.ip): r for r in records.values() if r.ip.version == 4}
+
+    def _routes6(self) -> dict[str, RouteRecord]:
+        records = self.mirror.records(self.keys.routes, route_entry)
+        return {str(r.ip): r for r in records.values() if r.ip.version == 6}
 
     def pass_snapshot(self) -> Snapshot:
         """The agent's snapshot: the published ports are held first (the DNAT follows them)."""
@@ -422,7 +468,16 @@ class Plugin:
             settings=self.dataplane_settings(),
             held_ports=self.held_ports(),
             encrypt_all=self.multihost and self.network_config().backend_config.type == "wireguard",
+            cluster_network6=self._cluster_network6_text(),
+            routes6=self._routes6() if self.multihost else {},
         )
+
+    def _cluster_network6_text(self) -> str:
+        try:
+            net6 = self.cluster_network6()
+        except CanalError:  # a flannel config that does not parse: no IPv6 network
+            return ""
+        return str(net6) if net6 is not None else ""
 
     def dataplane_settings(self) -> DataplaneSettings:
         """Settings the rules depend on; the host's resolvers and the datastore's addresses are

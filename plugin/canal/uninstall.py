@@ -164,6 +164,12 @@ class Uninstall:
                 steps.append(Step(f"flush {count} route(s) with protocol {proto}",
                                   partial(self.run, ["ip", "route", "flush", "table", "all", "proto", str(proto)],
                                           timeout=15)))
+        # IPv6: the /128s to other hosts' --ipv6 endpoints (on the VXLAN device, protocol 101)
+        shown = self.run(["ip", "-6", "route", "show", "table", "all", "proto", "101"], timeout=15).stdout
+        if shown.strip():
+            steps.append(Step(f"flush {len(shown.strip().splitlines())} IPv6 route(s) with protocol 101",
+                              partial(self.run, ["ip", "-6", "route", "flush", "table", "all", "proto", "101"],
+                                      timeout=15)))
         return steps
 
     def _rules(self) -> list[Step]:
@@ -226,7 +232,7 @@ class Uninstall:
             except (RecordError, CanalError):
                 continue
             if lease.public_ip == self.public_ip:
-                key = keys.lease(lease.subnet)
+                key = keys.leases + rel  # as stored (a dual-stack lease's key names both subnets)
                 steps.append(Step(f"release subnet lease {lease.subnet} ({key})", partial(self._release, key)))
         hosts = Hosts(store, keys, self.host, self.public_ip)
         records = _records(store)

@@ -202,7 +202,7 @@ def test_missing_field_is_named(client, unchanged, name, field):
         ("NetworkDriver.CreateNetwork", {"NetworkID": NET, "IPv4Data": [{"AddressSpace": "CanalLocal", "Pool": "0.0.0.0/0"}], "Options": {"com.docker.network.generic": {"bogus": "1"}}}, "unknown option 'bogus'"),
         ("NetworkDriver.CreateNetwork", {"NetworkID": NET, "IPv4Data": [{"AddressSpace": "CanalLocal", "Pool": "0.0.0.0/0"}], "Options": {"com.docker.network.generic": {"mtu": "9"}}}, "MTU must be between"),
         ("NetworkDriver.CreateNetwork", {"NetworkID": NET, "IPv4Data": [{"AddressSpace": "CanalLocal", "Pool": "0.0.0.0/0"}], "Options": {"com.docker.network.generic": {"nat": "maybe"}}}, "nat='maybe': expected true or false"),
-        ("NetworkDriver.CreateNetwork", {"NetworkID": NET, "IPv4Data": [{"AddressSpace": "CanalLocal", "Pool": "0.0.0.0/0"}], "Options": {"com.docker.network.enable_ipv6": True}}, "IPv6 is not supported"),
+        ("NetworkDriver.CreateNetwork", {"NetworkID": NET, "IPv4Data": [{"AddressSpace": "CanalLocal", "Pool": "0.0.0.0/0"}], "Options": {"com.docker.network.enable_ipv6": True}}, "--ipv6 without an IPv6 pool"),
         ("NetworkDriver.CreateNetwork", {"NetworkID": NET}, "no IPv4 pool"),
         ("IpamDriver.RequestPool", {"Pool": 10}, "field Pool must be a string"),
         ("IpamDriver.RequestPool", {"V6": "yes"}, "field V6 must be a boolean"),
@@ -235,7 +235,7 @@ def test_unknown_ids_are_404(client, unchanged, name, body):
 
 def test_endpoint_without_address_or_with_ipv6_is_refused(client):
     create_network(client)
-    for iface, message in (({}, "no IPv4 address"), ({"Address": "x"}, "bad address 'x'"), ({"AddressIPv6": "fd00::2/64"}, "IPv6 is not supported")):
+    for iface, message in (({}, "no IPv4 address"), ({"Address": "x"}, "bad address 'x'"), ({"AddressIPv6": "fd00::2/64"}, "not created with --ipv6")):
         status, answer = call(client, "NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP, "Interface": iface})
         assert status == 400 and message in answer["Err"]
 

@@ -110,7 +110,7 @@ def test_subnet_gateway_range_aux_and_static_ip(h1):
 def test_bad_requests_reach_the_user_clearly(h1):
     cases = [
         (["-o", "bogus=1"], "unknown option 'bogus' for a canal network"),
-        (["--ipv6", "--subnet", "fd00:1::/64"], "IPv6 is not supported"),
+        (["--ipv6", "--subnet", "fd00:1::/127"], "IPv6 subnet fd00:1::/127 is too small"),
     ]
     for opts, message in cases:
         proc = h1.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", *opts, "bad", check=False)

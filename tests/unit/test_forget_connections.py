@@ -72,7 +72,7 @@ def test_addresses_from_records_never_become_options() -> None:
     runner = Runner()
     result = forget_connections("--flush", "100.64.0.9 -F", "100.64.0.7", runner=runner)
     assert result.flushed == ("100.64.0.7",)
-    assert result.failed == (("--flush", "not an IPv4 address"), ("100.64.0.9 -F", "not an IPv4 address"))
+    assert result.failed == (("--flush", "not an IPv4 or IPv6 address"), ("100.64.0.9 -F", "not an IPv4 or IPv6 address"))
     assert all(c[-1] == "100.64.0.7" for c in runner.calls)
 
 

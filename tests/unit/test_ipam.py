@@ -43,10 +43,10 @@ def test_identical_pool_requests_get_identical_answers(ipam):
 @pytest.mark.parametrize(
     "pool, sub, v6, message",
     [
-        ("", "", True, "IPv6 is not supported"),
+        ("", "", True, "needs the cluster's IPv6 network"),
         ("", "100.70.0.0/25", False, "--ip-range needs --subnet"),
         ("bogus", "", False, "'bogus' is not an IPv4 CIDR"),
-        ("fd00::/64", "", False, "IPv6 is not supported"),
+        ("fd00::/64", "", False, "is IPv6: create the network with --ipv6"),
         ("100.70.0.1/24", "", False, "has host bits set; did you mean 100.70.0.0/24"),
         ("100.70.0.0/31", "", False, "too small"),
         ("100.70.0.0/24", "100.71.0.0/25", False, "not inside subnet"),

@@ -269,9 +269,9 @@ def test_the_dashboard_and_the_readme_use_only_metrics_the_plugin_exposes():
     exposed |= {f.name + suffix for m in metrics.HOT_PATH for f in m.describe() for suffix in suffixes[f.type]}
     dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
     used = {name for panel in dashboard["panels"] for t in panel.get("targets", [])
-            for name in re.findall(r"canal_[a-z_]+", t["expr"])}
+            for name in re.findall(r"canal_[a-z0-9_]+", t["expr"])}
     assert used and used <= exposed, used - exposed
     readme = (REPO / "README.md").read_text()
     families = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in exposed}
-    documented = set(re.findall(r"`(canal_[a-z_]+)", readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]))
+    documented = set(re.findall(r"`(canal_[a-z0-9_]+)", readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]))
     assert {re.sub(r"_total$", "", n) for n in documented} == families

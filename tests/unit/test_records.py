@@ -131,7 +131,7 @@ def test_an_entry_must_be_stored_under_its_own_key():
     assert route_entry("64400909", route).ip == ipaddress.IPv4Address("100.64.9.9")  # 100.64.9.9 in hex
     with pytest.raises(RecordError, match="stored under the key of 100.64.9.10"):
         route_entry("6440090a", route)
-    with pytest.raises(RecordError, match="not 8 hex digits"):
+    with pytest.raises(RecordError, match=r"not 8 \(IPv4\) or 32 \(IPv6\) hex digits"):
         route_entry("6440090\n", route)
     addr = {"ip": "100.64.3.2", "pool": "canal-default", "kind": "endpoint", "host": "h1"}
     assert address_entry("64400302", addr).ip == ipaddress.IPv4Address("100.64.3.2")

@@ -87,7 +87,8 @@ def test_plan_removes_canal_objects_only(env):
     assert "flush 1 route(s) with protocol 101" in whats
     assert "delete leftover veth cnlabc123" in whats
     assert any(w.startswith("delete flannel.1") for w in whats)
-    assert kernel.calls and all(c[0][0].endswith("-save") or c[0][1] in ("save", "route", "rule") for c in kernel.calls)
+    assert kernel.calls and all(c[0][0].endswith("-save") or c[0][1] in ("save", "route", "rule")
+                                or c[0][1:3] == ["-6", "route"] for c in kernel.calls)
     for step in steps:
         step.apply()
     restore = next(text for argv, text in kernel.calls if argv[0] == "iptables-nft-restore")

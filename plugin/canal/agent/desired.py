@@ -22,17 +22,19 @@ from canal.policy.compiler import (
     HostProtection,
     NetworkInfo,
     compile_filter,
+    compile_filter6,
     effective_labels,
     protocol_name,
 )
 from canal.policy.model import Policy
-from canal.records import ANY_NET, EndpointRecord, Lease, NetworkRecord, RouteRecord
+from canal.records import ANY_NET, ANY_NET6, EndpointRecord, Lease, NetworkRecord, RouteRecord
 
 POSTROUTING = "CANAL-POSTROUTING"
 DNAT = "CANAL-DNAT"  # nat: published ports (docker run -p) on this host's addresses
 PREROUTING = "CANAL-PREROUTING"  # raw table: before conntrack sees a packet
 WORKLOADS = "cnl+"
 CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network + canal pools
+CLUSTER_SET6 = "canal-6nets"  # the same for IPv6: the cluster's IPv6 network + canal IPv6 pools
 MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
 ENCRYPTED_SET = "canal-encrypted"  # endpoints (all hosts) of encrypted networks
 ENCRYPT_CHAIN = "CANAL-ENCRYPT"  # filter: their traffic between hosts only through WireGuard
@@ -56,6 +58,8 @@ class Snapshot:
     # Published host ports this plugin holds, (proto, host ip or "", port) -> endpoint id: only
     # those are DNATed, so a forged record cannot divert a port some host service listens on.
     held_ports: Mapping[tuple[str, str, int], str] = field(default_factory=dict)
+    cluster_network6: str = ""  # the cluster's IPv6 network ("": none configured)
+    routes6: Mapping[str, RouteRecord] = field(default_factory=dict)  # ip6 -> /128 route record (multi-host)
     # flannel's wireguard backend: every endpoint's traffic between hosts is encrypted.
     encrypt_all: bool = False
 
@@ -69,7 +73,7 @@ class DataplaneSettings:
 
 
 def link_of(record: EndpointRecord) -> EndpointLink:
-    return EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway)
+    return EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway, record.ip6)
 
 
 def local_endpoints(snap: Snapshot) -> list[EndpointRecord]:
@@ -119,7 +123,7 @@ def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
     if cached is None or cached[0] != (name, named):
         published = tuple(sorted({(b.proto, b.port) for b in ep.ports}))
         info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None,
-                            published)
+                            published, str(ep.ip6) if ep.ip6 is not None else None)
         cached = ((name, named), info)
         ep.__dict__["_info"] = cached  # frozen dataclass: a cache, not a field (eq/repr ignore it)
     return cached[1]
@@ -172,12 +176,7 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     # Every rule above is -i WORKLOADS: the jump carries it, so the host's other packets (the
     # tunnel's, the decapsulated ones) skip the chain after one interface check, not six.
     state.jumps.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))
-    # IPv6: Canal networks are IPv4 only, so nothing IPv6 comes from or goes to a workload
-    # (the veths also have IPv6 disabled: no link-local address to reach the host on).
-    state.chains6[("raw", PREROUTING)] = [f"-i {WORKLOADS} -j DROP"]
-    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))
-    state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
-    state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
+    _ipv6_firewall(snap, state)
     masq = frozenset(
         ep.ip_text
         for ep in local_endpoints(snap)
@@ -212,6 +211,51 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     state.jumps.append(Jump("nat", "POSTROUTING", POSTROUTING))
     _encryption(snap, state)
     return state
+
+
+def ipv6_networks_here(snap: Snapshot) -> bool:
+    """Whether any canal network of this host was created with --ipv6."""
+    return any(n.host == snap.host and n.ipv6 for n in snap.networks.values())
+
+
+def cluster_nets6(snap: Snapshot) -> frozenset[str]:
+    """Members of CLUSTER_SET6: the cluster's IPv6 network and every canal IPv6 pool."""
+    nets = {snap.cluster_network6} if snap.cluster_network6 else set()
+    for network in snap.networks.values():
+        nets.update(p for p in network.pools6 if p != ANY_NET6)
+    return frozenset(nets)
+
+
+def _ipv6_firewall(snap: Snapshot, state: FirewallState) -> None:
+    """ip6tables' half. Without an --ipv6 network on this host, nothing IPv6 comes from or goes
+    to a workload (their veths also have IPv6 disabled: no link-local way to the host). With
+    one, the same policy as IPv4 (compile_filter6) for endpoints with an IPv6 address, and the
+    raw table's drops as for IPv4; IPv6 from every other veth still dropped there first."""
+    if not ipv6_networks_here(snap):
+        state.chains6[("raw", PREROUTING)] = [f"-i {WORKLOADS} -j DROP"]
+        state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))
+        state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
+        state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
+        return
+    infos, policies, host, networks, broken, protection, _ = filter_inputs(snap)
+    filter6 = compile_filter6(infos, policies, host, networks, broken, protection, CLUSTER_SET6)
+    state.chains6.update(filter6.chains)
+    state.jumps6.extend(filter6.jumps)
+    state.ipsets += filter6.ipsets
+    state.ipsets.append(IpSet(CLUSTER_SET6, "hash:net", cluster_nets6(snap), family="inet6"))
+    open6 = sorted(host_ifname(ep.id) for ep in local_endpoints(snap) if ep.ip6 is not None)
+    state.chains6[("raw", PREROUTING)] = [
+        f"-i {WORKLOADS} -m rpfilter --invert -j DROP",
+        f"-i {WORKLOADS} -p udp -m udp --dport {snap.settings.vxlan_port} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(4)} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(41)} -j DROP",
+        f"-i {WORKLOADS} -p {protocol_name(50)} -j DROP",
+        f"-s ::1/128 -i {WORKLOADS} -j DROP",
+        f"-d ::1/128 -i {WORKLOADS} -j DROP",
+        *(f"-i {name} -j RETURN" for name in open6),
+        f"-i {WORKLOADS} -j DROP",  # IPv6 of endpoints on networks without --ipv6: closed
+    ]
+    state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))  # every rule is -i cnl+
 
 
 def encrypted_ips(snap: Snapshot) -> frozenset[str]:
@@ -285,13 +329,38 @@ def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:
     }
 
 
+def desired_route_records6(snap: Snapshot) -> dict[str, RouteRecord]:
+    """ip6 -> record for every joined local endpoint with an IPv6 address: peers route each
+    /128 to our VTEP (IPv6 addresses come from cluster-wide pools, not host subnets)."""
+    if snap.own_subnet is None:
+        return {}
+    return {
+        str(ep.ip6): RouteRecord(ep.ip6, snap.host, snap.own_subnet)
+        for ep in local_endpoints(snap)
+        if ep.joined and ep.ip6 is not None
+    }
+
+
+def remote_routes6(snap: Snapshot) -> list[tuple[ipaddress.IPv6Address, str]]:
+    """(remote /128, VtepMAC of its host's lease) for other hosts' IPv6 route records whose
+    lease is known (canal.dataplane.routes6 turns them into routes)."""
+    macs = {lease.subnet: lease.vtep_mac for lease in snap.leases if lease.vtep_mac}
+    out = []
+    for record in snap.routes6.values():
+        mac = macs.get(record.subnet)
+        if record.host != snap.host and isinstance(record.ip, ipaddress.IPv6Address) and mac:
+            out.append((record.ip, mac))
+    return sorted(out)
+
+
 def desired_vxlan(snap: Snapshot) -> VxlanState:
     peers = [
         Peer(lease.subnet, lease.public_ip, lease.vtep_mac)
         for lease in snap.leases
         if lease.subnet != snap.own_subnet
     ]
-    host_routes = [HostRoute(record.ip, record.subnet) for record in snap.routes.values() if record.host != snap.host]
+    host_routes = [HostRoute(record.ip, record.subnet) for record in snap.routes.values()
+                   if record.host != snap.host and isinstance(record.ip, ipaddress.IPv4Address)]
     return vxlan_state(peers, host_routes, snap.own_subnet)
 
 
@@ -319,6 +388,7 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
             "network": info.network,
             "host": ep.host,
             "ip": ep.ip_text,
+            "ip6": str(ep.ip6) if ep.ip6 is not None else None,
             "labels": dict(ep.labels) if ep.labels is not None else None,
             # pending: labels or network name unknown, so closed until learned
             "state": "pending" if info.labels is None else "joined" if ep.joined else "created",

@@ -62,6 +62,8 @@ class Party:
         ep = self.endpoint
         out = {"address": self.address, "endpoint": ep.id[:12], "container": ep.container_name or None,
                "container_id": ep.container[:12] or None, "network": self.network, "host": ep.host}
+        if ep.ip6 is not None:  # policy decides its IPv6 flows as its IPv4 ones (compile_filter6)
+            out["address6"] = str(ep.ip6)
         if self.note:
             out["note"] = self.note
         return out
@@ -95,7 +97,7 @@ def _candidates(snap: Snapshot, ref: str) -> List[EndpointRecord]:
     ref = ref.strip()
     out = []
     for ep in snap.endpoints.values():
-        if ref in (ep.container_name, ep.ip_text, ep.container, ep.id) or (
+        if ref in (ep.container_name, ep.ip_text, ep.container, ep.id) or (ep.ip6 is not None and ref == str(ep.ip6)) or (
             len(ref) >= 3 and (ep.container.startswith(ref) or ep.id.startswith(ref))
         ):
             out.append(ep)

@@ -240,9 +240,9 @@ def create_app(plugin: Any) -> Flask:
 
 
 def _oper_info(record: EndpointRecord) -> dict:
-    return {"ip": str(record.ip), "mac": record.mac, "host": record.host, "joined": record.joined,
+    return {"ip": str(record.ip), **({"ip6": str(record.ip6)} if record.ip6 else {}), "mac": record.mac, "host": record.host, "joined": record.joined,
             "ports": [str(b) for b in record.ports]}
 
 
 def _join_answer(result: JoinResult) -> dict:
-    return p.join(result.src_name, result.dst_prefix, result.gateway, [str(r) for r in result.routes])
+    return p.join(result.src_name, result.dst_prefix, result.gateway, [str(r) for r in result.routes], result.gateway6)

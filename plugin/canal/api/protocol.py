@@ -41,6 +41,7 @@ T = TypeVar("T")
 
 _IPV4 = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _IPV4_CIDR = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}/[0-9]{1,2}")
+_IPV6_CIDR = re.compile(r"[0-9a-f:]{2,39}/[0-9]{1,3}")  # lower-case hex: canonical spelling only
 _TOKEN = re.compile(r"[!-~]{1,256}")  # PoolID, AddressSpace: printable ASCII, no spaces
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -100,6 +101,18 @@ def _interface(value: str) -> ipaddress.IPv4Interface | None:
     return iface if str(iface) == value else None
 
 
+def _interface6(value: str) -> ipaddress.IPv6Interface | None:
+    """An IPv6 `addr/len` in canonical spelling (as Python and Go print it), else None: no zone,
+    no IPv4-mapped form, nothing a later ip/ip6tables/ipset line could read otherwise."""
+    if len(value) > 64 or not _IPV6_CIDR.fullmatch(value):
+        return None
+    try:
+        iface = ipaddress.IPv6Interface(value)
+    except ValueError:
+        return None
+    return iface if str(iface) == value and iface.ip.ipv4_mapped is None else None
+
+
 def _not_v4(path: str, value: str, want: str) -> _Refused:
     if ":" in value and "\n" not in value and len(value) < 64:
         return _Refused(path, f"must be {want}, got {_show(value)}: IPv6 is not supported by canal")
@@ -119,6 +132,12 @@ def _check_pool(path: str, value: str) -> str:
 
 def _check_request_cidr(path: str, value: str) -> str:
     """RequestPool's Pool/SubPool: a CIDR or "". Host bits are left to IPAM, which explains them."""
+    if value and ":" in value and _IPV6_CIDR.fullmatch(value.lower()) and len(value) <= 64:
+        try:
+            ipaddress.IPv6Interface(value)
+            return value
+        except ValueError:
+            raise _Refused(path, f"must be an IPv6 CIDR, got {_show(value)}") from None
     if value and _interface(value) is None:
         raise _not_v4(path, value, "an IPv4 CIDR a.b.c.d/len or empty")
     return value
@@ -133,8 +152,13 @@ def _check_cidr_or_empty(path: str, value: Any) -> str:
 
 
 def _check_ip(path: str, value: str) -> str:
-    """A plain IPv4 address a.b.c.d (what Docker sends to RequestAddress/ReleaseAddress), or ""."""
+    """A plain IPv4 address a.b.c.d (what Docker sends to RequestAddress/ReleaseAddress), a
+    canonical IPv6 address (pools of --ipv6 networks), or ""."""
     if not value:
+        return value
+    if ":" in value:
+        if _interface6(f"{value}/128") is None:
+            raise _Refused(path, f"must be an IPv6 address in canonical form, got {_show(value)}")
         return value
     ok = bool(_IPV4.fullmatch(value))
     if ok:
@@ -241,8 +265,35 @@ def _check_ipv4_data(path: str, value: list) -> list:
 
 
 def _check_ipv6_data(path: str, value: list) -> list:
-    # Refused by the network service ("IPv6 is not supported"); only bounded here.
-    return _check_value(path, value)
+    """IPv6Data of an --ipv6 network: what canal IPAM answered (canonical IPv6 pools and
+    gateways, ::/0 included), echoed by Docker. Aux addresses only need to be bounded strings."""
+    if len(value) > 64:
+        raise _Refused(path, "has more than 64 entries")
+    out = []
+    for i, entry in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(entry, dict):
+            raise _Refused(where, f"must be an object, got {_kind(entry)}")
+        space = entry.get("AddressSpace")
+        space = "" if space is None else space
+        if not isinstance(space, str):
+            raise _Refused(f"{where}.AddressSpace", f"must be a string, got {_kind(space)}")
+        _check_space(f"{where}.AddressSpace", space)
+        pool = entry.get("Pool")
+        if not isinstance(pool, str):
+            raise _Refused(f"{where}.Pool", f"must be an IPv6 network string, got {_kind(pool)}")
+        iface = _interface6(pool)
+        if iface is None or str(iface.network) != pool:
+            raise _Refused(f"{where}.Pool", f"must be an IPv6 network in canonical form, got {_show(pool)}")
+        gateway = entry.get("Gateway")
+        gateway = "" if gateway is None else gateway
+        if not isinstance(gateway, str) or (gateway and _interface6(gateway) is None):
+            raise _Refused(f"{where}.Gateway", f"must be an IPv6 CIDR or empty, got {_show(gateway)}")
+        aux = _check_value(f"{where}.AuxAddresses", entry.get("AuxAddresses") or {})
+        if not isinstance(aux, dict):
+            raise _Refused(f"{where}.AuxAddresses", f"must be an object, got {_kind(aux)}")
+        out.append({"AddressSpace": space, "Pool": pool, "Gateway": gateway, "AuxAddresses": aux})
+    return out
 
 
 def _check_mac(path: str, value: Any) -> str:
@@ -265,6 +316,8 @@ def _check_interface(path: str, value: dict) -> dict:
         raise _Refused(f"{path}.Address", f"must be an IPv4 CIDR a.b.c.d/len or empty: bad address {_show(address)}")
     v6 = value.get("AddressIPv6")
     v6 = _check_string(f"{path}.AddressIPv6", "" if v6 is None else v6, 256)
+    if v6 and _interface6(v6) is None:
+        raise _Refused(f"{path}.AddressIPv6", f"must be an IPv6 CIDR addr/len or empty: bad address {_show(v6)}")
     mac = value.get("MacAddress")
     mac = _check_mac(f"{path}.MacAddress", "" if mac is None else mac)
     return {"Address": address, "AddressIPv6": v6, "MacAddress": mac}
@@ -581,18 +634,22 @@ def address(cidr: str, data: dict) -> dict:
     return {"Address": cidr, "Data": data}
 
 
-def join(src_name: str, dst_prefix: str, gateway: str, routes: Iterable[str] = ()) -> dict:
+def join(src_name: str, dst_prefix: str, gateway: str, routes: Iterable[str] = (), gateway6: str = "") -> dict:
     """Calico's answer: a link-local gateway made reachable by a connected /32 route; then, for
     a container's further canal interfaces, the destinations that interface carries (RouteType
-    0: via the gateway), in place before the container runs."""
+    0: via the gateway), in place before the container runs. gateway6: the host veth's IPv6
+    link-local address (endpoints of --ipv6 networks), on-link by nature: no route needed."""
     static = [{"Destination": f"{gateway}/32", "RouteType": 1, "NextHop": ""}]
     static += [{"Destination": cidr, "RouteType": 0, "NextHop": gateway} for cidr in routes]
-    return {
+    answer = {
         "InterfaceName": {"SrcName": src_name, "DstPrefix": dst_prefix},
         "Gateway": gateway,
         "StaticRoutes": static,
         "DisableGatewayService": False,
     }
+    if gateway6:
+        answer["GatewayIPv6"] = gateway6
+    return answer
 
 
 def error(message: str) -> dict:

@@ -60,7 +60,8 @@ def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path
 def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddress.IPv4Network, ...]) -> Desired:
     """The backend's desired state for this snapshot: pure (the underlay's prefixes passed in)."""
     config.require_supported()
-    host_routes = [HostRoute(r.ip, r.subnet) for r in snap.routes.values() if r.host != snap.host]
+    host_routes = [HostRoute(r.ip, r.subnet) for r in snap.routes.values()
+                   if r.host != snap.host and isinstance(r.ip, ipaddress.IPv4Address)]  # /128s: routes6
     desired = DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay)
     if config.type != "wireguard" and encrypts(snap):
         # Encrypted networks on a cluster of another backend: their peers in a table of their own.

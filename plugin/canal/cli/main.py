@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 _print(device, args.output)
         elif args.command == "endpoint":
-            columns = ["container", "network", "host", "ip", "state", "labels", "policies"]
+            columns = ["container", "network", "host", "ip", "ip6", "state", "labels", "policies"]
             _print(client.get("/canal/v1/endpoints")["endpoints"], args.output, columns)
         elif args.verb == "apply" and args.dry_run:
             _progress("evaluating the flows between known endpoints before and after (nothing is stored)")

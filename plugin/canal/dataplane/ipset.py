@@ -27,6 +27,8 @@ MAX_NAME = 31
 KINDS = ("hash:ip", "hash:net")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,30}")
 _MEMBER = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?")
+_MEMBER6 = re.compile(r"[0-9a-f:]{2,39}(?:/[0-9]{1,3})?")
+FAMILIES = ("inet", "inet6")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class IpSet:
     name: str
     kind: str  # "hash:ip" or "hash:net"
     members: frozenset[str]
+    family: str = "inet"  # "inet6": IPv6 members (policy of networks created with --ipv6)
 
 
 def current() -> dict[str, set[str]]:
@@ -50,12 +53,23 @@ def current() -> dict[str, set[str]]:
 
 
 def _normal(member: str) -> str:
-    """ipset prints /32 networks of hash:net sets without the suffix."""
+    """ipset prints /32 (/128) networks of hash:net sets without the suffix."""
+    if member.endswith("/128"):
+        return member[:-4]
     return member[:-3] if member.endswith("/32") else member
 
 
-def valid_member(member: object) -> bool:
-    """An IPv4 address or CIDR as ipset prints it: nothing else may become a restore line."""
+def valid_member(member: object, family: str = "inet") -> bool:
+    """An IPv4 (inet6: IPv6) address or CIDR as ipset prints it: nothing else may become a
+    restore line."""
+    if family == "inet6":
+        if not isinstance(member, str) or not _MEMBER6.fullmatch(member):
+            return False
+        try:
+            ipaddress.IPv6Network(member, strict=False)
+        except ValueError:
+            return False
+        return True
     if not isinstance(member, str) or not _MEMBER.fullmatch(member):
         return False
     try:
@@ -68,6 +82,8 @@ def valid_member(member: object) -> bool:
 def _check_name(ipset: IpSet) -> None:
     if not isinstance(ipset.name, str) or not _NAME.fullmatch(ipset.name):
         raise UnsafeInput(f"ipset name {str(ipset.name)[:80]!r} is malformed, refused")
+    if ipset.family not in FAMILIES:
+        raise UnsafeInput(f"ipset {ipset.name}: family {str(ipset.family)[:40]!r} is not inet or inet6")
     if ipset.kind not in KINDS:
         raise UnsafeInput(f"ipset {ipset.name}: type {str(ipset.kind)[:40]!r} is not one of {', '.join(KINDS)}")
 
@@ -78,7 +94,7 @@ def _valid_lines(ipset: IpSet, members: Iterable[str]) -> list[str]:
     good: list[str] = []
     bad: list[str] = []
     for member in sorted(members):
-        (good if valid_member(member) else bad).append(member)
+        (good if valid_member(member, ipset.family) else bad).append(member)
     if bad:
         log.warning("ipset %s: dropping %d malformed member(s), e.g. %r", ipset.name, len(bad), str(bad[0])[:80])
     return good
@@ -103,10 +119,10 @@ def restore_script(desired: list[IpSet], present: dict[str, set[str]]) -> str:
                 continue
         tmp = ipset.name[: MAX_NAME - 4] + "-tmp"
         size = max(65536, 2 * len(ipset.members))
-        lines.append(f"create {tmp} {ipset.kind} family inet maxelem {size} -exist")
+        lines.append(f"create {tmp} {ipset.kind} family {ipset.family} maxelem {size} -exist")
         lines.append(f"flush {tmp}")
         lines.extend(f"add {tmp} {m}" for m in _valid_lines(ipset, ipset.members))
-        lines.append(f"create {ipset.name} {ipset.kind} family inet maxelem {size} -exist")
+        lines.append(f"create {ipset.name} {ipset.kind} family {ipset.family} maxelem {size} -exist")
         lines.append(f"swap {tmp} {ipset.name}")
         lines.append(f"destroy {tmp}")
     return "\n".join(lines) + ("\n" if lines else "")

@@ -3,7 +3,12 @@
 Per endpoint: a veth pair; the container end is moved into the sandbox by Docker (Join's
 SrcName); the host end carries the container's gateway (169.254.1.1/32, or 169.254.1.N for a
 container's further canal interfaces: it answers ARP even on hosts without a default route),
-proxy ARP, and a /32 route to the container. No bridge.
+proxy ARP, and a /32 route to the container. No bridge. An endpoint of an --ipv6 network also
+gets a /128 route on the same veth, whose host end then has IPv6 with exactly one address, the
+link-local fe80::ecee:eeff:feee:eeee (from its MAC ee:ee:ee:ee:ee:ee): the container's IPv6
+default route goes via it and the host answers its neighbour solicitations itself (no proxy
+NDP; nothing depends on the host having an IPv6 default route). Every other veth has IPv6
+disabled on its host end.
 Every function here is idempotent: the reconcile loop calls the same ones the handlers do.
 """
 
@@ -13,6 +18,7 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +37,7 @@ HOST_PREFIX = "cnl"  # host-side veth: cnl + 12 chars of the endpoint ID (15 = I
 PEER_PREFIX = "cnp"  # container side, until Docker moves and renames it
 GATEWAY = "169.254.1.1"
 HOST_MAC = "ee:ee:ee:ee:ee:ee"
+GATEWAY6 = "fe80::ecee:eeff:feee:eeee"  # the link-local address of HOST_MAC (EUI-64)
 RT_SCOPE_LINK = 253
 RTPROT_CANAL = 101  # our routes carry their own protocol number, so we find (only) them again
 
@@ -64,6 +71,7 @@ class EndpointLink:
     mac: str
     mtu: int
     gateway: ipaddress.IPv4Address = ipaddress.IPv4Address(GATEWAY)  # the container's next hop
+    ip6: ipaddress.IPv6Address | None = None  # on an --ipv6 network: its /128
 
     @property
     def host_if(self) -> str:
@@ -85,6 +93,35 @@ def _sysctl(root: str, path: str, value: str) -> None:
 def has_ipv6() -> bool:
     """A kernel without IPv6 has nothing to lock down (and no ip6tables tables to write)."""
     return os.path.exists("/proc/net/if_inet6")
+
+
+def enable_forwarding6(sysctl_dir: str = "/proc/sys") -> None:
+    """Turn on IPv6 forwarding, at the first endpoint with an IPv6 address (as Docker does for
+    its --ipv6 networks). The kernel has no per-interface IPv6 forwarding switch that works
+    without conf/all: setting that makes every interface a router, and a router ignores
+    router advertisements when accept_ra is 1, so interfaces that accepted them (SLAAC,
+    default routes) are moved to accept_ra=2 first (accept them while forwarding)."""
+    base = f"{sysctl_dir}/net/ipv6/conf"
+    try:
+        with open(f"{base}/all/forwarding") as handle:
+            if handle.read().strip() == "1":
+                return
+        names = os.listdir(base)
+    except OSError as err:
+        raise Unavailable(f"cannot read IPv6 forwarding at {base}: {err.strerror}") from err
+    for name in names:
+        if name in ("all", "default") or name.startswith(HOST_PREFIX):
+            continue
+        try:
+            with open(f"{base}/{name}/accept_ra") as handle:
+                if handle.read().strip() != "1":
+                    continue
+        except OSError:
+            continue
+        _sysctl(sysctl_dir, f"net/ipv6/conf/{name}/accept_ra", "2")
+        log.info("interface %s: accept_ra 1 -> 2, so it keeps its router advertisements with IPv6 forwarding on", name)
+    _sysctl(sysctl_dir, "net/ipv6/conf/all/forwarding", "1")
+    log.info("enabled IPv6 forwarding (an endpoint of an --ipv6 network)")
 
 
 def enable_forwarding(sysctl_dir: str = "/proc/sys") -> None:
@@ -132,6 +169,7 @@ class Links:
         # Host veth -> endpoint id of pairs made ahead of their Join (prepare): not orphans.
         self._expected: dict[str, str] = {}
         self._submit = submit or _in_background
+        self._forwarding6 = False  # IPv6 forwarding turned on (at the first --ipv6 endpoint)
 
     def close(self) -> None:
         with self._lock:
@@ -224,8 +262,10 @@ class Links:
         # routes loopback sources out of it only with route_localnet. The raw table drops
         # every loopback address arriving from a workload, which this would otherwise accept.
         _sysctl(self.sysctl_dir, conf + "route_localnet", "1")
+        if link.ip6 is not None:
+            self._configure6(link)
         # IPv4 only: no IPv6 address on the host side, so no link-local way to the host.
-        if os.path.isdir(f"{self.sysctl_dir}/net/ipv6/conf/{link.host_if}"):
+        elif os.path.isdir(f"{self.sysctl_dir}/net/ipv6/conf/{link.host_if}"):
             _sysctl(self.sysctl_dir, f"net/ipv6/conf/{link.host_if}/disable_ipv6", "1")
         self._ipr.link("set", index=index, state="up", mtu=link.mtu)
         try:
@@ -238,6 +278,36 @@ class Links:
             dst=f"{link.ip}/32",
             oif=index,
             scope=RT_SCOPE_LINK,
+            proto=RTPROT_CANAL,
+        )
+        if link.ip6 is not None:
+            self._address6(index, link)
+
+    def _configure6(self, link: EndpointLink) -> None:
+        """The host end of an --ipv6 endpoint's veth: IPv6 on, with only the fixed link-local
+        address (no DAD: the MAC is the same on every veth, each its own link), no router
+        advertisements taken from the container, a router towards it."""
+        if not self._forwarding6:
+            enable_forwarding6(self.sysctl_dir)
+            self._forwarding6 = True
+        conf = f"net/ipv6/conf/{link.host_if}/"
+        _sysctl(self.sysctl_dir, conf + "addr_gen_mode", "1")  # none: we add the address ourselves
+        _sysctl(self.sysctl_dir, conf + "accept_dad", "0")
+        _sysctl(self.sysctl_dir, conf + "accept_ra", "0")
+        _sysctl(self.sysctl_dir, conf + "forwarding", "1")
+        _sysctl(self.sysctl_dir, conf + "disable_ipv6", "0")
+
+    def _address6(self, index: int, link: EndpointLink) -> None:
+        try:
+            self._ipr.addr("add", index=index, address=GATEWAY6, prefixlen=64, family=socket.AF_INET6)
+        except NetlinkError as err:
+            if err.code != errno.EEXIST:
+                raise
+        self._ipr.route(
+            "replace",
+            family=socket.AF_INET6,
+            dst=f"{link.ip6}/128",
+            oif=index,
             proto=RTPROT_CANAL,
         )
 
@@ -353,14 +423,16 @@ def forget_connections(*ips: str, runner: Callable[..., Any] | None = None) -> F
     missing = False
     for raw in ips:
         try:
-            ip = str(ipaddress.IPv4Address(raw))  # from records: never let one become an option
+            address = ipaddress.ip_address(raw)  # from records: never let one become an option
+            ip = str(address)
         except ValueError:
-            failed.append((str(raw)[:64], "not an IPv4 address"))
+            failed.append((str(raw)[:64], "not an IPv4 or IPv6 address"))
             continue
+        family = ["-f", "ipv6"] if address.version == 6 else []
         reason = ""
         for direction in ("--orig-src", "--orig-dst"):
             try:
-                proc = call(["conntrack", "-D", direction, ip], check=False, timeout=5)
+                proc = call(["conntrack", "-D", *family, direction, ip], check=False, timeout=5)
             except ToolMissing:
                 reason = "conntrack is not installed (apt-get install conntrack)"
                 missing = True

@@ -9,16 +9,18 @@ from __future__ import annotations
 import ipaddress
 
 
-def ip_hex(ip: ipaddress.IPv4Address | str) -> str:
-    return "%08x" % int(ipaddress.IPv4Address(ip))
+def ip_hex(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str) -> str:
+    """8 hex digits for IPv4, 32 for IPv6: the lengths never collide, so one directory holds both."""
+    address = ipaddress.ip_address(ip)
+    return ("%08x" if address.version == 4 else "%032x") % int(address)
 
 
-def hex_prefix(net: ipaddress.IPv4Network) -> str:
+def hex_prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
     """The longest hex key prefix shared by every address of net (whole nibbles only)."""
     return ip_hex(net.network_address)[: net.prefixlen // 4]
 
 
-def cidr_key(net: ipaddress.IPv4Network | str) -> str:
+def cidr_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network | str) -> str:
     return str(net).replace("/", "-")
 
 
@@ -28,14 +30,14 @@ class Keys:
         self.flannel = flannel_prefix.rstrip("/")
 
     # Canal's own records
-    def pool(self, net: ipaddress.IPv4Network | str) -> str:
+    def pool(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network | str) -> str:
         return f"{self.root}/ipam/pools/{cidr_key(net)}"
 
     @property
     def pools(self) -> str:
         return f"{self.root}/ipam/pools/"
 
-    def address(self, ip: ipaddress.IPv4Address | str) -> str:
+    def address(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str) -> str:
         return f"{self.root}/ipam/addresses/{ip_hex(ip)}"
 
     @property
@@ -57,7 +59,7 @@ class Keys:
     def endpoints(self) -> str:
         return f"{self.root}/endpoints/"
 
-    def route(self, ip: ipaddress.IPv4Address | str) -> str:
+    def route(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | str) -> str:
         """A /32 owned by a host outside its own subnet, routed to it by every peer."""
         return f"{self.root}/routes/{ip_hex(ip)}"
 

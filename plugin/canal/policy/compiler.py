@@ -33,6 +33,13 @@ containers passes the sender's egress chain and then the receiver's ingress chai
 
 Scale: the number of rules depends only on the policies and the LOCAL endpoints; which remote
 endpoints a selector matches lives in ipsets (membership changes never rewrite rules).
+
+IPv6 (compile_filter6, for ip6tables): the same chains from the same policies, for endpoints
+with an IPv6 address (networks created with --ipv6): selectors fill `family inet6` sets of
+their /128s, a rule's nets/notNets count in the family they belong to (a rule whose nets are
+all of the other family never matches), ICMP rules are IPv4's and ICMPv6 rules IPv6's, anti-
+spoofing allows only the endpoint's /128, and neighbour discovery (ICMPv6 130-136, untracked by
+conntrack) between a workload and its host veth is accepted before any policy, as Felix does.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ __all__ = [
     "WL_TO_HOST",
     "compile_filter",
     "compile_filter_annotated",
+    "compile_filter6",
     "effective_labels",
     "endpoint_chain",
     "network_members_set",
@@ -112,6 +120,7 @@ class EndpointInfo:
     host: str
     labels: Optional[Mapping[str, str]] = None
     published: tuple[tuple[str, int], ...] = ()  # (proto, container port) published on its host
+    ip6: Optional[str] = None  # its IPv6 address (networks created with --ipv6)
 
 
 @dataclass(frozen=True)
@@ -264,10 +273,41 @@ def _icmp_spec(match: IcmpMatch) -> str:
 
 
 def _collapse(nets: Sequence[str]) -> List[str]:
+    """Nets of one family, merged (callers pass one family's: see _Compiler._own)."""
+    if any(":" in n for n in nets):
+        return [str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv6Network(n, strict=False) for n in nets)]
     return [str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv4Network(n, strict=False) for n in nets)]
 
 
 class _Compiler:
+    family = 4
+    any_net = "0.0.0.0/0"
+    host_bits = 32
+    icmp = (1, "-m icmp --icmp-type")  # (protocol number, match) of this family's ICMP
+
+    def _address(self, endpoint: EndpointInfo) -> Optional[str]:
+        """The endpoint's address in this family (None: it has none, so no rules or set entries)."""
+        return _bare_ip(endpoint.ip)
+
+    def _set_name(self, name: str) -> str:
+        return name
+
+    def _ipset(self, name: str, kind: str, members: frozenset[str]) -> IpSet:
+        return IpSet(name, kind, members)
+
+    def _own(self, nets: Sequence[str]) -> List[str]:
+        """The nets of this family."""
+        return [n for n in nets if (":" in n) == (self.family == 6)]
+
+    def _ndp(self) -> List[str]:
+        """Rules accepting what the family needs between a workload and its host veth."""
+        return []
+
+    spoofed = "DROP"  # where a source other than the endpoint's own address goes
+
+    def _extra_chains(self) -> None:
+        """Chains of this family only."""
+
     def __init__(
         self,
         endpoints: Sequence[EndpointInfo],
@@ -291,8 +331,9 @@ class _Compiler:
         groups: Dict[tuple, List[str]] = {}
         for e in endpoints:
             labels = self.labels[e.id]
-            if labels is not None:
-                groups.setdefault(tuple(sorted(labels.items())), []).append(_bare_ip(e.ip))
+            address = self._address(e)
+            if labels is not None and address is not None:
+                groups.setdefault(tuple(sorted(labels.items())), []).append(address)
         self.groups = [(dict(key), ips) for key, ips in groups.items()]
         self.chains: Dict[str, List[str]] = {}
         self.sets: Dict[str, IpSet] = {}
@@ -305,22 +346,23 @@ class _Compiler:
 
     def _selector_match(self, text: str, network: Optional[str], direction: str, negated: bool) -> str:
         scoped = scoped_selector(text, network)
-        name = selector_set(scoped)
+        name = self._set_name(selector_set(scoped))
         if name not in self.sets:
             members = frozenset(ip for labels, ips in self.groups if scoped.matches(labels) for ip in ips)
-            self.sets[name] = IpSet(name, "hash:ip", members)
+            self.sets[name] = self._ipset(name, "hash:ip", members)
         return f"-m set {'! ' if negated else ''}--match-set {name} {direction}"
 
     def _network_set(self, network: str) -> str:
-        name = network_members_set(network)
+        name = self._set_name(network_members_set(network))
         if name not in self.sets:
-            members = frozenset(_bare_ip(e.ip) for e in self.endpoints if e.network == network)
-            self.sets[name] = IpSet(name, "hash:ip", members)
+            addresses = (self._address(e) for e in self.endpoints if e.network == network)
+            members = frozenset(a for a in addresses if a is not None)
+            self.sets[name] = self._ipset(name, "hash:ip", members)
         return name
 
     def _cidr_match(self, nets: List[str], direction: str, negated: bool) -> str:
-        name = _cidr_set(nets)
-        self.sets.setdefault(name, IpSet(name, "hash:net", frozenset(nets)))
+        name = self._set_name(_cidr_set(nets))
+        self.sets.setdefault(name, self._ipset(name, "hash:net", frozenset(nets)))
         return f"-m set {'! ' if negated else ''}--match-set {name} {direction}"
 
     # -- policy chains -------------------------------------------------------------------------------
@@ -331,9 +373,12 @@ class _Compiler:
         matches: List[str] = []
         network = None if policy.is_global else policy.network
         for flag, direction, entity in (("-s", "src", rule.source), ("-d", "dst", rule.destination)):
-            nets = [] if "0.0.0.0/0" in entity.nets else _collapse(entity.nets)
-            not_nets = _collapse(entity.not_nets)
-            if "0.0.0.0/0" in not_nets:
+            own = self._own(entity.nets)
+            if entity.nets and not own:
+                return []  # every net is of the other family: matches nothing in this one
+            nets = [] if self.any_net in own else _collapse(own)
+            not_nets = _collapse(self._own(entity.not_nets))
+            if self.any_net in not_nets:
                 return []  # excludes every address
             single = len(nets) == 1
             if single:
@@ -351,6 +396,8 @@ class _Compiler:
 
         if rule.protocol is not None:
             number = _protocol_number(rule.protocol)
+            if number in (1, 58) and number != self.icmp[0]:
+                return []  # ICMP rules are IPv4's, ICMPv6 rules IPv6's (as in Calico)
             if rule.not_protocol is not None and _protocol_number(rule.not_protocol) == number:
                 return []  # "protocol X and not X"
             head.append(f"-p {protocol_name(number)}")
@@ -363,10 +410,11 @@ class _Compiler:
         for option, entity in (("--sports", rule.source), ("--dports", rule.destination)):
             negative += [f"-m multiport ! {option} {group}" for group in _port_groups(entity.not_ports)]
         icmp: List[str] = []
+        module, option = self.icmp[1].rsplit(" ", 1)
         if rule.icmp is not None:
-            icmp.append(f"-m icmp --icmp-type {_icmp_spec(rule.icmp)}")
+            icmp.append(f"{module} {option} {_icmp_spec(rule.icmp)}")
         if rule.not_icmp is not None:
-            icmp.append(f"-m icmp ! --icmp-type {_icmp_spec(rule.not_icmp)}")
+            icmp.append(f"{module} ! {option} {_icmp_spec(rule.not_icmp)}")
         sports = [f"-m multiport --sports {g}" for g in _port_groups(rule.source.ports)] or [""]
         dports = [f"-m multiport --dports {g}" for g in _port_groups(rule.destination.ports)] or [""]
 
@@ -422,7 +470,7 @@ class _Compiler:
         return self._jump_note_cache[key]
 
     def _endpoint_chain(self, endpoint: EndpointInfo, direction: str) -> tuple[List[str], List[Note]]:
-        ip = _bare_ip(endpoint.ip)
+        ip = self._address(endpoint)
         rules = [CLEAR_MARKS]
         notes = [_IMPLICIT[("clear-marks", direction)]]
 
@@ -431,7 +479,7 @@ class _Compiler:
             notes.append(note)
 
         if direction == EGRESS:
-            add(f"! -s {ip}/32 -j DROP", _IMPLICIT[("anti-spoof", direction)])
+            add(f"! -s {ip}/{self.host_bits} -j {self.spoofed}", _IMPLICIT[("anti-spoof", direction)])
             network = self.networks.get(endpoint.network)
             if network is not None and network.internal:
                 members = self._network_set(endpoint.network)
@@ -456,7 +504,9 @@ class _Compiler:
         if direction == EGRESS:
             # The datastore is every host's trust root: closed unless a policy allowed it above.
             for address, port in self.host.datastore:
-                add(f"-d {address}/32 -p tcp -m multiport --dports {port} -j DROP",
+                if self._own([address]) == []:
+                    continue
+                add(f"-d {address}/{self.host_bits} -p tcp -m multiport --dports {port} -j DROP",
                     _IMPLICIT[("datastore", direction)])
         if applied:
             # Default deny once any policy selects the endpoint, unless one of them passed.
@@ -500,17 +550,20 @@ class _Compiler:
         # bypass the host's own INPUT rules for all of its traffic.
         self.chains[INPUT] = [
             f"-i {wl} -m conntrack --ctstate INVALID -j DROP",
+            *self._ndp(),
             f"-i {wl} -m conntrack --ctstate ESTABLISHED -j ACCEPT",
             f"-i {wl} -g {WL_TO_HOST}",
         ]
         to_host = [f"-j {FROM_WL}"]  # the workload's egress policy applies first, in every mode
-        for address in self.host.dns:
-            to_host += [f"-d {address}/32 -p {proto} -m multiport --dports 53 -j ACCEPT" for proto in ("tcp", "udp")]
+        for address in self._own(self.host.dns):
+            to_host += [f"-d {address}/{self.host_bits} -p {proto} -m multiport --dports 53 -j ACCEPT" for proto in ("tcp", "udp")]
         to_host.append(f"-j {WORKLOAD_TO_HOST_ACTIONS[self.host.workload_to_host]}")
         self.chains[WL_TO_HOST] = to_host
         from_wl: List[str] = []
         to_wl: List[str] = []
         for endpoint in self.local:
+            if self._address(endpoint) is None:
+                continue  # no address of this family: its interface falls to the DROP below
             ifname = host_ifname(endpoint.id)
             egress, ingress = endpoint_chain(endpoint.id, EGRESS), endpoint_chain(endpoint.id, INGRESS)
             from_wl.append(f"-i {ifname} -g {egress}")
@@ -519,6 +572,7 @@ class _Compiler:
             self.chains[ingress], self.notes[ingress] = self._endpoint_chain(endpoint, INGRESS)
         self.chains[FROM_WL] = from_wl + ["-j DROP"]  # unknown workload interface: fail closed
         self.chains[TO_WL] = to_wl + ["-j DROP"]
+        self._extra_chains()
 
         for name in self.chains:
             assert len(name) <= MAX_CHAIN_NAME, name
@@ -532,6 +586,55 @@ class _Compiler:
             ],
             ipsets=[self.sets[name] for name in sorted(self.sets)],
         )
+
+
+SPOOF6 = "CANAL-SPOOF6"
+
+
+class _Compiler6(_Compiler):
+    """The IPv6 filter table (ip6tables): see the module docstring."""
+
+    family = 6
+    any_net = "::/0"
+    host_bits = 128
+    icmp = (58, "-m icmp6 --icmpv6-type")
+
+    def _address(self, endpoint: EndpointInfo) -> Optional[str]:
+        return endpoint.ip6
+
+    def _set_name(self, name: str) -> str:
+        return "canal-6" + name[len("canal-"):]  # still canal-*: ours to read back and remove
+
+    def _ipset(self, name: str, kind: str, members: frozenset[str]) -> IpSet:
+        return IpSet(name, kind, members, family="inet6")
+
+    # Besides its /128, a workload may send from its link-local address (to its host veth: the
+    # kernel never forwards link-local sources); anything else is dropped.
+    spoofed = SPOOF6
+
+    def _extra_chains(self) -> None:
+        self.chains[SPOOF6] = ["-s fe80::/10 -j RETURN", "-j DROP"]
+
+    def _ndp(self) -> List[str]:
+        # Router/neighbour solicitations and advertisements, MLD: untracked by conntrack, sent
+        # from link-local (or unspecified) sources the anti-spoofing rule would drop.
+        proto = protocol_name(58)
+        return [f"-i {HOST_PREFIX}+ -p {proto} -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in range(130, 137)]
+
+
+def compile_filter6(
+    endpoints: Iterable[EndpointInfo],
+    policies: Iterable[Policy],
+    local_host: str,
+    networks: Mapping[str, NetworkInfo],
+    broken_scopes: AbstractSet[Optional[str]] = frozenset(),
+    host: HostProtection = HostProtection(),
+    cluster_set: Optional[str] = None,
+) -> FirewallState:
+    """compile_filter for ip6tables: the same policies over the endpoints' IPv6 addresses
+    (`family inet6` ipsets named canal-6*); endpoints without one are closed to IPv6."""
+    compiler = _Compiler6(list(endpoints), list(policies), local_host, networks, broken_scopes, host, cluster_set)
+    return compiler.compile()
 
 
 def _bare_ip(ip: str) -> str:

@@ -52,7 +52,7 @@ EGRESS = "Egress"
 ACTIONS = ("Allow", "Deny", "Log", "Pass")
 
 # Canonical spelling -> IP protocol number. Names are matched case-insensitively.
-PROTOCOLS = {"TCP": 6, "UDP": 17, "ICMP": 1, "SCTP": 132, "UDPLite": 136}
+PROTOCOLS = {"TCP": 6, "UDP": 17, "ICMP": 1, "SCTP": 132, "UDPLite": 136, "ICMPv6": 58}
 _PROTOCOL_BY_LOWER = {name.lower(): name for name in PROTOCOLS}
 # Calico allows ports only with these (by name or number); iptables multiport agrees.
 PORT_PROTOCOLS = frozenset({6, 17, 132, 136})
@@ -598,8 +598,8 @@ def _rule(value: Any, path: str) -> Rule:
     icmp = _icmp(data.get("icmp"), _join(path, "icmp"))
     not_icmp = _icmp(data.get("notICMP"), _join(path, "notICMP"))
     for name, match in (("icmp", icmp), ("notICMP", not_icmp)):
-        if match is not None and _protocol_number(protocol) != 1:
-            _fail(_join(path, name), "ICMP type/code need protocol ICMP")
+        if match is not None and _protocol_number(protocol) not in (1, 58):
+            _fail(_join(path, name), "ICMP type/code need protocol ICMP or ICMPv6")
     source = _entity(data.get("source"), _join(path, "source"))
     destination = _entity(data.get("destination"), _join(path, "destination"))
     for name, entity in (("source", source), ("destination", destination)):
@@ -619,9 +619,7 @@ def _protocol(value: Any, path: str) -> Optional[Protocol]:
     if isinstance(value, str):
         name = _PROTOCOL_BY_LOWER.get(value.lower())
         if name is None:
-            if value.lower() == "icmpv6":
-                _fail(path, "ICMPv6 is not supported: canal networks are IPv4 only")
-            _fail(path, f"unknown protocol {_clip(value)!r}; expected TCP, UDP, ICMP, SCTP, UDPLite or 1-255")
+            _fail(path, f"unknown protocol {_clip(value)!r}; expected TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or 1-255")
         return name
     _fail(path, f"expected a protocol name or number, got {_describe(value)}")
 
@@ -677,14 +675,12 @@ def _nets(value: Any, path: str) -> Tuple[str, ...]:
             net = ipaddress.ip_network(text, strict=False)
         except ValueError:
             _fail(item_path, f"invalid CIDR {_clip(text)!r}")
-        if net.version != 4:
-            _fail(item_path, f"{text}: IPv6 is not supported (canal networks are IPv4 only)")
         if "/" in text and net.network_address != ipaddress.ip_address(text.split("/")[0]):
             # 10.0.0.1/8: did the author mean the host or the network? Refuse to guess.
             _fail(
                 item_path,
                 f"{text} has host bits set; write {net} for the network or "
-                f"{text.split('/')[0]}/32 for the host",
+                f"{text.split('/')[0]}/{net.max_prefixlen} for the host",
             )
         out.append(str(net))
     return tuple(out)

@@ -8,6 +8,9 @@ Design choices, each forced by Docker:
 - Identical pool requests give identical answers (PoolID derived from the request), so
   replays, Swarm's manager/node double requests and several hosts creating the same network
   all land on one pool record.
+- IPv6 (`--ipv6`) the same way: `::/0` for a network without an IPv6 `--subnet`, whose
+  addresses come from the cluster's IPv6 network; every container address a routed /128.
+  Addresses of both families share one directory (8 or 32 hex digits per key).
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from typing import Any, Callable, Mapping
 from canal.datastore.base import Datastore
 from canal.datastore.keys import Keys, hex_prefix, ip_hex
 from canal.errors import BadRequest, Conflict, Exhausted, NotFound
-from canal.records import ANY_NET, AddressRecord, PoolRecord, RecordError, replace, safe
+from canal.records import ANY_NET, ANY_NET6, AddressRecord, PoolRecord, RecordError, replace, safe
 
 log = logging.getLogger(__name__)
 
 LOCAL_SPACE = "CanalLocal"
 GLOBAL_SPACE = "CanalGlobal"
 DEFAULT_POOL_ID = "canal-default"  # local networks without --subnet: this host's subnet
+DEFAULT6_POOL_ID = "canal-default6"  # --ipv6 networks without an IPv6 --subnet: the cluster's IPv6 network
+POOL6_ID_PREFIX = "canal-pool6:"  # IPv6 networks with --subnet (":" is in the CIDR: "+" before an ip-range)
 CLUSTER_POOL_ID = "canal-cluster"  # Swarm networks without --subnet: the whole cluster network
 POOL_ID_PREFIX = "canal-pool:"  # networks with --subnet
 GATEWAY_OPTION = "com.docker.network.gateway"
@@ -46,12 +51,17 @@ class PoolRef:
     the nodes (for the same network) in the local one, and both must land on the same pool.
     """
 
-    pool: ipaddress.IPv4Network | None  # None: the default pool (this host's subnet)
-    sub_pool: ipaddress.IPv4Network | None = None
+    pool: Net | None  # None: the default pool (this host's subnet; the cluster's IPv6 network)
+    sub_pool: Net | None = None
     cluster: bool = False  # the cluster network itself: no pool record, overlaps allowed
+    v6: bool = False
 
     @property
     def id(self) -> str:
+        if self.v6:
+            if self.pool is None:
+                return DEFAULT6_POOL_ID
+            return POOL6_ID_PREFIX + str(self.pool) + (f"+{self.sub_pool}" if self.sub_pool else "")
         if self.cluster:
             return CLUSTER_POOL_ID
         if self.pool is None:
@@ -62,6 +72,16 @@ class PoolRef:
     def parse(pool_id: Any, cluster: Callable[[], ipaddress.IPv4Network] | None = None) -> "PoolRef":
         if pool_id == DEFAULT_POOL_ID:
             return PoolRef(None)
+        if pool_id == DEFAULT6_POOL_ID:
+            return PoolRef(None, v6=True)
+        if isinstance(pool_id, str) and pool_id.startswith(POOL6_ID_PREFIX):
+            parts6 = pool_id[len(POOL6_ID_PREFIX):].split("+")
+            try:
+                pool6 = ipaddress.IPv6Network(parts6[0])
+                sub6 = ipaddress.IPv6Network(parts6[1]) if len(parts6) > 1 else None
+            except (ValueError, IndexError):
+                raise NotFound(f"unknown PoolID {pool_id!r}: malformed") from None
+            return PoolRef(pool6, sub6, v6=True)
         if pool_id == CLUSTER_POOL_ID and cluster is not None:
             return PoolRef(cluster(), cluster=True)
         if not isinstance(pool_id, str) or not pool_id.startswith(POOL_ID_PREFIX):
@@ -75,6 +95,17 @@ class PoolRef:
         return PoolRef(pool, sub)
 
 
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _network6(value: str, what: str) -> ipaddress.IPv6Network:
+    try:
+        return ipaddress.IPv6Network(value, strict=False)
+    except ValueError as err:
+        raise BadRequest(f"{what} {value!r} is not an IPv6 CIDR: {err}") from None
+
+
 def _network(value: str, what: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.IPv4Network(value, strict=False)
@@ -85,10 +116,13 @@ def _network(value: str, what: str) -> ipaddress.IPv4Network:
     return net
 
 
-def _usable(net: ipaddress.IPv4Network, ip: ipaddress.IPv4Address) -> bool:
-    """Network and broadcast addresses are never handed out (except in /31 and /32)."""
-    if net.prefixlen >= 31:
+def _usable(net: Net, ip: Address) -> bool:
+    """Network and broadcast addresses are never handed out (except in /31 and /32); in IPv6,
+    the subnet-router anycast address (the network address) is not (except in /127 and /128)."""
+    if net.prefixlen >= net.max_prefixlen - 1:
         return True
+    if net.version == 6:
+        return ip != net.network_address
     return ip not in (net.network_address, net.broadcast_address)
 
 
@@ -100,27 +134,32 @@ class Ipam:
         host: str,
         host_subnet: Callable[[], ipaddress.IPv4Network],
         cluster_network: Callable[[], ipaddress.IPv4Network] | None = None,
+        cluster_network6: Callable[[], ipaddress.IPv6Network | None] = lambda: None,
     ):
         self.store = store
         self.keys = keys
         self.host = host
         self.host_subnet = host_subnet
         self.cluster_network = cluster_network or host_subnet
+        # None: no IPv6 network configured (--ipv6 then needs an IPv6 --subnet)
+        self.cluster_network6 = cluster_network6
 
     # Pools --------------------------------------------------------------------------------
 
     def request_pool(
         self, address_space: str, pool: str, sub_pool: str, options: Mapping[str, str], v6: bool
     ) -> tuple[str, str, dict[str, str]]:
-        if v6:
-            raise BadRequest("IPv6 is not supported by canal IPAM: create the network without --ipv6")
         if address_space not in ("", LOCAL_SPACE, GLOBAL_SPACE):
             raise BadRequest(
                 f"unknown address space {address_space!r}: canal serves {LOCAL_SPACE} and {GLOBAL_SPACE}"
             )
+        if v6:
+            return self._request_pool6(pool, sub_pool)
         shared = address_space == GLOBAL_SPACE
         if not pool and sub_pool:
             raise BadRequest("--ip-range needs --subnet")
+        if ":" in pool or ":" in sub_pool:
+            raise BadRequest(f"subnet {pool or sub_pool!r} is IPv6: create the network with --ipv6")
         if (shared and not pool) or (pool == str(self.cluster_network()) and not sub_pool):
             # Swarm: the manager allocates task addresses anywhere in the cluster network;
             # each node then asks again for the same pool by its CIDR: one answer for both.
@@ -138,17 +177,7 @@ class Ipam:
             sub = _network(sub_pool, "ip-range")
             if not sub.subnet_of(net):
                 raise BadRequest(f"ip-range {sub} is not inside subnet {net}")
-        for key, raw in self.store.list_json(self.keys.pools).items():
-            try:
-                other_net = PoolRecord.parse(raw).cidr
-            except RecordError as err:
-                log.warning("ignoring malformed pool record %s: %s", safe(key), err)
-                continue
-            if other_net != net and other_net.overlaps(net):
-                raise Conflict(
-                    f"subnet {net} overlaps subnet {other_net} of another canal network; "
-                    "use the same subnet or one that does not overlap"
-                )
+        self._check_overlap(net)
         # "shared": a Swarm pool (requested in the global space), where task addresses are
         # allocated by the manager and claimed again by the node running the task.
         if self.store.create(self.keys.pool(net), PoolRecord(net, "", shared).to_json()):
@@ -156,6 +185,51 @@ class Ipam:
         elif shared:
             self._update_pool(net, lambda p: replace(p, shared=True))
         return PoolRef(net, sub).id, str(net), {}
+
+    def _check_overlap(self, net: Net) -> None:
+        for key, raw in self.store.list_json(self.keys.pools).items():
+            try:
+                other_net = PoolRecord.parse(raw).cidr
+            except RecordError as err:
+                log.warning("ignoring malformed pool record %s: %s", safe(key), err)
+                continue
+            if other_net.version != net.version:
+                continue
+            if other_net != net and other_net.overlaps(net):  # type: ignore[arg-type]  # same version
+                raise Conflict(
+                    f"subnet {net} overlaps subnet {other_net} of another canal network; "
+                    "use the same subnet or one that does not overlap"
+                )
+
+    def _request_pool6(self, pool: str, sub_pool: str) -> tuple[str, str, dict[str, str]]:
+        """An IPv6 pool (--ipv6): the user's --subnet, else the cluster's IPv6 network. Address
+        space and Swarm sharing as for IPv4 are not distinguished: every v6 pool is cluster-wide."""
+        if not pool and sub_pool:
+            raise BadRequest("--ip-range needs --subnet")
+        if not pool:
+            if self.cluster_network6() is None:
+                raise BadRequest(
+                    "--ipv6 without an IPv6 --subnet needs the cluster's IPv6 network: set EnableIPv6 and "
+                    "IPv6Network in flannel's config (etcd), or --network6 (embedded datastore)"
+                )
+            # No gateway request follows: the gateway is given here (see module docstring).
+            return DEFAULT6_POOL_ID, ANY_NET6, {GATEWAY_OPTION: ANY_NET6}
+        if "." in pool and ":" not in pool:
+            raise BadRequest(f"subnet {pool!r} is IPv4, but it was requested as the IPv6 pool of an --ipv6 network")
+        net = _network6(pool, "IPv6 subnet")
+        if str(net) != pool and net.network_address != ipaddress.IPv6Address(pool.split("/")[0]):
+            raise BadRequest(f"IPv6 subnet {pool!r} has host bits set; did you mean {net}?")
+        if net.prefixlen > 126:
+            raise BadRequest(f"IPv6 subnet {net} is too small: canal needs /126 or larger")
+        sub = None
+        if sub_pool:
+            sub = _network6(sub_pool, "IPv6 ip-range")
+            if not sub.subnet_of(net):
+                raise BadRequest(f"IPv6 ip-range {sub} is not inside subnet {net}")
+        self._check_overlap(net)
+        if self.store.create(self.keys.pool(net), PoolRecord(net).to_json()):
+            log.info("pool %s created", net)
+        return PoolRef(net, sub, v6=True).id, str(net), {}
 
     def release_pool(self, pool_id: str) -> None:
         ref = PoolRef.parse(pool_id, self.cluster_network)
@@ -175,16 +249,23 @@ class Ipam:
     ) -> tuple[str, dict[str, str]]:
         ref = PoolRef.parse(pool_id, self.cluster_network)
         kind = KIND_GATEWAY if (options or {}).get(REQUEST_TYPE_OPTION) == GATEWAY_OPTION else KIND_ENDPOINT
+        scope: Net
         if ref.pool is None:
             if kind == KIND_GATEWAY:
                 raise BadRequest("--gateway needs --subnet on a canal network")
-            scope = self.host_subnet()
+            if ref.v6:
+                net6 = self.cluster_network6()
+                if net6 is None:
+                    raise BadRequest("the cluster has no IPv6 network (any more): give the network an IPv6 --subnet")
+                scope = net6
+            else:
+                scope = self.host_subnet()
         else:
             scope = ref.pool
             if not ref.cluster and self.store.get(self.keys.pool(ref.pool)) is None:
                 raise NotFound(f"pool {ref.pool} does not exist (released?)")
         if address:
-            ip = self._parse_ip(address, scope)
+            ip = self._parse_ip(address, scope, ref.v6)
             self._reserve(ip, ref, kind)
         else:
             ip = self._allocate(ref, scope, kind)
@@ -192,11 +273,11 @@ class Ipam:
             if not ref.cluster:
                 self._update_pool(scope, lambda p: replace(p, gateway=str(ip)))
             return f"{ip}/{scope.prefixlen}", {}
-        return f"{ip}/32", {}
+        return f"{ip}/{ip.max_prefixlen}", {}
 
     def release_address(self, pool_id: str, address: str) -> None:
         ref = PoolRef.parse(pool_id, self.cluster_network)
-        ip = self._parse_ip(address, None)
+        ip = self._parse_ip(address, None, ref.v6)
         key = self.keys.address(ip)
 
         def release(raw: Any) -> Any:
@@ -217,13 +298,13 @@ class Ipam:
             log.info("released %s from %s", ip, ref.id)
 
     @staticmethod
-    def _address(raw: Any, ip: ipaddress.IPv4Address) -> AddressRecord:
+    def _address(raw: Any, ip: Address) -> AddressRecord:
         try:
             return AddressRecord.parse(raw, ip)
         except RecordError as err:
             raise Conflict(f"the datastore record of address {ip} is malformed ({err}); remove or fix it") from None
 
-    def pool_record(self, net: ipaddress.IPv4Network) -> PoolRecord | None:
+    def pool_record(self, net: Net) -> PoolRecord | None:
         raw = self.store.get_json(self.keys.pool(net))
         if raw is None:
             return None
@@ -232,7 +313,7 @@ class Ipam:
         except RecordError as err:
             raise Conflict(f"the datastore record of pool {net} is malformed ({err}); remove or fix it") from None
 
-    def _update_pool(self, net: ipaddress.IPv4Network, change: Any) -> None:
+    def _update_pool(self, net: Net, change: Any) -> None:
         def apply(raw: Any) -> Any:
             if raw is None:
                 return None
@@ -246,11 +327,13 @@ class Ipam:
     # Internals ----------------------------------------------------------------------------
 
     @staticmethod
-    def _parse_ip(address: str, scope: ipaddress.IPv4Network | None) -> ipaddress.IPv4Address:
+    def _parse_ip(address: str, scope: Net | None, v6: bool = False) -> Address:
+        ip: Address
         try:
-            ip = ipaddress.IPv4Address(address.split("/")[0])
+            ip = ipaddress.IPv6Address(address.split("/")[0]) if v6 else ipaddress.IPv4Address(address.split("/")[0])
         except ValueError:
-            raise BadRequest(f"address {address!r} is not an IPv4 address") from None
+            family = "IPv6" if v6 else "IPv4"
+            raise BadRequest(f"address {address!r} is not an {family} address (this pool is {family})") from None
         if scope is not None:
             if ip not in scope:
                 raise BadRequest(f"address {ip} is outside the network's subnet {scope}")
@@ -258,10 +341,10 @@ class Ipam:
                 raise BadRequest(f"address {ip} is the network or broadcast address of {scope}")
         return ip
 
-    def _record(self, ip: ipaddress.IPv4Address, ref: PoolRef, kind: str) -> dict[str, Any]:
+    def _record(self, ip: Address, ref: PoolRef, kind: str) -> dict[str, Any]:
         return AddressRecord(ip, ref.id, kind, self.host, time=int(time.time())).to_json()
 
-    def _reserve(self, ip: ipaddress.IPv4Address, ref: PoolRef, kind: str) -> None:
+    def _reserve(self, ip: Address, ref: PoolRef, kind: str) -> None:
         if self.store.create(self.keys.address(ip), self._record(ip, ref, kind)):
             return
         raw = self.store.get_json(self.keys.address(ip))
@@ -284,44 +367,45 @@ class Ipam:
         record = self.pool_record(ref.pool)
         return record is not None and record.shared
 
-    def _allocated(self, net: ipaddress.IPv4Network) -> set[int]:
+    def _allocated(self, net: Net) -> set[int]:
         entries, _ = self.store.list(self.keys.addresses + hex_prefix(net))
         out = set()
+        width = 8 if net.version == 4 else 32
         for entry in entries:
             name = entry.key.rsplit("/", 1)[1]
-            if len(name) != 8 or not all(c in "0123456789abcdef" for c in name):
+            if len(name) != width or not all(c in "0123456789abcdef" for c in name):
                 continue  # not an address key (a foreign or broken record): cannot collide
             value = int(name, 16)
             if value in range(int(net.network_address), int(net.broadcast_address) + 1):
                 out.add(value)
         return out
 
-    def _ranges(self, ref: PoolRef, scope: ipaddress.IPv4Network) -> list[ipaddress.IPv4Network]:
+    def _ranges(self, ref: PoolRef, scope: Net) -> list[Net]:
         """Where to look, in order: this host's own subnet first when the pool contains it,
         so most addresses route through the subnet routes and need no /32 route records."""
         if ref.pool is None:
             return [scope]
         if ref.sub_pool is not None:
             return [ref.sub_pool]
-        if self._shared(ref):
+        if ref.v6 or self._shared(ref):
             return [ref.pool]  # the manager allocates for tasks landing on any node
         try:
             mine = self.host_subnet()
         except Exception:  # no lease yet: the whole pool still works
             return [ref.pool]
-        if mine.subnet_of(ref.pool) and mine != ref.pool:
+        if isinstance(ref.pool, ipaddress.IPv4Network) and mine.subnet_of(ref.pool) and mine != ref.pool:
             return [mine, ref.pool]
         return [ref.pool]
 
-    def _allocate(self, ref: PoolRef, scope: ipaddress.IPv4Network, kind: str) -> ipaddress.IPv4Address:
+    def _allocate(self, ref: PoolRef, scope: Net, kind: str) -> Address:
         pool = self.pool_record(scope) if ref.pool and not ref.cluster else None
         gateway = pool.gateway if pool is not None else ""
         for _attempt in range(50):
-            free: list[ipaddress.IPv4Address] = []
+            free: list[Address] = []
             for rng in self._ranges(ref, scope):
                 taken = self._allocated(rng)
                 for value in range(int(rng.network_address), int(rng.broadcast_address) + 1):
-                    ip = ipaddress.IPv4Address(value)
+                    ip = ipaddress.ip_address(value) if rng.version == 4 else ipaddress.IPv6Address(value)
                     if value in taken or not _usable(rng, ip) or not _usable(scope, ip):
                         continue
                     if str(ip) == gateway:

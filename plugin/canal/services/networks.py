@@ -21,6 +21,7 @@ from canal.dataplane.links import EndpointLink, Links, host_ifname, peer_ifname
 from canal.errors import BadRequest, Conflict, NotFound
 from canal.records import (
     DEFAULT_GATEWAY,
+    GATEWAY6,
     AddressRecord,
     EndpointRecord,
     NetworkRecord,
@@ -74,12 +75,14 @@ class NetworkSpec:
     name: str = ""  # the logical network name given with -o network=NAME ("": learn Docker's)
     docker_ipam: bool = False  # addresses from Docker's default IPAM (embedded datastore only)
     encrypted: bool = False  # traffic between hosts only through WireGuard
+    pools6: tuple[str, ...] = ()  # --ipv6: its IPv6 pools
 
     def record(self, host: str) -> NetworkRecord:
         return NetworkRecord(
             id=self.id, host=host, pools=self.pools, internal=self.internal, nat=self.nat,
             mtu=self.mtu, name=self.name, explicit_name=bool(self.name), docker_ipam=self.docker_ipam,
             encrypted=self.encrypted,
+            pools6=self.pools6,
         )
 
 
@@ -93,8 +96,6 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
     generic = options.get(GENERIC) or {}
     if not isinstance(generic, dict):
         raise BadRequest(f"CreateNetwork: {GENERIC} must be an object")
-    if _bool(ENABLE_IPV6, options.get(ENABLE_IPV6, False)) or req.IPv6Data:
-        raise BadRequest("IPv6 is not supported by canal: create the network without --ipv6")
     settings: dict[str, Any] = {"nat": True, "mtu": 0, "name": "", "encrypted": False}
     for name, value in generic.items():
         key = OPTION_ALIASES.get(name)
@@ -147,8 +148,47 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
         raise BadRequest("CreateNetwork: pools of canal's IPAM and Docker's in one network")
     internal = _bool(INTERNAL, options.get(INTERNAL, False))
     nat = settings["nat"] and not internal
+    pools6 = _pools6(req.IPv6Data, _bool(ENABLE_IPV6, options.get(ENABLE_IPV6, False)), docker_ipam)
+    if pools6 and settings["encrypted"]:
+        # Its IPv6 would cross hosts in the VXLAN tunnel (canal.dataplane.routes6), not WireGuard.
+        raise BadRequest("an encrypted network cannot have IPv6 yet: create it without --ipv6 or without -o encrypted")
     return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"], docker_ipam,
-                       settings["encrypted"])
+                       settings["encrypted"], pools6)
+
+
+def _pools6(data: list, enabled: bool, docker_ipam: bool) -> tuple[str, ...]:
+    """The IPv6 pools of an --ipv6 network (from canal IPAM: Docker's would hand out the same
+    addresses on several hosts, and canal's records are what policy and routes trust)."""
+    if not data:
+        if enabled:
+            raise BadRequest("CreateNetwork: --ipv6 without an IPv6 pool; create the network with --ipam-driver canal")
+        return ()
+    if docker_ipam:
+        raise BadRequest("CreateNetwork: --ipv6 needs --ipam-driver canal (Docker's IPAM only serves IPv4 here)")
+    pools = []
+    for entry in data:  # shape checked by the API layer
+        if entry.get("AddressSpace") not in (LOCAL_SPACE, GLOBAL_SPACE):
+            raise BadRequest(
+                f"IPv6 address space {entry.get('AddressSpace')!r} is not canal's: create the network with --ipam-driver canal"
+            )
+        try:
+            pools.append(str(ipaddress.IPv6Network(entry["Pool"], strict=True)))
+        except (TypeError, ValueError, KeyError):
+            raise BadRequest(f"CreateNetwork: IPv6Data pool {entry.get('Pool')!r:.60} is not an IPv6 CIDR") from None
+    return tuple(pools)
+
+
+def _address6(endpoint_id: str, network: NetworkRecord, address: str) -> ipaddress.IPv6Address | None:
+    """CreateEndpoint's AddressIPv6 (shape checked by the API layer): only on an --ipv6 network."""
+    if not address:
+        return None
+    if not network.ipv6:
+        raise BadRequest(f"endpoint {endpoint_id[:12]}: IPv6 address {address!r:.60} on network "
+                         f"{network.id[:12]}, which was not created with --ipv6")
+    try:
+        return ipaddress.IPv6Interface(address).ip
+    except ValueError:
+        raise BadRequest(f"endpoint {endpoint_id[:12]}: bad IPv6 address {address!r:.60}") from None
 
 
 def container_mac(ip: ipaddress.IPv4Address) -> str:
@@ -164,6 +204,7 @@ class JoinResult:
     dst_prefix: str
     gateway: str
     routes: tuple[ipaddress.IPv4Network, ...] = ()  # destinations via `gateway` (several canal networks)
+    gateway6: str = ""  # the host veth's link-local address: endpoints with an IPv6 address
 
 
 class SandboxRouting(Protocol):
@@ -289,8 +330,7 @@ class Networks:
     def create_endpoint(self, req: "CreateEndpoint") -> dict:
         network = self.network(req.NetworkID)
         iface: Mapping[str, Any] = req.Interface
-        if iface.get("AddressIPv6"):
-            raise BadRequest("IPv6 is not supported by canal")
+        ip6 = _address6(req.EndpointID, network, iface.get("AddressIPv6") or "")
         address = iface.get("Address") or ""
         if not address:
             raise BadRequest(f"endpoint {req.EndpointID[:12]}: no IPv4 address (the network needs --ipam-driver canal)")
@@ -308,8 +348,9 @@ class Networks:
         # two writes would leak the address for ever (ReleaseAddress finds it still bound).
         for _attempt in range(20):
             ep_entry, existing = self._endpoint_entry(req.EndpointID)
-            if existing is not None and existing.ip != ip:
-                raise Conflict(f"endpoint {req.EndpointID[:12]} already exists with address {existing.ip}")
+            if existing is not None and (existing.ip != ip or existing.ip6 != ip6):
+                raise Conflict(f"endpoint {req.EndpointID[:12]} already exists with address {existing.ip}"
+                               + (f" and {existing.ip6}" if existing.ip6 else ""))
             addr_entry = self.store.get(self.keys.address(ip))
             held = _parse(addr_entry, lambda raw: AddressRecord.parse(raw, ip))
             if held is None and not network.docker_ipam:
@@ -330,22 +371,55 @@ class Networks:
                 labels=existing.labels if existing else None,
                 container=existing.container if existing else "",
                 container_name=existing.container_name if existing else "",
+                ip6=ip6,
             )
             guards = [Guard(self.keys.endpoint(req.EndpointID), ep_entry.mod_revision if ep_entry else 0)]
-            ops = [Put(self.keys.endpoint(req.EndpointID), dumps(record.to_json()))]
+            ops: list[Put | Delete] = [Put(self.keys.endpoint(req.EndpointID), dumps(record.to_json()))]
             if held is not None:  # Docker's IPAM keeps no record here: it owns the address
                 bound = replace(held, endpoint=req.EndpointID, network=req.NetworkID)
                 assert addr_entry is not None  # held was parsed from it
                 guards.append(Guard(self.keys.address(ip), addr_entry.mod_revision))
                 ops.insert(0, Put(self.keys.address(ip), dumps(bound.to_json())))
+            if ip6 is not None:
+                self._bind6(req.EndpointID, req.NetworkID, ip6, guards, ops)
             if self.store.txn(guards, ops):
                 break
         else:
             raise Conflict(f"endpoint {req.EndpointID[:12]}: its records changed concurrently 20 times; retry")
-        self.links.prepare(EndpointLink(record.id, record.ip, record.mac, record.mtu))  # Join configures it
+        self.links.prepare(EndpointLink(record.id, record.ip, record.mac, record.mtu, ip6=record.ip6))  # Join configures it
         self._pending[req.EndpointID] = self.request()
-        log.info("endpoint %s created in network %s with %s", req.EndpointID[:12], req.NetworkID[:12], ip)
+        log.info("endpoint %s created in network %s with %s%s", req.EndpointID[:12], req.NetworkID[:12], ip,
+                 f" and {ip6}" if ip6 else "")
         return {} if given_mac else {"Interface": {"MacAddress": mac}}
+
+    def _bind6(self, endpoint_id: str, network_id: str, ip6: ipaddress.IPv6Address,
+               guards: list[Guard], ops: list[Put | Delete]) -> None:
+        """Bind the IPv6 address record to the endpoint, in the endpoint's transaction."""
+        entry = self.store.get(self.keys.address(ip6))
+        held = _parse(entry, lambda raw: AddressRecord.parse(raw, ip6))
+        if held is None:
+            raise Conflict(f"address {ip6} was not allocated by canal IPAM")
+        if held.endpoint not in ("", endpoint_id):
+            raise Conflict(f"address {ip6} is already used by endpoint {held.endpoint[:12]}")
+        assert entry is not None
+        guards.append(Guard(self.keys.address(ip6), entry.mod_revision))
+        ops.insert(0, Put(self.keys.address(ip6), dumps(replace(held, endpoint=endpoint_id, network=network_id).to_json())))
+
+    def _unbind6(self, record: EndpointRecord, guards: list[Guard], ops: list[Put | Delete]) -> None:
+        """Unbind the endpoint's IPv6 address record (if still bound to it), in the same transaction."""
+        if record.ip6 is None:
+            return
+        ip6 = record.ip6
+        key = self.keys.address(ip6)
+        entry = self.store.get(key)
+        try:
+            held = _parse(entry, lambda raw: AddressRecord.parse(raw, ip6))
+        except Conflict as err:
+            log.warning("endpoint %s: %s; deleting the endpoint anyway", record.id[:12], err)
+            return
+        if held is not None and held.endpoint == record.id and entry is not None:
+            guards.append(Guard(key, entry.mod_revision))
+            ops.append(Put(key, dumps(replace(held, endpoint="").to_json())))
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         """Unbind the address and delete the record in one transaction (idempotent)."""
@@ -369,6 +443,7 @@ class Networks:
             if held is not None and held.endpoint == endpoint_id and addr_entry is not None:
                 guards.append(Guard(addr_key, addr_entry.mod_revision))
                 ops.append(Put(addr_key, dumps(replace(held, endpoint="").to_json())))
+            self._unbind6(record, guards, ops)
             if self.store.txn(guards, ops):
                 break
         else:
@@ -377,6 +452,8 @@ class Networks:
         self.links.forget(endpoint_id)
         # As in leave(), the agent removes a veth still there; `docker network rm` waits for it.
         self.forget(str(record.ip))
+        if record.ip6 is not None:
+            self.forget(str(record.ip6))
         log.info("endpoint %s deleted (%s)", endpoint_id[:12], record.ip)
         self.changed(False)
 
@@ -402,14 +479,15 @@ class Networks:
 
         with self.links.guard:  # the reconciler must not see the veth before the record
             record = self.update_endpoint(network_id, endpoint_id, joined)
-            self.links.ensure_veth(EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway))
+            self.links.ensure_veth(EndpointLink(record.id, record.ip, record.mac, record.mtu, record.gateway, record.ip6))
         routes = self.routing.routes(record)
         generation = self._pending.pop(endpoint_id, None)
         self.settle(generation if generation is not None else self.request())
         log.info("endpoint %s joined (%s via %s, gateway %s%s)", endpoint_id[:12], record.ip,
                  host_ifname(endpoint_id), record.gateway, f", {len(routes)} routes" if routes else "")
         self.changed(False)
-        return JoinResult(peer_ifname(endpoint_id), "eth", str(record.gateway), routes)
+        return JoinResult(peer_ifname(endpoint_id), "eth", str(record.gateway), routes,
+                          str(GATEWAY6) if record.ip6 is not None else "")
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
         self.update_endpoint(network_id, endpoint_id, lambda r: replace(r, joined=False, sandbox=""))

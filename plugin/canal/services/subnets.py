@@ -17,7 +17,7 @@ from canal.backends.base import BackendConfig, parse_backend
 from canal.datastore.base import Datastore, Guard, Put, dumps
 from canal.datastore.keys import Keys
 from canal.errors import BadRequest, CanalError, Exhausted, Unavailable
-from canal.records import Lease, safe
+from canal.records import Lease, RecordError, lease_key, safe
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class NetworkConfig:
     subnet_max: ipaddress.IPv4Network
     backend: dict = field(repr=False)  # raw: may hold flannel's wireguard PSK
     backend_config: BackendConfig = BackendConfig()  # `backend`, checked and typed
+    ipv6_network: ipaddress.IPv6Network | None = None  # EnableIPv6 + IPv6Network (dual stack)
 
     @property
     def vni(self) -> int:
@@ -84,7 +85,26 @@ def parse_network_config(raw: Any) -> NetworkConfig:
     except ValueError as err:
         raise BadRequest(f"flannel config SubnetMin/SubnetMax: {err}") from None
     backend = raw.get("Backend") or {"Type": "udp"}
-    return NetworkConfig(network, subnet_len, lo, hi, backend, backend_config)
+    return NetworkConfig(network, subnet_len, lo, hi, backend, backend_config, _ipv6_network(raw))
+
+
+def _ipv6_network(raw: dict) -> ipaddress.IPv6Network | None:
+    """flannel's dual stack: IPv6Network counts only with EnableIPv6 true (as in flanneld)."""
+    enabled = raw.get("EnableIPv6", False)
+    if not isinstance(enabled, bool):
+        raise BadRequest(f"flannel config EnableIPv6 {safe(enabled)} is not true or false")
+    if not enabled:
+        return None
+    value = raw.get("IPv6Network")
+    if not isinstance(value, str):
+        raise BadRequest(f"flannel config IPv6Network {safe(value)} is not a CIDR string (EnableIPv6 is true)")
+    try:
+        net = ipaddress.IPv6Network(value)
+    except ValueError as err:
+        raise BadRequest(f"flannel config IPv6Network {safe(value)}: {err}") from None
+    if net.prefixlen > 120:
+        raise BadRequest(f"flannel config IPv6Network {net} is smaller than /120")
+    return net
 
 
 class SubnetManager:
@@ -132,8 +152,9 @@ class SubnetManager:
         out = set()
         for entry in entries:
             try:
-                out.add(ipaddress.IPv4Network(entry.key[len(self.keys.leases):].replace("-", "/")))
-            except ValueError:
+                # A dual-stack lease (flanneld with EnableIPv6) holds its IPv4 subnet as well.
+                out.add(lease_key(entry.key[len(self.keys.leases):])[0])
+            except (ValueError, RecordError):
                 continue  # not a subnet key: cannot collide with one
         return out
 
