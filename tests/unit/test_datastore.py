@@ -204,6 +204,24 @@ def test_local_leases_get_a_full_ttl_after_a_reboot(tmp_path):
     late.close()
 
 
+def test_local_store_full_says_so_and_recovers(tmp_path):
+    """Regression (found by tests/e2e/test_faults.py, the state dir's disk full): SQLite rolls a
+    transaction that hit a full disk back by itself, and our second ROLLBACK failed with "cannot
+    rollback - no transaction is active", which Docker then showed instead of the reason."""
+    store = LocalDatastore(str(tmp_path / "db"))
+    store.put("/a", "x")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages + 1}")  # the disk is full
+    with pytest.raises(Unavailable, match="database or disk is full \\(free space on the filesystem of ") as err:
+        store.put("/big", "y" * 100000)
+    assert "rollback" not in str(err.value)
+    assert store.get("/big") is None and store.get_json("/a") == "x"  # nothing half-written
+    store._db.execute("PRAGMA max_page_count=1073741823")  # space freed
+    store.put("/big", "y" * 100000)
+    assert store.get("/big") is not None
+    store.close()
+
+
 def test_local_watch_behind_compaction_reports_it(tmp_path):
     import canal.datastore.local as local
 

@@ -134,10 +134,15 @@ class LocalDatastore(Datastore):
                     cur.execute("COMMIT")
                     self._revision = rev
                 except BaseException:
-                    cur.execute("ROLLBACK")
+                    # SQLite rolls some failures back by itself (a full disk): a second
+                    # ROLLBACK would fail and hide why the write failed.
+                    if self._db.in_transaction:
+                        cur.execute("ROLLBACK")
                     raise
             except sqlite3.Error as err:
-                raise Unavailable(f"embedded datastore {self.path}: {err}") from err
+                hint = f" (free space on the filesystem of {os.path.dirname(os.path.abspath(self.path))})" \
+                    if isinstance(err, sqlite3.OperationalError) and "full" in str(err) else ""
+                raise Unavailable(f"embedded datastore {self.path}: {err}{hint}") from err
             if events:
                 self._changed.notify_all()
             return result
