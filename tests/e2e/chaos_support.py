@@ -703,7 +703,7 @@ def scenario_host_gone(bed: Bed, seed: int, count: int = 2, name: str = "h9", ad
     finally:
         extra.close()
     ended = time.monotonic()
-    found, _ = bed.settle(timeout=120, gone={name: address})
+    found, _ = bed.settle(timeout=300, gone={name: address})
     return Outcome("host removed for good", seed, found, time.monotonic() - ended,
                    f"{name} removed; peers' FDB entries before: {peers}")
 

@@ -26,10 +26,13 @@ from testbed import IMAGE, Etcd, SimHost
 
 TTL = 8
 GRACE = 5
+# Longer than the partition (15 s) plus a TTL: a host cut off that long is away, not gone; past
+# it, its peers would rightly collect its records (the default is a day).
+ABSENCE = 30
 
 
 def plugin_args(host: SimHost, etcd: Etcd) -> list[str]:
-    return etcd_plugin_args(host, etcd, "--gc-grace", str(GRACE), "--host-absence", "10", ttl=TTL, resync=3)
+    return etcd_plugin_args(host, etcd, "--gc-grace", str(GRACE), "--host-absence", str(ABSENCE), ttl=TTL, resync=3)
 
 
 @pytest.fixture(scope="module")
