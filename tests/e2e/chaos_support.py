@@ -747,5 +747,68 @@ def scenario_disk_full(host: SimHost, seed: int, state_dir: str, plugin_args: li
                    f"refusal: {refused.stderr.strip()[-160:]!r}; {failed}/{count} runs in flight failed")
 
 
+class EtcdMember(Etcd):
+    """One member of a three-member etcd cluster on the underlay: its own client port on the
+    gateway address, its peer port on the underlay netns' loopback."""
+
+    def __init__(self, underlay: Any, index: int, initial_cluster: str) -> None:
+        self.initial_cluster = initial_cluster
+        super().__init__(underlay, client_port=2379 + 10000 * index, peer_port=2380 + 10000 * index,
+                         name=f"cnlt-etcd{index}")
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        argv[argv.index("--initial-cluster") + 1] = self.initial_cluster
+        return argv
+
+
+class EtcdCluster:
+    """Three members started together (one alone has no quorum, so none is healthy before a
+    second one runs); duck-types Etcd for Bed and the checker: every endpoint, comma-separated."""
+
+    def __init__(self, underlay: Any, size: int = 3) -> None:
+        cluster = ",".join(f"cnlt-etcd{i}=http://127.0.0.1:{2380 + 10000 * i}" for i in range(size))
+        with ThreadPoolExecutor(max_workers=size) as pool:
+            self.members = list(pool.map(lambda i: EtcdMember(underlay, i, cluster), range(size)))
+        self.endpoint = ",".join(m.endpoint for m in self.members)
+        self.proc = self.members[0].proc
+
+    def etcdctl(self, *args: str, check: bool = True, timeout: float = 15) -> Any:
+        live = self.members[[m.running() for m in self.members].index(True)]
+        return live.underlay.exec(["etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "2s", *args],
+                                  check=check, timeout=timeout, env={"ETCDCTL_API": "3"})
+
+    def running(self) -> bool:
+        return all(m.running() for m in self.members)
+
+    def start(self) -> None:
+        for m in self.members:
+            m.start()
+
+
+def scenario_etcd_member(bed: Bed, seed: int, count: int = 6) -> Outcome:
+    """A three-member etcd cluster loses a member (SIGKILL) while both hosts run and remove
+    containers: the plugins fail over to the other endpoints; the member restarted rejoins."""
+    rng = random.Random(seed)
+    cluster = bed.etcd
+    assert isinstance(cluster, EtcdCluster)
+    victim = rng.choice(cluster.members)
+    victim.stop(signal.SIGKILL)
+    with ThreadPoolExecutor(max_workers=len(bed.hosts)) as pool:
+        started = sum(len(n) for n in pool.map(
+            lambda h: churn(h, bed.net, count // len(bed.hosts), f"m{seed % 1000}", random.Random(rng.random())),
+            bed.hosts))
+    ended = time.monotonic()
+    for h in bed.hosts:
+        remove_failed(h)
+    found, _ = bed.settle()
+    recovery = time.monotonic() - ended
+    victim.start()
+    again, _ = bed.settle()
+    return Outcome("etcd member lost (3 members)", seed, found + again, recovery,
+                   f"{victim.name} killed; {started}/{count} runs succeeded without it; rejoined")
+
+
 __all__ += ["Bed", "Outcome", "heal", "partition", "scenario_dockerd", "scenario_etcd_stop", "scenario_kill",
-            "scenario_partition", "stop_dockerd_live", "scenario_host_gone", "scenario_disk_full"]
+            "scenario_partition", "stop_dockerd_live", "scenario_host_gone", "scenario_disk_full",
+            "EtcdCluster", "EtcdMember", "scenario_etcd_member"]

@@ -12,9 +12,11 @@ import signal
 import pytest
 from chaos_support import (
     Bed,
+    EtcdCluster,
     Outcome,
     scenario_disk_full,
     scenario_dockerd,
+    scenario_etcd_member,
     scenario_etcd_stop,
     scenario_host_gone,
     scenario_kill,
@@ -22,7 +24,7 @@ from chaos_support import (
 )
 from e2e_support import PLUGIN_ARGS, etcd_cluster, etcd_plugin_args
 
-from testbed import IMAGE, Etcd, SimHost
+from testbed import IMAGE, Etcd, SimHost, Underlay
 
 TTL = 8
 GRACE = 5
@@ -125,3 +127,24 @@ def test_sqlite_disk_full_and_plugin_killed_mid_write(underlay_of_bed):
         clean(scenario_disk_full(host, random.randrange(1 << 30), state, args, GRACE))
     finally:
         host.close()
+
+
+def test_etcd_cluster_losing_a_member_fails_over():
+    """Three etcd members; the plugins get all three endpoints (--etcd-endpoints a,b,c)."""
+    ul = Underlay()
+    try:
+        cluster = EtcdCluster(ul)
+        hosts = []
+        for i in (1, 2):
+            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
+            h.start_dockerd()
+            h.load_image()
+            h.start_plugin(plugin_args(h, cluster))  # type: ignore[arg-type]
+            hosts.append(h)
+        bed = Bed(cluster, hosts, lambda h: plugin_args(h, cluster), grace=GRACE, underlay=ul)  # type: ignore[arg-type]
+        bed.setup()
+        found, _ = bed.settle(60)
+        assert found == [], "\n".join(map(str, found))
+        clean(scenario_etcd_member(bed, random.randrange(1 << 30)))
+    finally:
+        ul.close()
