@@ -305,6 +305,26 @@ def test_a_datastore_outage_is_not_taken_for_departed_hosts(store):
         m.stop()
 
 
+def test_our_clock_jumping_forward_does_not_make_peers_look_gone(store):
+    """The collector's wall clock steps two days forward: every peer's renewal looks two days
+    old, but a step is a gap in our own renewals, so absence counts from it (and a step back,
+    a negative gap, likewise)."""
+    now = [1000.0]
+    Hosts(store, KEYS, "peer", "198.18.0.9", clock=lambda: 1000.0).ensure()  # renewed at 1000
+    here = Hosts(store, KEYS, "here", "198.18.0.1", clock=lambda: now[0], ttl=8)
+    here.ensure()
+    m = started_mirror(store)
+    try:
+        now[0] += 2 * 86400  # the step; the peer's lease is between renewals (absent right now)
+        here.touch()
+        assert here.collect_departed(m.records, [], ttl=8, min_absence=60) == []
+        now[0] -= 86400  # and back a day
+        here.touch()
+        assert here.collect_departed(m.records, [], ttl=8, min_absence=60) == []
+    finally:
+        m.stop()
+
+
 def test_no_collection_before_our_own_first_renewal(store):
     now = [1000.0]
     Hosts(store, KEYS, "peer", "198.18.0.9", clock=lambda: now[0]).ensure()
