@@ -181,6 +181,10 @@ class Config:
     gc_grace: float = _setting(
         60.0, float, "seconds before an endpoint or address Docker forgot (a lost DeleteEndpoint/ReleaseAddress) is collected"
     )
+    host_absence: float = _setting(
+        86400.0, float,
+        "seconds a host with no lease must stay away (and two lease TTLs) before any host collects its records",
+    )
     netns_dir: str = _setting(
         "/var/run/docker/netns", str,
         "where Docker's sandboxes (container network namespaces) are: routes for containers on several canal networks",

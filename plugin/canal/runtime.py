@@ -118,7 +118,7 @@ class Plugin:
             ttl=config.lease_ttl, backend=config.backend,
         )
         self.multihost = config.datastore == "etcd"
-        self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip)
+        self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip, ttl=config.lease_ttl)
         self.backend = BackendManager(config, self.hosts, self.subnets, self.network_config,
                                       self.iface, self.public_ip, self.underlay_mtu)
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
@@ -274,7 +274,8 @@ class Plugin:
             return
         self.backend.renew_lease()
         if self.multihost:
-            self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl)
+            self.hosts.collect_departed(self.mirror.records, self._leases(), self.config.lease_ttl,
+                                        self.config.host_absence)
 
     # Multi-host steps of the reconcile pass --------------------------------------------------
 

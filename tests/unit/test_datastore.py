@@ -159,6 +159,69 @@ def test_local_store_survives_reopen(tmp_path):
     second.close()
 
 
+def test_local_leases_ignore_wall_clock_jumps(tmp_path, monkeypatch):
+    """The host clock stepped a day forward, then a day back: no lease expires early, and
+    renewals keep working (expiries are on the boot clock, not time.time())."""
+    boot = [100.0]
+    store = LocalDatastore(str(tmp_path / "db"), clock=lambda: boot[0], boot=lambda: "boot-1")
+    lease = store.grant(10)
+    store.put("/leased", "v", lease=lease)
+    wall = time.time()
+    monkeypatch.setattr(time, "time", lambda: wall + 86400)  # forward a day
+    store.put("/other", "v")  # a write runs the expiry
+    assert store.get("/leased") is not None
+    boot[0] += 6
+    assert store.keepalive(lease) is True
+    monkeypatch.setattr(time, "time", lambda: wall - 86400)  # back a day
+    boot[0] += 9  # 15 s after the grant, 9 s after the renewal: alive
+    store.put("/other", "w")
+    assert store.get("/leased") is not None
+    # Positive control: unrenewed past its TTL on the boot clock, it goes.
+    boot[0] += 2
+    store.put("/other", "x")
+    assert store.get("/leased") is None and store.keepalive(lease) is False
+    store.close()
+
+
+def test_local_leases_get_a_full_ttl_after_a_reboot(tmp_path):
+    """Expiries on the boot clock mean nothing in the next boot: reopened under another boot id
+    (or a file from a version with wall-clock expiries), every lease restarts its TTL."""
+    path = str(tmp_path / "db")
+    first = LocalDatastore(path, clock=lambda: 5000.0, boot=lambda: "boot-1")
+    lease = first.grant(10)
+    first.put("/leased", "v", lease=lease)
+    first.close()
+    same = LocalDatastore(path, clock=lambda: 5009.0, boot=lambda: "boot-1")  # same boot: no rebase
+    assert same.get("/leased") is not None
+    same.close()
+    again = LocalDatastore(path, clock=lambda: 3.0, boot=lambda: "boot-2")  # rebooted: clock near 0
+    assert again.get("/leased") is not None
+    assert again.keepalive(lease) is True
+    again.close()
+    late = LocalDatastore(path, clock=lambda: 14.0, boot=lambda: "boot-2")
+    late.put("/other", "v")
+    assert late.get("/leased") is None  # 11 s unrenewed on this boot's clock: expired
+    late.close()
+
+
+def test_local_store_full_says_so_and_recovers(tmp_path):
+    """Regression (found by tests/e2e/test_faults.py, the state dir's disk full): SQLite rolls a
+    transaction that hit a full disk back by itself, and our second ROLLBACK failed with "cannot
+    rollback - no transaction is active", which Docker then showed instead of the reason."""
+    store = LocalDatastore(str(tmp_path / "db"))
+    store.put("/a", "x")
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages + 1}")  # the disk is full
+    with pytest.raises(Unavailable, match="database or disk is full \\(free space on the filesystem of ") as err:
+        store.put("/big", "y" * 100000)
+    assert "rollback" not in str(err.value)
+    assert store.get("/big") is None and store.get_json("/a") == "x"  # nothing half-written
+    store._db.execute("PRAGMA max_page_count=1073741823")  # space freed
+    store.put("/big", "y" * 100000)
+    assert store.get("/big") is not None
+    store.close()
+
+
 def test_local_watch_behind_compaction_reports_it(tmp_path):
     import canal.datastore.local as local
 

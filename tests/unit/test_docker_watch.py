@@ -26,12 +26,19 @@ class FakeAPI:
             {"Id": "c" * 64, "Names": ["/web1"], "Labels": {"role": "web"},
              "NetworkSettings": {"Networks": {"appnet": {"EndpointID": "e" * 64}}}},
         ]
+        self.libnetwork: dict = {}
+        self.inspected: list = []
 
     def networks(self):
         return self.network_list
 
     def containers(self, all=False):
         return self.container_list
+
+    def inspect_network(self, net_id):
+        """libnetwork's view: endpoints it holds, keyed by container ("ep-<id>" without one)."""
+        self.inspected.append(net_id)
+        return {"Id": net_id, "Containers": self.libnetwork.get(net_id, {})}
 
 
 class FakeClient:
@@ -115,6 +122,43 @@ def test_what_docker_forgot_is_collected_after_a_grace_period(store):
                           collect_address=lambda p, ip: released.append(ip), grace=1e12)
     patient.resolve()
     assert removed == ["d" * 64] and released == [lost]  # young records are left alone
+
+
+def test_an_endpoint_of_a_container_still_starting_is_not_collected(store):
+    """Regression (found by bench/chaos.py, plugin kill -9 during 50 concurrent runs): a joined
+    endpoint whose container was still starting (not yet named in the container list) was taken
+    for forgotten once older than the grace period, and its record and veth removed under the
+    running container. libnetwork's own endpoint list now vouches for it."""
+    store.put(KEYS.network("h1", NET), network(NET))
+    store.put(KEYS.endpoint("d" * 64), endpoint("d" * 64, ip="100.64.3.13"))  # starting
+    store.put(KEYS.endpoint("9" * 64), endpoint("9" * 64, ip="100.64.3.14"))  # forgotten
+    removed = []
+    client = FakeClient()
+    client.api.libnetwork[NET] = {"ep-" + "d" * 64: {"EndpointID": "d" * 64, "Name": ""}}
+    w = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0, client_factory=lambda: client,
+                    collect_endpoint=lambda n, e: removed.append(e), grace=0)
+    w.resolve()
+    assert removed == ["9" * 64]  # positive control: what libnetwork does not hold still goes
+    assert client.api.inspected == [NET]
+
+
+def test_a_network_removed_meanwhile_does_not_stop_collection(store):
+    class Gone(Exception):
+        status_code = 404
+
+    store.put(KEYS.network("h1", NET), network(NET))
+    store.put(KEYS.endpoint("9" * 64), endpoint("9" * 64, ip="100.64.3.14"))
+    removed = []
+    client = FakeClient()
+
+    def gone(net_id):
+        raise Gone("no such network")
+
+    client.api.inspect_network = gone
+    w = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0, client_factory=lambda: client,
+                    collect_endpoint=lambda n, e: removed.append(e), grace=0)
+    w.resolve()
+    assert removed == ["9" * 64]
 
 
 def test_unusable_labels_keep_the_endpoint_closed_and_are_logged_once(store, caplog):

@@ -274,6 +274,74 @@ def test_records_of_a_host_gone_for_good_are_collected(store):
         m.stop()
 
 
+def test_a_datastore_outage_is_not_taken_for_departed_hosts(store):
+    """Regression (found by tests/e2e/test_faults.py, etcd frozen past the lease TTL): after an
+    outage every host's last renewal is old and its lease expired, so the first host back
+    collected the records of live peers, cutting their running containers off. Absence now
+    counts only from when the collector itself sees the datastore again."""
+    now = [1000.0]
+    peer = Hosts(store, KEYS, "peer", "198.18.0.9", clock=lambda: now[0], ttl=8)
+    peer.ensure()
+    here = Hosts(store, KEYS, "here", "198.18.0.1", clock=lambda: now[0], ttl=8)
+    here.ensure()
+    store.put(KEYS.endpoint(OTHER), endpoint(OTHER, "100.64.9.2", host="peer"))
+    m = started_mirror(store)
+    try:
+        leases = [Lease(ipaddress.IPv4Network("100.64.3.0/24"), "198.18.0.1", "")]  # the peer's expired
+        now[0] += 100  # the datastore was away for 100 s; our first renewal after it:
+        here.touch()
+        assert here.collect_departed(m.records, leases, ttl=8, min_absence=60) == []
+        assert store.get(KEYS.endpoint(OTHER)) is not None
+        for _ in range(10):  # renewing every 5 s (a third of the TTL, as the plugin does)
+            now[0] += 5
+            here.touch()
+        assert here.collect_departed(m.records, leases, ttl=8, min_absence=60) == []  # 50 s seen: not yet
+        for _ in range(3):
+            now[0] += 5
+            here.touch()
+        # Positive control: a peer we saw stay away for min_absence is collected.
+        assert here.collect_departed(m.records, leases, ttl=8, min_absence=60) == ["peer"]
+    finally:
+        m.stop()
+
+
+def test_our_clock_jumping_forward_does_not_make_peers_look_gone(store):
+    """The collector's wall clock steps two days forward: every peer's renewal looks two days
+    old, but a step is a gap in our own renewals, so absence counts from it (and a step back,
+    a negative gap, likewise)."""
+    now = [1000.0]
+    Hosts(store, KEYS, "peer", "198.18.0.9", clock=lambda: 1000.0).ensure()  # renewed at 1000
+    here = Hosts(store, KEYS, "here", "198.18.0.1", clock=lambda: now[0], ttl=8)
+    here.ensure()
+    m = started_mirror(store)
+    try:
+        now[0] += 2 * 86400  # the step; the peer's lease is between renewals (absent right now)
+        here.touch()
+        assert here.collect_departed(m.records, [], ttl=8, min_absence=60) == []
+        now[0] -= 86400  # and back a day
+        here.touch()
+        assert here.collect_departed(m.records, [], ttl=8, min_absence=60) == []
+    finally:
+        m.stop()
+
+
+def test_no_collection_before_our_own_first_renewal(store):
+    now = [1000.0]
+    Hosts(store, KEYS, "peer", "198.18.0.9", clock=lambda: now[0]).ensure()
+    fresh = Hosts(store, KEYS, "here", "198.18.0.1", clock=lambda: now[0] + 10**6)
+    m = started_mirror(store)
+    try:
+        assert fresh.collect_departed(m.records, [], ttl=8, min_absence=60) == []
+        fresh.ensure()
+        assert fresh.collect_departed(m.records, [], ttl=8, min_absence=60) == []  # seen for 0 s
+        for _ in range(13):
+            now[0] += 5
+            fresh.touch()
+        assert fresh.collect_departed(m.records, [], ttl=8, min_absence=60) == ["peer"]
+    finally:
+        m.stop()
+
+
 def test_ipam_is_not_stopped_by_foreign_keys_or_malformed_pool_records(store):
     from canal.datastore.base import Put
 

@@ -207,9 +207,36 @@ class DockerWatch:
         record = pools.get(cidr.replace("/", "-"))
         return record is not None and record.shared
 
+    def _libnetwork_endpoints(self, docker_networks: list[dict[str, Any]]) -> set[str]:
+        """Endpoints libnetwork holds on this host's canal networks. A container being started
+        has its endpoint created and joined well before its own record (the container list)
+        names it: seconds on a loaded host, longer while Docker retries a restarting plugin.
+        libnetwork lists it from CreateEndpoint on ("ep-<id>" until it has a sandbox)."""
+        ours = {r.id for r in self.records(self.keys.networks, network_entry).values() if r.host == self.host}
+        known: set[str] = set()
+        for network in docker_networks:
+            if network.get("Id") not in ours:
+                continue
+            try:
+                details = self.client().api.inspect_network(network["Id"])
+            except Exception as err:  # noqa: BLE001 - only "gone meanwhile" is expected
+                if getattr(err, "status_code", None) == 404:
+                    continue  # removed since the list: its endpoints are gone with it
+                raise
+            for attached in ((details or {}).get("Containers") or {}).values():
+                endpoint_id = (attached or {}).get("EndpointID")
+                if isinstance(endpoint_id, str):
+                    known.add(endpoint_id)
+        return known
+
     def collect(self, known_endpoints: set[str], docker_networks: list[dict[str, Any]]) -> None:
         now = time.time()
         if self.collect_endpoint is not None:
+            candidates = [ep_id for ep_id, record in self._endpoints().items()
+                          if record.host == self.host and ep_id not in known_endpoints
+                          and now - record.created > self.grace]
+            if candidates:  # asked only when something looks forgotten
+                known_endpoints = known_endpoints | self._libnetwork_endpoints(docker_networks)
             for endpoint_id, record in self._endpoints().items():
                 if record.host == self.host and endpoint_id not in known_endpoints:
                     if now - record.created > self.grace:

@@ -98,6 +98,9 @@ class BackendManager:
         self._lease_lock = threading.Lock()
         self.lease: Lease | None = None
         self.lease_renewed_at: float | None = None  # Unix time of its last grant or renewal (status, metrics)
+        # The same on the monotonic clock: how long the lease has left (health) must not move
+        # when the wall clock is stepped.
+        self._renewed_monotonic: float | None = None
         self._applied: tuple[BackendConfig, Desired] | None = None
         self._direct_installed = True  # unknown at start: the first pass reads the kernel
         self._vtep_mac = ""
@@ -147,6 +150,7 @@ class BackendManager:
                     subnet = self.lease.subnet
                     self.hosts.update(lambda r: replace(r, subnet=subnet))
                 self.lease_renewed_at = time.time()
+                self._renewed_monotonic = time.monotonic()
                 log.info("host %s owns subnet %s (flannel %s, backend %s)", self.config.host_name,
                          self.lease.subnet, self.flannel_mode, self.lease.backend_type)
             return self.lease.subnet
@@ -158,6 +162,7 @@ class BackendManager:
             if self.lease is not None:
                 self.lease = self.subnets.renew(self.lease)
                 self.lease_renewed_at = time.time()
+                self._renewed_monotonic = time.monotonic()
                 self.hosts.touch()
 
     def backend(self) -> BackendConfig:
@@ -232,8 +237,8 @@ class BackendManager:
             return None
         own = self.multihost and self._flannel_mode != "external" and self.lease.lease_id != 0
         left = None
-        if own and self.lease_renewed_at is not None:
-            left = round(self.lease_renewed_at + self.config.lease_ttl - time.time(), 1)
+        if own and self._renewed_monotonic is not None:
+            left = round(self._renewed_monotonic + self.config.lease_ttl - time.monotonic(), 1)
         return {"subnet": str(self.lease.subnet), "ttl": self.config.lease_ttl if own else None, "expires_in": left}
 
     def status(self) -> dict[str, Any]:

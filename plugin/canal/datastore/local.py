@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from canal import metrics
 from canal.datastore.base import (
@@ -41,13 +41,35 @@ CREATE TABLE IF NOT EXISTS events (
     value TEXT NOT NULL, PRIMARY KEY (rev, seq));
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compacted', 0);
+CREATE TABLE IF NOT EXISTS clock (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+def boot_clock() -> float:
+    """Seconds since boot, suspend included (CLOCK_BOOTTIME): one clock for every process of
+    the machine that never jumps with the wall clock (NTP steps, a wrong RTC, an admin's date)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """This boot's identity: lease expiries on the boot clock mean nothing after a reboot."""
+    try:
+        with open(path, encoding="ascii") as source:
+            return source.read().strip()
+    except OSError:
+        return ""
 
 
 class LocalDatastore(Datastore):
     metrics_backend = "local"
 
-    def __init__(self, path: str, busy_timeout: float = 5.0):
+    def __init__(self, path: str, busy_timeout: float = 5.0, clock: Callable[[], float] = boot_clock,
+                 boot: Callable[[], str] = boot_id):
+        # Lease expiries are kept on `clock` (the boot clock), not the wall clock: a clock
+        # stepped forward would expire every lease at once, one stepped back would keep dead
+        # ones. After a reboot (another boot id) every lease gets its full TTL again, as etcd
+        # gives them on a new leader: their holders have as long to come back and renew.
+        self._clock = clock
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
         try:
@@ -65,10 +87,22 @@ class LocalDatastore(Datastore):
         self._lock = threading.RLock()  # serialises writers on the one write connection
         self._changed = threading.Condition(self._lock)
         self._readers = threading.local()  # WAL readers never wait for a writer's fsync
+        self._rebase(boot())
+
+    def _rebase(self, boot: str) -> None:
+        """Leases written in another boot (or by a version keeping wall-clock expiries, which
+        wrote no boot id) restart their TTL on this boot's clock."""
+        def body(cur: sqlite3.Cursor, events: list[tuple[str, str, str]]) -> None:
+            row = cur.execute("SELECT value FROM clock WHERE name='boot'").fetchone()
+            if row is None or row[0] != boot:
+                cur.execute("UPDATE leases SET expires = ? + ttl", (self._clock(),))
+                cur.execute("INSERT OR REPLACE INTO clock VALUES ('boot', ?)", (boot,))
+
+        self._write(body, expire=False)
 
     # Transactions -------------------------------------------------------------------------
 
-    def _write(self, body):  # type: ignore[no-untyped-def]
+    def _write(self, body, expire: bool = True):  # type: ignore[no-untyped-def]
         """Run body(cursor, next_revision) in one IMMEDIATE transaction; expire leases first."""
         with self._lock:
             try:
@@ -77,7 +111,8 @@ class LocalDatastore(Datastore):
                 try:
                     rev = cur.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
                     events: list[tuple[str, str, str]] = []
-                    self._expire(cur, events)
+                    if expire:
+                        self._expire(cur, events)
                     result = body(cur, events)
                     if events:
                         rev += 1
@@ -99,17 +134,21 @@ class LocalDatastore(Datastore):
                     cur.execute("COMMIT")
                     self._revision = rev
                 except BaseException:
-                    cur.execute("ROLLBACK")
+                    # SQLite rolls some failures back by itself (a full disk): a second
+                    # ROLLBACK would fail and hide why the write failed.
+                    if self._db.in_transaction:
+                        cur.execute("ROLLBACK")
                     raise
             except sqlite3.Error as err:
-                raise Unavailable(f"embedded datastore {self.path}: {err}") from err
+                hint = f" (free space on the filesystem of {os.path.dirname(os.path.abspath(self.path))})" \
+                    if isinstance(err, sqlite3.OperationalError) and "full" in str(err) else ""
+                raise Unavailable(f"embedded datastore {self.path}: {err}{hint}") from err
             if events:
                 self._changed.notify_all()
             return result
 
-    @staticmethod
-    def _expire(cur: sqlite3.Cursor, events: list[tuple[str, str, str]]) -> None:
-        expired = [r[0] for r in cur.execute("SELECT id FROM leases WHERE expires < ?", (time.time(),))]
+    def _expire(self, cur: sqlite3.Cursor, events: list[tuple[str, str, str]]) -> None:
+        expired = [r[0] for r in cur.execute("SELECT id FROM leases WHERE expires < ?", (self._clock(),))]
         for lease in expired:
             LocalDatastore._drop_lease(cur, lease, events)
 
@@ -167,7 +206,7 @@ class LocalDatastore(Datastore):
 
     def _live(self) -> str:
         # Keys of expired-but-not-yet-purged leases are already gone, as in etcd.
-        return "(lease = 0 OR lease IN (SELECT id FROM leases WHERE expires >= %r))" % time.time()
+        return "(lease = 0 OR lease IN (SELECT id FROM leases WHERE expires >= %r))" % self._clock()
 
     @metrics.datastore_request("get")
     def get(self, key: str) -> Entry | None:
@@ -201,7 +240,7 @@ class LocalDatastore(Datastore):
     @metrics.datastore_request("grant")
     def grant(self, ttl: int) -> int:
         def body(cur: sqlite3.Cursor, events: list) -> int:
-            cur.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, time.time() + ttl))
+            cur.execute("INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, self._clock() + ttl))
             return int(cur.lastrowid or 0)
 
         return self._write(body)
@@ -211,7 +250,7 @@ class LocalDatastore(Datastore):
         def body(cur: sqlite3.Cursor, events: list) -> bool:
             return bool(
                 cur.execute(
-                    "UPDATE leases SET expires = ? + ttl WHERE id=?", (time.time(), lease)
+                    "UPDATE leases SET expires = ? + ttl WHERE id=?", (self._clock(), lease)
                 ).rowcount
             )
 

@@ -49,12 +49,19 @@ def random_mac() -> str:
 
 
 class Hosts:
-    def __init__(self, store: Datastore, keys: Keys, host: str, public_ip: str, clock: Callable[[], float] = time.time):
+    def __init__(self, store: Datastore, keys: Keys, host: str, public_ip: str, clock: Callable[[], float] = time.time,
+                 ttl: float = 86400.0):
         self.store = store
         self.keys = keys
         self.host = host
         self.public_ip = public_ip
         self.clock = clock  # wall clock: renewals are compared across hosts
+        self.ttl = ttl  # our lease's: a longer gap between our own renewals is an outage
+        # Since when we have seen the datastore without a gap longer than a lease TTL: a peer's
+        # absence counts only from then. Every host's renewal is stale after an outage of the
+        # datastore (or of our own link to it); that is not proof that any of them is gone.
+        self._watching_since: float | None = None
+        self._last_seen: float | None = None
 
     def read(self) -> HostRecord | None:
         raw = self.store.get_json(self.keys.host(self.host))
@@ -101,7 +108,15 @@ class Hosts:
                 record = HostRecord(self.host, random_mac())
             return replace(record, public_ip=self.public_ip, renewed=now).to_json()
 
-        return HostRecord.parse(self.store.update(self.keys.host(self.host), fill), self.host)
+        record = HostRecord.parse(self.store.update(self.keys.host(self.host), fill), self.host)
+        self._seen(now)
+        return record
+
+    def _seen(self, now: float) -> None:
+        """We reached the datastore at `now` (our own renewal went through)."""
+        if self._watching_since is None or self._last_seen is None or not 0 <= now - self._last_seen <= self.ttl:
+            self._watching_since = now  # first contact, or back after a gap (or a clock jump)
+        self._last_seen = now
 
     def update(self, change: Callable[[HostRecord], HostRecord]) -> None:
         def apply(raw: Any) -> Any:
@@ -117,22 +132,26 @@ class Hosts:
         """Record a lease renewal: the collector's proof that this host is alive."""
         now = self.clock()
         self.update(lambda r: replace(r, renewed=now))
+        self._seen(now)
 
     def collect_departed(
         self, records: Records, leases: Iterable[Lease], ttl: float, min_absence: float = MIN_ABSENCE
     ) -> list[str]:
         """Remove the records of hosts gone for good: no live lease at their address and no
         renewal for two lease TTLs (two, so clock skew between hosts cannot collect a live
-        one) nor for `min_absence`. Any host may do it; every step is idempotent. Returns
+        one) nor for `min_absence`, counted only while we ourselves saw the datastore (after an
+        outage every renewal is stale). Any host may do it; every step is idempotent. Returns
         the collected names."""
         now = self.clock()
+        if self._watching_since is None:
+            return []  # not renewed ourselves yet: we cannot tell who is gone
         live = {lease.public_ip for lease in leases}
         hosts = records(self.keys.root + "/hosts/", host_entry)
         gone = []
         for name, record in sorted(hosts.items()):
             if name == self.host or not record.public_ip or record.public_ip in live or not record.renewed:
                 continue
-            if now - record.renewed < max(2 * ttl, min_absence):
+            if now - max(record.renewed, self._watching_since) < max(2 * ttl, min_absence):
                 continue
             log.warning("host %s (%s) is gone: no lease, last renewal %.0f s ago; removing its records",
                         name, record.public_ip, now - record.renewed)
