@@ -3,10 +3,11 @@ a conftest is not a module to import from)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from testbed import IMAGE, Etcd, SimHost, Underlay, wait_until
 
@@ -51,6 +52,12 @@ def start_host(ul: Underlay, name: str, ip: str, plugin_args: list[str]) -> SimH
     host.load_image()
     host.start_plugin(plugin_args)
     return host
+
+
+def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False) -> Any:
+    """The `canal` CLI inside a host: its JSON output parsed, or the process itself (raw)."""
+    proc = h.exec([h.plugin_argv()[0], "-m", "canal", *args], input=input)
+    return proc if raw else json.loads(proc.stdout)
 
 
 def canal_leftovers(host: SimHost) -> dict[str, list[str]]:

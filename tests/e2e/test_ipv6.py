@@ -8,7 +8,7 @@ import ipaddress
 import json
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, canal_leftovers, clear, start_host, wait_open
+from e2e_support import CLUSTER, IMAGE, canal, canal_leftovers, clear, start_host, wait_open
 
 from testbed import SimHost, wait_until
 from testbed._util import run as run_cmd
@@ -39,11 +39,6 @@ def h(host):
     assert canal_leftovers(host) == {"veths": [], "routes": [], "iptables": [], "ipsets": []}
     assert host.ip("-6", "route", "show", "proto", "101").stdout.strip() == ""
     assert [l for l in host.exec(["ip6tables-nft-save"]).stdout.splitlines() if "CANAL" in l] == []
-
-
-def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False):
-    proc = h.exec([h.plugin_argv()[0], "-m", "canal", *args], input=input)
-    return proc if raw else json.loads(proc.stdout)
 
 
 def apply(h: SimHost, *docs: dict) -> None:

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from e2e_support import (
+    canal,
     CLUSTER,
     canal_leftovers,
     clear,
@@ -42,11 +42,6 @@ def h(host):
         meta = doc["metadata"]
         canal(host, "policy", "delete", f"{meta['network']}/{meta['name']}", raw=True)
     clear(host)
-
-
-def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False):
-    proc = h.exec([h.plugin_argv()[0], "-m", "canal", *args], input=input)
-    return proc if raw else json.loads(proc.stdout)
 
 
 def net(h: SimHost, *names: str) -> None:

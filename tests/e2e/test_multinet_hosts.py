@@ -7,6 +7,7 @@ import json
 
 import pytest
 from e2e_support import (
+    canal,
     clear,
     conntrack_sources,
     etcd_cluster,
@@ -43,11 +44,6 @@ def c(cluster):
         canal(h1, "policy", "delete", scope, raw=True)
     for h in (h1, h2):
         clear(h)
-
-
-def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False):
-    proc = h.exec([h.plugin_argv()[0], "-m", "canal", *args], input=input)
-    return proc if raw else json.loads(proc.stdout)
 
 
 def net(*pairs: tuple[SimHost, str], subnet: str = "") -> None:
