@@ -159,6 +159,7 @@ class WireGuard:
         the peer's AllowedIPs) and state up."""
         with self._lock:
             index = self._index()
+            first = index is None or not self.implementation  # created now, or first seen by this process
             if index is None:
                 self._configured = None
                 index = self._create()
@@ -176,7 +177,8 @@ class WireGuard:
                     self._ipr.link("set", index=index, state="up")
             except NetlinkError as err:
                 raise Unavailable(f"{DEVICE}: netlink: {err}") from err
-        _sysctl(self.sysctl_dir, f"net/ipv4/conf/{DEVICE}/rp_filter", "2")
+        if first:  # a per-device setting: it lives and dies with the device, no need to rewrite it each pass
+            _sysctl(self.sysctl_dir, f"net/ipv4/conf/{DEVICE}/rp_filter", "2")
 
     def _create(self) -> int:
         try:
