@@ -74,6 +74,19 @@ def canal_leftovers(host: SimHost) -> dict[str, list[str]]:
     }
 
 
+def ipset_members(host: SimHost) -> dict[str, set[str]]:
+    """Our ipsets as the host's kernel holds them: name -> members (exact, not substrings:
+    10.0.0.1 must not be found in 10.0.0.12)."""
+    sets: dict[str, set[str]] = {}
+    for line in host.exec(["ipset", "save"]).stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "create" and parts[1].startswith("canal-"):
+            sets[parts[1]] = set()
+        elif len(parts) >= 3 and parts[0] == "add" and parts[1] in sets:
+            sets[parts[1]].add(parts[2].removesuffix("/32"))
+    return sets
+
+
 def clear(host: SimHost, driver: str = "canal") -> None:
     """Remove every container and canal network of a host (through Docker, as a user would),
     then check the plugin logged no unexpected exception while the test ran."""

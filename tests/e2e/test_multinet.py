@@ -14,12 +14,13 @@ from e2e_support import (
     endpoint_ids,
     fetch,
     ip_of,
+    ipset_members,
     serve_hello,
     start_host,
     wait_open,
 )
 
-from testbed import SimHost, wait_until
+from testbed import SimHost, TestbedError, wait_until
 
 PLUGIN = ["--network", CLUSTER, "--log-level", "debug", "--resync-interval", "2"]
 
@@ -155,7 +156,14 @@ def test_disconnect_and_reconnect_leave_nothing(h):
     assert len(gone) == 1
     wait_until(lambda: not any(v.startswith("cnl" + gone[0][:12]) for v in canal_leftovers(h)["veths"]),
                timeout=10, what="the back veth removed")
-    wait_until(lambda: back_ip not in h.exec(["ipset", "list"]).stdout, timeout=10, what="no ipset member")
+    def sets_holding_back_ip() -> list[str]:  # exact members: 10.0.0.1 is not in 10.0.0.12
+        return sorted(name for name, members in ipset_members(h).items() if back_ip in members)
+
+    try:
+        wait_until(lambda: not sets_holding_back_ip(), timeout=10, what="no ipset member")
+    except TestbedError:
+        raise AssertionError(f"{back_ip} still in {sets_holding_back_ip()}; plugin log tail:\n"
+                             + "\n".join(h.plugin_log.read_text(errors="replace").splitlines()[-80:])) from None
     wait_until(lambda: not h.exec(["conntrack", "-L", "--orig-src", back_ip], check=False).stdout.strip(),
                timeout=10, what="no conntrack state of the departed address")
     assert fetch(h, "proxy", ip_of(h, "db", "back")) == ""  # no longer on back
