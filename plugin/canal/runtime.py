@@ -151,7 +151,7 @@ class Plugin:
         self._routes6_applied = False
         self._routes6_warned = False
         if self.multihost:
-            steps += [self.publish_routes6, self.program_routes6]
+            steps.append(self.program_routes6)
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
         self.agent = Agent(
             self.pass_snapshot,
@@ -279,16 +279,6 @@ class Plugin:
 
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
-    def publish_routes6(self, snap: Snapshot, full: bool) -> None:
-        """Keep this host's /128 route records equal to its --ipv6 endpoints."""
-        wanted = desired_route_records6(snap)
-        for ip, record in wanted.items():
-            if snap.routes6.get(ip) != record:
-                self.store.put(self.keys.route(record.ip), record.to_json())
-        for ip, record in snap.routes6.items():
-            if record.host == self.host and ip not in wanted:
-                self.store.delete(self.keys.route(record.ip))
-
     def program_routes6(self, snap: Snapshot, full: bool) -> None:
         """Other hosts' /128s through the VXLAN device (vxlan backend only, for now)."""
         pairs = remote_routes6(snap)
@@ -303,14 +293,14 @@ class Plugin:
         self._routes6_applied = bool(pairs)
 
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
-        """Keep this host's /32 route records equal to what its endpoints need."""
-        wanted = desired_route_records(snap)
-        for ip, record in wanted.items():
-            if snap.routes.get(ip) != record:
-                self.store.put(self.keys.route(record.ip), record.to_json())
-        for ip, record in snap.routes.items():
-            if record.host == self.host and ip not in wanted:
-                self.store.delete(self.keys.route(record.ip))
+        """Keep this host's route records (/32s and /128s) equal to what its endpoints need."""
+        for wanted, have in ((desired_route_records(snap), snap.routes), (desired_route_records6(snap), snap.routes6)):
+            for ip, record in wanted.items():
+                if have.get(ip) != record:
+                    self.store.put(self.keys.route(record.ip), record.to_json())
+            for ip, record in have.items():
+                if record.host == self.host and ip not in wanted:
+                    self.store.delete(self.keys.route(record.ip))
 
     # Status and snapshot ----------------------------------------------------------------------
 
@@ -435,13 +425,13 @@ class Plugin:
     def _networks(self) -> dict[str, NetworkRecord]:
         return self.mirror.records(self.keys.networks, network_entry)
 
-    def _routes(self) -> dict[str, RouteRecord]:
-        records = self.mirror.records(self.keys.routes, route_entry)
-        return {str(r.ip): r for r in records.values() if r.ip.version == 4}
-
-    def _routes6(self) -> dict[str, RouteRecord]:
-        records = self.mirror.records(self.keys.routes, route_entry)
-        return {str(r.ip): r for r in records.values() if r.ip.version == 6}
+    def _routes(self) -> tuple[dict[str, RouteRecord], dict[str, RouteRecord]]:
+        """The route records, read once and split by family: (/32s, /128s) by address."""
+        by_family: tuple[dict[str, RouteRecord], dict[str, RouteRecord]] = ({}, {})
+        if self.multihost:
+            for record in self.mirror.records(self.keys.routes, route_entry).values():
+                by_family[record.ip.version == 6][str(record.ip)] = record
+        return by_family
 
     def pass_snapshot(self) -> Snapshot:
         """The agent's snapshot: the published ports are held first (the DNAT follows them)."""
@@ -456,6 +446,7 @@ class Plugin:
         endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
         if hold:
             self.hold_ports(endpoints)
+        routes, routes6 = self._routes()
         return Snapshot(
             host=self.host,
             cluster_network=network,
@@ -463,14 +454,14 @@ class Plugin:
             endpoints=endpoints,
             own_subnet=self.lease.subnet if self.lease else None,
             leases=tuple(self._leases()) if self.multihost else (),
-            routes=self._routes() if self.multihost else {},
+            routes=routes,
             policies=policies,
             broken_policy_scopes=broken,
             settings=self.dataplane_settings(),
             held_ports=self.held_ports(),
             encrypt_all=self.multihost and self.network_config().backend_config.type == "wireguard",
             cluster_network6=self._cluster_network6_text(),
-            routes6=self._routes6() if self.multihost else {},
+            routes6=routes6,
         )
 
     def _cluster_network6_text(self) -> str:
