@@ -173,6 +173,12 @@ def test_key_file_is_private_stable_and_renewed_when_broken(tmp_path):
         handle.write("garbage\n")
     assert keys.private() != private  # a file without a key is replaced, not used
     assert keys.renew() != keys.public()
+    # Read once per change of the file, and a key restored by hand (in place) is picked up.
+    restored = fake_wg(["wg", "genkey"]).stdout.strip()
+    with open(keys.path, "w") as handle:
+        handle.write(restored + "\n")
+    os.utime(keys.path, ns=(1, 1))
+    assert keys.private() == restored
 
 
 def test_network_option_encrypted_as_docker_spells_it():

@@ -95,13 +95,20 @@ class KeyFile:
     def __init__(self, directory: str, runner: Callable[..., Any] = run) -> None:
         self.path = os.path.join(directory, "wireguard", "private.key")
         self._run = runner
+        self._read: tuple[tuple[int, int, int], str] | None = None  # (the file's stat, its key)
 
     def private(self) -> str:
-        """The key, made on first use. A file that does not hold a key is replaced, not used."""
+        """The key, made on first use. A file that does not hold a key is replaced, not used.
+        Read again only when the file changed (a pass asks for it more than once)."""
         try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._read is not None and self._read[0] == stamp:
+                return self._read[1]
             with open(self.path) as handle:
-                text = handle.read().strip()
-            return wg_key(text, f"private key in {self.path}")
+                key = wg_key(handle.read().strip(), f"private key in {self.path}")
+            self._read = (stamp, key)
+            return key
         except FileNotFoundError:
             pass
         except CanalError:
