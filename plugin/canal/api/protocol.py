@@ -224,8 +224,10 @@ def _check_map(path: str, value: dict) -> dict:
     return out
 
 
-def _check_ipv4_data(path: str, value: list) -> list:
-    """IPv4Data: what IPAM answered, echoed by Docker: canonical pools and gateways only."""
+def _ip_data(path: str, value: list, pool: Callable[[str, Any], str], gateway: Callable[[str, Any], str],
+             aux: Callable[[str, Any], dict]) -> list:
+    """IPv4Data/IPv6Data: what IPAM answered, echoed by Docker; each family checks its pools,
+    gateways and aux addresses, the shape is shared."""
     if len(value) > 64:
         raise _Refused(path, "has more than 64 entries")
     out = []
@@ -238,62 +240,69 @@ def _check_ipv4_data(path: str, value: list) -> list:
         if not isinstance(space, str):
             raise _Refused(f"{where}.AddressSpace", f"must be a string, got {_kind(space)}")
         _check_space(f"{where}.AddressSpace", space)
-        pool = entry.get("Pool")
-        if pool is None:
-            raise _Refused(f"{where}.Pool", "is missing")
-        if not isinstance(pool, str):
-            raise _Refused(f"{where}.Pool", f"must be a string, got {_kind(pool)}")
-        _check_pool(f"{where}.Pool", pool)
-        gateway = entry.get("Gateway")
-        gateway = _check_cidr_or_empty(f"{where}.Gateway", "" if gateway is None else gateway)
-        aux = entry.get("AuxAddresses")
-        aux = {} if aux is None else aux
-        if not isinstance(aux, dict):
-            raise _Refused(f"{where}.AuxAddresses", f"must be an object, got {_kind(aux)}")
-        if len(aux) > 4096:
-            raise _Refused(f"{where}.AuxAddresses", "has more than 4096 entries")
-        checked_aux = {}
-        for name, address in aux.items():
-            _check_string(f"{where}.AuxAddresses", name, 256)
-            if not name:
-                raise _Refused(f"{where}.AuxAddresses", "has an empty name")
-            checked_aux[name] = _check_cidr_or_empty(f"{where}.AuxAddresses.{name}", address)
-            if not address:
-                raise _Refused(f"{where}.AuxAddresses.{name}", "must be an IPv4 CIDR a.b.c.d/len, got ''")
-        out.append({"AddressSpace": space, "Pool": pool, "Gateway": gateway, "AuxAddresses": checked_aux})
+        gw = entry.get("Gateway")
+        out.append({"AddressSpace": space, "Pool": pool(f"{where}.Pool", entry.get("Pool")),
+                    "Gateway": gateway(f"{where}.Gateway", "" if gw is None else gw),
+                    "AuxAddresses": aux(f"{where}.AuxAddresses", entry.get("AuxAddresses"))})
     return out
+
+
+def _pool4(path: str, pool: Any) -> str:
+    if pool is None:
+        raise _Refused(path, "is missing")
+    if not isinstance(pool, str):
+        raise _Refused(path, f"must be a string, got {_kind(pool)}")
+    return _check_pool(path, pool)
+
+
+def _aux4(path: str, aux: Any) -> dict:
+    aux = {} if aux is None else aux
+    if not isinstance(aux, dict):
+        raise _Refused(path, f"must be an object, got {_kind(aux)}")
+    if len(aux) > 4096:
+        raise _Refused(path, "has more than 4096 entries")
+    checked = {}
+    for name, address in aux.items():
+        _check_string(path, name, 256)
+        if not name:
+            raise _Refused(path, "has an empty name")
+        checked[name] = _check_cidr_or_empty(f"{path}.{name}", address)
+        if not address:
+            raise _Refused(f"{path}.{name}", "must be an IPv4 CIDR a.b.c.d/len, got ''")
+    return checked
+
+
+def _pool6(path: str, pool: Any) -> str:
+    if not isinstance(pool, str):
+        raise _Refused(path, f"must be an IPv6 network string, got {_kind(pool)}")
+    iface = _interface6(pool)
+    if iface is None or str(iface.network) != pool:
+        raise _Refused(path, f"must be an IPv6 network in canonical form, got {_show(pool)}")
+    return pool
+
+
+def _gateway6(path: str, gateway: Any) -> str:
+    if not isinstance(gateway, str) or (gateway and _interface6(gateway) is None):
+        raise _Refused(path, f"must be an IPv6 CIDR or empty, got {_show(gateway)}")
+    return gateway
+
+
+def _aux6(path: str, aux: Any) -> dict:
+    """Aux addresses of IPv6 pools only need to be bounded strings (nothing programs them)."""
+    aux = _check_value(path, aux or {})
+    if not isinstance(aux, dict):
+        raise _Refused(path, f"must be an object, got {_kind(aux)}")
+    return aux
+
+
+def _check_ipv4_data(path: str, value: list) -> list:
+    """IPv4Data: canonical pools and gateways only."""
+    return _ip_data(path, value, _pool4, _check_cidr_or_empty, _aux4)
 
 
 def _check_ipv6_data(path: str, value: list) -> list:
-    """IPv6Data of an --ipv6 network: what canal IPAM answered (canonical IPv6 pools and
-    gateways, ::/0 included), echoed by Docker. Aux addresses only need to be bounded strings."""
-    if len(value) > 64:
-        raise _Refused(path, "has more than 64 entries")
-    out = []
-    for i, entry in enumerate(value):
-        where = f"{path}[{i}]"
-        if not isinstance(entry, dict):
-            raise _Refused(where, f"must be an object, got {_kind(entry)}")
-        space = entry.get("AddressSpace")
-        space = "" if space is None else space
-        if not isinstance(space, str):
-            raise _Refused(f"{where}.AddressSpace", f"must be a string, got {_kind(space)}")
-        _check_space(f"{where}.AddressSpace", space)
-        pool = entry.get("Pool")
-        if not isinstance(pool, str):
-            raise _Refused(f"{where}.Pool", f"must be an IPv6 network string, got {_kind(pool)}")
-        iface = _interface6(pool)
-        if iface is None or str(iface.network) != pool:
-            raise _Refused(f"{where}.Pool", f"must be an IPv6 network in canonical form, got {_show(pool)}")
-        gateway = entry.get("Gateway")
-        gateway = "" if gateway is None else gateway
-        if not isinstance(gateway, str) or (gateway and _interface6(gateway) is None):
-            raise _Refused(f"{where}.Gateway", f"must be an IPv6 CIDR or empty, got {_show(gateway)}")
-        aux = _check_value(f"{where}.AuxAddresses", entry.get("AuxAddresses") or {})
-        if not isinstance(aux, dict):
-            raise _Refused(f"{where}.AuxAddresses", f"must be an object, got {_kind(aux)}")
-        out.append({"AddressSpace": space, "Pool": pool, "Gateway": gateway, "AuxAddresses": aux})
-    return out
+    """IPv6Data of an --ipv6 network: canonical IPv6 pools and gateways, ::/0 included."""
+    return _ip_data(path, value, _pool6, _gateway6, _aux6)
 
 
 def _check_mac(path: str, value: Any) -> str:
