@@ -153,11 +153,15 @@ class Ipam:
             raise BadRequest(
                 f"unknown address space {address_space!r}: canal serves {LOCAL_SPACE} and {GLOBAL_SPACE}"
             )
-        if v6:
-            return self._request_pool6(pool, sub_pool)
-        shared = address_space == GLOBAL_SPACE
         if not pool and sub_pool:
             raise BadRequest("--ip-range needs --subnet")
+        if v6:
+            if not pool:
+                return self._default_pool6()
+            if "." in pool and ":" not in pool:
+                raise BadRequest(f"subnet {pool!r} is IPv4, but it was requested as the IPv6 pool of an --ipv6 network")
+            return self._user_pool(pool, sub_pool, v6=True)
+        shared = address_space == GLOBAL_SPACE
         if ":" in pool or ":" in sub_pool:
             raise BadRequest(f"subnet {pool or sub_pool!r} is IPv6: create the network with --ipv6")
         if (shared and not pool) or (pool == str(self.cluster_network()) and not sub_pool):
@@ -167,24 +171,30 @@ class Ipam:
         if not pool:
             # No gateway request follows: the gateway is given here (see module docstring).
             return DEFAULT_POOL_ID, ANY_NET, {GATEWAY_OPTION: ANY_NET}
-        net = _network(pool, "subnet")
-        if str(net) != pool and str(net.network_address) != pool.split("/")[0]:
-            raise BadRequest(f"subnet {pool!r} has host bits set; did you mean {net}?")
-        if net.prefixlen > 30:
-            raise BadRequest(f"subnet {net} is too small: canal needs /30 or larger")
-        sub = None
+        return self._user_pool(pool, sub_pool, v6=False, shared=shared)
+
+    def _user_pool(self, pool: str, sub_pool: str, v6: bool, shared: bool = False) -> tuple[str, str, dict[str, str]]:
+        """A --subnet (and --ip-range) of either family: checked, then its pool record made once.
+        "shared": a Swarm pool (requested in the global space), where task addresses are
+        allocated by the manager and claimed again by the node running the task."""
+        what, parse, smallest = ("IPv6 subnet", _network6, 126) if v6 else ("subnet", _network, 30)
+        net: Net = parse(pool, what)
+        if str(net) != pool and net.network_address != ipaddress.ip_address(pool.split("/")[0]):
+            raise BadRequest(f"{what} {pool!r} has host bits set; did you mean {net}?")
+        if net.prefixlen > smallest:
+            raise BadRequest(f"{what} {net} is too small: canal needs /{smallest} or larger")
+        sub: Net | None = None
         if sub_pool:
-            sub = _network(sub_pool, "ip-range")
-            if not sub.subnet_of(net):
-                raise BadRequest(f"ip-range {sub} is not inside subnet {net}")
+            range_what = "IPv6 ip-range" if v6 else "ip-range"
+            sub = parse(sub_pool, range_what)
+            if not sub.subnet_of(net):  # type: ignore[arg-type]  # same version
+                raise BadRequest(f"{range_what} {sub} is not inside subnet {net}")
         self._check_overlap(net)
-        # "shared": a Swarm pool (requested in the global space), where task addresses are
-        # allocated by the manager and claimed again by the node running the task.
         if self.store.create(self.keys.pool(net), PoolRecord(net, "", shared).to_json()):
             log.info("pool %s created", net)
         elif shared:
             self._update_pool(net, lambda p: replace(p, shared=True))
-        return PoolRef(net, sub).id, str(net), {}
+        return PoolRef(net, sub, v6=v6).id, str(net), {}
 
     def _check_overlap(self, net: Net) -> None:
         for key, raw in self.store.list_json(self.keys.pools).items():
@@ -201,35 +211,16 @@ class Ipam:
                     "use the same subnet or one that does not overlap"
                 )
 
-    def _request_pool6(self, pool: str, sub_pool: str) -> tuple[str, str, dict[str, str]]:
-        """An IPv6 pool (--ipv6): the user's --subnet, else the cluster's IPv6 network. Address
-        space and Swarm sharing as for IPv4 are not distinguished: every v6 pool is cluster-wide."""
-        if not pool and sub_pool:
-            raise BadRequest("--ip-range needs --subnet")
-        if not pool:
-            if self.cluster_network6() is None:
-                raise BadRequest(
-                    "--ipv6 without an IPv6 --subnet needs the cluster's IPv6 network: set EnableIPv6 and "
-                    "IPv6Network in flannel's config (etcd), or --network6 (embedded datastore)"
-                )
-            # No gateway request follows: the gateway is given here (see module docstring).
-            return DEFAULT6_POOL_ID, ANY_NET6, {GATEWAY_OPTION: ANY_NET6}
-        if "." in pool and ":" not in pool:
-            raise BadRequest(f"subnet {pool!r} is IPv4, but it was requested as the IPv6 pool of an --ipv6 network")
-        net = _network6(pool, "IPv6 subnet")
-        if str(net) != pool and net.network_address != ipaddress.IPv6Address(pool.split("/")[0]):
-            raise BadRequest(f"IPv6 subnet {pool!r} has host bits set; did you mean {net}?")
-        if net.prefixlen > 126:
-            raise BadRequest(f"IPv6 subnet {net} is too small: canal needs /126 or larger")
-        sub = None
-        if sub_pool:
-            sub = _network6(sub_pool, "IPv6 ip-range")
-            if not sub.subnet_of(net):
-                raise BadRequest(f"IPv6 ip-range {sub} is not inside subnet {net}")
-        self._check_overlap(net)
-        if self.store.create(self.keys.pool(net), PoolRecord(net).to_json()):
-            log.info("pool %s created", net)
-        return PoolRef(net, sub, v6=True).id, str(net), {}
+    def _default_pool6(self) -> tuple[str, str, dict[str, str]]:
+        """--ipv6 without an IPv6 --subnet: the cluster's IPv6 network. Every v6 pool is
+        cluster-wide (no address spaces, no Swarm sharing as for IPv4)."""
+        if self.cluster_network6() is None:
+            raise BadRequest(
+                "--ipv6 without an IPv6 --subnet needs the cluster's IPv6 network: set EnableIPv6 and "
+                "IPv6Network in flannel's config (etcd), or --network6 (embedded datastore)"
+            )
+        # No gateway request follows: the gateway is given here (see module docstring).
+        return DEFAULT6_POOL_ID, ANY_NET6, {GATEWAY_OPTION: ANY_NET6}
 
     def release_pool(self, pool_id: str) -> None:
         ref = PoolRef.parse(pool_id, self.cluster_network)
