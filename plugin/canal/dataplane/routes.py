@@ -14,9 +14,9 @@ import socket
 import threading
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from canal.dataplane.netlink import open_socket
 from canal.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,7 @@ class DirectRoutes:
 
     def __init__(self, iface: str) -> None:
         self.iface = iface
-        try:
-            self._ipr = IPRoute()
-        except (OSError, NetlinkError) as err:
-            raise Unavailable(f"cannot open netlink: {err}") from err
+        self._ipr = open_socket()
         self._lock = threading.Lock()
 
     def close(self) -> None:

@@ -19,10 +19,10 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from canal.dataplane.links import RTPROT_CANAL
+from canal.dataplane.netlink import open_socket
 from canal.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Routes6:
 
     def __init__(self, sysctl_dir: str = "/proc/sys") -> None:
         self.sysctl_dir = sysctl_dir
-        self._ipr = IPRoute()
+        self._ipr = open_socket()
         self._lock = threading.Lock()
         self._neighbours: dict[ipaddress.IPv6Address, str] = {}  # programmed by us
 

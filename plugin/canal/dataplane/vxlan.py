@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from canal.dataplane.links import delete_link
+from canal.dataplane.netlink import open_socket
 from canal.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,7 @@ class Vxlan:
 
     def __init__(self) -> None:
         """Binds to the network namespace of the calling thread (tests create it in one)."""
-        try:
-            self._ipr = IPRoute()
-        except (OSError, NetlinkError) as err:
-            raise Unavailable(f"cannot open netlink: {err}") from err
+        self._ipr = open_socket()
         self._lock = threading.Lock()
         self._vni: int | None = None  # the device of the last ensure_device, apply's default
 

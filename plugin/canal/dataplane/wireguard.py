@@ -26,12 +26,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from canal.config import Secret
 from canal.dataplane.cmd import run
 from canal.dataplane.links import _sysctl, delete_link
+from canal.dataplane.netlink import open_socket
 from canal.errors import CanalError, CommandFailed, Unavailable
 from canal.records import wg_key
 
@@ -139,10 +139,7 @@ class WireGuard:
         self.keys = keys
         self.sysctl_dir = sysctl_dir
         self._run = runner
-        try:
-            self._ipr = IPRoute()
-        except (OSError, NetlinkError) as err:
-            raise Unavailable(f"cannot open netlink: {err}") from err
+        self._ipr = open_socket()
         self._lock = threading.Lock()
         self._key_lock = threading.Lock()  # a rotation never interleaves with a syncconf of the old key
         self.implementation = ""  # "kernel" or "wireguard-go", once the device exists
