@@ -54,6 +54,27 @@ def start_host(ul: Underlay, name: str, ip: str, plugin_args: list[str]) -> SimH
     return host
 
 
+@contextmanager
+def hosted(ul: Underlay, name: str, ip: str, plugin_args: list[str]) -> Iterator[SimHost]:
+    """A module's single host (start_host), closed afterwards also when the module fails."""
+    host = start_host(ul, name, ip, plugin_args)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+def reset(host: SimHost, plugin_args: list[str]) -> None:
+    """After a test: the plugin running again (with the module's arguments), every policy
+    deleted, every container and canal network removed (clear)."""
+    if not host.plugin_running():
+        host.start_plugin(plugin_args)
+    for doc in canal(host, "policy", "list", "-o", "json"):
+        meta = doc["metadata"]
+        canal(host, "policy", "delete", f"{meta.get('network', 'global')}/{meta['name']}", raw=True)
+    clear(host)
+
+
 def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False) -> Any:
     """The `canal` CLI inside a host: its JSON output parsed, or the process itself (raw)."""
     proc = h.exec([h.plugin_argv()[0], "-m", "canal", *args], input=input)

@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import pytest
-from e2e_support import IMAGE, clear, endpoint_ids, etcd_cluster, etcd_plugin_args, wait_open
+from e2e_support import endpoint_ids, etcd_cluster, etcd_plugin_args, IMAGE, reset, wait_open
 
 from testbed import Etcd, SimHost, wait_until
 from testbed._util import spawn, stop_popen
@@ -54,22 +54,12 @@ def c(cluster):
     ul, etcd, (h1, h2) = cluster
     yield etcd, h1, h2
     for h in (h1, h2):
-        if not h.plugin_running():
-            h.start_plugin(plugin_args(h, etcd))
-        for doc in canal(h, "policy", "list"):
-            meta = doc["metadata"]
-            target = f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}"
-            h.exec([h.plugin_argv()[0], "-m", "canal", "policy", "delete", target])
-        clear(h)
+        reset(h, plugin_args(h, etcd))
         h.docker("network", "rm", "plainnet", check=False)
         assert not [l for l in h.ip("-o", "link").stdout.splitlines() if ": cnl" in l]
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def canal(h: SimHost, *args: str) -> list | dict:
-    return json.loads(h.exec([h.plugin_argv()[0], "-m", "canal", *args, "-o", "json"]).stdout)
 
 
 def apply(h: SimHost, doc: dict) -> None:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from e2e_support import clear, start_host, wait_open
+from e2e_support import hosted, reset, wait_open
 from test_policy import IMAGE, PLUGIN, client, ip, net, pings, policy, server, tcp
 
 from testbed import SimHost, wait_until
@@ -42,21 +42,14 @@ POLICIES = [
 
 @pytest.fixture(scope="module")
 def host(underlay):
-    h = start_host(underlay, "x1", "198.18.0.1", PLUGIN)
-    try:
+    with hosted(underlay, "x1", "198.18.0.1", PLUGIN) as h:
         yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture
 def h(host):
     yield host
-    for doc in canal(host, "policy", "list", "-o", "json"):
-        meta = doc["metadata"]
-        ref = f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}"
-        canal(host, "policy", "delete", ref, raw=True)
-    clear(host)
+    reset(host, PLUGIN)
 
 
 def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False, check: bool = True):

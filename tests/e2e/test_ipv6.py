@@ -8,7 +8,7 @@ import ipaddress
 import json
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, canal, canal_leftovers, clear, start_host, wait_open
+from e2e_support import canal, canal_leftovers, CLUSTER, hosted, IMAGE, reset, wait_open
 
 from testbed import SimHost, wait_until
 from testbed._util import run as run_cmd
@@ -20,22 +20,14 @@ GATEWAY6 = "fe80::ecee:eeff:feee:eeee"
 
 @pytest.fixture(scope="module")
 def host(underlay):
-    h = start_host(underlay, "v6", "198.18.0.1", PLUGIN)
-    try:
+    with hosted(underlay, "v6", "198.18.0.1", PLUGIN) as h:
         yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture
 def h(host):
     yield host
-    if not host.plugin_running():
-        host.start_plugin(PLUGIN)
-    for doc in canal(host, "policy", "list", "-o", "json"):
-        meta = doc["metadata"]
-        canal(host, "policy", "delete", f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}", raw=True)
-    clear(host)
+    reset(host, PLUGIN)
     assert canal_leftovers(host) == {"veths": [], "routes": [], "iptables": [], "ipsets": []}
     assert host.ip("-6", "route", "show", "proto", "101").stdout.strip() == ""
     assert [l for l in host.exec(["ip6tables-nft-save"]).stdout.splitlines() if "CANAL" in l] == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_support import IMAGE, clear, etcd_cluster, etcd_plugin_args, wait_open
+from e2e_support import etcd_cluster, etcd_plugin_args, IMAGE, reset, wait_open
 
 from testbed import Etcd, SimHost, wait_until
 
@@ -27,11 +27,7 @@ def c(cluster):
     _, etcd, (h1, h2) = cluster
     yield etcd, h1, h2
     for h in (h1, h2):
-        if not h.plugin_running():
-            h.start_plugin(plugin_args(h, etcd))
-    canal(h1, "policy", "delete", "dual/deny-web", check=False)
-    for h in (h1, h2):
-        clear(h)
+        reset(h, plugin_args(h, etcd))
     for h in (h1, h2):
         wait_until(lambda h=h: h.ip("-6", "route", "show", "proto", "101").stdout.strip() == "", timeout=15,
                    what=f"{h.name}'s IPv6 routes gone")

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import pytest
 from e2e_support import (
-    canal,
-    CLUSTER,
     canal_leftovers,
-    clear,
+    CLUSTER,
     conntrack_sources,
     endpoint_ids,
     fetch,
+    hosted,
     ip_of,
     ipset_members,
+    reset,
     serve_hello,
-    start_host,
     wait_open,
 )
 
@@ -27,22 +26,14 @@ PLUGIN = ["--network", CLUSTER, "--log-level", "debug", "--resync-interval", "2"
 
 @pytest.fixture(scope="module")
 def host(underlay):
-    h = start_host(underlay, "m1", "198.18.0.1", PLUGIN)
-    try:
+    with hosted(underlay, "m1", "198.18.0.1", PLUGIN) as h:
         yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture
 def h(host):
     yield host
-    if not host.plugin_running():
-        host.start_plugin(PLUGIN)
-    for doc in canal(host, "policy", "list", "-o", "json"):
-        meta = doc["metadata"]
-        canal(host, "policy", "delete", f"{meta['network']}/{meta['name']}", raw=True)
-    clear(host)
+    reset(host, PLUGIN)
 
 
 def net(h: SimHost, *names: str) -> None:

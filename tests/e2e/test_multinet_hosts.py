@@ -8,12 +8,12 @@ import json
 import pytest
 from e2e_support import (
     canal,
-    clear,
     conntrack_sources,
     etcd_cluster,
     etcd_plugin_args,
     fetch,
     ip_of,
+    reset,
     serve_hello,
     wait_open,
 )
@@ -36,14 +36,7 @@ def c(cluster):
     ul, etcd, (h1, h2) = cluster
     yield etcd, h1, h2
     for h in (h1, h2):
-        if not h.plugin_running():
-            h.start_plugin(plugin_args(h, etcd))
-    for doc in canal(h1, "policy", "list", "-o", "json"):
-        meta = doc["metadata"]
-        scope = f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}"
-        canal(h1, "policy", "delete", scope, raw=True)
-    for h in (h1, h2):
-        clear(h)
+        reset(h, plugin_args(h, etcd))
 
 
 def net(*pairs: tuple[SimHost, str], subnet: str = "") -> None:

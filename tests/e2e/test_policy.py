@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, clear, start_host, wait_open
+from e2e_support import CLUSTER, hosted, IMAGE, reset, wait_open
 
 from testbed import SimHost, wait_until
 
@@ -15,22 +15,14 @@ PLUGIN = ["--network", CLUSTER, "--log-level", "debug", "--resync-interval", "2"
 
 @pytest.fixture(scope="module")
 def host(underlay):
-    h = start_host(underlay, "p1", "198.18.0.1", PLUGIN)
-    try:
+    with hosted(underlay, "p1", "198.18.0.1", PLUGIN) as h:
         yield h
-    finally:
-        h.close()
 
 
 @pytest.fixture
 def h(host):
     yield host
-    if not host.plugin_running():
-        host.start_plugin(PLUGIN)
-    for doc in canal(host, "policy", "list", "-o", "json"):
-        meta = doc["metadata"]
-        canal(host, "policy", "delete", f"{meta['network']}/{meta['name']}" if "network" in meta else f"global/{meta['name']}", raw=True)
-    clear(host)
+    reset(host, PLUGIN)
 
 
 def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False, check: bool = True):
