@@ -138,6 +138,9 @@ def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
     return cached[1]
 
 
+endpoint_info = _info  # for canal.agent.index: one definition, one cache
+
+
 def network_infos(snap: Snapshot) -> dict[str, NetworkInfo]:
     out: dict[str, NetworkInfo] = {}
     for record in snap.networks.values():

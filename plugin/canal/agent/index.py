@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
+from canal.agent.desired import endpoint_info
 from canal.dataplane.ipset import Members, TrackedSet
 from canal.policy import selector as selectors
 from canal.policy.compiler import NETWORK_LABEL, EndpointInfo, effective_labels
@@ -58,10 +59,8 @@ class MembershipIndex:
     """Selector / network / encrypted memberships for one host's view of the cluster. Updated
     and read by the agent's thread only (between updates it does not change)."""
 
-    def __init__(self, host: str, info_of=None):
+    def __init__(self, host: str):
         self.host = host
-        # (record, name, named) -> EndpointInfo: desired._info, injected to share its cache.
-        self._info_of = info_of
         self.reset()
 
     def reset(self) -> None:
@@ -114,7 +113,7 @@ class MembershipIndex:
         in_view = ep.joined or ep.host == self.host
         info = None
         if in_view:
-            info = self._info_of(ep, name, named) if self._info_of else _info(ep, name, named)
+            info = endpoint_info(ep, name, named)
         labels = effective_labels(info) if info is not None else None
         label_key = tuple(sorted(labels.items())) if labels is not None else None
         network = self._networks.get(f"{ep.host}/{ep.network}")
@@ -218,12 +217,6 @@ class MembershipIndex:
     def local_infos(self) -> List[EndpointInfo]:
         """The compiler's view of this host's endpoints (all are in view)."""
         return [e.info for e in (self._entries[i] for i in self._local) if e.info is not None]
-
-
-def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
-    from canal.agent.desired import _info as desired_info  # the one definition, and its cache
-
-    return desired_info(ep, name, named)
 
 
 __all__ = ["MembershipIndex", "NETWORK_LABEL", "naming"]
