@@ -248,3 +248,44 @@ def test_snapshot_readers_still_work_with_an_index():
     assert desired.desired_links(snap) == desired.desired_links(world.snapshot()) or \
         sorted(desired.desired_links(snap), key=lambda link: link.endpoint_id) == \
         sorted(desired.desired_links(world.snapshot()), key=lambda link: link.endpoint_id)
+
+
+def test_a_full_pass_repairs_an_index_that_disagrees_with_the_full_computation(caplog):
+    from fakes import FakeIptables, FakeLinks
+
+    from canal.agent.agent import Agent
+    from canal.dataplane.firewall import Firewall
+
+    world = World(random.Random(11))
+    world.networks = {f"{h}/{NET_IDS[0]}": NetworkRecord(NET_IDS[0], h, ("10.0.0.0/8",), name="appnet") for h in HOSTS}
+    for i in range(20):
+        world.endpoints[f"{i:04d}" * 16] = EndpointRecord(
+            f"{i:04d}" * 16, NET_IDS[0], HOSTS[i % 3], ipaddress.IPv4Address("10.2.0.0") + i, "02:42:00:00:00:01",
+            1450, joined=True, labels={"role": "web"})
+    index = MembershipIndex(HOST)
+    index.update(world.endpoints, (), world.networks, False)
+    ipt = FakeIptables()
+    applied = []
+
+    class Recording(Ipsets):
+        def current(self):
+            return {}
+
+        def apply(self, desired, read_back=True):
+            applied.append([replace(s, members=frozenset(s.members)) for s in desired])
+
+        def destroy_unused(self, keep):
+            pass
+
+    agent = Agent(lambda: world.snapshot(index), FakeLinks(), Firewall(ipt, Recording()), 30)
+    agent.reconcile(full=True)
+    good = applied[-1]
+    lost = world.endpoints.pop("0001" * 16)  # a change the index is never told about: a bug
+    agent.reconcile(full=False)  # event-driven passes trust the index...
+    assert applied[-1] == good
+    agent.reconcile(full=True)  # ...the timer's full pass does not
+    assert "differed from the full computation" in caplog.text
+    network_set = [s for s in applied[-1] if s.name.startswith("canal-net-")][0]
+    assert lost.ip_text not in network_set.members
+    index.update(world.endpoints, (), world.networks, False)  # the next pass's snapshot: rebuilt whole
+    assert materialized(desired_firewall(world.snapshot(index))) == desired_firewall(world.snapshot())

@@ -211,8 +211,8 @@ class MembershipIndex:
         return self._encrypted.view()
 
     def local_records(self) -> List[EndpointRecord]:
-        """This host's endpoints (joined or not), in no particular order."""
-        return list(self._local.values())
+        """This host's endpoints (joined or not), by id (the order records are listed in)."""
+        return [self._local[i] for i in sorted(self._local)]
 
     def local_infos(self) -> List[EndpointInfo]:
         """The compiler's view of this host's endpoints (all are in view)."""
