@@ -210,6 +210,8 @@ def test_members_views_compare_by_version_and_refuse_stale_reads():
     assert first != tracked.view()
     with pytest.raises(StaleMembers):
         list(first)
+    assert len(first) == 1  # its size as programmed stays readable (metrics)
+    assert first != frozenset({"10.0.0.1"}) and first != TrackedSet().view()  # stale: never "unchanged"
     tracked.add("10.0.0.2")  # a second contributor: removed only with the last
     tracked.discard("10.0.0.2")
     assert "10.0.0.2" in tracked.view()

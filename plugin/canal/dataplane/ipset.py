@@ -80,18 +80,20 @@ class TrackedSet:
         return set(self._log[version - self._floor:])
 
     def view(self) -> "Members":
-        return Members(self, self.version)
+        return Members(self, self.version, len(self.members))
 
 
 class Members(AbstractSet[str]):
     """A read-only view of a TrackedSet at one version. Two views of one set are equal when
-    their versions are (so an unchanged set compares in O(1)); against anything else, by content."""
+    their versions are (so an unchanged set compares in O(1)); against anything else, by content.
+    Its size stays readable later, from any thread (metrics count what was programmed)."""
 
-    __slots__ = ("source", "version")
+    __slots__ = ("source", "version", "size")
 
-    def __init__(self, source: TrackedSet, version: int):
+    def __init__(self, source: TrackedSet, version: int, size: int):
         self.source = source
         self.version = version
+        self.size = size
 
     def _live(self) -> set[str]:
         if self.source.version != self.version:
@@ -105,18 +107,27 @@ class Members(AbstractSet[str]):
         return iter(self._live())
 
     def __len__(self) -> int:
-        return len(self._live())
+        return self.size
 
     def __eq__(self, other: Any) -> bool:
-        if isinstance(other, Members) and other.source is self.source:
-            return other.version == self.version
+        if isinstance(other, Members):
+            if other.source is self.source:
+                return other.version == self.version
+            if other.stale:
+                return False
+        if self.stale:
+            return False  # what it held is unknown now: never "unchanged"
         return collections.abc.Set.__eq__(self, other)
+
+    @property
+    def stale(self) -> bool:
+        return self.source.version != self.version
 
     def __hash__(self) -> int:
         return hash((id(self.source), self.version))
 
     def __repr__(self) -> str:
-        return f"Members(v{self.version}, {len(self.source.members)} now)"
+        return f"Members(v{self.version}, {self.size} members)"
 
 
 @dataclass(frozen=True)
