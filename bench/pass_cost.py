@@ -119,9 +119,19 @@ for j in range(20):
     t0 = time.perf_counter(); s = pass_snapshot(); t1 = time.perf_counter()
     ipsets.apply(desired.desired_firewall(s).ipsets, read_back=False); t2 = time.perf_counter()
     snaps.append(t1 - t0); compiles.append(t2 - t1); lines.append(sum(w.count("\n") for w in written))
+full_ms = 0.0
+if incremental:  # the timer's pass also computes from scratch and compares (canal.agent.agent._checked)
+    from canal.agent.agent import Agent
+    checks = []
+    for _ in range(5):
+        state = desired.desired_firewall(s)
+        t0 = time.perf_counter()
+        assert Agent._checked(None, s, state) is state, "incremental state differs from the full computation"
+        checks.append(time.perf_counter() - t0)
+    full_ms = statistics.median(checks) * 1000
 mirror.stop()
 print(json.dumps({"snapshot_ms": statistics.median(snaps) * 1000, "compile_ms": statistics.median(compiles) * 1000,
-                  "ipset_lines": statistics.median(lines)}))
+                  "ipset_lines": statistics.median(lines), "full_check_ms": full_ms}))
 '''
 
 
@@ -150,8 +160,10 @@ def main() -> None:
         rows.append(row)
         if "ipset_lines" in runs[0]:
             row["ipset_lines"] = statistics.median(r["ipset_lines"] for r in runs)
+            row["full_check_ms"] = round(statistics.median(r["full_check_ms"] for r in runs), 2)
         print(f"{name:>6} N={n:<6} snapshot {row['snapshot_ms']:6.2f} ms  compile {row['compile_ms']:6.2f} ms"
-              + (f"  ipset restore lines {row['ipset_lines']}" if "ipset_lines" in row else ""))
+              + (f"  ipset restore lines {row['ipset_lines']}  (full pass check {row['full_check_ms']:.1f} ms)"
+                 if "ipset_lines" in row else ""))
     print(json.dumps(rows))
     sizes = sorted({n for _, n in results})
     series = {f"{phase} ({name})" if len(trees) > 1 else phase:

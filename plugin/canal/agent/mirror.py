@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Generic, ItemsView, Iterator, KeysView, Mapping, Sequence, TypeVar, ValuesView
 
 from canal import metrics
 from canal.datastore.base import Datastore, Op, Put
@@ -272,3 +272,19 @@ class RecordView(Mapping[str, T], Generic[T]):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    # The dict's own views and lookups (Mapping's generic ones go through __getitem__ per key).
+    def __contains__(self, key: object) -> bool:
+        return key in self._records
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._records.get(key, default)
+
+    def keys(self) -> KeysView[str]:
+        return self._records.keys()
+
+    def values(self) -> ValuesView[T]:
+        return self._records.values()
+
+    def items(self) -> ItemsView[str, T]:
+        return self._records.items()
