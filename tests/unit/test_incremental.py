@@ -18,6 +18,7 @@ import pytest
 from canal.agent import desired
 from canal.agent.desired import Snapshot, desired_firewall
 from canal.agent.index import MembershipIndex
+from canal.agent.sandboxes import members_by_network
 from canal.dataplane import ipset as ipsetmod
 from canal.dataplane.firewall import FirewallState
 from canal.dataplane.ipset import IpSet, Ipsets, Members, StaleMembers, TrackedSet
@@ -164,6 +165,12 @@ def test_incremental_equals_full_on_random_histories(seed, monkeypatch):
         full = desired_firewall(world.snapshot())
         assert materialized(incremental) == full, f"seed {seed} step {step}"
         views += sum(isinstance(s.members, Members) for s in incremental.ipsets)
+        names = {n.logical_name for n in world.networks.values()} | set(NET_IDS)
+        full_members = members_by_network(world.snapshot())
+        for name, records in members_by_network(world.snapshot(index), names).items():
+            assert sorted(e.id for e in records) == sorted(e.id for e in full_members.get(name, [])), name
+        assert [e.id for e in desired.local_endpoints(world.snapshot(index))] == \
+            sorted(e.id for e in desired.local_endpoints(world.snapshot()))
         applier.apply(incremental.ipsets, read_back=step % 25 == 0)  # mostly event-driven passes
         assert {s.name: kernel.sets.get(s.name) for s in full.ipsets} == \
             {s.name: set(s.members) for s in full.ipsets}, f"seed {seed} step {step}"

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 from canal.agent.desired import endpoint_info
 from canal.dataplane.ipset import Members, TrackedSet
 from canal.policy import selector as selectors
-from canal.policy.compiler import NETWORK_LABEL, EndpointInfo, effective_labels
+from canal.policy.compiler import EndpointInfo, effective_labels
 from canal.records import EndpointRecord, NetworkRecord
 
 LabelKey = Tuple[Tuple[str, str], ...]
@@ -34,7 +34,8 @@ LabelKey = Tuple[Tuple[str, str], ...]
 
 @dataclass(frozen=True)
 class _Entry:
-    """What one endpoint contributes to the sets (so its removal needs no re-evaluation)."""
+    """What one endpoint put into the sets, as of its last update: its removal takes exactly
+    that back, whatever its record or network says now."""
 
     record: EndpointRecord
     info: Optional[EndpointInfo]  # None: not in the compiler's view (a remote one not joined)
@@ -49,6 +50,9 @@ def naming(networks: Mapping[str, NetworkRecord], ep: EndpointRecord) -> tuple[s
 
 
 class _Selector:
+    """One selector in use (scoped, parsed) and its members per family; `used`: read by a
+    compile since the last update (unused ones are dropped there)."""
+
     def __init__(self, parsed: selectors.Selector):
         self.parsed = parsed
         self.sets = (TrackedSet(), TrackedSet())  # IPv4, IPv6 members
@@ -74,6 +78,7 @@ class MembershipIndex:
         self._networks_sets: Dict[str, tuple[TrackedSet, TrackedSet]] = {}
         self._encrypted = TrackedSet()
         self._local: Dict[str, EndpointRecord] = {}
+        self._by_name: Dict[str, Dict[str, EndpointRecord]] = {}  # logical network -> in view
         self._networks: Mapping[str, NetworkRecord] = {}
         self._encrypt_all = False
         self.evaluations = 0  # selector evaluations so far (what the tests and bench count)
@@ -126,6 +131,7 @@ class MembershipIndex:
         if info is None:
             return
         addresses = (ep.ip_text, info.ip6)
+        self._by_name.setdefault(info.network, {})[ep.id] = ep
         sets = self._network_sets(info.network)
         for family in (0, 1):
             if addresses[family] is not None:
@@ -154,6 +160,10 @@ class MembershipIndex:
         if info is None:
             return
         addresses = (ep.ip_text, info.ip6)
+        members = self._by_name[info.network]
+        del members[endpoint_id]
+        if not members:
+            del self._by_name[info.network]
         if entry.label_key is not None:
             group = self._groups[entry.label_key]
             del group[endpoint_id]
@@ -214,9 +224,13 @@ class MembershipIndex:
         """This host's endpoints (joined or not), by id (the order records are listed in)."""
         return [self._local[i] for i in sorted(self._local)]
 
+    def network_records(self, network: str) -> List[EndpointRecord]:
+        """The endpoints in view (joined anywhere, or ours) of logical network `network`."""
+        return list(self._by_name.get(network, {}).values())
+
     def local_infos(self) -> List[EndpointInfo]:
         """The compiler's view of this host's endpoints (all are in view)."""
         return [e.info for e in (self._entries[i] for i in self._local) if e.info is not None]
 
 
-__all__ = ["MembershipIndex", "NETWORK_LABEL", "naming"]
+__all__ = ["MembershipIndex", "naming"]
