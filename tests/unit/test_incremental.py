@@ -30,7 +30,8 @@ HOSTS = ["h1", "h2", "h3"]
 NET_IDS = ["n" * 63 + "1", "n" * 63 + "2"]
 NAMES = ["", "appnet", "db", "appnet"]
 SELECTORS = ["all()", "role == 'web'", "has(tier)", "role in {'web', 'db'}", "tier == 'x' && role != 'db'",
-             "canal.network == 'db'", "!has(role)"]
+             "canal.network == 'db'", "!has(role)", "role == 'db' || tier == 'y'", "role not in {'web'}",
+             "role in {'web', 'x'} && has(tier)"]
 
 
 def _policy_docs(rng: random.Random, name: str) -> str:
@@ -298,3 +299,26 @@ def test_a_full_pass_repairs_an_index_that_disagrees_with_the_full_computation(c
     assert lost.ip_text not in network_set.members
     index.update(world.endpoints, (), world.networks, False)  # the next pass's snapshot: rebuilt whole
     assert materialized(desired_firewall(world.snapshot(index))) == desired_firewall(world.snapshot())
+
+
+def test_the_label_index_evaluates_only_the_selectors_an_endpoint_could_match():
+    world = World(random.Random(2))
+    world.networks = {f"{h}/{NET_IDS[0]}": NetworkRecord(NET_IDS[0], h, ("10.0.0.0/8",), name="appnet") for h in HOSTS}
+    world.policies = {f"p{k}": load_documents(
+        f"apiVersion: canal/v1\nkind: GlobalNetworkPolicy\nmetadata: {{name: p{k}}}\nspec:\n  selector: all()\n"
+        f"  ingress:\n    - action: Allow\n      source: {{selector: \"role == 'r{k}'\"}}\n")[0] for k in range(40)}
+    world.endpoints = {"a" * 64: EndpointRecord("a" * 64, NET_IDS[0], HOST, ipaddress.IPv4Address("10.2.0.1"),
+                                                "02:42:00:00:00:01", 1450, joined=True, labels={})}
+    index = MembershipIndex(HOST)
+    index.update(world.endpoints, (), world.networks, False)
+    desired_firewall(world.snapshot(index))  # the 40 selectors are in use now
+    before = index.evaluations
+    joining = EndpointRecord("b" * 64, NET_IDS[0], "h2", ipaddress.IPv4Address("10.3.0.1"), "02:42:00:00:00:01",
+                             1450, joined=True, labels={"role": "r7", "tier": "x"})
+    world.endpoints[joining.id] = joining
+    index.update(world.endpoints, {joining.id}, world.networks, False)
+    assert index.evaluations - before == 1  # role == 'r7' only, not the other 39
+    state = desired_firewall(world.snapshot(index))
+    assert materialized(state) == desired_firewall(world.snapshot())
+    member_of = [s.name for s in state.ipsets if joining.ip_text in s.members]
+    assert len(member_of) == 2  # the r7 set and the network's

@@ -6,11 +6,14 @@ policies and the LOCAL endpoints only; see canal.policy.compiler). This index ke
 memberships current from the mirror's change journal:
 
 - an endpoint changed (joined, left, relabelled, moved network): only that endpoint is evaluated,
-  against the selectors in use: O(selectors), not O(cluster);
+  against the selectors in use that could match it (a label index files each selector under the
+  labels it requires, e.g. `role == 'web'` or a NetworkPolicy's network; all(), has(), != and
+  negations are evaluated for every changed endpoint): O(those selectors), not O(cluster);
 - a network record changed (its logical name learned, -o encrypted): only the endpoints of that
   host's network are re-evaluated;
 - a selector used for the first time (a new or changed policy): evaluated once per distinct
-  label set of the cluster (replicas share theirs); selectors no pass used any more are dropped.
+  label set of the cluster (replicas share theirs), only those carrying a label it requires when
+  it has some; selectors no pass used any more are dropped.
 
 Each set is a TrackedSet whose journal feeds the ipset applier per-set deltas. The compiler reads
 the sets through Members views (canal.policy.compiler's `memberships`); its output must equal the
@@ -49,12 +52,29 @@ def naming(networks: Mapping[str, NetworkRecord], ep: EndpointRecord) -> tuple[s
     return (network.logical_name, bool(network.name)) if network is not None else (ep.network, False)
 
 
+def required_labels(selector: selectors.Selector) -> Optional[frozenset[tuple[str, str]]]:
+    """(key, value) pairs of which every endpoint `selector` matches carries at least one (the
+    label index files the selector under them); None: no such pairs (evaluated for every endpoint)."""
+    if isinstance(selector, selectors.Compare) and selector.op == "==":
+        return frozenset({(selector.key, selector.value)})
+    if isinstance(selector, selectors.InSet) and not selector.negated:
+        return frozenset((selector.key, value) for value in selector.values)
+    if isinstance(selector, selectors.And):
+        options = [r for r in map(required_labels, selector.operands) if r is not None]
+        return min(options, key=lambda r: (len(r), sorted(r))) if options else None
+    if isinstance(selector, selectors.Or):
+        parts = [required_labels(operand) for operand in selector.operands]
+        return frozenset().union(*parts) if all(p is not None for p in parts) else None  # type: ignore[arg-type]
+    return None
+
+
 class _Selector:
     """One selector in use (scoped, parsed) and its members per family; `used`: read by a
     compile since the last update (unused ones are dropped there)."""
 
     def __init__(self, parsed: selectors.Selector):
         self.parsed = parsed
+        self.required = required_labels(parsed)
         self.sets = (TrackedSet(), TrackedSet())  # IPv4, IPv6 members
         self.used = True
 
@@ -74,7 +94,12 @@ class MembershipIndex:
         self._entries: Dict[str, _Entry] = {}
         self._by_hostnet: Dict[tuple[str, str], Set[str]] = {}
         self._groups: Dict[LabelKey, Dict[str, _Entry]] = {}  # label set -> endpoints with it
+        self._groups_by_label: Dict[tuple[str, str], Set[LabelKey]] = {}  # (key, value) -> label sets
         self._selectors: Dict[str, _Selector] = {}  # canonical text -> tracked sets
+        # The label index: (key, value) -> selectors only endpoints with that label can match;
+        # the rest (all(), has(), !=, negations) are evaluated for every endpoint changed.
+        self._by_label: Dict[tuple[str, str], Dict[str, _Selector]] = {}
+        self._unindexed: Dict[str, _Selector] = {}
         self._networks_sets: Dict[str, tuple[TrackedSet, TrackedSet]] = {}
         self._encrypted = TrackedSet()
         self._local: Dict[str, EndpointRecord] = {}
@@ -90,13 +115,14 @@ class MembershipIndex:
         """Bring the sets to `endpoints` (the full mapping, read only for `changed` ids, or
         whole on the first update) under `networks`; drops selectors unused since the last."""
         for key in [k for k, s in self._selectors.items() if not s.used]:
-            del self._selectors[key]
+            self._unfile(key, self._selectors.pop(key))
         for tracked in self._selectors.values():
             tracked.used = False
         if not self._built or encrypt_all != self._encrypt_all:
             selectors_in_use = self._selectors
             self.reset()
-            self._selectors = {k: _Selector(s.parsed) for k, s in selectors_in_use.items()}
+            for key, tracked in selectors_in_use.items():
+                self._file(key, _Selector(tracked.parsed))
             self._built, self._encrypt_all, self._networks = True, encrypt_all, dict(networks)
             todo: Iterable[str] = list(endpoints)
         else:
@@ -112,6 +138,28 @@ class MembershipIndex:
             record = endpoints.get(endpoint_id)
             if record is not None:
                 self._add(record)
+
+    def _file(self, key: str, tracked: _Selector) -> None:
+        self._selectors[key] = tracked
+        if tracked.required is None:
+            self._unindexed[key] = tracked
+        for pair in tracked.required or ():
+            self._by_label.setdefault(pair, {})[key] = tracked
+
+    def _unfile(self, key: str, tracked: _Selector) -> None:
+        self._unindexed.pop(key, None)
+        for pair in tracked.required or ():
+            filed = self._by_label[pair]
+            del filed[key]
+            if not filed:
+                del self._by_label[pair]
+
+    def _candidates(self, labels: Mapping[str, str]) -> List[_Selector]:
+        """The selectors that could match `labels`: a superset of those that do."""
+        found = dict(self._unindexed)
+        for pair in labels.items():
+            found.update(self._by_label.get(pair, {}))
+        return list(found.values())
 
     def _add(self, ep: EndpointRecord) -> None:
         name, named = naming(self._networks, ep)
@@ -139,8 +187,12 @@ class MembershipIndex:
         if encrypted:
             self._encrypted.add(ep.ip_text)
         if label_key is not None and labels is not None:
-            self._groups.setdefault(label_key, {})[ep.id] = entry
-            for tracked in self._selectors.values():
+            if label_key not in self._groups:
+                self._groups[label_key] = {}
+                for pair in label_key:
+                    self._groups_by_label.setdefault(pair, set()).add(label_key)
+            self._groups[label_key][ep.id] = entry
+            for tracked in self._candidates(labels):
                 self.evaluations += 1
                 if tracked.parsed.matches(labels):
                     for family in (0, 1):
@@ -169,6 +221,11 @@ class MembershipIndex:
             del group[endpoint_id]
             if not group:
                 del self._groups[entry.label_key]
+                for pair in entry.label_key:
+                    keys = self._groups_by_label[pair]
+                    keys.discard(entry.label_key)
+                    if not keys:
+                        del self._groups_by_label[pair]
         sets = self._network_sets(info.network)
         for family in (0, 1):
             if addresses[family] is not None:
@@ -179,7 +236,7 @@ class MembershipIndex:
             # The selectors in use now are exactly those that took this endpoint in: each was
             # in use when it was added, or evaluated it since (selector_members).
             labels = dict(entry.label_key)
-            for tracked in self._selectors.values():
+            for tracked in self._candidates(labels):
                 self.evaluations += 1
                 if tracked.parsed.matches(labels):
                     for family in (0, 1):
@@ -196,15 +253,20 @@ class MembershipIndex:
 
     def selector_members(self, scoped: selectors.Selector, family: int) -> Members:
         """Members (addresses of `family`) of the endpoints with known identity that `scoped`
-        selects; a selector seen for the first time is evaluated once per distinct label set."""
+        selects; a selector seen for the first time is evaluated once per distinct label set
+        (only those carrying one of its required labels, when it has some)."""
         key = scoped.canonical()
         tracked = self._selectors.get(key)
         if tracked is None:
-            tracked = self._selectors[key] = _Selector(scoped)
-            for label_key, group in self._groups.items():
+            tracked = _Selector(scoped)
+            self._file(key, tracked)
+            label_keys: Iterable[LabelKey] = self._groups
+            if tracked.required is not None:
+                label_keys = set().union(*(self._groups_by_label.get(pair, ()) for pair in tracked.required))
+            for label_key in label_keys:
                 self.evaluations += 1
                 if scoped.matches(dict(label_key)):
-                    for entry in group.values():
+                    for entry in self._groups[label_key].values():
                         assert entry.info is not None
                         tracked.sets[0].add(entry.record.ip_text)
                         if entry.info.ip6 is not None:
