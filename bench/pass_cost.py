@@ -7,6 +7,12 @@ with N synthetic remote endpoints, no kernel. Compare two trees side by side, in
 
 Each round runs every (tree, N) in a fresh process, alternating trees; medians per tree.
 Writes them as JSON and a plot next to it (.png): snapshot and compile time against N, per tree.
+
+--join: the event-driven pass after ONE remote endpoint joins (10 policies with selectors in
+force): the pass snapshot (a tree with canal.agent.index refreshes the endpoint view and updates
+the index; an older one re-reads every record), desired_firewall, and the ipset restore script
+(written to a fake `run`, no kernel). Reported as snapshot_ms (snapshot) + compile_ms (compile and
+ipset script), so both modes share the table and plot.
 """
 
 from __future__ import annotations
@@ -70,12 +76,71 @@ mirror.stop()
 print(json.dumps({"snapshot_ms": statistics.median(snaps) * 1000, "compile_ms": statistics.median(compiles) * 1000}))
 '''
 
+# One remote endpoint joins, then one event-driven pass: what remote join -> local ipset costs.
+JOIN = CHILD.split("desired.desired_firewall(snapshot())  #")[0] + r'''
+import dataclasses
+from canal import records
+from canal.dataplane import ipset as ipsetmod
+from canal.policy.model import load_documents
+policies = tuple(sorted((load_documents(
+    f"apiVersion: canal/v1\nkind: GlobalNetworkPolicy\nmetadata: {{name: p{k}}}\nspec:\n  selector: role == 'c{k}'\n"
+    f"  ingress:\n    - action: Allow\n      source: {{selector: \"role == 'c{(k + 1) % 10}'\"}}\n")[0] for k in range(10)),
+    key=lambda p: p.sort_key))
+written = []
+ipsetmod.run = lambda argv, input="", **kw: written.append(input)
+ipsets = ipsetmod.Ipsets()
+ipsets.current = lambda: {}
+incremental = hasattr(mirror, "view")
+if incremental:
+    from canal.agent.index import MembershipIndex
+    view = mirror.view(root + "/endpoints/", records.endpoint_entry)
+    index = MembershipIndex("h1")
+
+def pass_snapshot():
+    if not incremental:
+        return dataclasses.replace(snapshot(), policies=policies)
+    networks = mirror.records(root + "/networks/", records.network_entry)
+    index.update(view, view.refresh(), networks, False)
+    return desired.Snapshot("h1", "100.64.0.0/16", networks, view, policies=policies, index=index)
+
+ipsets.apply(desired.desired_firewall(pass_snapshot()).ipsets, read_back=True)
+local = f"{2**255:064x}"
+store.txn([], [Put(f"{root}/endpoints/{local}", dumps({"id": local, "network": net, "host": "h1",
+    "ip": "100.64.0.2", "mac": "02:42:00:00:00:00", "mtu": 1450, "joined": True, "labels": {"role": "c3"},
+    "created": 1.0}))])
+ipsets.apply(desired.desired_firewall(pass_snapshot()).ipsets, read_back=False)
+snaps, compiles, lines = [], [], []
+for j in range(20):
+    ep = f"{2**254 + j:064x}"
+    store.txn([], [Put(f"{root}/endpoints/{ep}", dumps({"id": ep, "network": net, "host": "synthetic1",
+        "ip": str(ipaddress.IPv4Address(base + n + j)), "mac": "02:42:00:00:00:00", "mtu": 1450, "joined": True,
+        "labels": {"role": f"c{j % 10}"}, "created": 1.0}))])
+    written.clear()
+    t0 = time.perf_counter(); s = pass_snapshot(); t1 = time.perf_counter()
+    ipsets.apply(desired.desired_firewall(s).ipsets, read_back=False); t2 = time.perf_counter()
+    snaps.append(t1 - t0); compiles.append(t2 - t1); lines.append(sum(w.count("\n") for w in written))
+full_ms = 0.0
+if incremental:  # the timer's pass also computes from scratch and compares (canal.agent.agent._checked)
+    from canal.agent.agent import Agent
+    checks = []
+    for _ in range(5):
+        state = desired.desired_firewall(s)
+        t0 = time.perf_counter()
+        assert Agent._checked(None, s, state) is state, "incremental state differs from the full computation"
+        checks.append(time.perf_counter() - t0)
+    full_ms = statistics.median(checks) * 1000
+mirror.stop()
+print(json.dumps({"snapshot_ms": statistics.median(snaps) * 1000, "compile_ms": statistics.median(compiles) * 1000,
+                  "ipset_lines": statistics.median(lines), "full_check_ms": full_ms}))
+'''
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,5000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--other", help="another checkout to compare with (e.g. a git worktree of an older commit)")
+    parser.add_argument("--join", action="store_true", help="measure one remote join's event-driven pass instead")
     _results.add_json_option(parser, "pass_cost")
     args = parser.parse_args()
     trees = {"this": ROOT} | ({"other": args.other} if args.other else {})
@@ -83,7 +148,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for n in [int(s) for s in args.sizes.split(",")]:
             for name, tree in trees.items():
-                out = subprocess.run([sys.executable, "-c", CHILD, tree, str(n)], capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, "-c", JOIN if args.join else CHILD, tree, str(n)], capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{name} N={n} failed:\n{out.stderr[-3000:]}")
                 results.setdefault((name, n), []).append(json.loads(out.stdout))
     rows = []
     for (name, n), runs in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
@@ -91,14 +158,20 @@ def main() -> None:
                "snapshot_ms": round(statistics.median(r["snapshot_ms"] for r in runs), 2),
                "compile_ms": round(statistics.median(r["compile_ms"] for r in runs), 2)}
         rows.append(row)
-        print(f"{name:>6} N={n:<6} snapshot {row['snapshot_ms']:6.2f} ms  compile {row['compile_ms']:6.2f} ms")
+        if "ipset_lines" in runs[0]:
+            row["ipset_lines"] = statistics.median(r["ipset_lines"] for r in runs)
+            row["full_check_ms"] = round(statistics.median(r["full_check_ms"] for r in runs), 2)
+        print(f"{name:>6} N={n:<6} snapshot {row['snapshot_ms']:6.2f} ms  compile {row['compile_ms']:6.2f} ms"
+              + (f"  ipset restore lines {row['ipset_lines']}  (full pass check {row['full_check_ms']:.1f} ms)"
+                 if "ipset_lines" in row else ""))
     print(json.dumps(rows))
     sizes = sorted({n for _, n in results})
     series = {f"{phase} ({name})" if len(trees) > 1 else phase:
               [next(r[f"{phase}_ms"] for r in rows if r["tree"] == name and r["endpoints"] == n) for n in sizes]
               for name in trees for phase in ("snapshot", "compile")}
     _results.save({
-        "benchmark": "pass_cost", "params": {"sizes": args.sizes, "rounds": args.rounds, "trees": list(trees)},
+        "benchmark": "pass_cost", "params": {"sizes": args.sizes, "rounds": args.rounds, "trees": list(trees),
+                                             "join": args.join},
         "headline": [_results.headline(f"{r['tree']} N={r['endpoints']} snapshot+compile",
                                        r["snapshot_ms"] + r["compile_ms"], "ms") for r in rows],
         "rows": rows,

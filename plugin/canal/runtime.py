@@ -24,6 +24,7 @@ from canal.agent.desired import (
     remote_routes6,
 )
 from canal.agent.docker_watch import DockerWatch
+from canal.agent.index import MembershipIndex
 from canal.agent.mirror import Mirror
 from canal.agent.sandboxes import SandboxRouting, SandboxStep
 from canal import health
@@ -166,6 +167,10 @@ class Plugin:
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
                                                  linkmod.local_addresses)
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
+        # The agent's passes: endpoints as a live view with a change journal, and the set
+        # memberships kept from it incrementally (canal.agent.index); other readers use records().
+        self._endpoint_view = self.mirror.view(self.keys.endpoints, endpoint_entry)
+        self._index = MembershipIndex(self.host)
         self.docker = DockerWatch(
             self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,
             collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
@@ -203,11 +208,11 @@ class Plugin:
         if not sync:
             self.agent.trigger()
 
-    def hold_ports(self, endpoints: Mapping[str, EndpointRecord]) -> None:
+    def hold_ports(self, local_endpoints: list[EndpointRecord]) -> None:
         """Hold the host ports the records publish (after a restart; and let go of those of
         endpoints removed while the plugin was down), before the pass computes the DNAT: only
         ports actually held are DNATed. O(local endpoints): the pass's work, not every reader's."""
-        local = [ep for ep in endpoints.values() if ep.host == self.host and ep.joined]
+        local = [ep for ep in local_endpoints if ep.host == self.host and ep.joined]
         problems = self.reservations.sync(wanted_reservations(local))
         if problems and problems != self._port_problems:
             log.warning("published ports not held, so not DNATed (a host process holds them, or the "
@@ -443,14 +448,25 @@ class Plugin:
         see the ports as held now; only the pass (hold) syncs them with the records."""
         network = self.cluster_network().with_prefixlen
         policies, broken = self._policies()
-        endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
-        if hold:
-            self.hold_ports(endpoints)
+        networks = self._networks()
+        encrypt_all = self.multihost and self.network_config().backend_config.type == "wireguard"
+        endpoints: Mapping[str, EndpointRecord]
+        index: Optional[MembershipIndex] = None
+        if hold:  # the agent's pass: work in proportion to what changed since the last
+            endpoints, index = self._endpoint_view, self._index
+            try:
+                index.update(endpoints, self._endpoint_view.refresh(), networks, encrypt_all)
+            except Exception:
+                index.reset()  # rebuilt whole by the next pass
+                raise
+            self.hold_ports(index.local_records())
+        else:
+            endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
         routes, routes6 = self._routes()
         return Snapshot(
             host=self.host,
             cluster_network=network,
-            networks=self._networks(),
+            networks=networks,
             endpoints=endpoints,
             own_subnet=self.lease.subnet if self.lease else None,
             leases=tuple(self._leases()) if self.multihost else (),
@@ -459,9 +475,10 @@ class Plugin:
             broken_policy_scopes=broken,
             settings=self.dataplane_settings(),
             held_ports=self.held_ports(),
-            encrypt_all=self.multihost and self.network_config().backend_config.type == "wireguard",
+            encrypt_all=encrypt_all,
             cluster_network6=self._cluster_network6_text(),
             routes6=routes6,
+            index=index,
         )
 
     def _cluster_network6_text(self) -> str:

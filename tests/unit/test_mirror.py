@@ -7,6 +7,7 @@ import time
 
 from canal.agent.mirror import Mirror
 from canal.datastore.base import Delete, Put
+from canal.records import RecordError
 
 
 def mirror(store, prefixes=("/c/",)):
@@ -105,5 +106,32 @@ def test_two_parsers_of_one_directory_never_get_each_others_records(store):
         assert m.records("/c/d/", as_text) == {"1": "1"}  # not the other parser's cached int
         assert m.records("/c/d/", as_int) == {"1": 1}
         assert m.json("/c/d/") == {"1": {"v": 1}}
+    finally:
+        m.stop()
+
+
+def test_view_journals_only_the_keys_that_changed(store):
+    store.put("/c/e/1", {"v": 1})
+    store.put("/c/e/2", {"v": 2})
+    m, _ = mirror(store)
+    try:
+        def parse(rel, raw):
+            if "v" not in raw:
+                raise RecordError("no v")
+            return raw["v"]
+
+        view = m.view("/c/e/", parse)
+        assert view.refresh() == {"1", "2"} and dict(view) == {"1": 1, "2": 2}
+        assert view.refresh() == set()  # nothing changed: nothing to do
+        store.put("/c/e/3", {"v": 3})
+        store.delete("/c/e/1")
+        m._commit(10**9, [Put("/c/e/2", '{"v": 2}')])  # a newer revision, same value: journalled
+        store.put("/c/other/9", {"v": 9})  # outside the view
+        assert view.refresh() == {"1", "2", "3"}
+        assert dict(view) == {"2": 2, "3": 3}
+        m._commit(10**9 + 1, [Put("/c/e/4", '{"no v": 1}')])  # malformed: quarantined, absent
+        assert view.refresh() == set() and "/c/e/4" in m.quarantined and "4" not in view
+        m._commit(10**9 + 2, [Put("/c/e/3", "not json")])  # a good record turning bad: gone
+        assert view.refresh() == {"3"} and dict(view) == {"2": 2}
     finally:
         m.stop()

@@ -6,6 +6,7 @@ calls in a burst cost one iptables-restore, not one each (Felix's lesson, felix#
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import Callable, Sequence
 
 from canal import metrics
 from canal.agent.desired import Snapshot, desired_firewall, desired_links
-from canal.dataplane.firewall import Firewall
+from canal.dataplane.firewall import Firewall, FirewallState
 from canal.dataplane.links import Links
 from canal.errors import CanalError, Unavailable
 
@@ -126,6 +127,8 @@ class Agent:
         self.links.reconcile(links, orphans, full)
         marks.append(time.perf_counter())
         state = desired_firewall(snap)
+        if full and snap.index is not None:
+            state = self._checked(snap, state)
         marks.append(time.perf_counter())
         changed = self.firewall.apply(state, read_back=full)
         marks.append(time.perf_counter())
@@ -136,6 +139,21 @@ class Agent:
             _PHASE_SECONDS[phase].observe(b - a)
         spans = " ".join(f"{name} {1000 * (b - a):.1f}ms" for name, a, b in phases)
         log.log(logging.INFO if changed else logging.DEBUG, "pass: %s%s", spans, " (firewall changed)" if changed else "")
+
+    def _checked(self, snap: Snapshot, incremental: FirewallState) -> FirewallState:
+        """The timer's passes compute everything from scratch too: the incremental state is
+        applied only if it equals that (its sets' views then let the next passes write
+        deltas); otherwise the index is rebuilt and the full state applied."""
+        full = desired_firewall(dataclasses.replace(snap, index=None))
+        as_full = dataclasses.replace(incremental, ipsets=[
+            dataclasses.replace(s, members=frozenset(s.members)) for s in incremental.ipsets])
+        if as_full == full:
+            return incremental
+        log.error("incremental firewall state differed from the full computation; rebuilding the index")
+        metrics.RECONCILE_FAILURES.labels("IncrementalMismatch").inc()
+        assert snap.index is not None
+        snap.index.reset()
+        return full
 
     def _run(self) -> None:
         backoff = 1.0

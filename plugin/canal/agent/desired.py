@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, AbstractSet, Any, Mapping, Optional
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import IpSet
@@ -28,6 +28,9 @@ from canal.policy.compiler import (
 )
 from canal.policy.model import Policy
 from canal.records import ANY_NET, ANY_NET6, EndpointRecord, Lease, NetworkRecord, RouteRecord
+
+if TYPE_CHECKING:
+    from canal.agent.index import MembershipIndex
 
 POSTROUTING = "CANAL-POSTROUTING"
 DNAT = "CANAL-DNAT"  # nat: published ports (docker run -p) on this host's addresses
@@ -62,6 +65,10 @@ class Snapshot:
     routes6: Mapping[str, RouteRecord] = field(default_factory=dict)  # ip6 -> /128 route record (multi-host)
     # flannel's wireguard backend: every endpoint's traffic between hosts is encrypted.
     encrypt_all: bool = False
+    # The agent's passes: memberships kept incrementally from the same records (canal.agent.index),
+    # so desired_firewall reads the local endpoints and the index, never every endpoint.
+    # None: computed from `endpoints` whole (every other reader, and the timer's full passes).
+    index: Optional["MembershipIndex"] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ def link_of(record: EndpointRecord) -> EndpointLink:
 
 
 def local_endpoints(snap: Snapshot) -> list[EndpointRecord]:
+    if snap.index is not None:
+        return snap.index.local_records()
     return [ep for ep in snap.endpoints.values() if ep.host == snap.host]
 
 
@@ -129,6 +138,9 @@ def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
     return cached[1]
 
 
+endpoint_info = _info  # for canal.agent.index: one definition, one cache
+
+
 def network_infos(snap: Snapshot) -> dict[str, NetworkInfo]:
     out: dict[str, NetworkInfo] = {}
     for record in snap.networks.values():
@@ -146,6 +158,15 @@ def filter_inputs(snap: Snapshot) -> tuple[Any, ...]:
     )
 
 
+def _compiler_inputs(snap: Snapshot) -> tuple[Any, ...]:
+    """filter_inputs for the agent: with an index, only the local endpoints (the index holds
+    every set's members)."""
+    if snap.index is None:
+        return filter_inputs(snap)
+    return (snap.index.local_infos(), snap.policies, snap.host, network_infos(snap), snap.broken_policy_scopes,
+            snap.settings.host, CLUSTER_SET)
+
+
 def cluster_nets(snap: Snapshot) -> frozenset[str]:
     """Members of CLUSTER_SET: the cluster network and every canal pool."""
     nets = {snap.cluster_network}
@@ -158,7 +179,8 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
     """filter: policy and isolation (the compiler); nat: masquerade of outbound traffic."""
     if not any(n.host == snap.host for n in snap.networks.values()):
         return FirewallState()  # nothing of ours on this host: leave no trace
-    state = compile_filter(*filter_inputs(snap))
+    infos, policies, host, networks, broken, protection, cluster_set = _compiler_inputs(snap)
+    state = compile_filter(infos, policies, host, networks, broken, protection, cluster_set, snap.index)
     # raw: what no conntrack entry may ever match. A source that would not be routed back out
     # of the veth it came in on (a forged address, a neighbour's) is dropped before conntrack
     # could take it for a reply in someone's flow; so is tunnel traffic from workloads (VXLAN to
@@ -237,8 +259,8 @@ def _ipv6_firewall(snap: Snapshot, state: FirewallState) -> None:
         state.chains6[("filter", "CANAL-FORWARD")] = [f"-i {WORKLOADS} -j DROP", f"-o {WORKLOADS} -j DROP"]
         state.jumps6.append(Jump("filter", "FORWARD", "CANAL-FORWARD"))
         return
-    infos, policies, host, networks, broken, protection, _ = filter_inputs(snap)
-    filter6 = compile_filter6(infos, policies, host, networks, broken, protection, CLUSTER_SET6)
+    infos, policies, host, networks, broken, protection, _ = _compiler_inputs(snap)
+    filter6 = compile_filter6(infos, policies, host, networks, broken, protection, CLUSTER_SET6, snap.index)
     state.chains6.update(filter6.chains)
     state.jumps6.extend(filter6.jumps)
     state.ipsets += filter6.ipsets
@@ -258,9 +280,11 @@ def _ipv6_firewall(snap: Snapshot, state: FirewallState) -> None:
     state.jumps6.append(Jump("raw", "PREROUTING", PREROUTING, match=f"-i {WORKLOADS}"))  # every rule is -i cnl+
 
 
-def encrypted_ips(snap: Snapshot) -> frozenset[str]:
+def encrypted_ips(snap: Snapshot) -> AbstractSet[str]:
     """Addresses of the endpoints whose traffic between hosts must be encrypted (their
     network's record on their own host says so, or the whole cluster runs wireguard)."""
+    if snap.index is not None:
+        return snap.index.encrypted()
     out = set()
     for ep in snap.endpoints.values():
         if not (ep.joined or ep.host == snap.host):

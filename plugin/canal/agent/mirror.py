@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Generic, ItemsView, Iterator, KeysView, Mapping, Sequence, TypeVar, ValuesView
 
 from canal import metrics
 from canal.datastore.base import Datastore, Op, Put
@@ -45,6 +45,7 @@ class Mirror:
         # key -> (revision, why): records that did not parse, skipped until they change.
         self.quarantined: dict[str, tuple[int, str]] = {}
         self.quarantined_total = 0  # how many (key, revision) pairs were ever quarantined
+        self._views: list["RecordView[Any]"] = []  # live typed views with their change journals
         self._listed: set[str] = set()
         self._ready = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -98,6 +99,17 @@ class Mirror:
                         out[key[cut:]] = cached[1]
         return out
 
+    def view(self, prefix: str, parse: Callable[[str, Any], T]) -> "RecordView[T]":
+        """A live typed mapping of one prefix with a change journal (RecordView): each refresh()
+        costs work in proportion to the keys changed since the last, not to the prefix's size."""
+        view: RecordView[T] = RecordView(self, prefix, parse)
+        with self._lock:
+            self._views.append(view)
+            for directory, entries in self._dirs.items():
+                if directory.startswith(prefix):
+                    view._dirty.update(entries)
+        return view
+
     def _parse_typed(self, key: str, revision: int, value: str, rel: str, parse: Callable[[str, Any], T]) -> Any:
         try:
             record = parse(rel, json.loads(value))
@@ -124,11 +136,18 @@ class Mirror:
         if current is not None and current[0] >= revision:
             return False
         entries[key] = (revision, value)
+        self._mark(key)
         if value is None:
             for _parse, typed in self._typed.values():
                 typed.pop(key, None)
             self.quarantined.pop(key, None)
         return True
+
+    def _mark(self, key: str) -> None:
+        """Journal a changed key for every view it belongs to (the caller holds the lock)."""
+        for view in self._views:
+            if key.startswith(view.prefix):
+                view._dirty.add(key)
 
     def _prune(self, prefix: str, below: int) -> None:
         """Forget deletions older than the watch position: no older event can arrive now."""
@@ -160,6 +179,7 @@ class Mirror:
                     # Gone at the listed revision (unless changed after it: a newer own commit).
                     if key not in live and value is not None and rev <= revision:
                         dir_entries[key] = (revision, None)
+                        self._mark(key)
             self._listed.add(prefix)
             self._ready.notify_all()
         return revision
@@ -197,3 +217,74 @@ class Mirror:
                 failing = True
                 start = 0
                 self._stopping.wait(1.0)
+
+
+class RecordView(Mapping[str, T], Generic[T]):
+    """Relative key -> typed record for one prefix, kept by the Mirror's updates: each update
+    only journals its key; refresh() parses the journalled keys and returns which changed.
+
+    Read and refreshed by one thread (the agent's): between refreshes it does not change, so a
+    pass sees one consistent state. Malformed records are quarantined as by Mirror.records()."""
+
+    def __init__(self, mirror: Mirror, prefix: str, parse: Callable[[str, Any], T]):
+        self.mirror = mirror
+        self.prefix = prefix
+        self.parse = parse
+        self._dirty: set[str] = set()  # full keys changed since the last refresh (mirror's lock)
+        self._records: dict[str, T] = {}
+        self._revisions: dict[str, int] = {}
+
+    def refresh(self) -> set[str]:
+        """Bring the view up to date; returns the relative keys whose record changed (added,
+        replaced or gone): the change journal an incremental pass consumes."""
+        mirror, cut = self.mirror, len(self.prefix)
+        if not any(self.prefix.startswith(p) for p in mirror._listed):
+            raise Unavailable(f"datastore not read yet under {self.prefix}")
+        changed: set[str] = set()
+        with mirror._lock:
+            dirty, self._dirty = self._dirty, set()
+            for key in dirty:
+                rel = key[cut:]
+                entry = mirror._dirs.get(key.rsplit("/", 1)[0] + "/", {}).get(key)
+                revision, text = entry if entry is not None else (0, None)
+                if text is None:
+                    if self._records.pop(rel, None) is not None:
+                        changed.add(rel)
+                    self._revisions.pop(rel, None)
+                    continue
+                if self._revisions.get(rel) == revision:
+                    continue
+                self._revisions[rel] = revision
+                record = mirror._parse_typed(key, revision, text, rel, self.parse)
+                if record is _FAILED:
+                    if self._records.pop(rel, None) is not None:
+                        changed.add(rel)
+                else:
+                    self._records[rel] = record
+                    changed.add(rel)
+        return changed
+
+    def __getitem__(self, key: str) -> T:
+        return self._records[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    # The dict's own views and lookups (Mapping's generic ones go through __getitem__ per key).
+    def __contains__(self, key: object) -> bool:
+        return key in self._records
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._records.get(key, default)
+
+    def keys(self) -> KeysView[str]:
+        return self._records.keys()
+
+    def values(self) -> ValuesView[T]:
+        return self._records.values()
+
+    def items(self) -> ItemsView[str, T]:
+        return self._records.items()

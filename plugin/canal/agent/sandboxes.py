@@ -69,9 +69,12 @@ def plan_for(
     return SandboxPlan(key, tuple(ifaces))
 
 
-def members_by_network(snap: Snapshot) -> dict[str, list[EndpointRecord]]:
+def members_by_network(snap: Snapshot, networks: Iterable[str] = ()) -> dict[str, list[EndpointRecord]]:
     """Endpoints a container may talk to, by logical network name: joined ones anywhere, and
-    our own from their creation on (as the policy compiler sees them)."""
+    our own from their creation on (as the policy compiler sees them). With the agent's index,
+    only `networks` are read (the sandboxes' own), never every endpoint."""
+    if snap.index is not None:
+        return {name: snap.index.network_records(name) for name in networks}
     out: dict[str, list[EndpointRecord]] = defaultdict(list)
     for ep in snap.endpoints.values():
         if ep.joined or ep.host == snap.host:
@@ -84,7 +87,7 @@ def plans(snap: Snapshot) -> dict[str, SandboxPlan]:
     multi = {key: eps for key, eps in sandboxes(snap).items() if len(eps) > 1}
     if not multi:
         return {}
-    index = members_by_network(snap)
+    index = members_by_network(snap, {network_name(snap, ep) for eps in multi.values() for ep in eps})
     return {key: plan_for(snap, key, eps, index) for key, eps in multi.items()}
 
 

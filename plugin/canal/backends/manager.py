@@ -12,7 +12,7 @@ import time
 from dataclasses import replace as replace_desired
 from typing import Any, Callable
 
-from canal.agent.desired import Snapshot
+from canal.agent.desired import Snapshot, local_endpoints
 from canal.backends import hostgw, vxlan as vxlan_backend, wireguard as wireguard_backend
 from canal.backends.base import BackendConfig, Desired
 from canal.config import Config
@@ -65,7 +65,7 @@ def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddre
     desired = DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay)
     if config.type != "wireguard" and encrypts(snap):
         # Encrypted networks on a cluster of another backend: their peers in a table of their own.
-        local = [ep.ip for ep in snap.endpoints.values() if ep.host == snap.host]
+        local = [ep.ip for ep in local_endpoints(snap)]
         wg, problems = wireguard_backend.state(config, snap.leases, host_routes, snap.own_subnet, WG_TABLE, local)
         desired = replace_desired(desired, wireguard=wg, problems=desired.problems + tuple(problems))
     return desired

@@ -11,11 +11,12 @@ warning; a bad name or type is a bug, refused as UnsafeInput.
 
 from __future__ import annotations
 
+import collections.abc
 import ipaddress
 import logging
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import AbstractSet, Any, Iterable, Iterator
 
 from canal.dataplane.cmd import run
 from canal.errors import UnsafeInput
@@ -31,11 +32,109 @@ _MEMBER6 = re.compile(r"[0-9a-f:]{2,39}(?:/[0-9]{1,3})?")
 FAMILIES = ("inet", "inet6")
 
 
+class StaleMembers(RuntimeError):
+    """A Members view read after its TrackedSet changed (a bug: views live for one pass)."""
+
+
+class TrackedSet:
+    """One ipset's members kept incrementally (canal.agent.index), with a journal of the members
+    touched per version: the applier writes only those (one endpoint joining: one line)."""
+
+    def __init__(self) -> None:
+        self.members: set[str] = set()
+        # member -> how many contributors give it (two records may briefly share an address):
+        # it leaves the set only with the last one.
+        self._counts: dict[str, int] = {}
+        self.version = 0
+        self._log: list[str] = []  # member touched by version floor+1 .. version
+        self._floor = 0
+
+    def add(self, member: str) -> None:
+        count = self._counts.get(member, 0)
+        self._counts[member] = count + 1
+        if count == 0:
+            self.members.add(member)
+            self._touch(member)
+
+    def discard(self, member: str) -> None:
+        """Take one contribution of `member` back (it must have been added)."""
+        count = self._counts[member] - 1
+        if count:
+            self._counts[member] = count
+            return
+        del self._counts[member]
+        self.members.discard(member)
+        self._touch(member)
+
+    def _touch(self, member: str) -> None:
+        self.version += 1
+        self._log.append(member)
+        if len(self._log) > max(1024, 2 * len(self.members)):  # bounded: old readers diff whole
+            self._log.clear()
+            self._floor = self.version
+
+    def touched_since(self, version: int) -> set[str] | None:
+        """Members added or removed after `version`; None when the journal no longer reaches back."""
+        if version < self._floor or version > self.version:
+            return None
+        return set(self._log[version - self._floor:])
+
+    def view(self) -> "Members":
+        return Members(self, self.version, len(self.members))
+
+
+class Members(AbstractSet[str]):
+    """A read-only view of a TrackedSet at one version. Two views of one set are equal when
+    their versions are (so an unchanged set compares in O(1)); against anything else, by content.
+    Its size stays readable later, from any thread (metrics count what was programmed)."""
+
+    __slots__ = ("source", "version", "size")
+
+    def __init__(self, source: TrackedSet, version: int, size: int):
+        self.source = source
+        self.version = version
+        self.size = size
+
+    def _live(self) -> set[str]:
+        if self.source.version != self.version:
+            raise StaleMembers("ipset members read after they changed")
+        return self.source.members
+
+    def __contains__(self, member: object) -> bool:
+        return member in self._live()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._live())
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __eq__(self, other: Any) -> bool:
+        if isinstance(other, Members):
+            if other.source is self.source:
+                return other.version == self.version
+            if other.stale:
+                return False
+        if self.stale:
+            return False  # what it held is unknown now: never "unchanged"
+        return collections.abc.Set.__eq__(self, other)
+
+    @property
+    def stale(self) -> bool:
+        return self.source.version != self.version
+
+    def __hash__(self) -> int:
+        return hash((id(self.source), self.version))
+
+    def __repr__(self) -> str:
+        return f"Members(v{self.version}, {self.size} members)"
+
+
 @dataclass(frozen=True)
 class IpSet:
     name: str
     kind: str  # "hash:ip" or "hash:net"
-    members: frozenset[str]
+    members: AbstractSet[str]  # a frozenset, or a Members view (incremental passes)
     family: str = "inet"  # "inet6": IPv6 members (policy of networks created with --ipv6)
 
 
@@ -137,6 +236,9 @@ class Ipsets:
 
     def __init__(self) -> None:
         self._known: dict[str, set[str]] | None = None
+        # name -> (TrackedSet, version) whose members _known[name] holds: the next pass writes
+        # only the members touched since (Felix's delta tracking), never diffs the whole set.
+        self._versions: dict[str, tuple[TrackedSet, int]] = {}
 
     def current(self) -> dict[str, set[str]]:
         return current()
@@ -144,14 +246,57 @@ class Ipsets:
     def apply(self, desired: list[IpSet], read_back: bool = True) -> None:
         if read_back or self._known is None:
             self._known = self.current()
-        script = restore_script(desired, self._known)
+            self._versions = {}
+        known = self._known
+        whole: list[IpSet] = []
+        deltas: list[tuple[IpSet, list[str], list[str]]] = []
+        for ipset in desired:
+            delta = self._delta(ipset, known)
+            if delta is None:
+                whole.append(ipset)
+            elif delta[0] or delta[1]:
+                deltas.append((ipset, *delta))
+        lines: list[str] = []
+        for ipset, added, removed in deltas:
+            _check_name(ipset)
+            lines.extend(f"del {ipset.name} {m} -exist" for m in _valid_lines(ipset, removed))
+            lines.extend(f"add {ipset.name} {m} -exist" for m in _valid_lines(ipset, added))
+        script = restore_script(whole, known) + "".join(line + "\n" for line in lines)
         if script:
             try:
                 run(["ipset", "restore"], input=script, timeout=30)
             except Exception:
                 self._known = None
+                self._versions = {}
                 raise
-            self._known.update({s.name: set(s.members) for s in desired})
+        for ipset, added, removed in deltas:
+            known[ipset.name].difference_update(removed)
+            known[ipset.name].update(added)
+        for ipset in whole:
+            if script or ipset.name not in known:
+                known[ipset.name] = set(ipset.members)
+        for ipset in desired:
+            if isinstance(ipset.members, Members):
+                self._versions[ipset.name] = (ipset.members.source, ipset.members.version)
+            else:
+                self._versions.pop(ipset.name, None)
+
+    def _delta(self, ipset: IpSet, known: dict[str, set[str]]) -> tuple[list[str], list[str]] | None:
+        """(members to add, members to delete) from the journal of its TrackedSet, or None: diff
+        the whole set (not a view, another set or version than last written, journal too short)."""
+        members = ipset.members
+        last = self._versions.get(ipset.name)
+        if not isinstance(members, Members) or last is None or last[0] is not members.source:
+            return None
+        if ipset.name not in known:
+            return None
+        touched = members.source.touched_since(last[1])
+        if touched is None:
+            return None
+        have = known[ipset.name]
+        added = [m for m in touched if m in members and m not in have]
+        removed = [m for m in touched if m not in members and m in have]
+        return added, removed
 
     def destroy_unused(self, keep: set[str]) -> None:
         """Destroy our sets that are not wanted; call after rules stop referencing them."""

@@ -49,7 +49,7 @@ import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import AbstractSet, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence
 
 from canal.dataplane.firewall import FirewallState, Jump
 from canal.dataplane.ipset import MAX_NAME as MAX_IPSET_NAME
@@ -212,6 +212,15 @@ def _cidr_set(nets: Sequence[str]) -> str:
     return "canal-cidr-" + _digest(",".join(nets))
 
 
+class Memberships(Protocol):
+    """The members of the sets that grow with the cluster, kept incrementally
+    (canal.agent.index.MembershipIndex): the compiler then needs only the local endpoints."""
+
+    def selector_members(self, scoped: selectors.Selector, family: int) -> AbstractSet[str]: ...
+
+    def network_members(self, network: str, family: int) -> AbstractSet[str]: ...
+
+
 @functools.lru_cache(maxsize=1)
 def _system_protocol_names() -> Dict[int, str]:
     """number -> name from /etc/protocols: iptables-save prints `-p` through getprotobynumber()."""
@@ -292,7 +301,7 @@ class _Compiler:
     def _set_name(self, name: str) -> str:
         return name
 
-    def _ipset(self, name: str, kind: str, members: frozenset[str]) -> IpSet:
+    def _ipset(self, name: str, kind: str, members: AbstractSet[str]) -> IpSet:
         return IpSet(name, kind, members)
 
     def _own(self, nets: Sequence[str]) -> List[str]:
@@ -317,7 +326,11 @@ class _Compiler:
         broken_scopes: AbstractSet[Optional[str]] = frozenset(),
         host: HostProtection = HostProtection(),
         cluster_set: Optional[str] = None,
+        memberships: Optional[Memberships] = None,
     ) -> None:
+        """memberships: where the selector and network sets' members come from; then
+        `endpoints` need only hold the local ones (None: computed from `endpoints`, all)."""
+        self.memberships = memberships
         self.broken_scopes = broken_scopes
         self.host = host
         self.cluster_set = cluster_set
@@ -329,7 +342,7 @@ class _Compiler:
         # Endpoints grouped by identical labels (a service's replicas share them): each
         # selector is evaluated once per distinct label set, not once per endpoint.
         groups: Dict[tuple, List[str]] = {}
-        for e in endpoints:
+        for e in endpoints if memberships is None else ():
             labels = self.labels[e.id]
             address = self._address(e)
             if labels is not None and address is not None:
@@ -348,15 +361,23 @@ class _Compiler:
         scoped = scoped_selector(text, network)
         name = self._set_name(selector_set(scoped))
         if name not in self.sets:
-            members = frozenset(ip for labels, ips in self.groups if scoped.matches(labels) for ip in ips)
+            members: AbstractSet[str]
+            if self.memberships is not None:
+                members = self.memberships.selector_members(scoped, self.family)
+            else:
+                members = frozenset(ip for labels, ips in self.groups if scoped.matches(labels) for ip in ips)
             self.sets[name] = self._ipset(name, "hash:ip", members)
         return f"-m set {'! ' if negated else ''}--match-set {name} {direction}"
 
     def _network_set(self, network: str) -> str:
         name = self._set_name(network_members_set(network))
         if name not in self.sets:
-            addresses = (self._address(e) for e in self.endpoints if e.network == network)
-            members = frozenset(a for a in addresses if a is not None)
+            members: AbstractSet[str]
+            if self.memberships is not None:
+                members = self.memberships.network_members(network, self.family)
+            else:
+                addresses = (self._address(e) for e in self.endpoints if e.network == network)
+                members = frozenset(a for a in addresses if a is not None)
             self.sets[name] = self._ipset(name, "hash:ip", members)
         return name
 
@@ -605,7 +626,7 @@ class _Compiler6(_Compiler):
     def _set_name(self, name: str) -> str:
         return "canal-6" + name[len("canal-"):]  # still canal-*: ours to read back and remove
 
-    def _ipset(self, name: str, kind: str, members: frozenset[str]) -> IpSet:
+    def _ipset(self, name: str, kind: str, members: AbstractSet[str]) -> IpSet:
         return IpSet(name, kind, members, family="inet6")
 
     # Besides its /128, a workload may send from its link-local address (to its host veth: the
@@ -630,10 +651,12 @@ def compile_filter6(
     broken_scopes: AbstractSet[Optional[str]] = frozenset(),
     host: HostProtection = HostProtection(),
     cluster_set: Optional[str] = None,
+    memberships: Optional[Memberships] = None,
 ) -> FirewallState:
     """compile_filter for ip6tables: the same policies over the endpoints' IPv6 addresses
     (`family inet6` ipsets named canal-6*); endpoints without one are closed to IPv6."""
-    compiler = _Compiler6(list(endpoints), list(policies), local_host, networks, broken_scopes, host, cluster_set)
+    compiler = _Compiler6(list(endpoints), list(policies), local_host, networks, broken_scopes, host, cluster_set,
+                          memberships)
     return compiler.compile()
 
 
@@ -655,6 +678,7 @@ def compile_filter(
     broken_scopes: AbstractSet[Optional[str]] = frozenset(),
     host: HostProtection = HostProtection(),
     cluster_set: Optional[str] = None,
+    memberships: Optional[Memberships] = None,
 ) -> FirewallState:
     """The whole filter-table state for `local_host`: chains, the two built-in jumps, and ipsets.
 
@@ -664,8 +688,11 @@ def compile_filter(
     packets to workloads go through policy (None: only workloads' own do).
     Deterministic (same input -> equal state, sorted everywhere) so the applier's diff is a no-op
     when nothing changed. Returns an empty state when there is nothing of ours on this host.
+    `memberships`: the selector and network sets' members kept incrementally; `endpoints` then
+    need only be the local ones (canal.agent.index).
     """
-    return compile_filter_annotated(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set)[0]
+    return compile_filter_annotated(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set,
+                                    memberships)[0]
 
 
 def compile_filter_annotated(
@@ -676,11 +703,12 @@ def compile_filter_annotated(
     broken_scopes: AbstractSet[Optional[str]] = frozenset(),
     host: HostProtection = HostProtection(),
     cluster_set: Optional[str] = None,
+    memberships: Optional[Memberships] = None,
 ) -> tuple[FirewallState, Dict[str, List[Note]]]:
     """compile_filter, plus a Note per rule of each endpoint and policy chain (chain name -> notes)."""
     endpoints = list(endpoints)
     policies = list(policies)
     if not networks and not any(e.host == local_host for e in endpoints):
         return FirewallState(), {}
-    compiler = _Compiler(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set)
+    compiler = _Compiler(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set, memberships)
     return compiler.compile(), compiler.notes
