@@ -176,6 +176,11 @@ def test_ipset_script_changes_members_in_place_or_swaps():
     assert "swap canal-x-tmp canal-x" in fresh and fresh.count("\nadd canal-x-tmp ") == 200
     net = IpSet("canal-n", "hash:net", frozenset({"10.0.0.1/32"}))
     assert restore_script([net], {"canal-n": {"10.0.0.1"}}) == ""  # ipset prints /32 bare
+    # A live set is never declared again (another maxelem would be refused): it is swapped;
+    # a temporary set left by a failed restore goes first; `rewrite` swaps even small changes.
+    swapped = restore_script([big], {"canal-x": set(), "canal-x-tmp": set()}).splitlines()
+    assert swapped[0] == "destroy canal-x-tmp" and not any(l.startswith("create canal-x ") for l in swapped)
+    assert "swap canal-x-tmp canal-x" in restore_script([big], present, rewrite=True)
 
 
 def test_event_passes_diff_against_memory_and_read_back_repairs():

@@ -199,10 +199,17 @@ def _valid_lines(ipset: IpSet, members: Iterable[str]) -> list[str]:
     return good
 
 
-def restore_script(desired: list[IpSet], present: dict[str, set[str]]) -> str:
+# Every set is made with this room: maxelem is only a limit (the kernel grows the hash as it
+# fills), so one size for all means a set never has to be re-declared with another as it
+# grows, which `create -exist` refuses ("set with the same name already exists").
+MAXELEM = 1 << 22
+
+
+def restore_script(desired: list[IpSet], present: dict[str, set[str]], rewrite: bool = False) -> str:
     """The `ipset restore` input that brings changed sets to their desired members: small
     changes as adds and dels on the live set (one endpoint joining touches one line), large
-    ones by filling a temporary set and swapping it in."""
+    ones (or all changed sets, `rewrite`: after a failed restore) by filling a temporary set
+    and swapping it in. Swapping also moves a set made by an older release onto MAXELEM."""
     lines: list[str] = []
     for ipset in desired:
         _check_name(ipset)
@@ -212,16 +219,17 @@ def restore_script(desired: list[IpSet], present: dict[str, set[str]]) -> str:
             if have == want:
                 continue
             added, removed = want - have, have - want
-            if len(added) + len(removed) <= max(16, len(want) // 4):
+            if not rewrite and len(added) + len(removed) <= max(16, len(want) // 4):
                 lines.extend(f"del {ipset.name} {m} -exist" for m in _valid_lines(ipset, removed))
                 lines.extend(f"add {ipset.name} {m} -exist" for m in _valid_lines(ipset, added))
                 continue
         tmp = ipset.name[: MAX_NAME - 4] + "-tmp"
-        size = max(65536, 2 * len(ipset.members))
-        lines.append(f"create {tmp} {ipset.kind} family {ipset.family} maxelem {size} -exist")
-        lines.append(f"flush {tmp}")
+        if tmp in present:  # left by a restore that failed half-way: it may have another type
+            lines.append(f"destroy {tmp}")
+        lines.append(f"create {tmp} {ipset.kind} family {ipset.family} maxelem {MAXELEM}")
         lines.extend(f"add {tmp} {m}" for m in _valid_lines(ipset, ipset.members))
-        lines.append(f"create {ipset.name} {ipset.kind} family {ipset.family} maxelem {size} -exist")
+        if ipset.name not in present:
+            lines.append(f"create {ipset.name} {ipset.kind} family {ipset.family} maxelem {MAXELEM}")
         lines.append(f"swap {tmp} {ipset.name}")
         lines.append(f"destroy {tmp}")
     return "\n".join(lines) + ("\n" if lines else "")
@@ -236,6 +244,7 @@ class Ipsets:
 
     def __init__(self) -> None:
         self._known: dict[str, set[str]] | None = None
+        self._failed = False
         # name -> (TrackedSet, version) whose members _known[name] holds: the next pass writes
         # only the members touched since (Felix's delta tracking), never diffs the whole set.
         self._versions: dict[str, tuple[TrackedSet, int]] = {}
@@ -244,6 +253,9 @@ class Ipsets:
         return current()
 
     def apply(self, desired: list[IpSet], read_back: bool = True) -> None:
+        # After a failed restore (a full hash, a set of another type in the way), whatever
+        # failed is rewritten whole: replaying the same adds would fail the same way forever.
+        rewrite, self._failed = self._failed, False
         if read_back or self._known is None:
             self._known = self.current()
             self._versions = {}
@@ -251,7 +263,7 @@ class Ipsets:
         whole: list[IpSet] = []
         deltas: list[tuple[IpSet, list[str], list[str]]] = []
         for ipset in desired:
-            delta = self._delta(ipset, known)
+            delta = None if rewrite else self._delta(ipset, known)
             if delta is None:
                 whole.append(ipset)
             elif delta[0] or delta[1]:
@@ -261,12 +273,13 @@ class Ipsets:
             _check_name(ipset)
             lines.extend(f"del {ipset.name} {m} -exist" for m in _valid_lines(ipset, removed))
             lines.extend(f"add {ipset.name} {m} -exist" for m in _valid_lines(ipset, added))
-        script = restore_script(whole, known) + "".join(line + "\n" for line in lines)
+        script = restore_script(whole, known, rewrite) + "".join(line + "\n" for line in lines)
         if script:
             try:
                 run(["ipset", "restore"], input=script, timeout=30)
             except Exception:
                 self._known = None
+                self._failed = True
                 self._versions = {}
                 raise
         for ipset, added, removed in deltas:
