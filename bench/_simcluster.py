@@ -29,6 +29,7 @@ import ipaddress
 import json
 import os
 import random
+import resource
 import sys
 import threading
 import time
@@ -335,6 +336,8 @@ class Cluster:
         out["running"] = sum(len(h.running) for h in self.hosts)
         out["watch_changes"] = sum(h.changes_seen for h in self.hosts)
         out["threads"] = threading.active_count()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # the simulator's own, to tell its load apart
         return out
 
     def stop(self) -> dict[str, Any]:
@@ -399,7 +402,7 @@ def main() -> None:
     parser.add_argument("--routed-block", required=True)
     parser.add_argument("--renew-every", type=float, default=min(30.0, LEASE_TTL / 3))
     parser.add_argument("--no-watch", action="store_true")
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     from canal.datastore.etcd import EtcdDatastore

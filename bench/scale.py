@@ -88,7 +88,7 @@ def in_set(name: str, ip: str) -> bool:
     return subprocess.run(["ipset", "test", name, ip], capture_output=True).returncode == 0
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 60, pause: float = 0.0) -> float:
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 300, pause: float = 0.0) -> float:
     started = time.perf_counter()
     while not check():
         if time.perf_counter() - started > timeout:
@@ -381,6 +381,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         row["churn_errors"] = stats1["errors"] - stats0["errors"]
         row["churn_last_error"] = stats1["last_error"]
         row["churn_window_s"] = round(churn_seconds, 1)
+        row["simulator_cpu_pct"] = round(100 * (stats1["cpu_seconds"] - stats0["cpu_seconds"]) / window, 1)
         row["churn"] = churn
         row["watchers_per_host"] = round(churn["etcd_watchers"] / (hosts + 1), 2)
         for name, samples in (("apply", applies), ("join", joins), ("labels", labels_in_force)):
@@ -392,7 +393,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
               f"join {row['join_p50_ms']:.0f}/{row['join_p99_ms']:.0f} ms, "
               f"labels {row['labels_p50_ms']:.0f}/{row['labels_p99_ms']:.0f} ms, "
               f"pass mean {churn['pass_mean_ms']:.0f} ms, CPU {row['churn_cpu_pct']:.0f} %, "
-              f"etcd {churn['etcd_requests_per_s']:.0f} req/s", flush=True)
+              f"etcd {churn['etcd_requests_per_s']:.0f} req/s; simulator CPU {row['simulator_cpu_pct']:.0f} %", flush=True)
 
         # Restart: same state expected after kill -9, with the selector sets emptied meanwhile.
         time.sleep(2)
@@ -436,7 +437,7 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=20, help="seconds of the idle CPU window (60: an idle minute)")
     parser.add_argument("--runs", type=int, default=20, help="samples of each latency per size")
     parser.add_argument("--policies", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=8, help="simulator threads doing the churn")
+    parser.add_argument("--workers", type=int, default=32, help="simulator threads doing the churn")
     _results.add_json_option(parser, "scale")
     args = parser.parse_args()
     host_list = [int(s) for s in args.hosts.split(",")]
@@ -477,7 +478,7 @@ def main() -> None:
             print(f"size: {hosts} simulated hosts, {endpoints} endpoints", flush=True)
             rows.append(measure(args, host, etcd, store, admin, hosts, endpoints, subnet_len, plugin_args))
             print(f"  took {rows[-1]['size_minutes']:.1f} min", flush=True)
-        report(args, rows)
+            report(args, rows)  # after every size: a later size failing keeps the earlier ones
     finally:
         ul.close()
 
