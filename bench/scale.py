@@ -319,7 +319,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
             hosts: int, endpoints: int, subnet_len: int, plugin_args: list[str]) -> dict[str, Any]:
     keys = Keys(sim.PREFIX, sim.FLANNEL_PREFIX)
     began = time.monotonic()
-    row: dict[str, Any] = {"hosts": hosts, "endpoints": endpoints}
+    row: dict[str, Any] = {"hosts": hosts, "endpoints": endpoints, "runs": args.runs, "churn_target": args.churn}
     last: tuple[str, str] | None = None
     set0 = selector_set(scoped_selector("role == 'c0'", NETWORK))
     simulator = Simulator(etcd.endpoint, hosts, endpoints, args.policies, subnet_len, args.workers,
