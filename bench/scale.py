@@ -275,12 +275,13 @@ def canal_sets() -> list[str]:
 
 class Simulator:
     def __init__(self, etcd: str, hosts: int, endpoints: int, policies: int, subnet_len: int, workers: int,
-                 log_path: str):
+                 log_path: str, watch: bool = True):
         self.log = open(log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "_simcluster.py"), "--etcd", etcd, "--hosts", str(hosts),
              "--endpoints", str(endpoints), "--policies", str(policies), "--network", str(CLUSTER),
-             "--subnet-len", str(subnet_len), "--routed-block", str(ROUTED_BLOCK), "--workers", str(workers)],
+             "--subnet-len", str(subnet_len), "--routed-block", str(ROUTED_BLOCK), "--workers", str(workers)]
+            + ([] if watch else ["--no-watch"]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
 
     def ask(self, cmd: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
@@ -323,7 +324,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
     last: tuple[str, str] | None = None
     set0 = selector_set(scoped_selector("role == 'c0'", NETWORK))
     simulator = Simulator(etcd.endpoint, hosts, endpoints, args.policies, subnet_len, args.workers,
-                          str(host.workdir / f"sim-{hosts}-{endpoints}.log"))
+                          str(host.workdir / f"sim-{hosts}-{endpoints}.log"), watch=not args.no_sim_watches)
     try:
         populated = simulator.ask({"cmd": "populate"})
         # the last bulk endpoint in force on the real host: the population is programmed
@@ -437,6 +438,9 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=20, help="seconds of the idle CPU window (60: an idle minute)")
     parser.add_argument("--runs", type=int, default=20, help="samples of each latency per size")
     parser.add_argument("--policies", type=int, default=10)
+    parser.add_argument("--no-sim-watches", action="store_true",
+                        help="simulated hosts hold no watches (their 2 long-polls each saturate one Python "
+                             "process at a few hundred hosts); etcd's watch load is then the real host's only")
     parser.add_argument("--workers", type=int, default=32, help="simulator threads doing the churn")
     _results.add_json_option(parser, "scale")
     args = parser.parse_args()
