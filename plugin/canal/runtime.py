@@ -166,7 +166,8 @@ class Plugin:
         )
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
                                                  linkmod.local_addresses)
-        self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger)
+        self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger,
+                             quiet=(self.keys.root + "/hosts/", self.keys.root + "/ipam/"))
         # The agent's passes: endpoints as a live view with a change journal, and the set
         # memberships kept from it incrementally (canal.agent.index); other readers use records().
         self._endpoint_view = self.mirror.view(self.keys.endpoints, endpoint_entry)

@@ -135,3 +135,19 @@ def test_view_journals_only_the_keys_that_changed(store):
         assert view.refresh() == {"3"} and dict(view) == {"2": 2}
     finally:
         m.stop()
+
+
+def test_quiet_directories_are_kept_current_without_asking_for_a_pass(store):
+    changes = threading.Event()
+    m = Mirror(store, ["/c/"], changes.set, timeout=0.2, quiet=("/c/hosts/",))
+    m.start()
+    try:
+        assert m.wait_ready(5)
+        until(changes.is_set)  # the first list asks for one
+        changes.clear()
+        m._commit(100, [Put("/c/hosts/h1", '"renewed"')])  # a host's renewal
+        assert m.json("/c/hosts/") == {"h1": "renewed"} and not changes.is_set()
+        m._commit(101, [Put("/c/endpoints/e1", '"joined"')])  # control: a record a pass reads
+        assert changes.is_set()
+    finally:
+        m.stop()

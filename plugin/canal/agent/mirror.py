@@ -30,10 +30,14 @@ def _as_is(rel: str, raw: Any) -> Any:
 
 
 class Mirror:
-    def __init__(self, store: Datastore, prefixes: list[str], on_change: Callable[[], object], timeout: float = 5.0):
+    def __init__(self, store: Datastore, prefixes: list[str], on_change: Callable[[], object], timeout: float = 5.0,
+                 quiet: tuple[str, ...] = ()):
         self.store = store
         self.prefixes = prefixes
         self.on_change = on_change
+        # Kept current but no reason for a pass: records no pass reads (every host's 30 s
+        # renewal touches its host record; with N hosts that was N/30 passes a second, idle).
+        self.quiet = quiet
         self.timeout = timeout
         self._lock = threading.Lock()
         # directory -> key -> (revision, value; None = deleted): a pass reads the few
@@ -162,7 +166,8 @@ class Mirror:
         with self._lock:
             for op in ops:
                 if any(op.key.startswith(p) for p in self.prefixes):
-                    changed |= self._set(op.key, revision, op.value if isinstance(op, Put) else None)
+                    changed |= self._set(op.key, revision, op.value if isinstance(op, Put) else None) \
+                        and not op.key.startswith(self.quiet)
         if changed:
             self.on_change()
 
@@ -204,7 +209,8 @@ class Mirror:
                 changed = False
                 with self._lock:
                     for event in result.events:
-                        changed |= self._set(event.key, event.revision, event.value if event.kind == "put" else None)
+                        changed |= self._set(event.key, event.revision, event.value if event.kind == "put" else None) \
+                            and not event.key.startswith(self.quiet)
                 if result.events:
                     start = result.events[-1].revision + 1
                     self._prune(prefix, start)
