@@ -393,3 +393,32 @@ def test_etcd_all_endpoints_down_names_each():
     for endpoint in endpoints:
         assert f"etcd {endpoint} unreachable during get: Connection refused" in str(err)
     ds.close()
+
+
+def test_etcd_lists_in_pages_pinned_to_one_revision(etcd_server):
+    """A big directory is read in pages (one range of 100,000 records outlasts the timeout);
+    a write landing between two pages is not in the list, whose revision predates it."""
+    etcd_server.wipe()
+    ds = EtcdDatastore(etcd_server.endpoint, timeout=5.0)
+    try:
+        for i in range(23):
+            ds.put(f"/p/{i:03d}", i)
+        ranges = []
+        call = ds._call
+
+        def counting(op, path, body, *args, **kwargs):
+            if path == "/v3/kv/range" and "limit" in body:
+                ranges.append(body)
+                if len(ranges) == 2:  # between the first and second page
+                    ds.put("/p/999", "late")
+                    ds.delete("/p/020")
+            return call(op, path, body, *args, **kwargs)
+
+        ds._call = counting  # type: ignore[method-assign]
+        entries, revision = ds.list("/p/", page=5)
+        assert [e.key for e in entries] == [f"/p/{i:03d}" for i in range(23)]
+        assert len(ranges) == 5 and all(r.get("revision") == str(revision) for r in ranges[1:])
+        ds._call = call  # type: ignore[method-assign]
+        assert [e.key for e in ds.list("/p/")[0]][-2:] == ["/p/022", "/p/999"]  # one page, current
+    finally:
+        ds.close()

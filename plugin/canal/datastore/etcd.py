@@ -68,6 +68,7 @@ from canal.errors import BadRequest, CanalError, Unavailable
 
 log = logging.getLogger(__name__)
 
+LIST_PAGE = 5000  # keys per range request of a list (a few MB of records at most)
 GRPC_NOT_FOUND = 5  # what the gateway reports for an unknown/expired lease
 GRPC_PERMISSION_DENIED = 7
 #: etcd's answers to a call whose token it no longer accepts; nothing was applied, so the call
@@ -607,11 +608,27 @@ class EtcdDatastore(Datastore):
         return _entry(kvs[0]) if kvs else None
 
     @metrics.datastore_request("list")
-    def list(self, prefix: str) -> tuple[list[Entry], int]:
-        answer = self._range("list", *_prefix_range(prefix))
-        entries = [_entry(kv) for kv in answer.get("kvs") or []]
+    def list(self, prefix: str, page: int = LIST_PAGE) -> tuple[list[Entry], int]:
+        """Every key under prefix at one revision, read in pages: one range of 100,000 records
+        outlasts the request timeout on a busy etcd (and a restarted plugin waited minutes for
+        the retry); etcd's docs ask for paginated ranges. The pages are pinned to the first
+        one's revision, so together they are one consistent snapshot."""
+        key, range_end = _prefix_range(prefix)
+        entries: list[Entry] = []
+        revision = 0
+        while True:
+            body: dict[str, Any] = {"key": _b64(key), "range_end": _b64(range_end), "limit": str(page)}
+            if revision:
+                body["revision"] = str(revision)
+            answer = self._call("list", "/v3/kv/range", body)[0]
+            kvs = answer.get("kvs") or []
+            revision = revision or _int(answer.get("header", {}).get("revision"))
+            entries.extend(_entry(kv) for kv in kvs)
+            if not answer.get("more") or not kvs:
+                break
+            key = base64.b64decode(kvs[-1]["key"]) + b"\0"  # the next key after the page's last
         entries.sort(key=lambda e: e.key)  # etcd already sorts by key bytes; keep the promise local
-        return entries, _int(answer.get("header", {}).get("revision"))
+        return entries, revision
 
     # Transactions -------------------------------------------------------------------------
 
