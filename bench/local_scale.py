@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -155,7 +156,9 @@ def main() -> None:
         host = SimHost(ul, "b1", "198.18.0.1")
         host.start_dockerd()
         host.load_image()
-        host.start_plugin(["--network", "100.64.0.0/16", *args.plugin_arg])
+        # The default lease (/24) holds 253 containers: a host of COUNT needs a bigger one.
+        subnet_len = 32 - (args.count + 16).bit_length()
+        host.start_plugin(["--network", "100.64.0.0/16", "--subnet-len", str(subnet_len), *args.plugin_arg])
         assert host.plugin is not None
         plugin_pids = group_pids(host.plugin.pid)
         host.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "canalnet")
@@ -166,6 +169,8 @@ def main() -> None:
         for network in ["canalnet", *bridges[:1]]:  # warm caches
             host.docker("run", "--rm", "--network", network, IMAGE, "true")
         admin = AdminClient(host.plugin_socket)
+        print(f"plugin: --subnet-len {subnet_len}; status: "
+              f"{ {k: v for k, v in admin.get('/canal/v1/status').items() if 'lease' in k or 'subnet' in k} }")
         passes = PassLog(str(host.plugin_log))
         passes.read()
         calls0 = {c: r["count"] for c, r in admin.get("/canal/v1/stats").items()}
@@ -211,8 +216,7 @@ def main() -> None:
                 stats = admin.get("/canal/v1/stats")
                 span = {c: r["count"] - calls0.get(c, 0) for c, r in stats.items()}
                 calls0 = {c: r["count"] for c, r in stats.items()}
-                windowed = {c: admin.get(f"/canal/v1/stats?last={span[c]}")[c] for c in
-                            ("NetworkDriver.Join", "NetworkDriver.CreateEndpoint") if span.get(c)}
+                windowed = {c: admin.get(f"/canal/v1/stats?last={span[c]}")[c] for c in span if span[c]}
                 cpu1, wall1 = cpu_seconds(plugin_pids), time.perf_counter()
                 totals = [p["total"] for p in window_passes]
                 row = {
@@ -230,6 +234,7 @@ def main() -> None:
                     "canal_runs_s": [round(x, 4) for x in window["canal"]],
                     "bridge_runs_s": [round(x, 4) for x in window["bridge"]],
                     "pass_samples_ms": [round(x, 2) for x in totals],
+                    "calls": windowed, "failures": failures,
                 }
                 row["ratio"] = row["canal_p50_s"] / row["bridge_p50_s"] if window["bridge"] else float("nan")
                 rows.append(row)
@@ -240,6 +245,7 @@ def main() -> None:
                       f"{row['mem_available_gb']:8.1f}", flush=True)
                 print("        pass phases p50 (ms): " + "  ".join(f"{ph} {row['pass_phase_p50_ms'][ph]:.1f}"
                                                                      for ph in PHASES), flush=True)
+                report(args, rows, bool(bridges), failures, table=False)
                 for driver in runs:
                     runs[driver] += window[driver]
                     window[driver] = []
@@ -251,6 +257,20 @@ def main() -> None:
             spy = None
         if not rows:
             raise SystemExit("no checkpoint reached")
+        report(args, rows, bool(bridges), failures, table=True)
+    finally:
+        if spy is not None:
+            spy.kill()
+            spy.wait()
+        pool.shutdown(wait=True, cancel_futures=True)
+        keep_logs(ul, os.path.splitext(args.json)[0] + "-logs")
+        cleanup(ul)
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], bridges: bool, failures: int, table: bool) -> None:
+    """The README table (at the end) and the JSON + plot (at every checkpoint: a run cut short
+    still leaves its figures)."""
+    if table:
         print("\nREADME table:")
         print("| containers | `docker run` canal p50 / p99 | bridge p50 / p99 | canal/bridge | Join p50 / p99 | "
               "CreateEndpoint p50 / p99 | pass p50 / p99 | Canal rules | plugin RSS | plugin CPU |")
@@ -261,41 +281,44 @@ def main() -> None:
                   f"{r['join_p50_ms']:.1f} / {r['join_p99_ms']:.1f} ms | {r['create_p50_ms']:.1f} / {r['create_p99_ms']:.1f} ms | "
                   f"{r['pass_p50_ms']:.1f} / {r['pass_p99_ms']:.1f} ms | {r['rules']:,} | {r['rss_mb']:.0f} MB | "
                   f"{r['cpu_pct']:.0f} % |")
-        last = rows[-1]
-        counts = [r["count"] for r in rows]
-        _results.save({
-            "benchmark": "local_scale",
-            "params": {"count": args.count, "parallel": args.parallel, "per_bridge": args.per_bridge,
-                       "bridge": args.bridge, "plugin_args": args.plugin_arg},
-            "headline": [
-                _results.headline(f"Join p99 at {last['count']}", last["join_p99_ms"], "ms", "<= 20"),
-                _results.headline(f"pass p99 at {last['count']}", last["pass_p99_ms"], "ms", "<= 50"),
-                _results.headline(f"docker run canal/bridge median at {last['count']}", last["ratio"], "", "<= 1.10"),
-                _results.headline(f"Canal rules at {last['count']}", last["rules"], ""),
-                _results.headline(f"plugin RSS at {last['count']}", last["rss_mb"], "MB"),
-            ],
-            "failures": failures,
-            "rows": rows,
-            "panels": [
-                {"kind": "line", "title": "docker run -d (p50 per window)", "xlabel": "containers per driver",
-                 "ylabel": "ms", "x": counts,
-                 "series": {"canal": [r["canal_p50_s"] * 1000 for r in rows],
-                            **({"bridge": [r["bridge_p50_s"] * 1000 for r in rows]} if bridges else {})}},
-                {"kind": "line", "title": "plugin calls and passes (p99 per window)", "xlabel": "containers",
-                 "ylabel": "ms", "x": counts, "target": 20,
-                 "series": {"Join": [r["join_p99_ms"] for r in rows],
-                            "CreateEndpoint": [r["create_p99_ms"] for r in rows],
-                            "pass": [r["pass_p99_ms"] for r in rows]}},
-                {"kind": "line", "title": "pass phases (p50 per window)", "xlabel": "containers", "ylabel": "ms",
-                 "x": counts, "series": {ph: [r["pass_phase_p50_ms"][ph] for r in rows] for ph in PHASES}},
-            ],
-        }, args.json)
-    finally:
-        if spy is not None:
-            spy.kill()
-            spy.wait()
-        pool.shutdown(wait=True, cancel_futures=True)
-        cleanup(ul)
+    last = rows[-1]
+    counts = [r["count"] for r in rows]
+    _results.save({
+        "benchmark": "local_scale",
+        "params": {"count": args.count, "parallel": args.parallel, "per_bridge": args.per_bridge,
+                   "bridge": args.bridge, "plugin_args": args.plugin_arg},
+        "headline": [
+            _results.headline(f"Join p99 at {last['count']}", last["join_p99_ms"], "ms", "<= 20"),
+            _results.headline(f"pass p99 at {last['count']}", last["pass_p99_ms"], "ms", "<= 50"),
+            _results.headline(f"docker run canal/bridge median at {last['count']}", last["ratio"], "", "<= 1.10"),
+            _results.headline(f"Canal rules at {last['count']}", last["rules"], ""),
+            _results.headline(f"plugin RSS at {last['count']}", last["rss_mb"], "MB"),
+        ],
+        "failures": failures,
+        "rows": rows,
+        "panels": [
+            {"kind": "line", "title": "docker run -d (p50 per window)", "xlabel": "containers per driver",
+             "ylabel": "ms", "x": counts,
+             "series": {"canal": [r["canal_p50_s"] * 1000 for r in rows],
+                        **({"bridge": [r["bridge_p50_s"] * 1000 for r in rows]} if bridges else {})}},
+            {"kind": "line", "title": "plugin calls and passes (p99 per window)", "xlabel": "containers",
+             "ylabel": "ms", "x": counts, "target": 20,
+             "series": {"Join": [r["join_p99_ms"] for r in rows],
+                        "CreateEndpoint": [r["create_p99_ms"] for r in rows],
+                        "pass": [r["pass_p99_ms"] for r in rows]}},
+            {"kind": "line", "title": "pass phases (p50 per window)", "xlabel": "containers", "ylabel": "ms",
+             "x": counts, "series": {ph: [r["pass_phase_p50_ms"][ph] for r in rows] for ph in PHASES}},
+        ],
+    }, args.json)
+
+
+def keep_logs(ul: Underlay, where: str) -> None:
+    """The plugin's and dockerd's logs, kept next to the JSON (the host's workdir goes)."""
+    os.makedirs(where, exist_ok=True)
+    for host in ul.hosts:
+        for path in (host.plugin_log, host.dockerd_log):
+            if os.path.exists(path):
+                shutil.copy(path, os.path.join(where, os.path.basename(path)))
 
 
 def cleanup(ul: Underlay) -> None:
