@@ -33,11 +33,11 @@ def test_list_keys_sorted_without_values_and_expired_leases(store):
     store.put("/ab", {"n": 0})  # shares the text prefix "/a" but not the directory
     lease = store.grant(1)
     store.put("/a/3", {"n": 3}, lease=lease)
-    assert store.list_keys("/a/") == ["/a/1", "/a/2", "/a/3"]
-    assert store.list_keys("/a/") == [e.key for e in store.list("/a/")[0]]  # the same keys as list()
+    assert store.list_keys("/a/") == ("/a/1", "/a/2", "/a/3")
+    assert store.list_keys("/a/") == tuple(e.key for e in store.list("/a/")[0])  # the same keys as list()
     store.revoke(lease)
-    assert store.list_keys("/a/") == ["/a/1", "/a/2"]
-    assert store.list_keys("/none/") == []
+    assert store.list_keys("/a/") == ("/a/1", "/a/2")
+    assert store.list_keys("/none/") == ()
 
 
 def test_create_only_if_absent(store):

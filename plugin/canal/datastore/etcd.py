@@ -616,9 +616,9 @@ class EtcdDatastore(Datastore):
         return entries, _int(answer.get("header", {}).get("revision"))
 
     @metrics.datastore_request("list_keys")
-    def list_keys(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> tuple[str, ...]:
         answer = self._range("list_keys", *_prefix_range(prefix), keys_only=True)
-        return sorted(_unb64(kv["key"]) for kv in answer.get("kvs") or [])
+        return tuple(sorted(_unb64(kv["key"]) for kv in answer.get("kvs") or []))
 
     # Transactions -------------------------------------------------------------------------
 

@@ -236,10 +236,10 @@ class LocalDatastore(Datastore):
         return [Entry(*r) for r in rows], rev
 
     @metrics.datastore_request("list_keys")
-    def list_keys(self, prefix: str) -> list[str]:
+    def list_keys(self, prefix: str) -> tuple[str, ...]:
         rows = self._read("SELECT key FROM kv WHERE key >= ? AND key < ? AND " + self._live() + " ORDER BY key",
                           (prefix, prefix + "\uffff"))
-        return [row[0] for row in rows]
+        return tuple(row[0] for row in rows)
 
     # Leases -------------------------------------------------------------------------------
 
