@@ -146,6 +146,16 @@ def test_admin_stats_count_calls(client):
     assert stats["Plugin.Activate"]["count"] == 1 and stats["Plugin.Activate"]["p99_ms"] >= 0
 
 
+def test_admin_stats_window_of_last_calls(client):
+    for _ in range(3):
+        ok(client, "Plugin.Activate")
+    window = client.get("/canal/v1/stats?last=1").get_json()["Plugin.Activate"]
+    assert window["count"] == 3  # the total count; the quantiles are over the window
+    assert window["p50_ms"] == window["p99_ms"] == window["max_ms"]  # one sample
+    bad = client.get("/canal/v1/stats?last=-1")
+    assert bad.status_code == 400 and "last must be a non-negative integer" in bad.get_json()["Err"]
+
+
 # Bad input: every call, every way ------------------------------------------------------
 
 CALLS_WITH_REQUIRED = {

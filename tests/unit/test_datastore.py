@@ -27,6 +27,19 @@ def test_put_get_list_sorted_by_key(store):
     assert store.get("/missing") is None
 
 
+def test_list_keys_sorted_without_values_and_expired_leases(store):
+    store.put("/a/2", {"n": 2})
+    store.put("/a/1", {"n": 1})
+    store.put("/ab", {"n": 0})  # shares the text prefix "/a" but not the directory
+    lease = store.grant(1)
+    store.put("/a/3", {"n": 3}, lease=lease)
+    assert store.list_keys("/a/") == ("/a/1", "/a/2", "/a/3")
+    assert store.list_keys("/a/") == tuple(e.key for e in store.list("/a/")[0])  # the same keys as list()
+    store.revoke(lease)
+    assert store.list_keys("/a/") == ("/a/1", "/a/2")
+    assert store.list_keys("/none/") == ()
+
+
 def test_create_only_if_absent(store):
     assert store.create("/k", 1) is True
     assert store.create("/k", 2) is False

@@ -230,3 +230,16 @@ def test_swarm_user_subnet_is_shared_but_local_ones_are_not(swarm, store):
     ip = manager.request_address(local, "", None)[0].split("/")[0]
     with pytest.raises(Conflict, match="already in use"):
         node.request_address(local, ip, None)  # local pools: a second request is a real duplicate
+
+
+def test_the_last_free_address_is_found_past_taken_and_foreign_keys(store):
+    """The free-address scan reads keys only: other keys under the directory (not 8 lowercase
+    hex digits) are neither taken addresses nor errors."""
+    keys = Keys("/canal/v1", "/coreos.com/network")
+    small = Ipam(store, keys, "host1", lambda: ipaddress.IPv4Network("100.64.9.0/29"))
+    for junk in ("64400904X", "644009", "6440090A", "6440090a/extra"):
+        store.put(keys.addresses + junk, {"not": "an address record"})
+    got = {small.request_address(DEFAULT_POOL_ID, "", None)[0] for _ in range(6)}
+    assert got == {f"100.64.9.{i}/32" for i in range(1, 7)}  # .0 and .7 are never handed out
+    with pytest.raises(Exhausted, match="no free address left in 100.64.9.0/29"):
+        small.request_address(DEFAULT_POOL_ID, "", None)

@@ -4,9 +4,11 @@ Join creating its own veth: deletions run on their own netlink socket and lock."
 from __future__ import annotations
 
 import ipaddress
+import sys
 import threading
 from typing import Any
 
+from canal.dataplane import links as linkmod
 from canal.dataplane.links import EndpointLink, Links
 
 
@@ -49,6 +51,9 @@ def links_with(ipr: FakeIpr, reaper: FakeIpr, sysctl_dir: str) -> Links:
     links.guard = threading.RLock()
     links._configured = {}
     links._expected = {}
+    links._audit = 0
+    links.net_dir = f"{sysctl_dir}/class-net"
+    links.route_file = f"{sysctl_dir}/route"
     return links
 
 
@@ -187,3 +192,74 @@ def test_background_work_after_join_or_delete_makes_nothing(tmp_path):
     calls = list(ipr.calls)
     later.run()
     assert ipr.calls == calls and [c for c, _ in calls].count("add") == 1
+
+
+# Full passes: only the veths that drifted are reconfigured -----------------------------------
+
+def _kernel_as_configured(tmp_path: Any, links: list[EndpointLink]) -> None:
+    """sysfs, sysctls and /proc/net/route as ensure_veth() leaves them (little-endian host)."""
+    rows = ["Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT"]
+    for link in links:
+        for sub, value in (("proxy_arp", "1"), ("forwarding", "1"), ("rp_filter", "1"), ("route_localnet", "1")):
+            conf = tmp_path / f"net/ipv4/conf/{link.host_if}"
+            conf.mkdir(parents=True, exist_ok=True)
+            (conf / sub).write_text(value + "\n")
+        neigh = tmp_path / f"net/ipv4/neigh/{link.host_if}"
+        neigh.mkdir(parents=True, exist_ok=True)
+        (neigh / "proxy_delay").write_text("0\n")
+        dev = tmp_path / f"class-net/{link.host_if}"
+        dev.mkdir(parents=True, exist_ok=True)
+        (dev / "mtu").write_text(f"{link.mtu}\n")
+        (dev / "flags").write_text("0x1003\n")
+        dst = int.from_bytes(link.ip.packed, "little") if sys.byteorder == "little" else int(link.ip)
+        rows.append(f"{link.host_if}\t{dst:08X}\t00000000\t0001\t0\t0\t0\tFFFFFFFF\t0\t0\t0")
+    (tmp_path / "route").write_text("\n".join(rows) + "\n")
+
+
+def _many(n: int) -> list[EndpointLink]:
+    return [EndpointLink(f"{i:02x}" * 32, ipaddress.IPv4Address(f"100.64.0.{i + 2}"), "02:00:00:00:00:05", 1450)
+            for i in range(n)]
+
+
+def test_full_pass_finds_exactly_the_veths_that_drifted(tmp_path, monkeypatch):
+    monkeypatch.setattr(linkmod, "AUDIT_SLICE", 0)
+    monkeypatch.setattr(linkmod, "RECONFIGURE_SLICE", 0)
+    many = _many(6)
+    _kernel_as_configured(tmp_path, many)
+    links = links_with(FakeIpr(), FakeIpr(), str(tmp_path))
+    assert links.drifted(many) == set()  # positive control: as configured, nothing to redo
+    route = (tmp_path / "route").read_text().splitlines()
+    (tmp_path / "route").write_text("\n".join(r for r in route if not r.startswith(many[0].host_if)) + "\n")
+    (tmp_path / f"class-net/{many[1].host_if}/flags").write_text("0x1002\n")  # down
+    (tmp_path / f"class-net/{many[2].host_if}/mtu").write_text("1500\n")
+    (tmp_path / f"class-net/{many[3].host_if}/mtu").unlink()  # unreadable: redo it
+    assert links.drifted(many) == {link.host_if for link in many[:4]}
+
+
+def test_full_pass_checks_sysctls_and_reconfigures_whole_in_turn(tmp_path, monkeypatch):
+    monkeypatch.setattr(linkmod, "AUDIT_SLICE", 3)
+    monkeypatch.setattr(linkmod, "RECONFIGURE_SLICE", 1)
+    many = _many(6)
+    _kernel_as_configured(tmp_path, many)
+    (tmp_path / f"net/ipv4/conf/{many[2].host_if}/proxy_arp").write_text("0\n")
+    (tmp_path / f"net/ipv4/conf/{many[4].host_if}/rp_filter").write_text("2\n")
+    links = links_with(FakeIpr(), FakeIpr(), str(tmp_path))
+    # turn 1: links 0-2 audited, 0 reconfigured whole, 2's sysctl is off; turn 2: 3-5, 3 whole, 4 off
+    assert links.drifted(many) == {many[0].host_if, many[2].host_if}
+    assert links.drifted(many) == {many[3].host_if, many[4].host_if}
+    assert links.drifted(many) == {many[0].host_if, many[2].host_if}  # and round again
+
+
+def test_full_pass_reconfigures_only_the_drifted(tmp_path, monkeypatch):
+    monkeypatch.setattr(linkmod, "AUDIT_SLICE", 0)
+    monkeypatch.setattr(linkmod, "RECONFIGURE_SLICE", 0)
+    many = _many(3)
+    _kernel_as_configured(tmp_path, many)
+    ipr = FakeIpr()
+    ipr.links = {link.host_if: i + 1 for i, link in enumerate(many)}
+    links = links_with(ipr, FakeIpr(), str(tmp_path))
+    links._configured = {link.host_if: link for link in many}
+    monkeypatch.setattr(links, "present", lambda: {link.host_if for link in many})
+    (tmp_path / f"class-net/{many[1].host_if}/flags").write_text("0x1002\n")
+    links.reconcile(many, set(), full=True)
+    assert {kw.get("index") for command, kw in ipr.calls if command == "set"} == {2}  # only the down one

@@ -41,10 +41,12 @@ class CallStats:
         if not ok:
             self._errors[call] += 1
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self, last: int = 0) -> dict[str, dict[str, float]]:
+        """p50/p99/max per call over the kept samples, or only the `last` ones of each (a
+        benchmark's window between two checkpoints)."""
         out = {}
         for call, samples in sorted(self._samples.items()):
-            ordered = sorted(samples)
+            ordered = sorted(list(samples)[-last:] if last > 0 else samples)
             out[call] = {
                 "count": self._counts[call],
                 "errors": self._errors[call],
@@ -168,7 +170,10 @@ def create_app(plugin: Any) -> Flask:
 
     @app.get("/canal/v1/stats")
     def call_stats() -> Response:
-        return _answer(stats.summary())
+        last = request.args.get("last", "0")
+        if not last.isdigit():
+            raise BadRequest(f"stats: last must be a non-negative integer, got {last!r:.40}")
+        return _answer(stats.summary(int(last)))
 
     @app.get("/canal/v1/metrics")
     def metrics_text() -> Response:

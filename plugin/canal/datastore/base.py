@@ -91,6 +91,11 @@ class Datastore(ABC):
     def list(self, prefix: str) -> tuple[list[Entry], int]:
         """Entries under prefix, sorted by key, and the store revision they were read at."""
 
+    def list_keys(self, prefix: str) -> tuple[str, ...]:
+        """The keys under prefix, sorted, without their values: for callers that only ask
+        what exists (IPAM's free-address scan reads ~1,500 keys per request on a full host)."""
+        return tuple(entry.key for entry in self.list(prefix)[0])
+
     @abstractmethod
     def txn(self, guards: Sequence[Guard], ops: Sequence[Op]) -> bool:
         """Apply all ops atomically iff every guard holds; False (and nothing done) otherwise."""

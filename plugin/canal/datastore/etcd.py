@@ -596,10 +596,12 @@ class EtcdDatastore(Datastore):
 
     # Reads --------------------------------------------------------------------------------
 
-    def _range(self, op: str, key: bytes, range_end: bytes | None = None) -> dict[str, Any]:
+    def _range(self, op: str, key: bytes, range_end: bytes | None = None, keys_only: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {"key": _b64(key)}
         if range_end is not None:
             body["range_end"] = _b64(range_end)
+        if keys_only:
+            body["keys_only"] = True
         return self._call(op, "/v3/kv/range", body)[0]
 
     @metrics.datastore_request("get")
@@ -629,6 +631,11 @@ class EtcdDatastore(Datastore):
             key = base64.b64decode(kvs[-1]["key"]) + b"\0"  # the next key after the page's last
         entries.sort(key=lambda e: e.key)  # etcd already sorts by key bytes; keep the promise local
         return entries, revision
+
+    @metrics.datastore_request("list_keys")
+    def list_keys(self, prefix: str) -> tuple[str, ...]:
+        answer = self._range("list_keys", *_prefix_range(prefix), keys_only=True)
+        return tuple(sorted(_unb64(kv["key"]) for kv in answer.get("kvs") or []))
 
     # Transactions -------------------------------------------------------------------------
 

@@ -235,6 +235,12 @@ class LocalDatastore(Datastore):
             raise Unavailable(f"embedded datastore {self.path}: {err}") from err
         return [Entry(*r) for r in rows], rev
 
+    @metrics.datastore_request("list_keys")
+    def list_keys(self, prefix: str) -> tuple[str, ...]:
+        rows = self._read("SELECT key FROM kv WHERE key >= ? AND key < ? AND " + self._live() + " ORDER BY key",
+                          (prefix, prefix + "\uffff"))
+        return tuple(row[0] for row in rows)
+
     # Leases -------------------------------------------------------------------------------
 
     @metrics.datastore_request("grant")

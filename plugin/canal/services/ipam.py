@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -41,6 +42,9 @@ REQUEST_TYPE_OPTION = "RequestAddressType"
 
 KIND_ENDPOINT = "endpoint"
 KIND_GATEWAY = "gateway"
+# The last component of an address record's key (ip_hex): 8 or 32 lowercase hex digits.
+_ADDRESS_KEY4 = re.compile(r"[0-9a-f]{8}")
+_ADDRESS_KEY6 = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -359,15 +363,19 @@ class Ipam:
         return record is not None and record.shared
 
     def _allocated(self, net: Net) -> set[int]:
-        entries, _ = self.store.list(self.keys.addresses + hex_prefix(net))
+        """The addresses of `net` that have a record. Keys only, checked by one regex each: on a
+        host of 1,500 containers this runs per RequestAddress (values and a per-character check
+        made it 27 ms there)."""
+        keys = self.store.list_keys(self.keys.addresses + hex_prefix(net))
+        address_key = _ADDRESS_KEY4 if net.version == 4 else _ADDRESS_KEY6
+        low, high = int(net.network_address), int(net.broadcast_address)
         out = set()
-        width = 8 if net.version == 4 else 32
-        for entry in entries:
-            name = entry.key.rsplit("/", 1)[1]
-            if len(name) != width or not all(c in "0123456789abcdef" for c in name):
+        for key in keys:
+            name = key[key.rfind("/") + 1:]
+            if not address_key.fullmatch(name):
                 continue  # not an address key (a foreign or broken record): cannot collide
             value = int(name, 16)
-            if value in range(int(net.network_address), int(net.broadcast_address) + 1):
+            if low <= value <= high:
                 out.add(value)
         return out
 
@@ -396,8 +404,10 @@ class Ipam:
             for rng in self._ranges(ref, scope):
                 taken = self._allocated(rng)
                 for value in range(int(rng.network_address), int(rng.broadcast_address) + 1):
+                    if value in taken:  # first: no address object for the ~1,500 taken ones
+                        continue
                     ip = ipaddress.ip_address(value) if rng.version == 4 else ipaddress.IPv6Address(value)
-                    if value in taken or not _usable(rng, ip) or not _usable(scope, ip):
+                    if not _usable(rng, ip) or not _usable(scope, ip):
                         continue
                     if str(ip) == gateway:
                         continue
