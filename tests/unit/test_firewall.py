@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 from fakes import FakeIpsets, FakeIptables
 
@@ -17,7 +18,7 @@ from canal.agent.desired import (
     network_infos,
 )
 from canal.policy.compiler import FORWARD, network_members_set
-from canal.dataplane.firewall import Firewall, FirewallState
+from canal.dataplane.firewall import Firewall, FirewallState, restore_text, tables_of
 from canal.records import EndpointRecord, NetworkRecord
 
 DOCKER_SAVE = """*filter
@@ -273,3 +274,54 @@ def test_raw_table_drops_spoofed_sources_and_tunnels_from_workloads_and_all_ipv6
     assert fw.apply(state) is False
     fw.apply(FirewallState())
     assert not any(c.startswith("CANAL-") for t in ipt6.save().values() for c in t.chains)
+
+
+def _replay(have: list[str], edits: list[str], chain: str = "CANAL-X") -> list[str]:
+    rules = list(have)
+    for line in edits:
+        op, name, rest = line.split(" ", 2)
+        assert name == chain
+        if op == "-D":
+            rules.remove(rest)
+        else:
+            position, spec = rest.split(" ", 1)
+            assert op == "-I" and 1 <= int(position) <= len(rules) + 1
+            rules.insert(int(position) - 1, spec)
+    return rules
+
+
+def test_a_long_chain_with_a_few_changes_is_edited_not_rewritten():
+    from canal.dataplane.firewall import _edits
+
+    have = [f"-i cnl{i:04d} -g CANAL-FW-{i:04d}" for i in range(1500)]
+    joined = have[:700] + ["-i cnlnew -g CANAL-FW-new"] + have[700:]
+    assert _edits("CANAL-X", have, joined) == ["-I CANAL-X 701 -i cnlnew -g CANAL-FW-new"]
+    assert _edits("CANAL-X", joined, have) == ["-D CANAL-X -i cnlnew -g CANAL-FW-new"]
+    assert _edits("CANAL-X", have, have[:10]) is None  # most of it gone: a rewrite is smaller
+    # A rule to delete that is not unique: a delete by spec would take the first one.
+    assert _edits("CANAL-X", ["-j A", "-j B", "-j A"], ["-j B", "-j A"]) is None
+    # Whatever the changes, replaying the edits gives exactly the wanted chain, in order.
+    rng = random.Random(7)
+    for _ in range(500):
+        pool = [f"-s 10.0.0.{i} -j DROP" for i in range(60)]
+        have = rng.sample(pool, rng.randint(0, 40))
+        want = list(have)
+        for _ in range(rng.randint(0, 6)):
+            choice = rng.random()
+            if choice < 0.4 and want:
+                want.pop(rng.randrange(len(want)))
+            elif choice < 0.8:
+                want.insert(rng.randint(0, len(want)), rng.choice(pool))
+            elif want:
+                want[rng.randrange(len(want))] = rng.choice(pool)
+        edits = _edits("CANAL-X", have, want)
+        if edits is not None:
+            assert _replay(have, edits) == want, (have, want, edits)
+
+
+def test_restore_text_edits_changed_chains_in_place():
+    chain = [f"-i cnl{i:04d} -g CANAL-FW-{i:04d}" for i in range(100)]
+    before = FirewallState(chains={("filter", "CANAL-X"): chain})
+    after = FirewallState(chains={("filter", "CANAL-X"): chain[:50] + ["-i cnlnew -j DROP"] + chain[50:]})
+    text = restore_text(after, tables_of(before))
+    assert text == "*filter\n-I CANAL-X 51 -i cnlnew -j DROP\nCOMMIT\n"

@@ -10,12 +10,15 @@ IPv6 (`chains6`, `jumps6`) with ip6tables of the same backend.
 
 from __future__ import annotations
 
+import collections
+import difflib
 import logging
 from dataclasses import dataclass, field
 
 from canal import metrics
 from canal.dataplane.ipset import IpSet, Ipsets
 from canal.dataplane.iptables import Iptables, Table
+from canal.errors import CommandFailed
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,28 @@ def _in_place(jump: Jump, rules: list[str]) -> bool:
     return lead < len(rules) and rules[lead] == jump.spec
 
 
+def _edits(chain: str, have: list[str], want: list[str]) -> list[str] | None:
+    """The deletes and inserts that turn a chain's rules `have` into `want`, when that is the
+    smaller change: one endpoint joining adds two gotos to the dispatch chains of 1,500, and
+    rewriting them whole cost iptables-nft-restore 0.9 s where the inserts cost 28 ms. None:
+    flush and rewrite (large changes; or a rule to delete that is not unique in the chain, as
+    a delete by spec removes the first match). Deletes go by spec, so a kernel that is not as
+    last programmed fails the restore (and the agent's retry reads it back) instead of losing
+    a rule it was not asked to."""
+    ops = [op for op in difflib.SequenceMatcher(a=have, b=want, autojunk=False).get_opcodes() if op[0] != "equal"]
+    gone = [have[i] for tag, i1, i2, _, _ in ops if tag in ("replace", "delete") for i in range(i1, i2)]
+    new = [j for tag, _, _, j1, j2 in ops if tag in ("replace", "insert") for j in range(j1, j2)]
+    if 2 * (len(gone) + len(new)) > len(want) + 8:
+        return None
+    if gone:
+        counts = collections.Counter(have)
+        if any(counts[rule] > 1 for rule in gone):
+            return None
+    # Deleted first, then inserted in ascending order of their final position: each insert then
+    # finds every rule that precedes it in `want` already in place.
+    return [f"-D {chain} {rule}" for rule in gone] + [f"-I {chain} {j + 1} {want[j]}" for j in new]
+
+
 def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
     """iptables-restore input turning `tables` (as saved) into `desired`; "" if nothing to do."""
     out: list[str] = []
@@ -78,9 +103,14 @@ def restore_text(desired: FirewallState, tables: dict[str, Table]) -> str:
         jumps = [j for j in desired.jumps if j.table == name]
         lines: list[str] = []
         changed = [c for c in sorted(wanted) if not (c in table.chains and table.rules.get(c) == wanted[c])]
+        edits = {c: _edits(c, table.rules.get(c, []), wanted[c]) for c in changed if c in table.chains}
         # Declare every chain before any rule: a jump to a chain declared later is refused.
-        lines.extend(f":{chain} - [0:0]" for chain in changed)
+        lines.extend(f":{chain} - [0:0]" for chain in changed if edits.get(chain) is None)
         for chain in changed:
+            edit = edits.get(chain)
+            if edit is not None:
+                lines.extend(edit)
+                continue
             lines.append(f"-F {chain}")
             lines.extend(f"-A {chain} {rule}" for rule in wanted[chain])
         misplaced = [j for j in jumps if not _in_place(j, table.rules.get(j.builtin, []))]
@@ -139,6 +169,16 @@ class Firewall:
         """What was last programmed (None before the first pass or after a failed restore)."""
         return self._applied
 
+    @staticmethod
+    def _restore(iptables: Iptables, text: str) -> None:
+        log.debug("%s-restore:\n%s", iptables.family, text)
+        metrics.IPTABLES_RESTORES.labels(iptables.family).inc()
+        try:
+            iptables.restore(text)
+        except Exception:
+            metrics.IPTABLES_RESTORE_ERRORS.labels(iptables.family).inc()
+            raise
+
     def apply(self, desired: FirewallState, read_back: bool = True) -> bool:
         """Program desired; True if anything had to change."""
         if not read_back and self._applied == desired:
@@ -151,16 +191,22 @@ class Firewall:
         changed = False
         for iptables, wanted, last in families:
             text = restore_text(wanted, iptables.save() if last is None else tables_of(last))
-            if text:
-                log.debug("%s-restore:\n%s", iptables.family, text)
-                self._applied = None  # unknown until the restore succeeded
-                metrics.IPTABLES_RESTORES.labels(iptables.family).inc()
-                try:
-                    iptables.restore(text)
-                except Exception:
-                    metrics.IPTABLES_RESTORE_ERRORS.labels(iptables.family).inc()
+            if not text:
+                continue
+            self._applied = None  # unknown until the restore succeeded
+            try:
+                self._restore(iptables, text)
+            except CommandFailed as err:
+                if last is None:
                     raise
-                changed = True
+                # Edits made against what we last programmed no longer fit the kernel (someone
+                # changed our chains): diff against the kernel itself, in this same pass.
+                log.warning("%s: our chains are not as last programmed (%s); reading them back",
+                            iptables.family, str(err)[-200:])
+                text = restore_text(wanted, iptables.save())
+                if text:
+                    self._restore(iptables, text)
+            changed = True
         self._applied = desired
         self.ipsets.destroy_unused({s.name for s in desired.ipsets})
         return changed

@@ -1,7 +1,7 @@
-"""The ipset applier against the real kernel, each case in a network namespace of its own
-(`unshare -n`: the sets die with it): sets outgrowing their creation size, a full hash, a
-half-done restore's leftovers. The unit tests check the script; only the kernel says whether
-it is accepted."""
+"""The ipset and iptables appliers against the real kernel, each case in a network namespace of
+its own (`unshare -n`: sets and chains die with it): sets outgrowing their creation size, a full
+hash, a half-done restore's leftovers, chains edited in place. The unit tests check the
+scripts; only the kernel says whether they are accepted and what they do."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ PRELUDE = f"""
 import ipaddress, subprocess, sys
 sys.path.insert(0, {str(REPO / "plugin")!r})
 from canal.dataplane.ipset import Ipsets, IpSet
+from canal.dataplane.firewall import Firewall, FirewallState, restore_text, tables_of
+from canal.dataplane.iptables import Iptables
 from canal.errors import CommandFailed
 
 def sh(*argv, input=None):
@@ -80,3 +82,30 @@ def test_a_temporary_set_left_by_a_half_done_restore_is_replaced():
         print("count", count("canal-sel-y"), "tmp gone", sh("ipset", "list", "canal-sel-y-tmp").returncode != 0)
     """)
     assert "count 300 tmp gone True" in out
+
+
+def test_a_long_chain_is_edited_in_place_and_ends_as_wanted():
+    out = in_netns("""
+        rules = [f"-i cnl{i:04d} -j DROP" for i in range(300)]
+        fw = Firewall(Iptables("nft"), Ipsets())
+        fw.apply(FirewallState(chains={("filter", "CANAL-X"): rules}))
+        want = rules[:100] + ["-i cnlnew1 -j DROP"] + rules[100:250] + rules[251:] + ["-i cnlnew2 -j DROP"]
+        wanted = FirewallState(chains={("filter", "CANAL-X"): want})
+        text = restore_text(wanted, fw.iptables.save())
+        print("edits", sum(l.startswith(("-I", "-D")) for l in text.splitlines()), "flush", "-F CANAL-X" in text)
+        fw.apply(wanted)
+        print("equal", fw.iptables.save()["filter"].rules["CANAL-X"] == want)
+        # Tampered (rules deleted behind our back): the event-driven pass's edits, made against
+        # what it last programmed, are refused by the kernel (a delete by spec finds nothing, so
+        # nothing else is deleted); the same pass then diffs against the kernel and repairs.
+        sh("iptables-nft", "-D", "CANAL-X", "-i", "cnlnew1", "-j", "DROP")
+        sh("iptables-nft", "-D", "CANAL-X", "-i", "cnl0000", "-j", "DROP")
+        later = [r for r in want if r != "-i cnlnew1 -j DROP"][:-1]
+        stale = restore_text(FirewallState(chains={("filter", "CANAL-X"): later}), tables_of(fw.applied))
+        refused = sh("iptables-nft-restore", "--noflush", input=stale)
+        print("stale edits refused", refused.returncode != 0)
+        fw.apply(FirewallState(chains={("filter", "CANAL-X"): later}), read_back=False)
+        print("repaired", fw.iptables.save()["filter"].rules["CANAL-X"] == later)
+    """)
+    assert "edits 3 flush False" in out and "equal True" in out
+    assert "stale edits refused True" in out and "repaired True" in out
