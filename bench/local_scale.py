@@ -40,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "tests"), os.path.join(HERE, "..", "plugin")]
 
 import _results  # noqa: E402
+from _proc import cpu_seconds, group_pids, pct, rss_bytes  # noqa: E402
 from canal.cli.client import AdminClient  # noqa: E402
 from testbed import IMAGE, SimHost, Underlay  # noqa: E402
 
@@ -48,58 +49,12 @@ PHASES = ("snapshot", "steps", "compile", "firewall")
 MIN_AVAILABLE = 2 << 30  # stop starting containers below 2 GiB available: the machine is shared
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
 def mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ...
-                pids.append(int(entry))
-    return pids
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime stime
-        except OSError:
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pids: list[int]) -> int:
-    best = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        best = max(best, int(line.split()[1]) * 1024)
-        except OSError:
-            pass
-    return best  # the largest process (gunicorn's one worker holds the plugin)
 
 
 def rule_count(host: SimHost) -> int:

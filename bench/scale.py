@@ -57,18 +57,13 @@ from canal.datastore.keys import Keys  # noqa: E402
 from canal.errors import Unavailable  # noqa: E402
 from canal.policy.compiler import scoped_selector, selector_set  # noqa: E402
 import _results  # noqa: E402
+from _proc import cpu_seconds, group_pids, pct, rss_bytes  # noqa: E402
 import _simcluster as sim  # noqa: E402
 from testbed import IMAGE, Etcd, SimHost, Underlay, enter_netns  # noqa: E402
 
 NETWORK = sim.NETWORK_NAME
 CLUSTER = ipaddress.IPv4Network("100.64.0.0/10")
 ROUTED_BLOCK = ipaddress.IPv4Network("100.112.0.0/12")  # above SubnetMax: no host subnet holds it
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
 
 
 def policy(i: int, extra: int = 0) -> dict[str, Any]:
@@ -100,43 +95,9 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 300, pause: 
 
 
 def plugin_pids(host: SimHost) -> list[int]:
-    """The plugin's process group (it may run workers)."""
+    """The plugin's process group (gunicorn's master and worker)."""
     assert host.plugin is not None
-    group = host.plugin.pid
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getpgid(int(entry)) == group:
-                    pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except OSError:
-            continue
-    return total / TICK
-
-
-def rss_mb(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
+    return group_pids(host.plugin.pid)
 
 
 class CpuWindow:
@@ -345,7 +306,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         time.sleep(args.idle)
         idle = before.rates(Counters(etcd, admin))
         row["idle_cpu_pct"] = round(cpu.percent(), 2)
-        row["idle_rss_mb"] = round(rss_mb(cpu.pids), 1)
+        row["idle_rss_mb"] = round(rss_bytes(cpu.pids) / 2**20, 1)
         row["idle"] = idle
         print(f"  idle {args.idle:.0f} s: plugin CPU {row['idle_cpu_pct']:.1f} %, RSS {row['idle_rss_mb']:.0f} MB, "
               f"etcd {idle['etcd_requests_per_s']:.0f} req/s, {idle['passes_per_s']:.2f} passes/s", flush=True)
@@ -387,7 +348,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         stats1 = simulator.ask({"cmd": "stats"})
         window = churn_seconds = time.monotonic() - cpu.t0
         row["churn_cpu_pct"] = round(cpu.percent(), 2)
-        row["churn_rss_mb"] = round(rss_mb(cpu.pids), 1)
+        row["churn_rss_mb"] = round(rss_bytes(cpu.pids) / 2**20, 1)
         simulator.ask({"cmd": "churn", "rate": 0})
         ops = (stats1["starts"] + stats1["stops"]) - (stats0["starts"] + stats0["stops"])
         row["churn_achieved_per_s"] = round(ops / window, 1)
@@ -421,7 +382,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         wait_for(lambda: canal_state(host) == expected, "restart to programmed", timeout=600, pause=0.2)
         row["restart_s"] = round(time.perf_counter() - started, 2)
         row["restart_answering_s"] = round(admin_ready, 2)
-        row["restart_rss_mb"] = round(rss_mb(plugin_pids(host)), 1)
+        row["restart_rss_mb"] = round(rss_bytes(plugin_pids(host)) / 2**20, 1)
         print(f"  restart: answering {admin_ready:.1f} s, programmed {row['restart_s']:.1f} s", flush=True)
     finally:
         removed = simulator.close()
