@@ -287,13 +287,19 @@ def test_a_full_pass_repairs_an_index_that_disagrees_with_the_full_computation(c
         def destroy_unused(self, keep):
             pass
 
-    agent = Agent(lambda: world.snapshot(index), FakeLinks(), Firewall(ipt, Recording()), 30)
+    now = [0.0]
+    agent = Agent(lambda: world.snapshot(index), FakeLinks(), Firewall(ipt, Recording()), 30,
+                  check_interval=300, clock=lambda: now[0])
     agent.reconcile(full=True)
     good = applied[-1]
     lost = world.endpoints.pop("0001" * 16)  # a change the index is never told about: a bug
     agent.reconcile(full=False)  # event-driven passes trust the index...
     assert applied[-1] == good
-    agent.reconcile(full=True)  # ...the timer's full pass does not
+    now[0] = 30.0
+    agent.reconcile(full=True)  # ...and so do the timer's passes between two checks (their cost)
+    assert applied[-1] == good and "differed" not in caplog.text
+    now[0] = 300.0
+    agent.reconcile(full=True)  # ...the check, every check_interval, does not
     assert "differed from the full computation" in caplog.text
     network_set = [s for s in applied[-1] if s.name.startswith("canal-net-")][0]
     assert lost.ip_text not in network_set.members
