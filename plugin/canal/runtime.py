@@ -134,7 +134,7 @@ class Plugin:
             request=lambda: self.agent.request(),
             settle=self._settle,
             docker_ipam_allowed=not self.multihost,
-            routing=SandboxRouting(self.snapshot, sandboxes),
+            routing=SandboxRouting(self.snapshot, sandboxes, lambda: self._index.published_local),
             encrypted_mtu=self.backend.encrypted_mtu,
         )
         self.reservations = Reservations()

@@ -172,6 +172,8 @@ def test_incremental_equals_full_on_random_histories(seed, monkeypatch):
             assert sorted(e.id for e in records) == sorted(e.id for e in full_members.get(name, [])), name
         assert [e.id for e in desired.local_endpoints(world.snapshot(index))] == \
             sorted(e.id for e in desired.local_endpoints(world.snapshot()))
+        assert {e.id: e for e in index.published_local or ()} == \
+            {e.id: e for e in desired.local_endpoints(world.snapshot())}  # what a Join reads
         applier.apply(incremental.ipsets, read_back=step % 25 == 0)  # mostly event-driven passes
         assert {s.name: kernel.sets.get(s.name) for s in full.ipsets} == \
             {s.name: set(s.members) for s in full.ipsets}, f"seed {seed} step {step}"
