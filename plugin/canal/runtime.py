@@ -134,7 +134,7 @@ class Plugin:
             request=lambda: self.agent.request(),
             settle=self._settle,
             docker_ipam_allowed=not self.multihost,
-            routing=SandboxRouting(self.snapshot, sandboxes),
+            routing=SandboxRouting(self.snapshot, sandboxes, lambda: self._index.published_local),
             encrypted_mtu=self.backend.encrypted_mtu,
         )
         self.reservations = Reservations()
@@ -163,6 +163,7 @@ class Plugin:
             steps=steps,
             side_steps=[self.forget_departed],
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
+            check_interval=max(300.0, 10 * config.resync_interval),
         )
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
                                                  linkmod.local_addresses)

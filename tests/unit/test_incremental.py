@@ -172,6 +172,8 @@ def test_incremental_equals_full_on_random_histories(seed, monkeypatch):
             assert sorted(e.id for e in records) == sorted(e.id for e in full_members.get(name, [])), name
         assert [e.id for e in desired.local_endpoints(world.snapshot(index))] == \
             sorted(e.id for e in desired.local_endpoints(world.snapshot()))
+        assert {e.id: e for e in index.published_local or ()} == \
+            {e.id: e for e in desired.local_endpoints(world.snapshot())}  # what a Join reads
         applier.apply(incremental.ipsets, read_back=step % 25 == 0)  # mostly event-driven passes
         assert {s.name: kernel.sets.get(s.name) for s in full.ipsets} == \
             {s.name: set(s.members) for s in full.ipsets}, f"seed {seed} step {step}"
@@ -287,13 +289,19 @@ def test_a_full_pass_repairs_an_index_that_disagrees_with_the_full_computation(c
         def destroy_unused(self, keep):
             pass
 
-    agent = Agent(lambda: world.snapshot(index), FakeLinks(), Firewall(ipt, Recording()), 30)
+    now = [0.0]
+    agent = Agent(lambda: world.snapshot(index), FakeLinks(), Firewall(ipt, Recording()), 30,
+                  check_interval=300, clock=lambda: now[0])
     agent.reconcile(full=True)
     good = applied[-1]
     lost = world.endpoints.pop("0001" * 16)  # a change the index is never told about: a bug
     agent.reconcile(full=False)  # event-driven passes trust the index...
     assert applied[-1] == good
-    agent.reconcile(full=True)  # ...the timer's full pass does not
+    now[0] = 30.0
+    agent.reconcile(full=True)  # ...and so do the timer's passes between two checks (their cost)
+    assert applied[-1] == good and "differed" not in caplog.text
+    now[0] = 300.0
+    agent.reconcile(full=True)  # ...the check, every check_interval, does not
     assert "differed from the full computation" in caplog.text
     network_set = [s for s in applied[-1] if s.name.startswith("canal-net-")][0]
     assert lost.ip_text not in network_set.members

@@ -187,6 +187,40 @@ def test_join_before_the_sandbox_exists_takes_the_recorded_gateways_into_account
     assert routing.gateway(KEY, endpoint(2, "b", joined=False)) == A("169.254.1.2")
 
 
+def test_join_reads_the_agents_local_endpoints_not_a_cluster_snapshot():
+    """Once the agent has published this host's endpoints, a Join's gateway comes from them
+    (a snapshot copies every endpoint of the cluster: tens of ms at 100,000); before, from a
+    snapshot."""
+    first = endpoint(1, "a", sandbox=KEY)
+    snapshots = []
+
+    def snapshot():
+        snapshots.append(1)
+        return snap([first])
+
+    gone = FakeDataplane(error=FileNotFoundError(2, "gone"))
+    published: list = [None]
+    routing = SandboxRouting(snapshot, gone, lambda: published[0])
+    assert routing.gateway(KEY, endpoint(2, "b", joined=False)) == A("169.254.1.2") and len(snapshots) == 1
+    published[0] = (first, endpoint(3, "c", sandbox="/elsewhere"))
+    assert routing.gateway(KEY, endpoint(2, "b", joined=False)) == A("169.254.1.2") and len(snapshots) == 1
+    published[0] = ()  # control: what the agent published is what counts
+    assert routing.gateway(KEY, endpoint(2, "b", joined=False)) == A("169.254.1.1")
+
+
+def test_the_index_publishes_local_endpoints_once_complete():
+    from canal.agent.index import MembershipIndex
+
+    index = MembershipIndex("h1")
+    assert index.published_local is None
+    ours, theirs = endpoint(1, "a", sandbox=KEY), endpoint(2, "b", host="h2")
+    index.update({ours.id: ours, theirs.id: theirs}, (), {}, False)
+    assert index.published_local == (ours,)
+    moved = dataclasses.replace(ours, sandbox="/other")
+    index.update({ours.id: moved, theirs.id: theirs}, (ours.id,), {}, False)
+    assert index.published_local == (moved,)
+
+
 def test_join_without_access_to_the_sandbox_falls_back_to_the_one_gateway(caplog):
     routing = SandboxRouting(lambda: snap([]), FakeDataplane(error=Unavailable("needs CAP_SYS_ADMIN")))
     assert routing.gateway(KEY, endpoint(9, "b", joined=False)) == DEFAULT_GATEWAY

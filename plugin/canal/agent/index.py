@@ -85,6 +85,11 @@ class MembershipIndex:
 
     def __init__(self, host: str):
         self.host = host
+        # This host's endpoints as of the last completed update, for readers on other threads
+        # (a Join choosing its gateway reads them instead of a snapshot of the whole cluster):
+        # None until the first update. Replaced, never mutated.
+        self.published_local: tuple[EndpointRecord, ...] | None = None
+        self._local_changes = 0
         self.reset()
 
     def reset(self) -> None:
@@ -133,11 +138,15 @@ class MembershipIndex:
                         host, _, network = key.partition("/")
                         todo |= self._by_hostnet.get((host, network), set())
                 self._networks = dict(networks)
+        local_before = len(self._local), self._local_changes
         for endpoint_id in todo:
             self._remove(endpoint_id)
             record = endpoints.get(endpoint_id)
             if record is not None:
                 self._add(record)
+        if (len(self._local), self._local_changes) != local_before or self.published_local is None:
+            # One reference, replaced whole once complete: what other threads read (a Join).
+            self.published_local = tuple(self._local.values())
 
     def _file(self, key: str, tracked: _Selector) -> None:
         self._selectors[key] = tracked
@@ -176,6 +185,7 @@ class MembershipIndex:
         self._by_hostnet.setdefault((ep.host, ep.network), set()).add(ep.id)
         if ep.host == self.host:
             self._local[ep.id] = ep
+            self._local_changes += 1
         if info is None:
             return
         addresses = (ep.ip_text, info.ip6)
@@ -208,7 +218,8 @@ class MembershipIndex:
         hostnet.discard(endpoint_id)
         if not hostnet:
             del self._by_hostnet[(ep.host, ep.network)]
-        self._local.pop(endpoint_id, None)
+        if self._local.pop(endpoint_id, None) is not None:
+            self._local_changes += 1
         if info is None:
             return
         addresses = (ep.ip_text, info.ip6)

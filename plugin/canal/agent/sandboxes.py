@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import os
 from collections import defaultdict
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from canal.agent.desired import Snapshot, local_endpoints, network_name, network_of
 from canal.dataplane.sandbox import SandboxIface, SandboxPlan, Sandboxes, free_gateway
@@ -155,8 +155,12 @@ class SandboxRouting:
     after re-planning the interfaces already there: a pool route of theirs that now overlaps
     the new network becomes /32s, as Docker refuses an address inside an existing route."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], dataplane: Sandboxes):
+    def __init__(self, snapshot: Callable[[], Snapshot], dataplane: Sandboxes,
+                 local: Callable[[], Sequence[EndpointRecord] | None] = lambda: None):
         self.snapshot = snapshot
+        # This host's endpoints as the agent last saw them (None: not yet): a Join's gateway
+        # needs those only, not a snapshot of every endpoint of the cluster.
+        self.local = local
         self.dataplane = dataplane
         self._warned: set[str] = set()
         # Sandboxes whose Join found no other canal interface, seen or recorded: their routes()
@@ -184,7 +188,10 @@ class SandboxRouting:
             log.warning("endpoint %s: cannot read sandbox %s (%s); gateway %s",
                         record.id[:12], key, err, DEFAULT_GATEWAY)
             return DEFAULT_GATEWAY
-        taken.update(ep.gateway for ep in sandboxes(self.snapshot()).get(key, []) if ep.id != record.id)
+        local = self.local()
+        here = (sandboxes(self.snapshot()).get(key, []) if local is None
+                else [ep for ep in local if ep.joined and ep.sandbox == key])
+        taken.update(ep.gateway for ep in here if ep.id != record.id)
         if taken:
             self._alone.discard(key)
         else:
