@@ -59,21 +59,12 @@ from canal.policy.compiler import scoped_selector, selector_set  # noqa: E402
 import _results  # noqa: E402
 from _proc import cpu_seconds, group_pids, pct, rss_bytes  # noqa: E402
 import _simcluster as sim  # noqa: E402
+from policy import policy  # noqa: E402  (bench/policy.py's policies: the same 10 here)
 from testbed import IMAGE, Etcd, SimHost, Underlay, enter_netns  # noqa: E402
 
 NETWORK = sim.NETWORK_NAME
 CLUSTER = ipaddress.IPv4Network("100.64.0.0/10")
 ROUTED_BLOCK = ipaddress.IPv4Network("100.112.0.0/12")  # above SubnetMax: no host subnet holds it
-
-
-def policy(i: int, extra: int = 0) -> dict[str, Any]:
-    return {
-        "apiVersion": "canal/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": f"p{i}", "network": NETWORK},
-        "spec": {"order": 100 + i + extra, "selector": f"role == 'r{i}'", "ingress": [
-            {"action": "Allow", "protocol": "TCP", "source": {"selector": f"role == 'c{i}'"},
-             "destination": {"ports": [8000 + i]}}]},
-    }
 
 
 # Observations ------------------------------------------------------------------------------

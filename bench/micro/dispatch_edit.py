@@ -8,11 +8,11 @@ network namespace of its own (`unshare -n`: everything dies with it).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import subprocess
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _interleave import compare, options  # noqa: E402
 
 CHILD = r'''
 import json, sys, time
@@ -47,24 +47,7 @@ print(json.dumps(times))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trees", required=True)
-    parser.add_argument("--sizes", default="150,1500")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    trees = args.trees.split(",")
-    results: dict[str, dict[int, list[float]]] = {t: {} for t in trees}
-    for size in [int(s) for s in args.sizes.split(",")]:
-        for repeat in range(args.repeats):
-            for tree in trees if repeat % 2 == 0 else trees[::-1]:
-                out = subprocess.run(["unshare", "-n", sys.executable, "-c", CHILD, tree, str(size), str(args.rounds)],
-                                     capture_output=True, text=True, check=True).stdout
-                results[tree].setdefault(size, []).extend(json.loads(out))
-        for tree in trees:
-            t = sorted(results[tree][size])
-            print(f"N={size} {tree}: join p50 {1000 * statistics.median(t):.1f} ms, "
-                  f"p90 {1000 * t[int(len(t) * 0.9)]:.1f} ms ({len(t)} joins)")
+    compare(CHILD, options("150,1500", 20, 3), "join (firewall apply)", netns=True)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ side by side, interleaved, each in a fresh process.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import subprocess
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _interleave import compare, options  # noqa: E402
 
 CHILD = r'''
 import ipaddress, json, os, sys, tempfile, time
@@ -61,23 +61,7 @@ print(json.dumps(times))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--trees", required=True)
-    parser.add_argument("--sizes", default="10000,100000")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    trees = args.trees.split(",")
-    for size in [int(s) for s in args.sizes.split(",")]:
-        samples: dict[str, list[float]] = {t: [] for t in trees}
-        for repeat in range(args.repeats):
-            for tree in trees if repeat % 2 == 0 else trees[::-1]:
-                out = subprocess.run([sys.executable, "-c", CHILD, tree, str(size), str(args.rounds)],
-                                     capture_output=True, text=True, check=True).stdout
-                samples[tree] += json.loads(out)
-        for tree in trees:
-            print(f"N={size} {tree}: one collection p50 {1000 * statistics.median(samples[tree]):.1f} ms "
-                  f"({len(samples[tree])} runs)")
+    compare(CHILD, options("10000,100000", 5, 2), "one collection", netns=False)
 
 
 if __name__ == "__main__":
