@@ -151,3 +151,22 @@ def test_quiet_directories_are_kept_current_without_asking_for_a_pass(store):
         assert changes.is_set()
     finally:
         m.stop()
+
+
+def test_prune_forgets_only_old_deletions_and_visits_only_them(store):
+    m, _ = mirror(store)
+    try:
+        m._commit(10, [Put("/c/k/live", '"x"'), Put("/c/k/gone", '"y"'), Put("/c/k/back", '"z"')])
+        m._commit(11, [Delete("/c/k/gone"), Delete("/c/k/back")])
+        m._commit(12, [Put("/c/k/back", '"again"')])  # re-created: no longer a deletion
+        m._commit(20, [Delete("/c/k/late")])  # a deletion newer than the watch position
+        assert set(m._deleted) == {"/c/k/gone", "/c/k/late"}
+        m._prune("/c/", below=15)
+        entries = m._dirs["/c/k/"]
+        assert "/c/k/gone" not in entries and entries["/c/k/late"] == (20, None)
+        assert set(m._deleted) == {"/c/k/late"}
+        assert m.json("/c/k/") == {"live": "x", "back": "again"}
+        m._commit(13, [Put("/c/k/late", '"stale"')])  # older than the remembered deletion: refused
+        assert m.json("/c/k/") == {"live": "x", "back": "again"}
+    finally:
+        m.stop()
