@@ -8,7 +8,7 @@ import re
 import time
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, clear, start_host, wait_open
+from e2e_support import CLUSTER, IMAGE, reset, start_host, wait_open
 
 from testbed import SimHost, wait_until
 
@@ -31,12 +31,7 @@ def bed(underlay):
 def b(bed):
     h, client, underlay = bed
     yield h, client, underlay
-    if not h.plugin_running():
-        h.start_plugin(PLUGIN)
-    for doc in canal(h, "policy", "list", "-o", "json"):
-        meta = doc["metadata"]
-        canal(h, "policy", "delete", f"{meta['network']}/{meta['name']}", raw=True)
-    clear(h)
+    reset(h, PLUGIN)
 
 
 def canal(h: SimHost, *args: str, input: str | None = None, raw: bool = False, check: bool = True):
