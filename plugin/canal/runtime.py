@@ -214,7 +214,7 @@ class Plugin:
         """Hold the host ports the records publish (after a restart; and let go of those of
         endpoints removed while the plugin was down), before the pass computes the DNAT: only
         ports actually held are DNATed. O(local endpoints): the pass's work, not every reader's."""
-        local = [ep for ep in local_endpoints if ep.host == self.host and ep.joined]
+        local = [ep for ep in local_endpoints if ep.joined]  # the index's local records: ours already
         problems = self.reservations.sync(wanted_reservations(local))
         if problems and problems != self._port_problems:
             log.warning("published ports not held, so not DNATed (a host process holds them, or the "
