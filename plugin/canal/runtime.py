@@ -177,6 +177,7 @@ class Plugin:
             self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,
             collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
             on_reconnect=lambda: self.agent.request(full=True), grace=config.gc_grace,
+            endpoints=self.mirror.view(self.keys.endpoints, endpoint_entry, keep=lambda r: r.host == self.host),
         )
         self._network_config: Optional[NetworkConfig] = None  # last valid flannel config seen
         self._settings: Optional[tuple[float, DataplaneSettings]] = None

@@ -67,6 +67,34 @@ def test_names_and_labels_are_recorded(store):
     assert store.get_json(KEYS.endpoint("e" * 64))["labels"] == {"role": "db"}
 
 
+def test_with_the_mirrors_view_only_this_hosts_records_are_read_and_held(store):
+    """The runtime's wiring: resolve and GC read a view of this host's records, kept from
+    the mirror's journal, not every endpoint of the cluster."""
+    from canal.agent.mirror import Mirror
+    from canal.records import endpoint_entry
+
+    store.put(KEYS.network("h1", NET), network(NET))
+    store.put(KEYS.endpoint("e" * 64), endpoint("e" * 64))
+    for i in range(50):  # other hosts' records: never held by the view
+        store.put(KEYS.endpoint(f"{i:064x}"), endpoint(f"{i:064x}", host="h2", ip=f"100.64.9.{i + 2}"))
+    mirror = Mirror(store, ["/canal/v1/"], lambda: None, timeout=0.2)
+    mirror.start()
+    try:
+        assert mirror.wait_ready(5)
+        view = mirror.view(KEYS.endpoints, endpoint_entry, keep=lambda r: r.host == "h1")
+        client = FakeClient()
+        w = DockerWatch(store, KEYS, "h1", "unix:///nowhere", client_factory=lambda: client,
+                        records=mirror.records, endpoints=view)
+        assert w.resolve() == 0
+        assert store.get_json(KEYS.endpoint("e" * 64))["labels"] == {"role": "web"}
+        assert set(view) == {"e" * 64}
+        store.put(KEYS.endpoint("f" * 64), endpoint("f" * 64, ip="100.64.3.3"))  # a new local one
+        assert w.resolve() == 1  # seen through the journal: its labels are not known yet
+        assert set(view) == {"e" * 64, "f" * 64}
+    finally:
+        mirror.stop()
+
+
 def test_an_explicit_network_name_is_kept(store):
     store.put(KEYS.network("h1", NET), network(NET, name="shared", explicit_name=True))
     watch(store, FakeClient()).resolve()
