@@ -48,6 +48,7 @@ from canal.records import (
     NetworkRecord,
     RecordError,
     RouteRecord,
+    address_entry,
     endpoint_entry,
     host_entry,
     hostname,
@@ -182,6 +183,7 @@ class Plugin:
             collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
             on_reconnect=lambda: self.agent.request(full=True), grace=config.gc_grace,
             endpoints=self.mirror.view(self.keys.endpoints, endpoint_entry, keep=lambda r: r.host == self.host),
+            addresses=self.mirror.view(self.keys.addresses, address_entry, keep=lambda r: r.host == self.host),
         )
         self._network_config: Optional[NetworkConfig] = None  # last valid flannel config seen
         self._settings: Optional[tuple[float, DataplaneSettings]] = None

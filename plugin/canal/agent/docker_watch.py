@@ -21,6 +21,7 @@ from canal.datastore.base import Datastore
 from canal.datastore.keys import Keys
 from canal.errors import CanalError
 from canal.records import (
+    AddressRecord,
     EndpointRecord,
     NetworkRecord,
     RecordError,
@@ -59,6 +60,7 @@ class DockerWatch:
         grace: float = 60.0,
         on_reconnect: Callable[[], object] = lambda: None,
         endpoints: "RecordView[EndpointRecord] | None" = None,
+        addresses: "RecordView[AddressRecord] | None" = None,
     ):
         self.store = store
         # Garbage collection of what Docker forgot (a DeleteEndpoint or ReleaseAddress lost
@@ -78,6 +80,7 @@ class DockerWatch:
         # (Mirror.view with keep): a resolve costs what changed and what is local, not the
         # cluster; it runs every 20 ms while a new container's labels are unknown.
         self._view = endpoints
+        self._addresses = addresses
         self.keys = keys
         self.host = host
         self.docker_host = docker_host
@@ -134,6 +137,13 @@ class DockerWatch:
             return {k: r for k, r in self.records(self.keys.endpoints, endpoint_entry).items() if r.host == self.host}
         self._view.refresh()
         return dict(self._view.items())
+
+    def _local_addresses(self) -> list[AddressRecord]:
+        """This host's address records (the cluster's are not held: at 20,000 they were 13 MB)."""
+        if self._addresses is None:
+            return [r for r in self.records(self.keys.addresses, address_entry).values() if r.host == self.host]
+        self._addresses.refresh()
+        return list(self._addresses.values())
 
     def _update_endpoint(self, endpoint_id: str, change: Callable[[EndpointRecord], EndpointRecord]) -> None:
         def apply(raw: Any) -> Any:
@@ -260,16 +270,15 @@ class DockerWatch:
             for config in ((network.get("IPAM") or {}).get("Config") or [])
             for ip in ((config or {}).get("AuxiliaryAddresses") or {}).values()
         }
-        addresses = self.records(self.keys.addresses, address_entry)
         pools = self.records(self.keys.pools, pool_entry)
-        for record in addresses.values():
-            if record.host != self.host or record.kind != "endpoint" or record.endpoint:
+        for address in self._local_addresses():
+            if address.kind != "endpoint" or address.endpoint:
                 continue
-            local_pool = record.pool != "canal-cluster" and not self._shared_pool(record.pool, pools)
-            if local_pool and str(record.ip) not in reserved:
-                if now - record.time > self.grace:
-                    log.warning("address %s: allocated but never used by Docker; releasing it", record.ip)
-                    self.collect_address(record.pool, str(record.ip))
+            local_pool = address.pool != "canal-cluster" and not self._shared_pool(address.pool, pools)
+            if local_pool and str(address.ip) not in reserved:
+                if now - address.time > self.grace:
+                    log.warning("address %s: allocated but never used by Docker; releasing it", address.ip)
+                    self.collect_address(address.pool, str(address.ip))
 
     def _run(self) -> None:
         unknown = 0
