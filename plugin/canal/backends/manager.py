@@ -86,7 +86,7 @@ class DesiredCache:
         self._last: tuple[Any, Any, tuple[Any, ...], Desired] | None = None
 
     def __call__(self, config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddress.IPv4Network, ...]) -> Desired:
-        local = tuple(ep.ip for ep in local_endpoints(snap)) if encrypts(snap) else None
+        local = tuple((ep.ip, ep.ip6) for ep in local_endpoints(snap)) if encrypts(snap) else None
         inputs = (config, snap.host, snap.own_subnet, snap.leases, underlay, local)
         last = self._last
         if last is not None and last[0] is snap.routes and last[1] is snap.routes6 and last[2] == inputs:
