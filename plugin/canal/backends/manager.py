@@ -352,7 +352,10 @@ class BackendManager:
                    if r.host != snap.host and isinstance(r.ip, ipaddress.IPv6Address)]
         network6 = ipaddress.IPv6Network(snap.cluster_network6) if snap.cluster_network6 else None
         embedded = self.flannel_mode == "embedded"
-        desired = desired6(snap.leases, self.lease, self.public_ip6 if embedded else "", network6, canal_hosts, records)
+        own = self.lease
+        if not embedded and own is not None:
+            own = replace_desired(own, subnet6=None)  # flanneld routes the subnets: only our /128s here
+        desired = desired6(snap.leases, own, self.public_ip6 if embedded else "", network6, canal_hosts, records)
         vni = self.config.vxlan_vni
         if self.vxlan6 is not None and embedded:
             if desired.device is not None:
