@@ -98,6 +98,7 @@ class BackendManager:
         self.vxlan6 = Vxlan6(config.sysctl_dir) if self.multihost else None
         self._v6_device = True  # unknown at start: the first pass checks for a leftover
         self.problems6: tuple[str, ...] = ()  # IPv6 peers not routed, each named (canal status)
+        self._applied6: Desired6 | None = None
         self.direct = DirectRoutes(iface) if self.multihost else None
         self.keys = KeyFile(config.state_dir)
         self.wireguard = WireGuard(self.keys, config.sysctl_dir) if self.multihost else None
@@ -357,6 +358,8 @@ class BackendManager:
             own = replace_desired(own, subnet6=None)  # flanneld routes the subnets: only our /128s here
         desired = desired6(snap.leases, own, self.public_ip6 if embedded else "", network6, canal_hosts, records)
         vni = self.config.vxlan_vni
+        if not full and self._applied6 == desired:
+            return desired  # event passes skip the kernel read-back when nothing changed
         if self.vxlan6 is not None and embedded:
             if desired.device is not None:
                 if not self._vtep_mac:
@@ -375,4 +378,5 @@ class BackendManager:
             for problem in desired.problems:
                 log.error("IPv6: %s", problem)
         self.problems6 = desired.problems
+        self._applied6 = desired
         return desired
