@@ -34,7 +34,7 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.ports import Reservations
-from canal.dataplane.routes6 import Routes6, desired_routes6
+from canal.dataplane.routes6 import Routes6, Routes6State
 from canal.dataplane.sandbox import Sandboxes
 from canal.dataplane.vxlan import device_name
 from canal.datastore.base import Datastore, open_datastore
@@ -117,18 +117,19 @@ class Plugin:
         self.iface, self.public_ip, self.underlay_mtu = linkmod.underlay(config.iface, config.public_ip)
         self.subnets = SubnetManager(
             self.store, self.keys, config.network, config.subnet_len, config.vxlan_vni, config.vxlan_port,
-            ttl=config.lease_ttl, backend=config.backend,
+            ttl=config.lease_ttl, backend=config.backend, network6=None if config.datastore == "etcd" else config.network6,
         )
         self.multihost = config.datastore == "etcd"
         self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip, ttl=config.lease_ttl)
+        self.public_ip6 = linkmod.underlay6(self.iface, config.public_ip6) if linkmod.has_ipv6() else ""
         self.backend = BackendManager(config, self.hosts, self.subnets, self.network_config,
-                                      self.iface, self.public_ip, self.underlay_mtu)
+                                      self.iface, self.public_ip, self.underlay_mtu, self.public_ip6)
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
         sandboxes = Sandboxes(config.netns_dir)
         self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network,
-                         self.cluster_network6)
+                         self.cluster_network6, self.backend.host_subnet6)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.backend.default_mtu, self._changed,
             forget=self._forget,
@@ -151,6 +152,7 @@ class Plugin:
         steps: list[Any] = [self.publish_routes, self.backend.program] if self.multihost else []
         self.routes6 = Routes6(config.sysctl_dir)
         self._routes6_applied = False
+        self._routes6_last: Routes6State | None = None
         self._routes6_warned = False
         if self.multihost:
             steps.append(self.program_routes6)
@@ -294,17 +296,22 @@ class Plugin:
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
     def program_routes6(self, snap: Snapshot, full: bool) -> None:
-        """Other hosts' /128s through the VXLAN device (vxlan backend only, for now)."""
-        pairs = remote_routes6(snap)
+        """IPv6 to other hosts (vxlan backend only, for now): their leased IPv6 subnets and
+        /128s over flannel-v6.<VNI> or into flannel.<VNI> (canal.backends.vxlan6)."""
         if self.backend.backend().type != "vxlan":
+            pairs = remote_routes6(snap)
             if pairs and not self._routes6_warned:
                 log.warning("IPv6 across hosts needs the vxlan backend; %d remote IPv6 addresses unreachable", len(pairs))
                 self._routes6_warned = True
             return
-        if not pairs and not full and not self._routes6_applied:
-            return
-        self.routes6.apply(device_name(self.config.vxlan_vni), desired_routes6(pairs))
-        self._routes6_applied = bool(pairs)
+        canal_hosts = frozenset(r.public_ip for r in self.mirror.records(self.keys.root + "/hosts/", host_entry).values()
+                                if r.public_ip)
+        tunnel4 = self.backend.program6(snap, full, canal_hosts).tunnel4
+        if not full and (tunnel4 == self._routes6_last or (not tunnel4.routes and not self._routes6_applied)):
+            return  # event passes: the kernel is read back only when something changed
+        self.routes6.apply(device_name(self.config.vxlan_vni), tunnel4)
+        self._routes6_applied = bool(tunnel4.routes)
+        self._routes6_last = tunnel4
 
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's route records (/32s and /128s) equal to what its endpoints need."""
@@ -336,6 +343,8 @@ class Plugin:
             "host": self.host,
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
+            "subnet6": str(self.lease.subnet6) if self.lease and self.lease.subnet6 else None,
+            "public_ip6": self.public_ip6 or None,
             "network6": self._cluster_network6_text() or None,
             "datastore": self.config.datastore,
             "flannel_mode": self.backend.flannel_mode_decided or "undecided",
@@ -369,8 +378,8 @@ class Plugin:
             record = self.hosts.read()
             records["host"] = record.to_json() if record else None
             if self.lease is not None:
-                entry = self.store.get(self.keys.lease(self.lease.subnet))
-                records["lease"] = {"key": self.keys.lease(self.lease.subnet),
+                entry = self.store.get(self.keys.leases + self.lease.name)
+                records["lease"] = {"key": self.keys.leases + self.lease.name,
                                     "value": entry.json() if entry else None}
         except CanalError as err:
             records["error"] = str(err)
@@ -396,6 +405,8 @@ class Plugin:
                 "host": record.name if record else None,
                 "public_ip": lease.public_ip,
                 "subnet": str(lease.subnet),
+                "subnet6": str(lease.subnet6) if lease.subnet6 else None,
+                "public_ip6": lease.public_ip6 or None,
                 "last_contact_age": round(now - record.renewed, 1) if record and record.renewed else None,
             })
         return out
@@ -491,6 +502,7 @@ class Plugin:
             encrypt_all=encrypt_all,
             cluster_network6=self._cluster_network6_text(),
             routes6=routes6,
+            own_subnet6=self.lease.subnet6 if self.lease else None,
             index=index,
         )
 
