@@ -172,6 +172,12 @@ def test_dual_stack_leases_and_ipv6_over_flannel_v6(c):
     assert answered(h1, "web", str(db6), "db") and answered(h1, "web", "db", "db")
     assert answered(h2, "db", str(web6), "web")
     assert tx_packets(h1, "flannel-v6.1") > before  # the packets went through flannel-v6.1
+    # One MTU for both families: a packet of the container's full MTU crosses flannel-v6.1
+    # whole (with the IPv4 MTU of 1450 it would be dropped there, waiting on PMTU discovery).
+    mtu = int(h1.docker("exec", "web", "cat", "/sys/class/net/eth0/mtu").stdout)
+    assert mtu == 1500 - 70
+    full = h1.docker("exec", "web", "ping", "-6", "-c1", "-W2", "-s", str(mtu - 48), str(db6), check=False)
+    assert full.returncode == 0, full.stdout + full.stderr
     status = json.loads(h1.exec([h1.plugin_argv()[0], "-m", "canal", "status", "-o", "json"], check=False).stdout)
     assert not status["backend"]["problems"]
     assert (status["subnet6"], status["public_ip6"]) == (str(s1), underlay6_address(h1))

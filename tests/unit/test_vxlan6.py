@@ -109,3 +109,26 @@ def test_without_v6_subnets_only_records_are_routed_as_before():
 
 def test_mtu_is_underlay_minus_70():
     assert vxlan6_mtu(1500) == 1430
+
+
+def test_the_endpoint_mtu_fits_flannel_v6_when_ipv6_crosses_an_ipv6_underlay():
+    """One MTU for both families: with an IPv6 underlay and the cluster's IPv6 network, IPv6
+    goes through flannel-v6.<VNI> (outer IPv6, 70 bytes), so no packet relies on PMTU."""
+    import ipaddress
+
+    from canal.backends.base import BackendConfig
+    from canal.backends.manager import BackendManager
+    from canal.config import Config
+    from canal.services.subnets import NetworkConfig
+
+    def manager(public_ip6, ipv6_network, kind="vxlan"):
+        net = ipaddress.IPv4Network("100.64.0.0/16")
+        cfg = NetworkConfig(net, 24, net, net, {"Type": kind}, BackendConfig(kind),
+                            ipaddress.IPv6Network(ipv6_network) if ipv6_network else None)
+        return BackendManager(Config(), None, None, lambda: cfg, "eth0", "198.18.0.1", 1500, public_ip6=public_ip6)
+
+    assert manager("", None).default_mtu() == 1450
+    assert manager("", "fd00:64::/48").default_mtu() == 1450  # v6 rides flannel.<VNI>'s IPv4 outer header
+    assert manager("2001:2::1", None).default_mtu() == 1450  # no IPv6 in the cluster
+    assert manager("2001:2::1", "fd00:64::/48").default_mtu() == 1430
+    assert manager("2001:2::1", "fd00:64::/48", "host-gw").default_mtu() == 1500

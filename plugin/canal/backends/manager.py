@@ -220,7 +220,19 @@ class BackendManager:
             kind = "wireguard"
         if kind == "wireguard":
             return max(576, wg_mtu(self.underlay_mtu))
-        return self.underlay_mtu if kind == "host-gw" else max(576, vxlan_mtu(self.underlay_mtu))
+        if kind == "host-gw":
+            return self.underlay_mtu
+        if self.public_ip6 and self._cluster_has_ipv6():
+            # IPv6 may cross hosts through flannel-v6.<VNI>, whose outer IPv6 header is 20 bytes
+            # more than IPv4's: one MTU for both families, so no packet relies on PMTU discovery.
+            return max(1280, vxlan6_mtu(self.underlay_mtu))
+        return max(576, vxlan_mtu(self.underlay_mtu))
+
+    def _cluster_has_ipv6(self) -> bool:
+        try:
+            return self.network_config().ipv6_network is not None
+        except CanalError:
+            return False
 
     def encrypted_mtu(self) -> int:
         """The largest MTU of an encrypted network's endpoints: WireGuard's overhead included."""
