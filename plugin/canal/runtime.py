@@ -150,7 +150,6 @@ class Plugin:
         steps: list[Any] = [self.publish_routes, self.backend.program] if self.multihost else []
         self.routes6 = Routes6(config.sysctl_dir)
         self._routes6_applied = False
-        self._routes6_warned = False
         if self.multihost:
             steps.append(self.program_routes6)
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
@@ -287,13 +286,11 @@ class Plugin:
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
     def program_routes6(self, snap: Snapshot, full: bool) -> None:
-        """Other hosts' /128s through the VXLAN device (vxlan backend only, for now)."""
-        pairs = remote_routes6(snap)
-        if self.backend.backend().type != "vxlan":
-            if pairs and not self._routes6_warned:
-                log.warning("IPv6 across hosts needs the vxlan backend; %d remote IPv6 addresses unreachable", len(pairs))
-                self._routes6_warned = True
-            return
+        """Other hosts' /128s through the VXLAN device (vxlan backend), except those of peers
+        whose IPv6 the backend step routes directly (DirectRouting); host-gw and wireguard
+        carry IPv6 themselves (direct routes, the WireGuard device)."""
+        kind = self.backend.backend().type
+        pairs = remote_routes6(snap, exclude=self.backend.direct6_peers) if kind == "vxlan" else []
         if not pairs and not full and not self._routes6_applied:
             return
         self.routes6.apply(device_name(self.config.vxlan_vni), desired_routes6(pairs))
