@@ -630,6 +630,11 @@ class Lease:
     # BackendData's (Mode "auto", one device) or another one (Mode "separate", flannel-wg-v6).
     public_key6: str = ""
 
+    @property
+    def name(self) -> str:
+        """Its key under `<prefix>/subnets/` (flannel's MakeSubnetKey)."""
+        return lease_name(self.subnet, self.subnet6)
+
     @classmethod
     def parse(cls, name: str, raw: Any, lease_id: int = 0) -> "Lease":
         subnet, subnet6 = lease_key(name)
@@ -666,6 +671,15 @@ def lease_key(name: str) -> tuple[ipaddress.IPv4Network, Optional[ipaddress.IPv6
     subnet = ipv4_net(f"{match[1]}/{match[2]}", "flannel lease key")
     subnet6 = ipv6_net(f"{match[3]}/{match[4]}", "flannel lease key IPv6 subnet") if match[3] else None
     return subnet, subnet6
+
+
+def lease_name(subnet: ipaddress.IPv4Network, subnet6: Optional[ipaddress.IPv6Network] = None) -> str:
+    """The inverse of lease_key: flannel's MakeSubnetKey (`a.b.c.d-len`, plus `&<v6 address>-len`
+    in dual stack; Go prints the IPv6 address compressed, as Python's `compressed`)."""
+    name = f"{subnet.network_address}-{subnet.prefixlen}"
+    if subnet6 is not None:
+        name += f"&{subnet6.network_address.compressed}-{subnet6.prefixlen}"
+    return name
 
 
 # Whole datastore entries: (key relative to the record's directory, JSON value) -> record. One

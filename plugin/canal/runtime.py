@@ -116,18 +116,19 @@ class Plugin:
         self.iface, self.public_ip, self.underlay_mtu = linkmod.underlay(config.iface, config.public_ip)
         self.subnets = SubnetManager(
             self.store, self.keys, config.network, config.subnet_len, config.vxlan_vni, config.vxlan_port,
-            ttl=config.lease_ttl, backend=config.backend,
+            ttl=config.lease_ttl, backend=config.backend, network6=None if config.datastore == "etcd" else config.network6,
         )
         self.multihost = config.datastore == "etcd"
         self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip, ttl=config.lease_ttl)
+        self.public_ip6 = linkmod.underlay6(self.iface, config.public_ip6) if linkmod.has_ipv6() else ""
         self.backend = BackendManager(config, self.hosts, self.subnets, self.network_config,
-                                      self.iface, self.public_ip, self.underlay_mtu)
+                                      self.iface, self.public_ip, self.underlay_mtu, self.public_ip6)
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
         sandboxes = Sandboxes(config.netns_dir)
         self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network,
-                         self.cluster_network6)
+                         self.cluster_network6, self.backend.host_subnet6)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.backend.default_mtu, self._changed,
             forget=self._forget,
@@ -359,8 +360,8 @@ class Plugin:
             record = self.hosts.read()
             records["host"] = record.to_json() if record else None
             if self.lease is not None:
-                entry = self.store.get(self.keys.lease(self.lease.subnet))
-                records["lease"] = {"key": self.keys.lease(self.lease.subnet),
+                entry = self.store.get(self.keys.leases + self.lease.name)
+                records["lease"] = {"key": self.keys.leases + self.lease.name,
                                     "value": entry.json() if entry else None}
         except CanalError as err:
             records["error"] = str(err)
@@ -477,6 +478,7 @@ class Plugin:
             encrypt_all=encrypt_all,
             cluster_network6=self._cluster_network6_text(),
             routes6=routes6,
+            own_subnet6=self.lease.subnet6 if self.lease else None,
             index=index,
         )
 

@@ -64,6 +64,7 @@ class Snapshot:
     held_ports: Mapping[tuple[str, str, int], str] = field(default_factory=dict)
     cluster_network6: str = ""  # the cluster's IPv6 network ("": none configured)
     routes6: Mapping[str, RouteRecord] = field(default_factory=dict)  # ip6 -> /128 route record (multi-host)
+    own_subnet6: ipaddress.IPv6Network | None = None  # this host's IPv6 subnet of a dual-stack lease
     # flannel's wireguard backend: every endpoint's traffic between hosts is encrypted.
     encrypt_all: bool = False
     # The agent's passes: memberships kept incrementally from the same records (canal.agent.index),
@@ -384,14 +385,15 @@ def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:
 
 
 def desired_route_records6(snap: Snapshot) -> dict[str, RouteRecord]:
-    """ip6 -> record for every joined local endpoint with an IPv6 address: peers route each
-    /128 to our VTEP (IPv6 addresses come from cluster-wide pools, not host subnets)."""
+    """ip6 -> record for our joined endpoints with an IPv6 address outside our lease's IPv6
+    subnet (the /32 rule): a --subnet pool's, a --ip6 from elsewhere, an address drawn from the
+    cluster-wide network before leases were dual stack. Peers route each /128 to our VTEP."""
     if snap.own_subnet is None:
         return {}
     return {
         str(ep.ip6): RouteRecord(ep.ip6, snap.host, snap.own_subnet)
         for ep in local_endpoints(snap)
-        if ep.joined and ep.ip6 is not None
+        if ep.joined and ep.ip6 is not None and (snap.own_subnet6 is None or ep.ip6 not in snap.own_subnet6)
     }
 
 

@@ -21,7 +21,7 @@ from canal.dataplane.vxlan import HostRoute, Vxlan, VxlanState, vxlan_mtu
 from canal.dataplane.wireguard import RT_TABLE_MAIN, WG_TABLE, KeyFile, WireGuard, wg_mtu
 from canal.errors import CanalError, Unavailable
 from canal.records import Lease, replace
-from canal.services.hosts import Hosts
+from canal.services.hosts import Hosts, v6_mac
 from canal.services.subnets import NetworkConfig, SubnetManager
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,15 @@ def read_subnet_env(path: str = SUBNET_ENV) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path: str = SUBNET_ENV) -> None:
-    """flannel's format, so tools written for flannel hosts work on Canal hosts too."""
+def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path: str = SUBNET_ENV,
+                     network6: str = "", subnet6: ipaddress.IPv6Network | None = None) -> None:
+    """flannel's format (WriteSubnetFile), so tools written for flannel hosts work on Canal hosts
+    too: each subnet as its first address; the IPv6 pair in dual stack."""
     first = next(subnet.hosts())
-    text = (
-        f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
-        f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
-    )
+    text = f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
+    if network6 and subnet6 is not None:
+        text += f"FLANNEL_IPV6_NETWORK={network6}\nFLANNEL_IPV6_SUBNET={subnet6.network_address + 1}/{subnet6.prefixlen}\n"
+    text += f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n"
     if read_subnet_env(path) == dict(line.split("=", 1) for line in text.splitlines()):
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -87,13 +89,14 @@ class BackendManager:
 
     def __init__(
         self, config: Config, hosts: Hosts, subnets: SubnetManager, network_config: Callable[[], NetworkConfig],
-        iface: str, public_ip: str, underlay_mtu: int,
+        iface: str, public_ip: str, underlay_mtu: int, public_ip6: str = "",
     ):
         self.config = config
         self.hosts = hosts
         self.subnets = subnets
         self.network_config = network_config
         self.iface, self.public_ip, self.underlay_mtu = iface, public_ip, underlay_mtu
+        self.public_ip6 = public_ip6  # "": no IPv6 underlay (no PublicIPv6, no flannel-v6.<VNI>)
         self.multihost = config.datastore == "etcd"
         self.vxlan = Vxlan() if self.multihost else None
         self.direct = DirectRoutes(iface) if self.multihost else None
@@ -147,14 +150,18 @@ class BackendManager:
                 if self.flannel_mode == "external":
                     env = read_subnet_env()
                     subnet = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"]).network
-                    self.lease = Lease(subnet, self.public_ip, "", 0)
+                    subnet6 = ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"]).network \
+                        if env.get("FLANNEL_IPV6_SUBNET") else None
+                    self.lease = Lease(subnet, self.public_ip, "", 0, subnet6=subnet6)
                     log.info("host %s uses flanneld's subnet %s", self.config.host_name, subnet)
                     return subnet
                 record = self.hosts.ensure()
                 previous = str(record.subnet) if record.subnet else None
                 config = self.backend()
                 wg = (self.public_key(), config.listen_port) if config.type == "wireguard" else None
-                self.lease = self.subnets.acquire(self.public_ip, record.vtep_mac, previous, wg=wg)
+                self.lease = self.subnets.acquire(
+                    self.public_ip, record.vtep_mac, previous, wg=wg, public_ip6=self.public_ip6,
+                    vtep_mac6=v6_mac(record.vtep_mac) if self.public_ip6 else "")
                 if record.subnet != self.lease.subnet:
                     subnet = self.lease.subnet
                     self.hosts.update(lambda r: replace(r, subnet=subnet))
@@ -163,6 +170,11 @@ class BackendManager:
                 log.info("host %s owns subnet %s (flannel %s, backend %s)", self.config.host_name,
                          self.lease.subnet, self.flannel_mode, self.lease.backend_type)
             return self.lease.subnet
+
+    def host_subnet6(self) -> ipaddress.IPv6Network | None:
+        """This host's IPv6 subnet of a dual-stack lease (None: the cluster has no IPv6 network)."""
+        self.host_subnet()
+        return self.lease.subnet6 if self.lease is not None else None
 
     def renew_lease(self) -> None:
         if self.flannel_mode == "external":
@@ -248,7 +260,8 @@ class BackendManager:
         left = None
         if own and self._renewed_monotonic is not None:
             left = round(self._renewed_monotonic + self.config.lease_ttl - time.monotonic(), 1)
-        return {"subnet": str(self.lease.subnet), "ttl": self.config.lease_ttl if own else None, "expires_in": left}
+        return {"subnet": str(self.lease.subnet), "subnet6": str(self.lease.subnet6) if self.lease.subnet6 else None,
+                "ttl": self.config.lease_ttl if own else None, "expires_in": left}
 
     def status(self) -> dict[str, Any]:
         try:
@@ -296,7 +309,8 @@ class BackendManager:
             elif self.vxlan.exists(vni):
                 log.info("backend %s has no VXLAN device: removing flannel.%d", config.type, vni)
                 self.vxlan.delete_device(vni)
-            write_subnet_env(snap.cluster_network, snap.own_subnet, self.default_mtu())
+            write_subnet_env(snap.cluster_network, snap.own_subnet, self.default_mtu(),
+                             network6=snap.cluster_network6, subnet6=snap.own_subnet6)
         elif desired.vxlan is not None:
             if not self.vxlan.exists(vni):
                 raise Unavailable(f"flannel.{vni} is missing: is flanneld running?")
