@@ -183,3 +183,24 @@ def test_no_v6_encryption_rules_without_encrypted_v6_endpoints():
     state = desired_firewall(s)
     assert state.chains6[("filter", "CANAL-OUTPUT")] == ["-m mark --mark 0x100000/0x100000 -j CANAL-ENCRYPT-OUT"]
     assert state.chains6[("filter", "CANAL-FORWARD")][-2:] == ["-i cnl+ -j DROP", "-o cnl+ -j DROP"]
+
+
+def test_a_dual_stack_lease_publishes_the_wireguard_key_for_both_families(store):
+    """flanneld's Mode "auto" reads a dual-stack peer's key from BackendV6Data: the same key."""
+    from test_lease_dual_stack_write import DUAL, lease_entries, manager
+
+    mgr = manager(store, {**DUAL, "Backend": {"Type": "wireguard"}})
+    lease = mgr.acquire("198.18.0.1", "", wg=(K1, 51820), public_ip6="2001:2::1")
+    value = lease_entries(store)[lease.name]
+    assert value["BackendData"] == {"PublicKey": K1, "Port": 51820}
+    assert value["BackendV6Data"] == {"PublicKey": K1, "Port": 51820} and value["PublicIPv6"] == "2001:2::1"
+    parsed = Lease.parse(lease.name, value)
+    assert (parsed.public_key, parsed.public_key6) == (K1, K1)
+    # a vxlan lease with an encrypted network here: the VTEP's data and the key side by side
+    vx = manager(store).acquire("198.18.0.2", "02:00:00:00:00:02", wg=(K2, 51820), public_ip6="2001:2::2",
+                                vtep_mac6="02:00:00:00:01:02")
+    assert lease_entries(store)[vx.name]["BackendV6Data"] == {"VNI": 1, "VtepMAC": "02:00:00:00:01:02",
+                                                               "PublicKey": K2, "Port": 51820}
+    # without an IPv6 underlay: no BackendV6Data at all
+    v4 = manager(store).acquire("198.18.0.3", "02:00:00:00:00:03", wg=(K2, 51820))
+    assert "BackendV6Data" not in lease_entries(store)[v4.name]
