@@ -1,0 +1,281 @@
+"""IPv6 across hosts over host-gw, vxlan DirectRouting and WireGuard, end to end, on an
+underlay with IPv6 (2001:2::/64 beside 198.18.0.0/24 on the test bridge) and dual-stack
+flannel leases (EnableIPv6: each host an IPv6 /64 and its PublicIPv6).
+
+- host-gw (h1, h2): each peer's IPv6 subnet, and its /128s outside it, via its PublicIPv6;
+  a peer whose PublicIPv6 is off the segment is named, the others keep working.
+- vxlan DirectRouting (h3, h4, a cluster of their own): the same direct IPv6 routes.
+- An encrypted --ipv6 network on h3/h4: its IPv6 crosses the underlay as WireGuard UDP only
+  (a marker never seen; the plain --ipv6 network's marker is: the positive control), and
+  with a peer's key gone its IPv6 gets nothing, while without the fail-closed rules the same
+  packets would leave in the clear.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+import socket
+
+import pytest
+from e2e_support import CLUSTER, IMAGE, clear, etcd_plugin_args, wait_open
+from test_encryption import capture, frames, listener, received, udp_ports
+from test_multihost import daemon, ping
+
+from testbed import Etcd, SimHost, TestbedError, Underlay, wait_until
+
+V6_NET, V6_NET_DR = "fd00:6a::/48", "fd00:6b::/48"
+DR_CLUSTER = "100.66.0.0/16"
+DR = ("--etcd-prefix", "/canal/dr", "--flannel-prefix", "/dr/network", "--network", DR_CLUSTER)
+OFF_LINK_KEY = "/coreos.com/network/subnets/100.64.201.0-24&fd00:6a:0:c9::-64"
+
+
+def underlay6(i: int) -> str:
+    return f"2001:2::{i}"
+
+
+def args(h: SimHost, etcd: Etcd) -> list[str]:
+    return etcd_plugin_args(h, etcd, *(DR if h.name in ("h3", "h4") else ()))
+
+
+@pytest.fixture(scope="module")
+def bed():
+    ul = Underlay()
+    try:
+        etcd = Etcd(ul)
+        etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(
+            {"Network": CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET, "Backend": {"Type": "host-gw"}}))
+        etcd.etcdctl("put", "/dr/network/config", json.dumps(
+            {"Network": DR_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_DR,
+             "Backend": {"Type": "vxlan", "DirectRouting": True}}))
+        hosts = []
+        for i in (1, 2, 3, 4):
+            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
+            # The IPv6 underlay: before the plugin starts (it publishes the address as PublicIPv6).
+            h.ip("-6", "addr", "add", f"{underlay6(i)}/64", "dev", "eth0", "nodad")
+            h.start_dockerd()
+            h.load_image()
+            h.start_plugin(args(h, etcd))
+            hosts.append(h)
+        yield ul, etcd, hosts
+    finally:
+        ul.close()
+
+
+@pytest.fixture
+def b(bed):
+    ul, etcd, hosts = bed
+    yield ul, etcd, hosts
+    etcd.etcdctl("del", OFF_LINK_KEY)
+    for h in hosts:
+        if not h.plugin_running():
+            h.start_plugin(args(h, etcd))
+        clear(h)
+
+
+def status(h: SimHost) -> dict:
+    return json.loads(h.exec([h.plugin_argv()[0], "-m", "canal", "status", "-o", "json"], check=False).stdout)
+
+
+def net6(h: SimHost, name: str, *opts: str) -> None:
+    h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "--ipv6", *opts, name)
+
+
+def server(h: SimHost, name: str, network: str, *opts: str) -> None:
+    h.docker("run", "-d", "--name", name, "--network", network, *opts, IMAGE, "sh", "-c",
+             f"while true; do echo pong-{name} | nc -l -p 80; done & sleep 100000")
+    wait_open(h, name)
+
+
+def ip6_of(h: SimHost, container: str, network: str) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(
+        h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"][network]["GlobalIPv6Address"])
+
+
+def answered(h: SimHost, client: str, address: ipaddress.IPv6Address, name: str) -> bool:
+    out = h.docker("exec", client, "sh", "-c", f"nc -w 2 {address} 80 </dev/null", check=False).stdout
+    return out.strip() == f"pong-{name}"
+
+
+def route6(h: SimHost, address: ipaddress.IPv6Address) -> list[str]:
+    """`ip -6 route get`'s words (the route the kernel takes to `address`)."""
+    return h.ip("-6", "route", "get", str(address)).stdout.split()
+
+
+def via(words: list[str]) -> tuple[str, str]:
+    return words[words.index("via") + 1] if "via" in words else "", words[words.index("dev") + 1]
+
+
+def lease6(etcd: Etcd, prefix: str, h: SimHost) -> tuple[str, dict]:
+    out = etcd.etcdctl("get", "--prefix", f"{prefix}/subnets/").stdout.splitlines()
+    for key, value in zip(out[::2], out[1::2]):
+        parsed = json.loads(value)
+        if parsed.get("PublicIP") == h.address:
+            return key, parsed
+    raise AssertionError(f"no lease of {h.address}")
+
+
+def test_host_gw_routes_ipv6_via_the_peers_public_ipv6(b):
+    _ul, etcd, (h1, h2, _h3, _h4) = b
+    key, value = lease6(etcd, "/coreos.com/network", h1)
+    assert "&" in key and value["PublicIPv6"] == underlay6(1) and value["BackendType"] == "host-gw"
+    for h in (h1, h2):
+        net6(h, "dual")
+    server(h1, "web", "dual")
+    daemon(h2, "client", "dual")
+    web6 = ip6_of(h1, "web", "dual")
+    subnet6 = ipaddress.IPv6Network(key.split("&", 1)[1].replace("-", "/"))
+    assert web6 in subnet6  # drawn from h1's leased IPv6 subnet: no /128 record needed
+    wait_until(lambda: answered(h2, "client", web6, "web"), timeout=30, what="TCP over IPv6 h2 -> h1")
+    assert h2.container_exec("client", "ping", "-6", "-c1", "-W2", str(web6), check=False).returncode == 0
+    # flannel's host-gw in dual stack: h1's IPv6 subnet via its PublicIPv6 on the underlay.
+    assert via(route6(h2, web6)) == (underlay6(1), "eth0")
+    shown = h2.ip("-6", "route", "show", str(subnet6)).stdout.split()
+    assert shown[:6] == [str(subnet6), "via", underlay6(1), "dev", "eth0", "proto"] and shown[6] in ("103", "canal")
+    # The MTU: host-gw has no encapsulation, in either family.
+    assert h2.container_exec("client", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1500"
+
+
+def test_host_gw_routes_a_peers_128_outside_its_subnet6(b):
+    """A --subnet pool (cluster-wide): each endpoint's /128 is a route record, routed via its
+    host's PublicIPv6."""
+    _ul, _etcd, (h1, h2, _h3, _h4) = b
+    for h in (h1, h2):
+        net6(h, "wide", "--subnet", "fd00:6568::/64")
+    server(h1, "db", "wide")
+    daemon(h2, "client", "wide")
+    db6 = ip6_of(h1, "db", "wide")
+    wait_until(lambda: answered(h2, "client", db6, "db"), timeout=30, what="TCP over IPv6 to a /128")
+    assert h2.ip("-6", "route", "show", str(db6)).stdout.split()[:5] == [str(db6), "via", underlay6(1), "dev", "eth0"]
+
+
+def test_host_gw_names_a_peer_whose_public_ipv6_is_off_the_segment(b):
+    _ul, etcd, (h1, h2, _h3, _h4) = b
+    etcd.etcdctl("put", OFF_LINK_KEY, json.dumps(
+        {"PublicIP": "198.18.0.9", "PublicIPv6": "2001:2:0:9::9", "BackendType": "host-gw"}))
+
+    def named() -> bool:
+        return any("2001:2:0:9::9" in p and "not on the same L2 segment" in p
+                   for p in status(h1)["backend"]["problems"])
+
+    wait_until(named, timeout=20)
+    assert h1.ip("-6", "route", "show", "fd00:6a:0:c9::/64").stdout.strip() == ""
+    assert "via 198.18.0.9" in h1.ip("route", "show", "100.64.201.0/24").stdout  # its IPv4 is still routed
+    for h in (h1, h2):
+        net6(h, "dual")
+    server(h1, "web", "dual")
+    daemon(h2, "client", "dual")
+    wait_until(lambda: answered(h2, "client", ip6_of(h1, "web", "dual"), "web"), timeout=30)
+
+
+def test_direct_routing_routes_ipv6_via_the_peers_public_ipv6(b):
+    _ul, etcd, (_h1, _h2, h3, h4) = b
+    _key, value = lease6(etcd, "/dr/network", h3)
+    assert value["PublicIPv6"] == underlay6(3) and value["BackendType"] == "vxlan"
+    for h in (h3, h4):
+        net6(h, "dual")
+    server(h3, "web", "dual")
+    daemon(h4, "client", "dual")
+    web6 = ip6_of(h3, "web", "dual")
+    wait_until(lambda: answered(h4, "client", web6, "web"), timeout=30, what="TCP over IPv6 h4 -> h3 (DR)")
+    assert h4.container_exec("client", "ping", "-6", "-c1", "-W2", str(web6), check=False).returncode == 0
+    assert via(route6(h4, web6)) == (underlay6(3), "eth0")  # not flannel.1 nor flannel-v6.1
+    assert status(h4)["backend"]["problems"] == []
+
+
+def v6_in_clear(frame: bytes, address: ipaddress.IPv6Address) -> bool:
+    """An IPv6 packet to or from `address` readable on the wire (directly, or inside VXLAN)."""
+    return address.packed in frame
+
+
+def deliver6(h: SimHost, client: str, address: ipaddress.IPv6Address, server_host: SimHost, srv: str,
+             marker: str) -> None:
+    def done() -> bool:
+        if not received(server_host, srv, marker):
+            h.container_exec(client, "sh", "-c", f"echo {marker} | nc -w 2 {address} 5000", check=False, timeout=20)
+        return received(server_host, srv, marker)
+
+    try:
+        wait_until(done, timeout=30, interval=0.5, what=f"{marker} received by {srv}")
+    except TestbedError:
+        raise AssertionError(f"{marker} not received: {server_host.docker('logs', srv).stdout!r}") from None
+
+
+@pytest.fixture
+def secret(b):
+    ul, etcd, (_h1, _h2, h3, h4) = b
+    for h in (h3, h4):
+        net6(h, "secret", "-o", "encrypted=true")
+        net6(h, "plain")
+    listener(h3, "srv-secret", "secret")
+    listener(h3, "srv-plain", "plain")
+    daemon(h4, "cli-secret", "secret")
+    daemon(h4, "cli-plain", "plain")
+    yield ul, etcd, h3, h4, ip6_of(h3, "srv-secret", "secret"), ip6_of(h3, "srv-plain", "plain")
+
+
+def test_encrypted_ipv6_network_crosses_hosts_as_wireguard_only(secret):
+    ul, etcd, h3, h4, secret6, plain6 = secret
+    wait_until(lambda: ping(h4, "cli-secret", str(secret6), "-6"), timeout=30, what="ping6 over WireGuard")
+    marker_secret, marker_plain = f"canal-secret6-{secrets.token_hex(8)}", f"canal-plain6-{secrets.token_hex(8)}"
+    with capture(ul) as pcap:
+        deliver6(h4, "cli-secret", secret6, h3, "srv-secret", marker_secret)
+        deliver6(h4, "cli-plain", plain6, h3, "srv-plain", marker_plain)
+    seen = frames(pcap)
+    # Positive control: the plain --ipv6 network's marker and packets are on the wire...
+    assert any(marker_plain.encode() in f for f in seen) and any(v6_in_clear(f, plain6) for f in seen)
+    # ...the encrypted one's never, and WireGuard (UDP 51820 between the IPv4 endpoints) carried it.
+    assert not any(marker_secret.encode() in f or v6_in_clear(f, secret6) for f in seen)
+    assert any(udp_ports(f) == (51820, 51820) for f in seen)
+    # The peer's AllowedIPs hold both families; its IPv6 subnet is routed through the device
+    # in the marked table; the device has the lease's first IPv6 address.
+    _key, value = lease6(etcd, "/dr/network", h3)
+    assert value["BackendV6Data"]["PublicKey"] == value["BackendData"]["PublicKey"]  # one key (Mode auto)
+    allowed = status(h4)["backend"]["encryption"]["peers"][0]["allowed_ips"].split(",")
+    assert {ipaddress.ip_network(a).version for a in allowed} == {4, 6}
+    assert any(secret6 in ipaddress.ip_network(a) for a in allowed if ":" in a)
+    assert "dev flannel-wg" in h4.ip("-6", "route", "show", "table", "25900").stdout
+    assert "lookup 25900" in h4.ip("-6", "rule").stdout
+    # MTU: WireGuard's overhead, for both families (one eth0).
+    assert h4.container_exec("cli-secret", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1420"
+
+
+def test_keyless_peer_gets_no_ipv6_either_never_plaintext(secret):
+    ul, etcd, h3, h4, secret6, plain6 = secret
+    wait_until(lambda: ping(h4, "cli-secret", str(secret6), "-6"), timeout=30)
+    # h3's plugin stops and its lease loses its key in both families (held by the test).
+    h3.stop_plugin()
+    key, value = lease6(etcd, "/dr/network", h3)
+    for data in ("BackendData", "BackendV6Data"):
+        value[data].pop("PublicKey", None)
+        value[data].pop("Port", None)
+    held = etcd.etcdctl("lease", "grant", "300").stdout.split()[1]
+    etcd.etcdctl("put", f"--lease={held}", key, json.dumps(value))
+    wait_until(lambda: "has published no WireGuard key" in " ".join(status(h4)["backend"]["problems"]), timeout=20)
+    marker = f"canal-nokey6-{secrets.token_hex(8)}"
+    with capture(ul) as pcap:
+        run = h4.container_exec("cli-secret", "sh", "-c", f"echo {marker} | nc -w 2 {secret6} 5000", check=False,
+                                timeout=20)
+        assert run.returncode != 0
+        assert ping(h4, "cli-plain", str(plain6), "-6")  # the plain --ipv6 network is unaffected
+    seen = frames(pcap)
+    assert any(v6_in_clear(f, plain6) for f in seen)  # the capture does see IPv6
+    assert not any(marker.encode() in f or v6_in_clear(f, secret6) for f in seen)
+    assert not received(h3, "srv-secret", marker)
+    # Positive control: without ip6tables' fail-closed chain, the same attempt leaves in the clear.
+    h4.stop_plugin()
+    h4.exec(["ip6tables", "-F", "CANAL-ENCRYPT-OUT"])
+    with capture(ul) as pcap:
+        h4.container_exec("cli-secret", "sh", "-c", f"echo {marker} | nc -w 2 {secret6} 5000", check=False, timeout=20)
+    assert any(v6_in_clear(f, secret6) for f in frames(pcap))
+    h4.start_plugin(args(h4, etcd))
+    h3.start_plugin(args(h3, etcd))
+    wait_until(lambda: "PublicKey" in lease6(etcd, "/dr/network", h3)[1]["BackendV6Data"], timeout=20)
+    wait_until(lambda: ping(h4, "cli-secret", str(secret6), "-6"), timeout=30)
+
+
+def test_frames_helper_parses_ipv6_addresses_exactly():
+    a = ipaddress.IPv6Address("fd00:6b:0:1::2")
+    assert v6_in_clear(b"\x00" * 22 + socket.inet_pton(socket.AF_INET6, "fd00:6b:0:1::2"), a)
+    assert not v6_in_clear(b"\x00" * 22 + socket.inet_pton(socket.AF_INET6, "fd00:6b:0:1::20"), a)
