@@ -5,6 +5,7 @@ flannel leases (EnableIPv6: each host an IPv6 /64 and its PublicIPv6).
 - host-gw (h1, h2): each peer's IPv6 subnet, and its /128s outside it, via its PublicIPv6;
   a peer whose PublicIPv6 is off the segment is named, the others keep working.
 - vxlan DirectRouting (h3, h4, a cluster of their own): the same direct IPv6 routes.
+- The wireguard backend (h5, h6): both families through one device, in the main table.
 - An encrypted --ipv6 network on h3/h4: its IPv6 crosses the underlay as WireGuard UDP only
   (a marker never seen; the plain --ipv6 network's marker is: the positive control), and
   with a peer's key gone its IPv6 gets nothing, while without the fail-closed rules the same
@@ -28,6 +29,8 @@ from testbed import Etcd, SimHost, TestbedError, Underlay, wait_until
 V6_NET, V6_NET_DR = "fd00:6a::/48", "fd00:6b::/48"
 DR_CLUSTER = "100.66.0.0/16"
 DR = ("--etcd-prefix", "/canal/dr", "--flannel-prefix", "/dr/network", "--network", DR_CLUSTER)
+WG_CLUSTER, V6_NET_WG = "100.67.0.0/16", "fd00:6c::/48"
+WG = ("--etcd-prefix", "/canal/wgv6", "--flannel-prefix", "/wgv6/network", "--network", WG_CLUSTER)
 OFF_LINK_KEY = "/coreos.com/network/subnets/100.64.201.0-24&fd00:6a:0:c9::-64"
 
 
@@ -36,7 +39,8 @@ def underlay6(i: int) -> str:
 
 
 def args(h: SimHost, etcd: Etcd) -> list[str]:
-    return etcd_plugin_args(h, etcd, *(DR if h.name in ("h3", "h4") else ()))
+    extra = {"h3": DR, "h4": DR, "h5": WG, "h6": WG}.get(h.name, ())
+    return etcd_plugin_args(h, etcd, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,10 @@ def bed():
         etcd.etcdctl("put", "/dr/network/config", json.dumps(
             {"Network": DR_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_DR,
              "Backend": {"Type": "vxlan", "DirectRouting": True}}))
+        etcd.etcdctl("put", "/wgv6/network/config", json.dumps(
+            {"Network": WG_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_WG, "Backend": {"Type": "wireguard"}}))
         hosts = []
-        for i in (1, 2, 3, 4):
+        for i in (1, 2, 3, 4, 5, 6):
             h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
             # The IPv6 underlay: before the plugin starts (it publishes the address as PublicIPv6).
             h.ip("-6", "addr", "add", f"{underlay6(i)}/64", "dev", "eth0", "nodad")
@@ -117,7 +123,7 @@ def lease6(etcd: Etcd, prefix: str, h: SimHost) -> tuple[str, dict]:
 
 
 def test_host_gw_routes_ipv6_via_the_peers_public_ipv6(b):
-    _ul, etcd, (h1, h2, _h3, _h4) = b
+    _ul, etcd, (h1, h2, _h3, _h4, _h5, _h6) = b
     key, value = lease6(etcd, "/coreos.com/network", h1)
     assert "&" in key and value["PublicIPv6"] == underlay6(1) and value["BackendType"] == "host-gw"
     for h in (h1, h2):
@@ -140,7 +146,7 @@ def test_host_gw_routes_ipv6_via_the_peers_public_ipv6(b):
 def test_host_gw_routes_a_peers_128_outside_its_subnet6(b):
     """A --subnet pool (cluster-wide): each endpoint's /128 is a route record, routed via its
     host's PublicIPv6."""
-    _ul, _etcd, (h1, h2, _h3, _h4) = b
+    _ul, _etcd, (h1, h2, _h3, _h4, _h5, _h6) = b
     for h in (h1, h2):
         net6(h, "wide", "--subnet", "fd00:6568::/64")
     server(h1, "db", "wide")
@@ -151,7 +157,7 @@ def test_host_gw_routes_a_peers_128_outside_its_subnet6(b):
 
 
 def test_host_gw_names_a_peer_whose_public_ipv6_is_off_the_segment(b):
-    _ul, etcd, (h1, h2, _h3, _h4) = b
+    _ul, etcd, (h1, h2, _h3, _h4, _h5, _h6) = b
     etcd.etcdctl("put", OFF_LINK_KEY, json.dumps(
         {"PublicIP": "198.18.0.9", "PublicIPv6": "2001:2:0:9::9", "BackendType": "host-gw"}))
 
@@ -170,7 +176,7 @@ def test_host_gw_names_a_peer_whose_public_ipv6_is_off_the_segment(b):
 
 
 def test_direct_routing_routes_ipv6_via_the_peers_public_ipv6(b):
-    _ul, etcd, (_h1, _h2, h3, h4) = b
+    _ul, etcd, (_h1, _h2, h3, h4, _h5, _h6) = b
     _key, value = lease6(etcd, "/dr/network", h3)
     assert value["PublicIPv6"] == underlay6(3) and value["BackendType"] == "vxlan"
     for h in (h3, h4):
@@ -204,7 +210,7 @@ def deliver6(h: SimHost, client: str, address: ipaddress.IPv6Address, server_hos
 
 @pytest.fixture
 def secret(b):
-    ul, etcd, (_h1, _h2, h3, h4) = b
+    ul, etcd, (_h1, _h2, h3, h4, _h5, _h6) = b
     for h in (h3, h4):
         net6(h, "secret", "-o", "encrypted=true")
         net6(h, "plain")
@@ -279,3 +285,24 @@ def test_frames_helper_parses_ipv6_addresses_exactly():
     a = ipaddress.IPv6Address("fd00:6b:0:1::2")
     assert v6_in_clear(b"\x00" * 22 + socket.inet_pton(socket.AF_INET6, "fd00:6b:0:1::2"), a)
     assert not v6_in_clear(b"\x00" * 22 + socket.inet_pton(socket.AF_INET6, "fd00:6b:0:1::20"), a)
+
+
+def test_wireguard_backend_carries_ipv6_in_the_same_tunnel(b):
+    ul, etcd, (_h1, _h2, _h3, _h4, h5, h6) = b
+    _key, value = lease6(etcd, "/wgv6/network", h5)
+    assert value["BackendType"] == "wireguard" and value["PublicIPv6"] == underlay6(5)
+    assert value["BackendV6Data"] == value["BackendData"]  # one key, one port: flannel's Mode "auto"
+    for h in (h5, h6):
+        net6(h, "wgdual")
+    listener(h5, "srv", "wgdual")
+    daemon(h6, "cli", "wgdual")
+    srv6 = ip6_of(h5, "srv", "wgdual")
+    wait_until(lambda: ping(h6, "cli", str(srv6), "-6"), timeout=30, what="ping6 over the wireguard backend")
+    marker = f"canal-wgv6-{secrets.token_hex(8)}"
+    with capture(ul) as pcap:
+        deliver6(h6, "cli", srv6, h5, "srv", marker)
+    seen = frames(pcap)
+    assert not any(marker.encode() in f or v6_in_clear(f, srv6) for f in seen)
+    assert any(udp_ports(f) == (51820, 51820) for f in seen)
+    assert via(route6(h6, srv6)) == ("", "flannel-wg")  # the main table, as flannel
+    assert h6.container_exec("cli", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1420"
