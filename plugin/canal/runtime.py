@@ -21,7 +21,6 @@ from canal.agent.desired import (
     desired_route_records6,
     endpoint_rows,
     identity_known,
-    remote_routes6,
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.index import MembershipIndex
@@ -34,7 +33,7 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.ports import Reservations
-from canal.dataplane.routes6 import Routes6, desired_routes6
+from canal.dataplane.routes6 import Routes6
 from canal.dataplane.sandbox import Sandboxes
 from canal.dataplane.vxlan import device_name
 from canal.datastore.base import Datastore, open_datastore
@@ -287,15 +286,19 @@ class Plugin:
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
     def program_routes6(self, snap: Snapshot, full: bool) -> None:
-        """Other hosts' /128s through the VXLAN device (vxlan backend), except those of peers
-        whose IPv6 the backend step routes directly (DirectRouting); host-gw and wireguard
-        carry IPv6 themselves (direct routes, the WireGuard device)."""
-        kind = self.backend.backend().type
-        pairs = remote_routes6(snap, exclude=self.backend.direct6_peers) if kind == "vxlan" else []
-        if not pairs and not full and not self._routes6_applied:
+        """IPv6 to other hosts on the vxlan backend: their leased IPv6 subnets and /128s over
+        flannel-v6.<VNI> or into flannel.<VNI> (canal.backends.vxlan6), except the peers whose
+        IPv6 the backend step routes directly (DirectRouting). host-gw and wireguard carry IPv6
+        themselves (direct routes via PublicIPv6, the WireGuard device)."""
+        if self.backend.backend().type != "vxlan":
             return
-        self.routes6.apply(device_name(self.config.vxlan_vni), desired_routes6(pairs))
-        self._routes6_applied = bool(pairs)
+        canal_hosts = frozenset(r.public_ip for r in self.mirror.records(self.keys.root + "/hosts/", host_entry).values()
+                                if r.public_ip)
+        tunnel4 = self.backend.program6(snap, full, canal_hosts).tunnel4
+        if not tunnel4.routes and not full and not self._routes6_applied:
+            return
+        self.routes6.apply(device_name(self.config.vxlan_vni), tunnel4)
+        self._routes6_applied = bool(tunnel4.routes)
 
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's route records (/32s and /128s) equal to what its endpoints need."""

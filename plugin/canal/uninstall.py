@@ -44,7 +44,7 @@ from canal.records import (
     network_entry,
     route_entry,
 )
-from canal.services.hosts import Hosts
+from canal.services.hosts import Hosts, v6_mac
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +203,12 @@ class Uninstall:
                     steps.append(Step(f"remove {self.subnet_env}", lambda: _unlink(self.subnet_env)))
             else:
                 log.info("%s is flanneld's (external mode): left in place", device)
+        device6 = f"flannel-v6.{self.vni}"
+        if device6 in names and self._owns_device(device6, v6=True):
+            steps.append(Step(f"delete {device6} (IPv6 VXLAN; its entries go with it)", lambda: self._del_link(device6)))
         return steps
 
-    def _owns_device(self, device: str) -> bool:
+    def _owns_device(self, device: str, v6: bool = False) -> bool:
         """Ours unless flanneld's: external mode, or (auto) a MAC that is not our host record's."""
         if self.flannel_mode == "external":
             return False
@@ -221,7 +224,9 @@ class Uninstall:
             record = HostRecord.parse(raw, self.host) if raw is not None else None
         except RecordError:
             record = None
-        return record is not None and record.vtep_mac.lower() == mac
+        if record is None:
+            return False
+        return (v6_mac(record.vtep_mac) if v6 else record.vtep_mac).lower() == mac
 
     def _del_link(self, name: str) -> None:
         self.run(["ip", "link", "del", name], timeout=15, check=False)

@@ -48,7 +48,7 @@ def test_peers_route_other_hosts_128s_via_their_vtep():
     state = desired_routes6(pairs)
     hop = ipaddress.IPv6Address("fe80::a800:ff:fe00:2")
     assert state.neighbours == {hop: "aa:00:00:00:00:02"}
-    assert state.routes == {ipaddress.IPv6Address("fd00::4"): hop}
+    assert state.routes == {ipaddress.IPv6Network("fd00::4/128"): hop}
 
 
 def test_only_addresses_outside_the_hosts_v6_subnet_get_a_record():

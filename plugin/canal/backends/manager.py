@@ -15,9 +15,11 @@ from typing import Any, Callable
 from canal.agent.desired import Snapshot, local_endpoints
 from canal.backends import hostgw, vxlan as vxlan_backend, wireguard as wireguard_backend
 from canal.backends.base import BackendConfig, Desired, HostRoute6, Net
+from canal.backends.vxlan6 import Desired6, desired6
 from canal.config import Config
 from canal.dataplane.routes import DirectRoutes
 from canal.dataplane.vxlan import HostRoute, Vxlan, VxlanState, vxlan_mtu
+from canal.dataplane.vxlan6 import Vxlan6, device6_name, vxlan6_mtu
 from canal.dataplane.wireguard import RT_TABLE_MAIN, WG_TABLE, KeyFile, WireGuard, wg_mtu
 from canal.errors import CanalError, Unavailable
 from canal.records import Lease, replace
@@ -99,6 +101,9 @@ class BackendManager:
         self.public_ip6 = public_ip6  # "": no IPv6 underlay (no PublicIPv6, no flannel-v6.<VNI>)
         self.multihost = config.datastore == "etcd"
         self.vxlan = Vxlan() if self.multihost else None
+        self.vxlan6 = Vxlan6(config.sysctl_dir) if self.multihost else None
+        self._v6_device = True  # unknown at start: the first pass checks for a leftover
+        self.problems6: tuple[str, ...] = ()  # IPv6 peers not routed, each named (canal status)
         self.direct = DirectRoutes(iface) if self.multihost else None
         self.keys = KeyFile(config.state_dir)
         self.wireguard = WireGuard(self.keys, config.sysctl_dir) if self.multihost else None
@@ -273,7 +278,7 @@ class BackendManager:
             encryption = self.encryption_status()
         except CanalError as err:
             encryption = {"error": str(err)}
-        out = {"type": kind, "direct_routing": direct, "problems": list(self.problems)}
+        out = {"type": kind, "direct_routing": direct, "problems": list(self.problems) + list(self.problems6)}
         if encryption is not None:
             out["encryption"] = encryption
         return out
@@ -348,3 +353,35 @@ class BackendManager:
         self.wireguard.configure(state, full)
         self.wireguard.apply_routes(state.routes, state.table, state.throws)
         self.wireguard.ensure_rule(state.table != RT_TABLE_MAIN)
+
+    def program6(self, snap: Snapshot, full: bool, canal_hosts: frozenset[str]) -> Desired6:
+        """IPv6 to the peers on the vxlan backend (canal.backends.vxlan6): flannel-v6.<VNI>
+        programmed here (embedded mode; removed when no longer wanted); the part that goes into
+        flannel.<VNI> returned for the caller's Routes6 applier."""
+        records = [(r.ip, r.subnet) for r in snap.routes6.values()
+                   if r.host != snap.host and isinstance(r.ip, ipaddress.IPv6Address)]
+        network6 = ipaddress.IPv6Network(snap.cluster_network6) if snap.cluster_network6 else None
+        embedded = self.flannel_mode == "embedded"
+        # Peers whose IPv6 the backend step routes directly (DirectRouting) stay off the tunnels.
+        leases = [x for x in snap.leases if x.subnet not in self.direct6_peers]
+        desired = desired6(leases, self.lease, self.public_ip6 if embedded else "", network6, canal_hosts, records)
+        vni = self.config.vxlan_vni
+        if self.vxlan6 is not None and embedded:
+            if desired.device is not None:
+                if not self._vtep_mac:
+                    self._vtep_mac = self.hosts.ensure().vtep_mac
+                self.vxlan6.ensure_device(vni, self.config.vxlan_port, self.public_ip6, self.iface,
+                                          v6_mac(self._vtep_mac), vxlan6_mtu(self.underlay_mtu), desired.device.address)
+                self.vxlan6.apply(vni, desired.device)
+                self._v6_device = True
+            elif (full or self._v6_device) and self.vxlan6.exists(vni):
+                log.info("no IPv6 underlay or no IPv6 subnet here: removing %s", device6_name(vni))
+                self.vxlan6.delete_device(vni)
+                self._v6_device = False
+            else:
+                self._v6_device = False
+        if desired.problems != self.problems6:
+            for problem in desired.problems:
+                log.error("IPv6: %s", problem)
+        self.problems6 = desired.problems
+        return desired
