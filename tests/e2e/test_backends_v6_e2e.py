@@ -20,7 +20,7 @@ import secrets
 import socket
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, clear, etcd_plugin_args, wait_open
+from e2e_support import CLUSTER, IMAGE, add_ipv6_underlay, clear, etcd_plugin_args, wait_open
 from test_encryption import capture, frames, listener, received, udp_ports
 from test_multihost import daemon, ping
 
@@ -59,7 +59,7 @@ def bed():
         for i in (1, 2, 3, 4, 5, 6):
             h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
             # The IPv6 underlay: before the plugin starts (it publishes the address as PublicIPv6).
-            h.ip("-6", "addr", "add", f"{underlay6(i)}/64", "dev", "eth0", "nodad")
+            assert add_ipv6_underlay(h) == underlay6(i)
             h.start_dockerd()
             h.load_image()
             h.start_plugin(args(h, etcd))
