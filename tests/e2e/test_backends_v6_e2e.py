@@ -20,7 +20,7 @@ import secrets
 import socket
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, add_ipv6_underlay, clear, etcd_plugin_args, wait_open
+from e2e_support import CLUSTER, IMAGE, add_ipv6_underlay, clear, etcd_plugin_args, ip_of, wait_open
 from test_encryption import capture, frames, listener, received, udp_ports
 from test_multihost import daemon, ping
 
@@ -306,3 +306,39 @@ def test_wireguard_backend_carries_ipv6_in_the_same_tunnel(b):
     assert any(udp_ports(f) == (51820, 51820) for f in seen)
     assert via(route6(h6, srv6)) == ("", "flannel-wg")  # the main table, as flannel
     assert h6.container_exec("cli", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1420"
+
+
+def udp6_ports(frame: bytes) -> tuple[int, int] | None:
+    """(sport, dport) of an IPv6/UDP Ethernet frame (no extension headers), else None."""
+    if len(frame) < 62 or frame[12:14] != b"\x86\xdd" or frame[20] != 17:
+        return None
+    return int.from_bytes(frame[54:56], "big"), int.from_bytes(frame[56:58], "big")
+
+
+def test_wireguard_mode_ipv6_tunnels_over_the_ipv6_underlay(b):
+    """flannel's Mode "ipv6": the peers' PublicIPv6 as endpoints, the outer packets IPv6."""
+    ul, etcd, (_h1, _h2, _h3, _h4, h5, h6) = b
+    config = {"Network": WG_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_WG, "Backend": {"Type": "wireguard"}}
+    etcd.etcdctl("put", "/wgv6/network/config", json.dumps({**config, "Backend": {"Type": "wireguard", "Mode": "ipv6"}}))
+    try:
+        for h in (h5, h6):
+            net6(h, "wgdual")
+        listener(h5, "srv", "wgdual")
+        daemon(h6, "cli", "wgdual")
+        srv4, srv6 = ip_of(h5, "srv", "wgdual"), ip6_of(h5, "srv", "wgdual")
+
+        def endpoints() -> list[str]:
+            return [p["endpoint"] for p in status(h6)["backend"]["encryption"]["peers"]]
+
+        wait_until(lambda: endpoints() == [f"[{underlay6(5)}]:51820"], timeout=30, what="h6's peer endpoint on IPv6")
+        wait_until(lambda: ping(h6, "cli", str(srv6), "-6") and ping(h6, "cli", srv4), timeout=30)
+        marker = f"canal-wgmode6-{secrets.token_hex(8)}"
+        with capture(ul) as pcap:
+            deliver6(h6, "cli", srv6, h5, "srv", marker)
+        seen = frames(pcap)
+        assert not any(marker.encode() in f or v6_in_clear(f, srv6) for f in seen)
+        assert any(udp6_ports(f) == (51820, 51820) for f in seen)  # WireGuard over the IPv6 underlay
+        assert not any(udp_ports(f) == (51820, 51820) for f in seen)
+        assert h6.container_exec("cli", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1420"  # 80: IPv6 outer
+    finally:
+        etcd.etcdctl("put", "/wgv6/network/config", json.dumps(config))

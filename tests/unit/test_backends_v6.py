@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from ipaddress import IPv4Address as A, IPv4Network as N, IPv6Address as A6, IPv6Network as N6
 
+import pytest
 from test_firewall import EP, NET, snap
 
 from canal.agent.desired import (
@@ -18,6 +19,7 @@ from canal.backends.base import BackendConfig, HostRoute6, destinations6, on_lin
 from canal.backends.manager import desired_state
 from canal.dataplane.links import host_ifname
 from canal.dataplane.wireguard import RT_TABLE_MAIN, WG_TABLE, WgPeer
+from canal.errors import BadRequest
 from canal.records import Lease, RouteRecord
 
 K1 = "YPrMx+AOvB5f/aqi9Wk22FhdeRCkc1Z4tHh8LrWR+hk="
@@ -204,3 +206,19 @@ def test_a_dual_stack_lease_publishes_the_wireguard_key_for_both_families(store)
     # without an IPv6 underlay: no BackendV6Data at all
     v4 = manager(store).acquire("198.18.0.3", "02:00:00:00:00:03", wg=(K2, 51820))
     assert "BackendV6Data" not in lease_entries(store)[v4.name]
+
+
+def test_wireguard_mode_is_flannels_and_ipv6_mode_uses_the_public_ipv6_endpoints():
+    from canal.backends.base import parse_backend
+
+    assert parse_backend({"Type": "wireguard"}).mode == "auto"
+    assert parse_backend({"Type": "wireguard", "mode": "separate"}).mode == "separate"
+    with pytest.raises(BadRequest, match="Backend Mode 'both' is not one of auto, separate, ipv4, ipv6"):
+        parse_backend({"Type": "wireguard", "Mode": "both"})
+    found, _dsts, _problems = wireguard.peers([WG_ME, WG_P2, WG_NOKEY], [], OWN, 51820, mode="ipv6")
+    assert [p.endpoint for p in found] == ["[2001:2::2]:51820"]
+    v4_only = dataclasses.replace(WG_P2, public_ip6="")  # no PublicIPv6: its IPv4 endpoint still
+    assert [p.endpoint for p in wireguard.peers([WG_ME, v4_only], [], OWN, 51820, mode="ipv6")[0]] == \
+        ["198.18.0.2:51820"]
+    assert [p.endpoint for p in wireguard.peers([WG_ME, WG_P2], [], OWN, 51820, mode="separate")[0]] == \
+        ["198.18.0.2:51820"]

@@ -15,6 +15,7 @@ from canal.records import Lease, safe, wg_key
 
 BACKENDS = ("vxlan", "host-gw", "wireguard")  # the flannel backends Canal implements
 WG_PORT = 51820  # flannel's and Calico's default ListenPort
+WG_MODES = ("auto", "separate", "ipv4", "ipv6")  # flannel's wireguard Mode values
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class BackendConfig:
     psk: Secret = field(default_factory=Secret)
     listen_port: int = WG_PORT
     keepalive: int = 0
+    # flannel's wireguard Mode: Canal has one device for both families in every mode ("auto"'s
+    # behaviour); "ipv6" makes the peers' endpoints their PublicIPv6, the others their PublicIP.
+    mode: str = "auto"
 
     def require_supported(self) -> None:
         if self.type not in BACKENDS:
@@ -77,6 +81,11 @@ def parse_backend(raw: Any) -> BackendConfig:
             wg_key(psk)
         except BadRequest:
             raise BadRequest("flannel config Backend PSK is not a WireGuard key (wg genpsk)") from None
+    has_mode, mode = _ci(raw, "Mode")
+    if not has_mode or mode in (None, ""):
+        mode = "auto"
+    if mode not in WG_MODES:
+        raise BadRequest(f"flannel config Backend Mode {safe(mode)} is not one of {', '.join(WG_MODES)}")
     return BackendConfig(
         type=kind,
         vni=_int(raw, "VNI", 1, 1, 16777215),
@@ -85,6 +94,7 @@ def parse_backend(raw: Any) -> BackendConfig:
         psk=Secret(psk if found and psk else ""),
         listen_port=_int(raw, "ListenPort", WG_PORT, 1, 65535),
         keepalive=_int(raw, "PersistentKeepaliveInterval", 0, 0, 65535),
+        mode=mode,
     )
 
 

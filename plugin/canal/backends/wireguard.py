@@ -9,7 +9,7 @@ traffic is dropped by the firewall, never sent in the clear (unlike Calico, whic
 to plaintext).
 
 Both families ride one tunnel (flannel's wireguard Mode "auto": one device, one key, the
-IPv4 endpoint): a peer's AllowedIPs also hold its IPv6 subnet and the /128s it owns outside
+IPv4 endpoint; with Mode "ipv6" the peers' PublicIPv6 as endpoints, over the IPv6 underlay): a peer's AllowedIPs also hold its IPv6 subnet and the /128s it owns outside
 it. A flanneld host in Mode "separate" (flannel's default in dual stack) keeps IPv6 on a
 second device, `flannel-wg-v6`, with a key of its own in BackendV6Data: with such a peer only
 IPv4 is carried; its IPv6 is left out with a problem (and dropped, never sent in the clear).
@@ -28,7 +28,7 @@ from canal.records import Lease
 
 def peers(
     leases: Iterable[Lease], host_routes: Iterable[HostRoute], own_subnet: ipaddress.IPv4Network | None,
-    listen_port: int, host_routes6: Iterable[HostRoute6] = (),
+    listen_port: int, host_routes6: Iterable[HostRoute6] = (), mode: str = "auto",
 ) -> tuple[tuple[WgPeer, ...], tuple[Net, ...], list[str]]:
     """(peers, destinations routed through the device, problems). Leases in subnet order, so
     every host settles a clash (two leases, one key) the same way: the lower subnet wins."""
@@ -64,7 +64,9 @@ def peers(
                             "\"auto\" on flanneld hosts")
             v6 = []
         allowed += tuple(v6)
-        out.append(WgPeer(lease.public_key, f"{lease.public_ip}:{lease.wg_port or listen_port}", allowed))
+        port = lease.wg_port or listen_port
+        endpoint = f"[{lease.public_ip6}]:{port}" if mode == "ipv6" and lease.public_ip6 else f"{lease.public_ip}:{port}"
+        out.append(WgPeer(lease.public_key, endpoint, allowed))
         routes.extend(allowed)
     return tuple(out), tuple(sorted(routes, key=lambda n: (n.version, n))), problems
 
@@ -79,7 +81,7 @@ def state(
     this table's not). The device's addresses: our lease's first address of each family (as
     flannel), so the host's own packets through it have a source the peers accept."""
     leases = tuple(leases)
-    found, routes, problems = peers(leases, host_routes, own_subnet, config.listen_port, host_routes6)
+    found, routes, problems = peers(leases, host_routes, own_subnet, config.listen_port, host_routes6, config.mode)
     address = own_subnet.network_address if own_subnet is not None else None
     own = next((x for x in leases if x.subnet == own_subnet), None)
     address6 = own.subnet6.network_address if own is not None and own.subnet6 is not None else None

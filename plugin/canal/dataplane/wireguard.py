@@ -57,7 +57,7 @@ RTN_THROW = 9
 @dataclass(frozen=True)
 class WgPeer:
     public_key: str  # checked (records.wg_key) before it gets here
-    endpoint: str  # "a.b.c.d:port"
+    endpoint: str  # "a.b.c.d:port", or "[v6]:port" (Mode ipv6)
     allowed_ips: tuple[Net, ...]  # both families
 
 
