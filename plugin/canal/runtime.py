@@ -33,7 +33,7 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.ports import Reservations
-from canal.dataplane.routes6 import Routes6
+from canal.dataplane.routes6 import Routes6, Routes6State
 from canal.dataplane.sandbox import Sandboxes
 from canal.dataplane.vxlan import device_name
 from canal.datastore.base import Datastore, open_datastore
@@ -150,6 +150,7 @@ class Plugin:
         steps: list[Any] = [self.publish_routes, self.backend.program] if self.multihost else []
         self.routes6 = Routes6(config.sysctl_dir)
         self._routes6_applied = False
+        self._routes6_last: Routes6State | None = None
         if self.multihost:
             steps.append(self.program_routes6)
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
@@ -291,14 +292,17 @@ class Plugin:
         IPv6 the backend step routes directly (DirectRouting). host-gw and wireguard carry IPv6
         themselves (direct routes via PublicIPv6, the WireGuard device)."""
         if self.backend.backend().type != "vxlan":
+            if full:  # switched away from vxlan (all hosts restart, flannel's rule): no flannel-v6.<VNI>
+                self.backend.remove6()
             return
         canal_hosts = frozenset(r.public_ip for r in self.mirror.records(self.keys.root + "/hosts/", host_entry).values()
                                 if r.public_ip)
         tunnel4 = self.backend.program6(snap, full, canal_hosts).tunnel4
-        if not tunnel4.routes and not full and not self._routes6_applied:
-            return
+        if not full and (tunnel4 == self._routes6_last or (not tunnel4.routes and not self._routes6_applied)):
+            return  # event passes: the kernel is read back only when something changed
         self.routes6.apply(device_name(self.config.vxlan_vni), tunnel4)
         self._routes6_applied = bool(tunnel4.routes)
+        self._routes6_last = tunnel4
 
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's route records (/32s and /128s) equal to what its endpoints need."""

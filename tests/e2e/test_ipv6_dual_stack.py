@@ -68,6 +68,11 @@ def lease_of(etcd: Etcd, h: SimHost) -> tuple[str, dict]:
     return found[0]
 
 
+def keys_of(etcd: Etcd, h: SimHost) -> list[str]:
+    """Every lease key of a host: two only mid-move (the new key is written before the old goes)."""
+    return sorted(k for k, v in leases(etcd).items() if v["PublicIP"] == h.address)
+
+
 def subnet6_of(etcd: Etcd, h: SimHost) -> ipaddress.IPv6Network:
     key, _ = lease_of(etcd, h)
     assert "&" in key, key
@@ -234,6 +239,7 @@ def test_interop_with_a_dual_stack_flanneld_host(c):
             etcd.etcdctl("del", bad_key)
         etcd.etcdctl("lease", "revoke", lease)
         wait_until(lambda: route6(h1, F_SUBNET6) is None, timeout=15, what="the flanneld host's v6 route removed")
+        assert (F_MAC6, f_public6) not in fdb(h1, "flannel-v6.1")  # its FDB entry went with it
     finally:
         f1.close()
 
@@ -269,3 +275,41 @@ def test_without_an_ipv6_underlay_ipv6_goes_through_flannel_1(c):
             h.stop_plugin()
             h.ip("-6", "addr", "add", f"{underlay6_address(h)}/64", "dev", "eth0", "nodad", check=False)
             h.start_plugin(plugin_args(h, etcd))
+
+
+def test_leases_follow_the_config_live_and_route_records_still_work(c):
+    """The cluster drops IPv6 and gains it back while the plugins run: each lease moves between
+    the IPv4-only and the dual-stack key at renewal, keeping its IPv4 subnet, never two keys
+    left; then an address outside every host subnet (a --subnet pool's, like addresses of older
+    releases) travels as a /128 route record over flannel-v6.1."""
+    _, etcd, h1, h2 = c
+    v4 = {h.name: lease_of(etcd, h)[0].split("&")[0] for h in (h1, h2)}
+    try:
+        etcd.etcdctl("put", "/coreos.com/network/config",
+                     json.dumps({k: v for k, v in FLANNEL_CONFIG.items() if k not in ("EnableIPv6", "IPv6Network")}))
+        for h in (h1, h2):
+            wait_until(lambda h=h: keys_of(etcd, h) == [v4[h.name]], timeout=20, what=f"{h.name}: IPv4-only key")
+            wait_until(lambda h=h: link(h, "flannel-v6.1") is None, timeout=15, what=f"{h.name}: flannel-v6.1 removed")
+    finally:
+        etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(FLANNEL_CONFIG))
+    for h in (h1, h2):
+        wait_until(lambda h=h: len(keys_of(etcd, h)) == 1 and "&" in keys_of(etcd, h)[0], timeout=20,
+                   what=f"{h.name}: dual-stack key again, the IPv4-only one gone")
+        assert lease_of(etcd, h)[0].split("&")[0] == v4[h.name]  # same IPv4 subnet (lease_of: one key per host)
+        wait_until(lambda h=h: link(h, "flannel-v6.1") is not None, timeout=15, what=f"{h.name}: flannel-v6.1 back")
+    # A --subnet pool's addresses lie outside every host subnet: /128 route records, over flannel-v6.1.
+    for h in (h1, h2):
+        h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "--ipv6", "--subnet", "fd00:6569::/64",
+                 "dual")
+    server(h2, "db")
+    server(h1, "web")
+    outside = address6(h2, "db")
+    assert outside in ipaddress.IPv6Network("fd00:6569::/64")
+    wait_until(lambda: KEYS.route(outside) in routes_records(etcd), timeout=15, what="db's /128 route record")
+    dst = ipaddress.IPv6Network(f"{outside}/128")
+    wait_until(lambda: route6(h1, dst) is not None, timeout=15, what="h1 routes db's /128")
+    r = route6(h1, dst)
+    assert r is not None and r["dev"] == "flannel-v6.1"
+    assert ipaddress.IPv6Address(r["gateway"]) == subnet6_of(etcd, h2).network_address
+    assert pings6(h1, "web", str(outside)) and answered(h1, "web", str(outside), "db")
+    assert answered(h2, "db", str(address6(h1, "web")), "web")

@@ -161,8 +161,8 @@ def test_a_later_key_of_a_taken_subnet_yields(store):
 def test_v4_only_lease_is_upgraded_new_key_first(store):
     config = {k: v for k, v in DUAL.items() if k not in ("EnableIPv6", "IPv6Network")}
     mgr = manager(store, config)
-    old = mgr.acquire("198.18.0.1", "02:00:00:00:00:01")
-    assert old.subnet6 is None
+    old = mgr.acquire("198.18.0.1", "02:00:00:00:00:01", public_ip6="2001:2::1", vtep_mac6="02:00:00:00:01:01")
+    assert old.subnet6 is None and "PublicIPv6" not in lease_entries(store)[old.name]
     store.put(KEYS.flannel_config, DUAL)  # the cluster gains IPv6
     writes = []
     real_txn = store.txn
@@ -178,6 +178,8 @@ def test_v4_only_lease_is_upgraded_new_key_first(store):
         store.txn = real_txn
     assert new.subnet == old.subnet and new.subnet6 is not None
     assert list(lease_entries(store)) == [new.name]
+    assert lease_entries(store)[new.name]["PublicIPv6"] == "2001:2::1"  # the IPv6 underlay published now
+    assert lease_entries(store)[new.name]["BackendV6Data"] == {"VNI": 1, "VtepMAC": "02:00:00:00:01:01"}
     assert writes.index(("Put", new.name)) < writes.index(("Delete", old.name))  # crash-safe order
     assert mgr.renew(new) == new  # idempotent afterwards
 

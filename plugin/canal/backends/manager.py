@@ -104,6 +104,7 @@ class BackendManager:
         self.vxlan6 = Vxlan6(config.sysctl_dir) if self.multihost else None
         self._v6_device = True  # unknown at start: the first pass checks for a leftover
         self.problems6: tuple[str, ...] = ()  # IPv6 peers not routed, each named (canal status)
+        self._applied6: Desired6 | None = None
         self.direct = DirectRoutes(iface) if self.multihost else None
         self.keys = KeyFile(config.state_dir)
         self.wireguard = WireGuard(self.keys, config.sysctl_dir) if self.multihost else None
@@ -354,6 +355,16 @@ class BackendManager:
         self.wireguard.apply_routes(state.routes, state.table, state.throws)
         self.wireguard.ensure_rule(state.table != RT_TABLE_MAIN)
 
+    def remove6(self) -> None:
+        """Another backend than vxlan: our flannel-v6.<VNI> goes (its routes with it); flanneld's
+        (external mode) is never touched."""
+        vni = self.config.vxlan_vni
+        if self.vxlan6 is not None and self.flannel_mode == "embedded" and self.vxlan6.exists(vni):
+            log.info("backend %s has no IPv6 VXLAN device: removing %s", self.backend().type, device6_name(vni))
+            self.vxlan6.delete_device(vni)
+        self._v6_device = False
+        self._applied6 = None
+
     def program6(self, snap: Snapshot, full: bool, canal_hosts: frozenset[str]) -> Desired6:
         """IPv6 to the peers on the vxlan backend (canal.backends.vxlan6): flannel-v6.<VNI>
         programmed here (embedded mode; removed when no longer wanted); the part that goes into
@@ -362,10 +373,15 @@ class BackendManager:
                    if r.host != snap.host and isinstance(r.ip, ipaddress.IPv6Address)]
         network6 = ipaddress.IPv6Network(snap.cluster_network6) if snap.cluster_network6 else None
         embedded = self.flannel_mode == "embedded"
+        own = self.lease
+        if not embedded and own is not None:
+            own = replace_desired(own, subnet6=None)  # flanneld routes the subnets: only our /128s here
         # Peers whose IPv6 the backend step routes directly (DirectRouting) stay off the tunnels.
         leases = [x for x in snap.leases if x.subnet not in self.direct6_peers]
-        desired = desired6(leases, self.lease, self.public_ip6 if embedded else "", network6, canal_hosts, records)
+        desired = desired6(leases, own, self.public_ip6 if embedded else "", network6, canal_hosts, records)
         vni = self.config.vxlan_vni
+        if not full and self._applied6 == desired:
+            return desired  # event passes skip the kernel read-back when nothing changed
         if self.vxlan6 is not None and embedded:
             if desired.device is not None:
                 if not self._vtep_mac:
@@ -384,4 +400,5 @@ class BackendManager:
             for problem in desired.problems:
                 log.error("IPv6: %s", problem)
         self.problems6 = desired.problems
+        self._applied6 = desired
         return desired

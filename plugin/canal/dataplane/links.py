@@ -470,7 +470,7 @@ def underlay(iface: str = "", public_ip: str = "") -> tuple[str, str, int]:
     return "lo", "127.0.0.1", 1500
 
 
-IFA_F_DEPRECATED = 0x20
+IFA_F_TEMPORARY, IFA_F_DADFAILED, IFA_F_DEPRECATED = 0x01, 0x08, 0x20
 
 
 def underlay6(iface: str, public_ip6: str = "") -> str:
@@ -483,7 +483,8 @@ def underlay6(iface: str, public_ip6: str = "") -> str:
         if found:
             for addr in ipr.get_addr(family=socket.AF_INET6, index=found[0]):
                 flags = addr.get_attr("IFA_FLAGS") or addr["flags"]
-                if addr["scope"] == 0 and not flags & IFA_F_DEPRECATED:
+                # Not a privacy address (it changes), nor one that failed DAD or is going away.
+                if addr["scope"] == 0 and not flags & (IFA_F_TEMPORARY | IFA_F_DADFAILED | IFA_F_DEPRECATED):
                     addresses.append(str(ipaddress.IPv6Address(addr.get_attr("IFA_ADDRESS"))))
     if public_ip6:
         if public_ip6 not in addresses:

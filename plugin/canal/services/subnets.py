@@ -242,8 +242,10 @@ class SubnetManager:
             raise Exhausted(f"no free /{cfg.subnet_len} subnet left in cluster network {cfg.network}")
         for subnet in candidates[:20]:
             subnet6 = self._free6(cfg, previous6)
+            # public_ip6/vtep_mac6 kept even without an IPv6 subnet: published once the cluster
+            # gains one (renew moves the lease to a dual-stack key then).
             lease = Lease(subnet, public_ip, vtep_mac, 0, kind, key, port, subnet6=subnet6,
-                          public_ip6=public_ip6 if subnet6 else "", vtep_mac6=vtep_mac6 if subnet6 else "")
+                          public_ip6=public_ip6, vtep_mac6=vtep_mac6)
             lease_id = self.store.grant(self.ttl)
             name = self.keys.lease(subnet, subnet6)
             if self.store.txn([Guard(name, 0)], [Put(name, self._value(lease), lease_id)]):
@@ -309,8 +311,7 @@ class SubnetManager:
         old = self.store.get(self.keys.leases + old_name)
         for _ in range(5):
             subnet6 = self._free6(cfg, str(lease.subnet6) if lease.subnet6 else None)
-            moved = dataclasses.replace(lease, subnet6=subnet6, public_ip6=lease.public_ip6 if subnet6 else "",
-                                        vtep_mac6=lease.vtep_mac6 if subnet6 else "")
+            moved = dataclasses.replace(lease, subnet6=subnet6)
             name = self.keys.lease(moved.subnet, subnet6)
             lease_id = self.store.grant(self.ttl) if old is None or old.lease else 0
             if self.store.txn([Guard(name, 0)], [Put(name, self._value(moved), lease_id)]):
