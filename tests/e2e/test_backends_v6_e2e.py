@@ -139,6 +139,7 @@ def test_host_gw_routes_ipv6_via_the_peers_public_ipv6(b):
     assert via(route6(h2, web6)) == (underlay6(1), "eth0")
     shown = h2.ip("-6", "route", "show", str(subnet6)).stdout.split()
     assert shown[:6] == [str(subnet6), "via", underlay6(1), "dev", "eth0", "proto"] and shown[6] in ("103", "canal")
+    assert h2.ip("link", "show", "flannel-v6.1", check=False).returncode != 0  # no VXLAN in either family
     # The MTU: host-gw has no encapsulation, in either family.
     assert h2.container_exec("client", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1500"
 
@@ -188,6 +189,12 @@ def test_direct_routing_routes_ipv6_via_the_peers_public_ipv6(b):
     assert h4.container_exec("client", "ping", "-6", "-c1", "-W2", str(web6), check=False).returncode == 0
     assert via(route6(h4, web6)) == (underlay6(3), "eth0")  # not flannel.1 nor flannel-v6.1
     assert status(h4)["backend"]["problems"] == []
+    # The v6 tunnels leave the directly routed peer alone (no second route to fight over).
+    key, _value = lease6(etcd, "/dr/network", h3)
+    subnet6 = key.split("&", 1)[1].replace("-", "/")
+    for device in ("flannel-v6.1", "flannel.1"):
+        shown = h4.ip("-6", "route", "show", "dev", device, check=False).stdout.split()
+        assert subnet6 not in shown and str(web6) not in shown, (device, shown)
 
 
 def v6_in_clear(frame: bytes, address: ipaddress.IPv6Address) -> bool:
