@@ -64,6 +64,9 @@ def bed():
             h.load_image()
             h.start_plugin(args(h, etcd))
             hosts.append(h)
+        f7 = SimHost(ul, "f7", "198.18.0.7")  # a flanneld dual-stack wireguard host, built by hand
+        add_ipv6_underlay(f7)
+        hosts.append(f7)
         yield ul, etcd, hosts
     finally:
         ul.close()
@@ -74,7 +77,7 @@ def b(bed):
     ul, etcd, hosts = bed
     yield ul, etcd, hosts
     etcd.etcdctl("del", OFF_LINK_KEY)
-    for h in hosts:
+    for h in hosts[:6]:
         if not h.plugin_running():
             h.start_plugin(args(h, etcd))
         clear(h)
@@ -123,7 +126,7 @@ def lease6(etcd: Etcd, prefix: str, h: SimHost) -> tuple[str, dict]:
 
 
 def test_host_gw_routes_ipv6_via_the_peers_public_ipv6(b):
-    _ul, etcd, (h1, h2, _h3, _h4, _h5, _h6) = b
+    _ul, etcd, (h1, h2, _h3, _h4, _h5, _h6, _f7) = b
     key, value = lease6(etcd, "/coreos.com/network", h1)
     assert "&" in key and value["PublicIPv6"] == underlay6(1) and value["BackendType"] == "host-gw"
     for h in (h1, h2):
@@ -147,7 +150,7 @@ def test_host_gw_routes_ipv6_via_the_peers_public_ipv6(b):
 def test_host_gw_routes_a_peers_128_outside_its_subnet6(b):
     """A --subnet pool (cluster-wide): each endpoint's /128 is a route record, routed via its
     host's PublicIPv6."""
-    _ul, _etcd, (h1, h2, _h3, _h4, _h5, _h6) = b
+    _ul, _etcd, (h1, h2, _h3, _h4, _h5, _h6, _f7) = b
     for h in (h1, h2):
         net6(h, "wide", "--subnet", "fd00:6568::/64")
     server(h1, "db", "wide")
@@ -158,7 +161,7 @@ def test_host_gw_routes_a_peers_128_outside_its_subnet6(b):
 
 
 def test_host_gw_names_a_peer_whose_public_ipv6_is_off_the_segment(b):
-    _ul, etcd, (h1, h2, _h3, _h4, _h5, _h6) = b
+    _ul, etcd, (h1, h2, _h3, _h4, _h5, _h6, _f7) = b
     etcd.etcdctl("put", OFF_LINK_KEY, json.dumps(
         {"PublicIP": "198.18.0.9", "PublicIPv6": "2001:2:0:9::9", "BackendType": "host-gw"}))
 
@@ -177,7 +180,7 @@ def test_host_gw_names_a_peer_whose_public_ipv6_is_off_the_segment(b):
 
 
 def test_direct_routing_routes_ipv6_via_the_peers_public_ipv6(b):
-    _ul, etcd, (_h1, _h2, h3, h4, _h5, _h6) = b
+    _ul, etcd, (_h1, _h2, h3, h4, _h5, _h6, _f7) = b
     _key, value = lease6(etcd, "/dr/network", h3)
     assert value["PublicIPv6"] == underlay6(3) and value["BackendType"] == "vxlan"
     for h in (h3, h4):
@@ -217,7 +220,7 @@ def deliver6(h: SimHost, client: str, address: ipaddress.IPv6Address, server_hos
 
 @pytest.fixture
 def secret(b):
-    ul, etcd, (_h1, _h2, h3, h4, _h5, _h6) = b
+    ul, etcd, (_h1, _h2, h3, h4, _h5, _h6, _f7) = b
     for h in (h3, h4):
         net6(h, "secret", "-o", "encrypted=true")
         net6(h, "plain")
@@ -295,7 +298,7 @@ def test_frames_helper_parses_ipv6_addresses_exactly():
 
 
 def test_wireguard_backend_carries_ipv6_in_the_same_tunnel(b):
-    ul, etcd, (_h1, _h2, _h3, _h4, h5, h6) = b
+    ul, etcd, (_h1, _h2, _h3, _h4, h5, h6, _f7) = b
     _key, value = lease6(etcd, "/wgv6/network", h5)
     assert value["BackendType"] == "wireguard" and value["PublicIPv6"] == underlay6(5)
     assert value["BackendV6Data"] == value["BackendData"]  # one key, one port: flannel's Mode "auto"
@@ -324,7 +327,7 @@ def udp6_ports(frame: bytes) -> tuple[int, int] | None:
 
 def test_wireguard_mode_ipv6_tunnels_over_the_ipv6_underlay(b):
     """flannel's Mode "ipv6": the peers' PublicIPv6 as endpoints, the outer packets IPv6."""
-    ul, etcd, (_h1, _h2, _h3, _h4, h5, h6) = b
+    ul, etcd, (_h1, _h2, _h3, _h4, h5, h6, _f7) = b
     config = {"Network": WG_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_WG, "Backend": {"Type": "wireguard"}}
     etcd.etcdctl("put", "/wgv6/network/config", json.dumps({**config, "Backend": {"Type": "wireguard", "Mode": "ipv6"}}))
     try:
@@ -349,3 +352,56 @@ def test_wireguard_mode_ipv6_tunnels_over_the_ipv6_underlay(b):
         assert h6.container_exec("cli", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1420"  # 80: IPv6 outer
     finally:
         etcd.etcdctl("put", "/wgv6/network/config", json.dumps(config))
+
+
+def test_canal_and_a_flanneld_mode_auto_wireguard_host_reach_each_other_over_ipv6(b):
+    """f7 as flanneld's wireguard backend builds a dual-stack host in Mode "auto" (one device,
+    flannel-wg, one key in BackendData and BackendV6Data, the lease's first addresses of both
+    subnets on the device, a route for each whole network through it), with a "pod" address
+    of each family in its subnets."""
+    ul, etcd, (_h1, _h2, _h3, _h4, h5, _h6, f7) = b
+    subnet, subnet6 = "100.67.200.0/24", "fd00:6c:0:c8::/64"
+    key = "/wgv6/network/subnets/100.67.200.0-24&fd00:6c:0:c8::-64"
+    pod, pod6 = "100.67.200.1", ipaddress.IPv6Address("fd00:6c:0:c8::1")
+    try:
+        private = f7.exec(["wg", "genkey"]).stdout.strip()
+        public = f7.exec(["wg", "pubkey"], input=private + "\n").stdout.strip()
+        key_file = f7.workdir / "wgkey"
+        key_file.write_text(private + "\n")
+        key_file.chmod(0o600)
+        f7.exec(["wireguard-go", "flannel-wg"])
+        f7.exec(["wg", "set", "flannel-wg", "private-key", str(key_file), "listen-port", "51820"])
+        f7.ip("addr", "add", "100.67.200.0/32", "dev", "flannel-wg")
+        f7.ip("-6", "addr", "add", "fd00:6c:0:c8::/128", "dev", "flannel-wg", "nodad")
+        f7.ip("link", "set", "flannel-wg", "up")
+        f7.ip("route", "add", WG_CLUSTER, "dev", "flannel-wg", "scope", "link")
+        f7.ip("-6", "route", "add", V6_NET_WG, "dev", "flannel-wg")
+        f7.ip("addr", "replace", f"{pod}/32", "dev", "lo")
+        f7.ip("-6", "addr", "replace", f"{pod6}/128", "dev", "lo", "nodad")
+        etcd.etcdctl("put", key, json.dumps({
+            "PublicIP": f7.address, "PublicIPv6": underlay6(7), "BackendType": "wireguard",
+            "BackendData": {"PublicKey": public}, "BackendV6Data": {"PublicKey": public}}))
+        net6(h5, "wgdual")
+        daemon(h5, "web", "wgdual")
+        h5_key, h5_lease = lease6(etcd, "/wgv6/network", h5)
+        h5_subnet6 = h5_key.split("&", 1)[1].replace("-", "/")
+        f7.exec(["wg", "set", "flannel-wg", "peer", h5_lease["BackendV6Data"]["PublicKey"], "endpoint",
+                 f"{h5.address}:51820", "allowed-ips", f"{status(h5)['subnet']},{h5_subnet6}"])
+
+        def peered() -> bool:
+            peers = status(h5)["backend"]["encryption"]["peers"]
+            return any(p["public_key"] == public and {subnet, subnet6} <= set(p["allowed_ips"].split(","))
+                       for p in peers)
+
+        wait_until(peered, timeout=20, what="h5 peers with f7 for both families")
+        assert via(route6(h5, pod6)) == ("", "flannel-wg")
+        with capture(ul) as pcap:
+            assert ping(h5, "web", str(pod6), "-6")  # there over Canal's device, back over flanneld's
+            assert ping(h5, "web", pod)
+        seen = frames(pcap)
+        assert not any(v6_in_clear(f, pod6) for f in seen)
+        assert any(udp_ports(f) == (51820, 51820) for f in seen)
+    finally:
+        etcd.etcdctl("del", key)
+        f7.ip("link", "del", "flannel-wg", check=False)
+        clear(h5)
