@@ -334,6 +334,8 @@ class Plugin:
             "host": self.host,
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
+            "subnet6": str(self.lease.subnet6) if self.lease and self.lease.subnet6 else None,
+            "public_ip6": self.public_ip6 or None,
             "network6": self._cluster_network6_text() or None,
             "datastore": self.config.datastore,
             "flannel_mode": self.backend.flannel_mode_decided or "undecided",
@@ -394,6 +396,8 @@ class Plugin:
                 "host": record.name if record else None,
                 "public_ip": lease.public_ip,
                 "subnet": str(lease.subnet),
+                "subnet6": str(lease.subnet6) if lease.subnet6 else None,
+                "public_ip6": lease.public_ip6 or None,
                 "last_contact_age": round(now - record.renewed, 1) if record and record.renewed else None,
             })
         return out

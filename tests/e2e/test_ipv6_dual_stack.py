@@ -172,8 +172,9 @@ def test_dual_stack_leases_and_ipv6_over_flannel_v6(c):
     assert answered(h1, "web", str(db6), "db") and answered(h1, "web", "db", "db")
     assert answered(h2, "db", str(web6), "web")
     assert tx_packets(h1, "flannel-v6.1") > before  # the packets went through flannel-v6.1
-    assert not json.loads(h1.exec([h1.plugin_argv()[0], "-m", "canal", "status", "-o", "json"],
-                                  check=False).stdout)["backend"]["problems"]
+    status = json.loads(h1.exec([h1.plugin_argv()[0], "-m", "canal", "status", "-o", "json"], check=False).stdout)
+    assert not status["backend"]["problems"]
+    assert (status["subnet6"], status["public_ip6"]) == (str(s1), underlay6_address(h1))
 
 
 def test_interop_with_a_dual_stack_flanneld_host(c):

@@ -147,3 +147,15 @@ def test_nothing_left_is_an_empty_plan(env):
     kernel = Kernel(save="*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n", routes="", sets="")
     kernel.rules = ""
     assert plan(env, kernel) == []
+
+
+def test_flannel_v6_device_is_ours_only_with_our_v6_mac(env):
+    from canal.services.hosts import v6_mac
+    store, keys, net, _tmp = env
+    store.put(keys.host("h1"), {"vtep_mac": "02:00:00:00:00:01", "public_ip": "198.18.0.1"})
+    (net / "flannel-v6.1").mkdir()
+    (net / "flannel-v6.1" / "address").write_text(v6_mac("02:00:00:00:00:01") + "\n")
+    assert any(s.what.startswith("delete flannel-v6.1") for s in plan(env, Kernel()))
+    (net / "flannel-v6.1" / "address").write_text("aa:bb:cc:00:66:04\n")  # flanneld's
+    assert not any("flannel-v6.1" in s.what for s in plan(env, Kernel()))
+    assert not any("flannel-v6.1" in s.what for s in plan(env, Kernel(), flannel_mode="external"))
