@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from canal.agent.agent import Agent
 from canal.agent.desired import (
@@ -47,6 +47,7 @@ from canal.records import (
     NetworkRecord,
     RecordError,
     RouteRecord,
+    address_entry,
     endpoint_entry,
     host_entry,
     hostname,
@@ -172,11 +173,17 @@ class Plugin:
         # The agent's passes: endpoints as a live view with a change journal, and the set
         # memberships kept from it incrementally (canal.agent.index); other readers use records().
         self._endpoint_view = self.mirror.view(self.keys.endpoints, endpoint_entry)
+        # Route records likewise: the pass's split by family is the same objects until one
+        # changes, so the backend recomputes its peers only then (canal.backends.manager).
+        self._route_view = self.mirror.view(self.keys.routes, route_entry)
+        self._route_split: tuple[dict[str, RouteRecord], dict[str, RouteRecord]] = ({}, {})
         self._index = MembershipIndex(self.host)
         self.docker = DockerWatch(
             self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,
             collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
             on_reconnect=lambda: self.agent.request(full=True), grace=config.gc_grace,
+            endpoints=self.mirror.view(self.keys.endpoints, endpoint_entry, keep=lambda r: r.host == self.host),
+            addresses=self.mirror.view(self.keys.addresses, address_entry, keep=lambda r: r.host == self.host),
         )
         self._network_config: Optional[NetworkConfig] = None  # last valid flannel config seen
         self._settings: Optional[tuple[float, DataplaneSettings]] = None
@@ -441,13 +448,17 @@ class Plugin:
     def _networks(self) -> dict[str, NetworkRecord]:
         return self.mirror.records(self.keys.networks, network_entry)
 
-    def _routes(self) -> tuple[dict[str, RouteRecord], dict[str, RouteRecord]]:
-        """The route records, read once and split by family: (/32s, /128s) by address."""
-        by_family: tuple[dict[str, RouteRecord], dict[str, RouteRecord]] = ({}, {})
-        if self.multihost:
-            for record in self.mirror.records(self.keys.routes, route_entry).values():
-                by_family[record.ip.version == 6][str(record.ip)] = record
-        return by_family
+    def _routes(self, hold: bool = False) -> tuple[dict[str, RouteRecord], dict[str, RouteRecord]]:
+        """The route records, read once and split by family: (/32s, /128s) by address. The
+        agent's pass (hold) gets the same two dicts as long as no route record changed; they
+        are never mutated, only replaced."""
+        if not self.multihost:
+            return {}, {}
+        if hold:
+            if self._route_view.refresh():
+                self._route_split = _by_family(self._route_view.values())
+            return self._route_split
+        return _by_family(self.mirror.records(self.keys.routes, route_entry).values())
 
     def pass_snapshot(self) -> Snapshot:
         """The agent's snapshot: the published ports are held first (the DNAT follows them)."""
@@ -473,7 +484,7 @@ class Plugin:
             self.hold_ports(index.local_records())
         else:
             endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
-        routes, routes6 = self._routes()
+        routes, routes6 = self._routes(hold)
         return Snapshot(
             host=self.host,
             cluster_network=network,
@@ -553,3 +564,10 @@ def _stored_policy(rel: str, raw: Any) -> Policy:
     if scope != policy.network:
         raise RecordError(f"policy {policy.key} is stored in the scope of another network")
     return policy
+
+
+def _by_family(records: Iterable[RouteRecord]) -> tuple[dict[str, RouteRecord], dict[str, RouteRecord]]:
+    by_family: tuple[dict[str, RouteRecord], dict[str, RouteRecord]] = ({}, {})
+    for record in records:
+        by_family[record.ip.version == 6][str(record.ip)] = record
+    return by_family
