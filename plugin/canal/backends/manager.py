@@ -95,7 +95,7 @@ class DesiredCache:
     def __init__(self) -> None:
         self._last: tuple[Any, Any, tuple[Any, ...], Desired] | None = None
 
-    def __call__(self, config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddress.IPv4Network, ...]) -> Desired:
+    def __call__(self, config: BackendConfig, snap: Snapshot, underlay: tuple[Net, ...]) -> Desired:
         local = tuple((ep.ip, ep.ip6) for ep in local_endpoints(snap)) if encrypts(snap) else None
         inputs = (config, snap.host, snap.own_subnet, snap.leases, underlay, local)
         last = self._last
