@@ -626,6 +626,9 @@ class Lease:
     subnet6: Optional[ipaddress.IPv6Network] = None
     public_ip6: str = ""
     vtep_mac6: str = ""
+    # BackendV6Data.PublicKey: flanneld's dual-stack wireguard hosts write the same key as
+    # BackendData's (Mode "auto", one device) or another one (Mode "separate", flannel-wg-v6).
+    public_key6: str = ""
 
     @property
     def name(self) -> str:
@@ -651,8 +654,9 @@ class Lease:
         data6 = _get(obj, "BackendV6Data", lambda w, v: _object(w, v), what, {})
         mac6 = data6.get("VtepMAC")
         vtep_mac6 = mac_address(mac6, f"{what} BackendV6Data VtepMAC") if mac6 else ""
+        public_key6 = _get(data6, "PublicKey", lambda w, v: wg_key(v, w), f"{what} BackendV6Data", "")
         return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, public_key, wg_port,
-                   subnet6=subnet6, public_ip6=public_ip6, vtep_mac6=vtep_mac6)
+                   subnet6=subnet6, public_ip6=public_ip6, vtep_mac6=vtep_mac6, public_key6=public_key6)
 
 
 _LEASE_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-9]{1,3}))?")

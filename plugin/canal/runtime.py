@@ -21,7 +21,6 @@ from canal.agent.desired import (
     desired_route_records6,
     endpoint_rows,
     identity_known,
-    remote_routes6,
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.index import MembershipIndex
@@ -153,7 +152,6 @@ class Plugin:
         self.routes6 = Routes6(config.sysctl_dir)
         self._routes6_applied = False
         self._routes6_last: Routes6State | None = None
-        self._routes6_warned = False
         if self.multihost:
             steps.append(self.program_routes6)
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
@@ -296,13 +294,13 @@ class Plugin:
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
     def program_routes6(self, snap: Snapshot, full: bool) -> None:
-        """IPv6 to other hosts (vxlan backend only, for now): their leased IPv6 subnets and
-        /128s over flannel-v6.<VNI> or into flannel.<VNI> (canal.backends.vxlan6)."""
+        """IPv6 to other hosts on the vxlan backend: their leased IPv6 subnets and /128s over
+        flannel-v6.<VNI> or into flannel.<VNI> (canal.backends.vxlan6), except the peers whose
+        IPv6 the backend step routes directly (DirectRouting). host-gw and wireguard carry IPv6
+        themselves (direct routes via PublicIPv6, the WireGuard device)."""
         if self.backend.backend().type != "vxlan":
-            pairs = remote_routes6(snap)
-            if pairs and not self._routes6_warned:
-                log.warning("IPv6 across hosts needs the vxlan backend; %d remote IPv6 addresses unreachable", len(pairs))
-                self._routes6_warned = True
+            if full:  # switched away from vxlan (all hosts restart, flannel's rule): no flannel-v6.<VNI>
+                self.backend.remove6()
             return
         canal_hosts = frozenset(r.public_ip for r in self.mirror.records(self.keys.root + "/hosts/", host_entry).values()
                                 if r.public_ip)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from canal.agent.desired import Snapshot, local_endpoints
 from canal.backends import hostgw, vxlan as vxlan_backend, wireguard as wireguard_backend
+from canal.backends.base import BackendConfig, Desired, HostRoute6, Net
 from canal.backends.vxlan6 import Desired6, desired6
-from canal.backends.base import BackendConfig, Desired
 from canal.config import Config
 from canal.dataplane.routes import DirectRoutes
 from canal.dataplane.vxlan import HostRoute, Vxlan, VxlanState, vxlan_mtu
@@ -61,16 +61,22 @@ def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path
     os.replace(tmp, path)
 
 
-def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddress.IPv4Network, ...]) -> Desired:
-    """The backend's desired state for this snapshot: pure (the underlay's prefixes passed in)."""
+def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[Net, ...]) -> Desired:
+    """The backend's desired state for this snapshot: pure (the underlay's prefixes, both
+    families, passed in)."""
     config.require_supported()
     host_routes = [HostRoute(r.ip, r.subnet) for r in snap.routes.values()
-                   if r.host != snap.host and isinstance(r.ip, ipaddress.IPv4Address)]  # /128s: routes6
-    desired = DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay)
+                   if r.host != snap.host and isinstance(r.ip, ipaddress.IPv4Address)]
+    host_routes6 = [HostRoute6(r.ip, r.subnet) for r in snap.routes6.values()
+                    if r.host != snap.host and isinstance(r.ip, ipaddress.IPv6Address)]
+    desired = DESIRED[config.type](config, snap.leases, host_routes, snap.own_subnet, underlay, host_routes6)
     if config.type != "wireguard" and encrypts(snap):
         # Encrypted networks on a cluster of another backend: their peers in a table of their own.
-        local = [ep.ip for ep in local_endpoints(snap)]
-        wg, problems = wireguard_backend.state(config, snap.leases, host_routes, snap.own_subnet, WG_TABLE, local)
+        local: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+        for ep in local_endpoints(snap):
+            local += [ep.ip] if ep.ip6 is None else [ep.ip, ep.ip6]
+        wg, problems = wireguard_backend.state(config, snap.leases, host_routes, snap.own_subnet, WG_TABLE, local,
+                                               host_routes6)
         desired = replace_desired(desired, wireguard=wg, problems=desired.problems + tuple(problems))
     return desired
 
@@ -89,7 +95,7 @@ class DesiredCache:
     def __init__(self) -> None:
         self._last: tuple[Any, Any, tuple[Any, ...], Desired] | None = None
 
-    def __call__(self, config: BackendConfig, snap: Snapshot, underlay: tuple[ipaddress.IPv4Network, ...]) -> Desired:
+    def __call__(self, config: BackendConfig, snap: Snapshot, underlay: tuple[Net, ...]) -> Desired:
         local = tuple((ep.ip, ep.ip6) for ep in local_endpoints(snap)) if encrypts(snap) else None
         inputs = (config, snap.host, snap.own_subnet, snap.leases, underlay, local)
         last = self._last
@@ -135,6 +141,9 @@ class BackendManager:
         self._direct_installed = True  # unknown at start: the first pass reads the kernel
         self._vtep_mac = ""
         self.problems: tuple[str, ...] = ()  # peers not routed, each named (canal status)
+        # Peers (by lease subnet) whose IPv6 this pass routes directly: the IPv6 tunnel step
+        # leaves their /128s alone.
+        self.direct6_peers: frozenset[ipaddress.IPv4Network] = frozenset()
 
     # Lease -------------------------------------------------------------------------------------
 
@@ -349,10 +358,11 @@ class BackendManager:
             self.vxlan.apply(VxlanState({}, {}, host_routes), vni, routes_only=True)
         wanted = desired.direct
         if self.flannel_mode != "embedded":
-            wanted = {dst: gw for dst, gw in wanted.items() if dst.prefixlen == 32}
+            wanted = {dst: gw for dst, gw in wanted.items() if dst.prefixlen == dst.max_prefixlen}  # /32s, /128s
         self._program_wireguard(config, desired, snap, full)
         problems = list(desired.problems) + (self.direct.add(wanted) if touch_direct else [])
         self._direct_installed = bool(wanted)
+        self.direct6_peers = desired.direct6_peers
         if tuple(problems) != self.problems:
             for problem in problems:
                 log.error("backend %s: %s", config.type, problem)
@@ -373,10 +383,20 @@ class BackendManager:
             return
         own = next((x for x in snap.leases if x.subnet == snap.own_subnet and x.public_ip == self.public_ip), None)
         self._publish_key(config.listen_port, own)
-        self.wireguard.ensure_device(wg_mtu(self.underlay_mtu), state.address)
+        self.wireguard.ensure_device(wg_mtu(self.underlay_mtu), state.address, state.address6)
         self.wireguard.configure(state, full)
         self.wireguard.apply_routes(state.routes, state.table, state.throws)
         self.wireguard.ensure_rule(state.table != RT_TABLE_MAIN)
+
+    def remove6(self) -> None:
+        """Another backend than vxlan: our flannel-v6.<VNI> goes (its routes with it); flanneld's
+        (external mode) is never touched."""
+        vni = self.config.vxlan_vni
+        if self.vxlan6 is not None and self.flannel_mode == "embedded" and self.vxlan6.exists(vni):
+            log.info("backend %s has no IPv6 VXLAN device: removing %s", self.backend().type, device6_name(vni))
+            self.vxlan6.delete_device(vni)
+        self._v6_device = False
+        self._applied6 = None
 
     def program6(self, snap: Snapshot, full: bool, canal_hosts: frozenset[str]) -> Desired6:
         """IPv6 to the peers on the vxlan backend (canal.backends.vxlan6): flannel-v6.<VNI>
@@ -389,7 +409,9 @@ class BackendManager:
         own = self.lease
         if not embedded and own is not None:
             own = replace_desired(own, subnet6=None)  # flanneld routes the subnets: only our /128s here
-        desired = desired6(snap.leases, own, self.public_ip6 if embedded else "", network6, canal_hosts, records)
+        # Peers whose IPv6 the backend step routes directly (DirectRouting) stay off the tunnels.
+        leases = [x for x in snap.leases if x.subnet not in self.direct6_peers]
+        desired = desired6(leases, own, self.public_ip6 if embedded else "", network6, canal_hosts, records)
         vni = self.config.vxlan_vni
         if not full and self._applied6 == desired:
             return desired  # event passes skip the kernel read-back when nothing changed

@@ -404,8 +404,15 @@ class SubnetManager:
         out["BackendType"] = kind
         if data:
             out["BackendData"] = data
+        data6: dict[str, object] = {}
         if dual and kind == "vxlan" and lease.vtep_mac6:
-            out["BackendV6Data"] = {"VNI": self.vni, "VtepMAC": lease.vtep_mac6}
+            data6 = {"VNI": self.vni, "VtepMAC": lease.vtep_mac6}
+        if dual and lease.public_key:
+            # The same key for IPv6 (one device for both families: flanneld's wireguard Mode
+            # "auto" reads a dual-stack peer's key from BackendV6Data).
+            data6.update(PublicKey=lease.public_key, Port=lease.wg_port)
+        if data6:
+            out["BackendV6Data"] = data6
         return dumps(out)
 
 
