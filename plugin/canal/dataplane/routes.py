@@ -18,6 +18,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from canal.dataplane import routedump
 from canal.dataplane.netlink import open_socket
 from canal.errors import Unavailable
 
@@ -79,15 +80,15 @@ class DirectRoutes:
         ours: dict[Net, tuple[str | None, int | None]] = {}
         foreign: set[Net] = set()
         for family in families:
-            for r in self._ipr.get_routes(family=family):
-                if (r.get_attr("RTA_TABLE") or r["table"]) != RT_TABLE_MAIN or not r.get_attr("RTA_DST"):
+            for r in routedump.dump(family, table=RT_TABLE_MAIN):
+                dst = r.dst
+                if dst is None:
                     continue
-                dst = ipaddress.ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
-                if r["proto"] == RTPROT_CANAL_DIRECT:
-                    ours[dst] = (r.get_attr("RTA_GATEWAY"), r.get_attr("RTA_OIF"))
-                elif family == socket.AF_INET and not r.get_attr("RTA_PRIORITY"):
+                if r.protocol == RTPROT_CANAL_DIRECT:
+                    ours[dst] = (str(r.gateway) if r.gateway is not None else None, r.oif)
+                elif family == socket.AF_INET and not r.priority:
                     foreign.add(dst)
-                elif family == socket.AF_INET6 and r["proto"] not in RTPROT_CANAL_TUNNELS and r["type"] == 1:
+                elif family == socket.AF_INET6 and r.protocol not in RTPROT_CANAL_TUNNELS and r.type == 1:
                     # IPv6 routes always carry a metric; a replace takes over Canal's own /128s
                     # of a peer that moved to direct routing (the tunnel step drops them anyway).
                     foreign.add(dst)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from canal.dataplane import routedump
 from canal.dataplane.links import RTPROT_CANAL
 from canal.dataplane.netlink import open_socket
 from canal.errors import Unavailable
@@ -98,11 +99,10 @@ class Routes6:
                 for net, hop in state.routes.items():
                     self._ipr.route("replace", family=socket.AF_INET6, dst=str(net), gateway=str(hop), oif=index,
                                     proto=RTPROT_CANAL)
-                for route in self._ipr.get_routes(family=socket.AF_INET6, proto=RTPROT_CANAL, oif=index):
-                    dst = route.get_attr("RTA_DST")
-                    if dst is None:
+                for route in routedump.dump(socket.AF_INET6, protocol=RTPROT_CANAL, oif=index):
+                    have = route.dst
+                    if not isinstance(have, ipaddress.IPv6Network):
                         continue
-                    have = ipaddress.IPv6Network(f"{dst}/{route['dst_len']}")
                     if have not in state.routes:
                         self._ipr.route("del", family=socket.AF_INET6, dst=str(have), oif=index, proto=RTPROT_CANAL)
                         log.info("removed IPv6 route %s via %s", have, device)

@@ -19,6 +19,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from canal.dataplane import routedump
 from canal.dataplane.links import delete_link
 from canal.dataplane.netlink import open_socket
 from canal.dataplane.vxlan import DEFAULT_PORT, NTF_SELF, NUD_PERMANENT, RT_TABLE_MAIN, RTNH_F_ONLINK, RTPROT_CANAL_VXLAN
@@ -192,11 +193,9 @@ class Vxlan6:
             if msg["ifindex"] == index and dst and mac and ":" in dst:
                 fdb[(mac.lower(), ipaddress.IPv6Address(dst))] = msg["state"]
         ours: dict[ipaddress.IPv6Network, ipaddress.IPv6Address | None] = {}
-        for r in self._ipr.get_routes(family=socket.AF_INET6, table=RT_TABLE_MAIN):
-            dst = r.get_attr("RTA_DST")
-            if dst and r["proto"] == RTPROT_CANAL_VXLAN and r.get_attr("RTA_OIF") == index:
-                gateway = r.get_attr("RTA_GATEWAY")
-                ours[ipaddress.IPv6Network(f"{dst}/{r['dst_len']}")] = ipaddress.IPv6Address(gateway) if gateway else None
+        for r in routedump.dump(socket.AF_INET6, table=RT_TABLE_MAIN, protocol=RTPROT_CANAL_VXLAN, oif=index):
+            if isinstance(r.dst, ipaddress.IPv6Network):
+                ours[r.dst] = r.gateway if isinstance(r.gateway, ipaddress.IPv6Address) else None
         for dst in sorted(set(ours) - set(state.routes)):
             self._route("del", index, dst)
             log.info("%s: route del %s", name, dst)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 from pyroute2.netlink.exceptions import NetlinkError
 
 from canal.config import Secret
+from canal.dataplane import routedump
 from canal.dataplane.cmd import run
 from canal.dataplane.links import _sysctl, delete_link
 from canal.dataplane.netlink import open_socket
@@ -274,17 +275,16 @@ class WireGuard:
                 for family in FAMILIES:
                     if family == socket.AF_INET6 and not any(d.version == 6 for d in want) and not _ipv6():
                         continue
-                    for rt in (RT_TABLE_MAIN, WG_TABLE):
-                        for r in self._ipr.get_routes(family=family, table=rt):
-                            if r["proto"] != RTPROT_CANAL_WG or not r.get_attr("RTA_DST"):
-                                continue
-                            dst = ipaddress.ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
-                            kind = "throw" if r["type"] == RTN_THROW else "unicast"
-                            ok = kind == "throw" or r.get_attr("RTA_OIF") == index
-                            if rt == table and want.get(dst) == kind and ok:
-                                have.add(dst)
-                            else:
-                                self._route("del", dst, rt)
+                    for r in routedump.dump(family, protocol=RTPROT_CANAL_WG):
+                        rt, dst = r.table, r.dst
+                        if rt not in (RT_TABLE_MAIN, WG_TABLE) or dst is None:
+                            continue
+                        kind = "throw" if r.type == RTN_THROW else "unicast"
+                        ok = kind == "throw" or r.oif == index
+                        if rt == table and want.get(dst) == kind and ok:
+                            have.add(dst)
+                        else:
+                            self._route("del", dst, rt)
                 for dst in sorted(set(want) - have, key=lambda n: (n.version, n)):
                     if want[dst] == "throw":
                         self._route("replace", dst, table, kind="throw")
