@@ -488,6 +488,7 @@ class Plugin:
         return Snapshot(
             host=self.host,
             cluster_network=network,
+            subnet_len=self.network_config().subnet_len,
             networks=networks,
             endpoints=endpoints,
             own_subnet=self.lease.subnet if self.lease else None,

@@ -3,6 +3,7 @@ must neither stop the hosts nor reach their kernels, and one host name means one
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
 import time
@@ -47,6 +48,15 @@ def canal(h: SimHost, *args: str) -> dict:
 
 def quarantined(h: SimHost) -> set[str]:
     return set(canal(h, "status")["quarantined"])
+
+
+LEASES = "/coreos.com/network/subnets/"
+HALF_LEASE = LEASES + "0.0.0.0-1"
+
+
+def leases(etcd: Etcd) -> dict[str, dict]:
+    out = etcd.etcdctl("get", "--prefix", LEASES).stdout.splitlines()
+    return {key: json.loads(value) for key, value in zip(out[::2], out[1::2])}
 
 
 def net(h: SimHost, name: str) -> None:
@@ -96,9 +106,20 @@ def test_poisoned_records_are_quarantined_and_both_hosts_keep_working(c):
     db = ip_of(h1, "db")
     h2.exec([h2.plugin_argv()[0], "-m", "canal", "policy", "apply", "-f", "-"], input=json.dumps(POLICY))
     wait_until(lambda: tcp(h2, "web", db) and not tcp(h2, "batch", db), timeout=10)
+    poison_leases: list[str] = []
     try:
         for key, value in POISON.items():
             etcd.etcdctl("put", key, json.dumps(value))
+        # Hostile leases (any host can write one): half of everything, and the lower half of
+        # h1's subnet, more specific than h1's own route (db's address is in it).
+        sub1 = ipaddress.IPv4Network(next(
+            k.rsplit("/", 1)[1].split("&")[0].replace("-", "/") for k, v in leases(etcd).items() if v["PublicIP"] == h1.address))
+        inner = next(sub1.subnets())
+        assert ipaddress.IPv4Address(db) in inner
+        for key, addr in ((HALF_LEASE, "198.18.0.66"), (f"{LEASES}{inner.network_address}-{inner.prefixlen}", "198.18.0.67")):
+            etcd.etcdctl("put", key, json.dumps({"PublicIP": addr, "BackendType": "vxlan",
+                                                 "BackendData": {"VtepMAC": "aa:bb:cc:00:00:66"}}))
+            poison_leases.append(key)
         etcd.etcdctl("put", "/canal/v1/endpoints/" + "d" * 64, "{not json")
         poisoned = set(POISON) | {"/canal/v1/endpoints/" + "d" * 64}
         # Positive control: every record reached both plugins (and was refused there).
@@ -109,6 +130,13 @@ def test_poisoned_records_are_quarantined_and_both_hosts_keep_working(c):
         assert tcp(h2, "new2", db) and tcp(h2, "web", db)
         assert not tcp(h2, "batch", db)
         assert tcp(h2, "new2", ip_of(h1, "new1"))
+        # The hostile leases reached both plugins (named in their status) and no kernel route.
+        for h in (h1, h2):
+            wait_until(lambda h=h: {"198.18.0.66", "198.18.0.67"} <= {
+                p.split()[1] for p in canal(h, "status")["backend"]["problems"] if p.startswith("peer ")}, timeout=15)
+            dsts = {r["dst"] for r in json.loads(h.ip("-j", "route", "show", "table", "main").stdout)}
+            assert "0.0.0.0/1" not in dsts and str(inner) not in dsts, dsts
+        assert tcp(h2, "web", db)
         # The hostile pool never reached a kernel: the cluster set holds only real networks.
         for h in (h1, h2):
             members = h.exec(["ipset", "list", "canal-nets"]).stdout
@@ -119,7 +147,7 @@ def test_poisoned_records_are_quarantined_and_both_hosts_keep_working(c):
         etcd.etcdctl("del", "/canal/v1/policies/net/appnet/broken")
         wait_until(lambda: tcp(h2, "web", db), timeout=10)
     finally:
-        for key in list(POISON) + ["/canal/v1/endpoints/" + "d" * 64, "/canal/v1/policies/net/appnet/broken"]:
+        for key in list(POISON) + poison_leases + ["/canal/v1/endpoints/" + "d" * 64, "/canal/v1/policies/net/appnet/broken"]:
             etcd.etcdctl("del", key)
         h2.exec([h2.plugin_argv()[0], "-m", "canal", "policy", "delete", "db-from-web"], check=False)
     wait_until(lambda: not quarantined(h1) and not quarantined(h2), timeout=10)

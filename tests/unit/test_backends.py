@@ -105,3 +105,38 @@ def test_bad_lease_data_is_refused_at_parse():
         Lease.parse("10.1.4.0-24", {"PublicIP": "198.18.0.4", "BackendType": "Host GW!"})
     lease = Lease.parse("10.1.4.0-24", {"PublicIP": "198.18.0.4", "BackendType": "host-gw"})
     assert lease.backend_type == "host-gw" and lease.vtep_mac == ""
+
+
+def test_leases_outside_the_cluster_network_or_overlapping_genuine_ones_are_never_routed():
+    """A lease key any host can write must neither divert traffic nor knock out genuine peers:
+    0.0.0.0/1 (half of everything), a /25 inside a peer's /24 (more specific than the peer's
+    route), the whole cluster network as one lease, a /23 over our own /24."""
+    import dataclasses
+
+    from canal.agent.desired import Snapshot
+    from canal.backends.manager import desired_state, routable_leases
+
+    half = Lease(N("0.0.0.0/1"), "198.18.0.66", "aa:bb:cc:00:00:66")
+    inside_peer = Lease(N("10.1.2.128/25"), "198.18.0.67", "aa:bb:cc:00:00:67")
+    everything = Lease(N("10.1.0.0/16"), "198.18.0.68", "aa:bb:cc:00:00:68")
+    over_us = Lease(N("10.1.0.0/23"), "198.18.0.69", "aa:bb:cc:00:00:69")
+    far = Lease(N("10.1.9.0/24"), "198.18.0.9", "aa:bb:cc:00:00:09")
+    hostile = (half, inside_peer, everything, over_us)
+    snap = Snapshot("h1", "10.1.0.0/16", {}, {}, own_subnet=OWN, subnet_len=24, leases=(ME, VX, far, *hostile))
+    # Positive control: the backend alone, given every lease, routes the hostile ones.
+    raw = vxlan.desired(BackendConfig("vxlan"), snap.leases, [], OWN, ())
+    assert {N("0.0.0.0/1"), N("10.1.2.128/25"), N("10.1.0.0/16")} <= set(raw.vxlan.routes)
+    kept, problems = routable_leases(snap.leases, snap.cluster_network, OWN, 24)
+    assert sorted(kept, key=lambda x: x.subnet) == [ME, VX, far]
+    assert len(problems) == 4
+    assert any("198.18.0.66" in p and "outside the cluster network 10.1.0.0/16" in p for p in problems)
+    assert any("198.18.0.67" in p and "overlaps the lease 10.1.2.0/24" in p for p in problems)
+    assert any("198.18.0.68" in p and "overlaps" in p for p in problems)
+    assert any("198.18.0.69" in p and "overlaps this host's subnet" in p for p in problems)
+    desired = desired_state(BackendConfig("vxlan"), snap, ())
+    assert set(desired.vxlan.routes) == {N("10.1.2.0/24"), N("10.1.9.0/24")} and len(desired.problems) == 4
+    # SubnetLen unknown: overlapping leases are all left out (none diverts traffic).
+    kept, _ = routable_leases((ME, VX, inside_peer), "10.1.0.0/16", OWN)
+    assert kept == [ME]
+    unknown = dataclasses.replace(snap, subnet_len=0, leases=(ME, VX, far, inside_peer))
+    assert set(desired_state(BackendConfig("vxlan"), unknown, ()).vxlan.routes) == {N("10.1.9.0/24")}

@@ -95,7 +95,7 @@ def test_vxlan_direct_routing_v6_per_peer_others_over_the_tunnel():
 def test_the_v6_tunnel_leaves_directly_routed_peers_alone():
     records = {str(ip): RouteRecord(ip, host, subnet) for ip, host, subnet in [
         (A6("fd00:9::7"), "h2", VX.subnet), (A6("fd00:9::8"), "h3", VX_FAR6.subnet)]}
-    s = dataclasses.replace(snap(), own_subnet=OWN, leases=(ME, VX, VX_FAR6), routes6=records)
+    s = dataclasses.replace(snap(), cluster_network="10.0.0.0/8", own_subnet=OWN, leases=(ME, VX, VX_FAR6), routes6=records)
     assert remote_routes6(s) == [(A6("fd00:9::7"), VX.vtep_mac), (A6("fd00:9::8"), VX_FAR6.vtep_mac)]
     assert remote_routes6(s, exclude=frozenset({VX.subnet})) == [(A6("fd00:9::8"), VX_FAR6.vtep_mac)]
     desired = desired_state(BackendConfig("vxlan", direct_routing=True), s, UNDERLAY)

@@ -82,7 +82,7 @@ def test_cluster_backend_routes_in_main_and_other_backends_use_the_marked_table(
     vx_me = dataclasses.replace(ME, backend_type="vxlan", vtep_mac="aa:bb:cc:00:00:01")
     vx_p2 = dataclasses.replace(P2, backend_type="vxlan", vtep_mac="aa:bb:cc:00:00:02")
     plain = snap({"n1": NET}, {"e1": EP})
-    plain = dataclasses.replace(plain, own_subnet=OWN, leases=(vx_me, vx_p2))
+    plain = dataclasses.replace(plain, cluster_network="10.0.0.0/8", own_subnet=OWN, leases=(vx_me, vx_p2))
     assert desired_state(BackendConfig("vxlan"), plain, ()).wireguard is None
     secret = dataclasses.replace(plain, networks={k: dataclasses.replace(n, encrypted=True) for k, n in plain.networks.items()})
     desired = desired_state(BackendConfig("vxlan"), secret, ())
@@ -208,7 +208,8 @@ def test_the_backends_desired_state_is_recomputed_only_when_an_input_changes(mon
     monkeypatch.setattr(manager, "desired_state", lambda *a: calls.append(1) or real(*a))
     vx = [dataclasses.replace(x, backend_type="vxlan", vtep_mac=f"aa:bb:cc:00:00:0{i}") for i, x in enumerate((ME, P2))]
     routes = {"10.9.0.7": RouteRecord(A("10.9.0.7"), "h2", N("10.1.2.0/24"))}
-    base = dataclasses.replace(snap({"n1": NET}, {"e1": EP}), own_subnet=OWN, leases=tuple(vx), routes=routes)
+    base = dataclasses.replace(snap({"n1": NET}, {"e1": EP}), cluster_network="10.0.0.0/8", own_subnet=OWN,
+                               leases=tuple(vx), routes=routes)
     cache, config = manager.DesiredCache(), BackendConfig("vxlan")
     first = cache(config, base, ())
     assert N("10.9.0.7/32") in first.vxlan.routes

@@ -65,6 +65,7 @@ class Snapshot:
     cluster_network6: str = ""  # the cluster's IPv6 network ("": none configured)
     routes6: Mapping[str, RouteRecord] = field(default_factory=dict)  # ip6 -> /128 route record (multi-host)
     own_subnet6: ipaddress.IPv6Network | None = None  # this host's IPv6 subnet of a dual-stack lease
+    subnet_len: int = 0  # flannel's SubnetLen: the size every genuine lease has (0: not known)
     # flannel's wireguard backend: every endpoint's traffic between hosts is encrypted.
     encrypt_all: bool = False
     # The agent's passes: memberships kept incrementally from the same records (canal.agent.index),

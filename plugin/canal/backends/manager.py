@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from dataclasses import replace as replace_desired
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from canal.agent.desired import Snapshot, local_endpoints
 from canal.backends import hostgw, vxlan as vxlan_backend, wireguard as wireguard_backend
@@ -61,10 +61,47 @@ def write_subnet_env(network: str, subnet: ipaddress.IPv4Network, mtu: int, path
     os.replace(tmp, path)
 
 
+def routable_leases(leases: Iterable[Lease], cluster_network: str, own: ipaddress.IPv4Network | None,
+                    subnet_len: int = 0) -> tuple[list[Lease], list[str]]:
+    """The leases whose IPv4 subnet may become a route here. Any host can write a lease key,
+    and flanneld trusts them: one for 0.0.0.0/1 would pull half of this host's traffic into
+    the tunnel towards its writer, one for half a peer's subnet (more specific) half of that
+    peer's containers. So a lease must lie inside the cluster network, and where subnets
+    overlap, only leases of the cluster's SubnetLen (all flannel ever hands out; such leases
+    cannot partly overlap each other) and this host's own subnet stand: a lease of another
+    size that overlaps anything is left out, so one key can neither divert nor knock out
+    genuine peers."""
+    try:
+        network = ipaddress.IPv4Network(cluster_network)
+    except ValueError:
+        return [], [f"cluster network {cluster_network!r} is not an IPv4 CIDR: no peer routed"]
+    ordered = sorted(leases, key=lambda x: (x.subnet, x.public_ip))
+    subnets = {x.subnet for x in ordered} | ({own} if own is not None else set())
+
+    def standard(subnet: ipaddress.IPv4Network) -> bool:
+        return subnet == own or subnet.prefixlen == subnet_len
+
+    out, problems = [], []
+    for lease in ordered:
+        who = f"peer {lease.public_ip} (subnet {lease.subnet})"
+        clash = sorted((o for o in subnets if o != lease.subnet and lease.subnet.overlaps(o)
+                        and (standard(o) or not standard(lease.subnet))), key=lambda o: (not standard(o), o))
+        if not lease.subnet.subnet_of(network):
+            problems.append(f"{who}: its subnet is outside the cluster network {network}; not routed")
+        elif clash and lease.subnet != own:
+            holder = "this host's subnet" if clash[0] == own else f"the lease {clash[0]}"
+            problems.append(f"{who}: its subnet overlaps {holder}; not routed")
+        else:
+            out.append(lease)
+    return out, problems
+
+
 def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[Net, ...]) -> Desired:
     """The backend's desired state for this snapshot: pure (the underlay's prefixes, both
     families, passed in)."""
     config.require_supported()
+    leases, refused = routable_leases(snap.leases, snap.cluster_network, snap.own_subnet, snap.subnet_len)
+    snap = replace_desired(snap, leases=tuple(leases))
     host_routes = [HostRoute(r.ip, r.subnet) for r in snap.routes.values()
                    if r.host != snap.host and isinstance(r.ip, ipaddress.IPv4Address)]
     host_routes6 = [HostRoute6(r.ip, r.subnet) for r in snap.routes6.values()
@@ -78,6 +115,8 @@ def desired_state(config: BackendConfig, snap: Snapshot, underlay: tuple[Net, ..
         wg, problems = wireguard_backend.state(config, snap.leases, host_routes, snap.own_subnet, WG_TABLE, local,
                                                host_routes6)
         desired = replace_desired(desired, wireguard=wg, problems=desired.problems + tuple(problems))
+    if refused:
+        desired = replace_desired(desired, problems=tuple(refused) + desired.problems)
     return desired
 
 
@@ -97,7 +136,7 @@ class DesiredCache:
 
     def __call__(self, config: BackendConfig, snap: Snapshot, underlay: tuple[Net, ...]) -> Desired:
         local = tuple((ep.ip, ep.ip6) for ep in local_endpoints(snap)) if encrypts(snap) else None
-        inputs = (config, snap.host, snap.own_subnet, snap.leases, underlay, local)
+        inputs = (config, snap.host, snap.cluster_network, snap.subnet_len, snap.own_subnet, snap.leases, underlay, local)
         last = self._last
         if last is not None and last[0] is snap.routes and last[1] is snap.routes6 and last[2] == inputs:
             return last[3]
