@@ -166,7 +166,7 @@ class Plugin:
             check_interval=max(300.0, 10 * config.resync_interval),
         )
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
-                                                 linkmod.local_addresses)
+                                                 linkmod.local_addresses46)
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger,
                              quiet=(self.keys.root + "/hosts/", self.keys.root + "/ipam/"))
         # The agent's passes: endpoints as a live view with a change journal, and the set

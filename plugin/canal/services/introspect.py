@@ -14,7 +14,7 @@ from canal.agent.desired import Snapshot
 from canal.errors import BadRequest
 from canal.policy.model import load_documents
 
-EXPLAIN_FIELDS = ("src", "dst", "protocol", "port", "published")
+EXPLAIN_FIELDS = ("src", "dst", "protocol", "port", "published", "family")
 
 
 class PolicyIntrospection:
@@ -22,17 +22,17 @@ class PolicyIntrospection:
                  local_addresses: Callable[[], set[str]] = set):
         self.snapshot = snapshot
         self.counters = counters  # iptables-save -c -t filter of this host
-        self.local_addresses = local_addresses  # this host's own IPv4 addresses
+        self.local_addresses = local_addresses  # this host's own addresses, IPv4 and IPv6
 
     def explain(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
-            raise BadRequest("explain: body must be an object {src, dst, protocol?, port?, published?}")
+            raise BadRequest("explain: body must be an object {src, dst, protocol?, port?, published?, family?}")
         unknown = sorted(set(body) - set(EXPLAIN_FIELDS))
         if unknown:
             raise BadRequest(f"explain: unknown field(s) {', '.join(map(str, unknown))}; expected {', '.join(EXPLAIN_FIELDS)}")
         for name in ("src", "dst"):
             if not isinstance(body.get(name), str) or not body[name]:
-                raise BadRequest(f"explain: {name} must be a container name or ID, or an IPv4 address")
+                raise BadRequest(f"explain: {name} must be a container name or ID, or an IPv4 or IPv6 address")
         protocol = body.get("protocol")
         if protocol is not None and not isinstance(protocol, str):
             raise BadRequest("explain: protocol must be tcp, udp or icmp")
@@ -42,8 +42,11 @@ class PolicyIntrospection:
         published = body.get("published", False)
         if not isinstance(published, bool):
             raise BadRequest("explain: published must be true or false")
+        family = body.get("family")
+        if family is not None and (isinstance(family, bool) or family not in (4, 6)):
+            raise BadRequest("explain: family must be 4 or 6")
         return ex.explain(self.snapshot(), body["src"], body["dst"], protocol, port, published,
-                          frozenset(self.local_addresses()))
+                          frozenset(self.local_addresses()), family)
 
     def dry_run(self, text: str) -> dict[str, Any]:
         policies = load_documents(text)
