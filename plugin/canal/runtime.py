@@ -317,8 +317,9 @@ class Plugin:
             local = [ep for ep in snap.endpoints.values() if ep.host == self.host]
             # pending: closed because their labels or network name are not known yet
             endpoints, pending = len(local), sorted(ep.id[:12] for ep in local if not identity_known(snap, ep))
+            endpoints6: Optional[int] = sum(1 for ep in local if ep.ip6 is not None)
         except Unavailable:  # the datastore not read yet
-            endpoints, pending = None, []
+            endpoints, pending, endpoints6 = None, [], None
         reachable, store_error = True, ""
         try:
             self.store.get(self.keys.host(self.host))  # one read: does the datastore answer now?
@@ -337,6 +338,7 @@ class Plugin:
             "last_error": self.agent.last_error,
             "docker_error": self.docker.last_error,
             "endpoints": endpoints,
+            "endpoints6": endpoints6,  # of them, those with an IPv6 address (--ipv6 networks)
             "pending_endpoints": pending,
             "quarantined": {key: why for key, (_rev, why) in sorted(self.mirror.quarantined.items())},
             "quarantined_total": self.mirror.quarantined_total,
