@@ -210,7 +210,8 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         for ep in local_endpoints(snap)
         if ep.joined
         for b in ep.ports
-        if snap.held_ports.get((b.proto, str(b.host_ip or ""), b.host_port)) == ep.id
+        if (b.host_ip is None or b.host_ip.version == 4)
+        and snap.held_ports.get((b.proto, str(b.host_ip or ""), b.host_port)) == ep.id
     )
     # Published ports: DNAT of traffic to the host's own addresses (from other hosts, from this
     # one, loopback included), so remote clients keep their address for the container's policy.
@@ -231,8 +232,40 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         "-j MASQUERADE",
     ]
     state.jumps.append(Jump("nat", "POSTROUTING", POSTROUTING))
+    _published6(snap, state)
     _encryption(snap, state)
     return state
+
+
+def _published6(snap: Snapshot, state: FirewallState) -> None:
+    """Published ports over IPv6 (ip6tables' nat), for endpoints with an IPv6 address: a binding
+    on every address (the IPv6 port held as `::`) or on an IPv6 one, as Docker's bridge does.
+    No ::1: IPv6 has no route_localnet, the kernel never sends a loopback source out of a veth."""
+    if not ipv6_networks_here(snap):
+        return
+    published = sorted(
+        (b, str(ep.ip6))
+        for ep in local_endpoints(snap)
+        if ep.joined and ep.ip6 is not None
+        for b in ep.ports
+        if (b.host_ip is None or b.host_ip.version == 6)
+        and snap.held_ports.get((b.proto, str(b.host_ip or ANY6), b.host_port)) == ep.id
+    )
+    if not published:
+        return
+    state.chains6[("nat", DNAT)] = ["-m addrtype ! --dst-type LOCAL -j RETURN"] + [
+        f"{f'-d {b.host_ip}/128 ' if b.host_ip is not None and not b.host_ip.is_unspecified else ''}"
+        f"-p {b.proto} -m {b.proto} --dport {b.host_port} -j DNAT --to-destination [{ip}]:{b.port}"
+        for b, ip in published
+    ]
+    state.jumps6 += [Jump("nat", "PREROUTING", DNAT), Jump("nat", "OUTPUT", DNAT)]
+    # A container to its own published port (hairpin) answers the host end of its veth.
+    state.chains6[("nat", POSTROUTING)] = sorted({
+        f"-s {ip}/128 -d {ip}/128 -p {b.proto} -m {b.proto} --dport {b.port} -j MASQUERADE" for b, ip in published})
+    state.jumps6.append(Jump("nat", "POSTROUTING", POSTROUTING))
+
+
+ANY6 = "::"  # the IPv6 half of a binding on every address is held as [::]:PORT
 
 
 def ipv6_networks_here(snap: Snapshot) -> bool:

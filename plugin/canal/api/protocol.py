@@ -383,12 +383,17 @@ def _check_portmap(path: str, value: Any) -> list[PortRequest]:
         host_ip = entry.get("HostIP") or ""
         if not isinstance(host_ip, str):
             raise _Refused(f"{where}.HostIP", f"must be a string, got {_kind(host_ip)}")
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
         try:
-            address = ipaddress.IPv4Address(host_ip) if host_ip else None
+            address = ipaddress.ip_address(host_ip) if host_ip else None
         except ValueError:
-            raise _Refused(f"{where}.HostIP", f"must be an IPv4 address or empty (IPv6 is not supported), got {_show(host_ip)}") from None
-        if address is not None and address.is_unspecified:
-            address = None
+            raise _Refused(f"{where}.HostIP", f"must be an IPv4 or IPv6 address or empty, got {_show(host_ip)}") from None
+        if isinstance(address, ipaddress.IPv6Address) and (address.scope_id or address.ipv4_mapped
+                                                            or address.is_link_local or address.is_multicast):
+            raise _Refused(f"{where}.HostIP", f"must be a plain IPv6 address (no zone, IPv4-mapped, link-local "
+                                              f"or multicast), got {_show(host_ip)}")
+        if address is not None and address.version == 4 and address.is_unspecified:
+            address = None  # 0.0.0.0: every address (IPv6 too on an --ipv6 network, as Docker's bridge)
         port = _check_port(f"{where}.Port", entry.get("Port"), 1)
         host_port = _check_port(f"{where}.HostPort", entry.get("HostPort", 0), 0)
         end = _check_port(f"{where}.HostPortEnd", entry.get("HostPortEnd", 0) or host_port, 0)
