@@ -305,6 +305,20 @@ def _check_ipv6_data(path: str, value: list) -> list:
     return _ip_data(path, value, _pool6, _gateway6, _aux6)
 
 
+def _check_swarm_ip_data(path: str, value: list) -> list:
+    """AllocateNetwork's IPv4Data: Docker 20.10's Swarm allocator lists every pool of a swarm
+    network there, the IPv6 one of an --ipv6 network too; each pool, gateway and aux address is
+    checked as its own family's (the nodes' CreateNetwork then gets them split by family)."""
+    def six(v: Any) -> bool:
+        return isinstance(v, str) and ":" in v
+
+    return _ip_data(
+        path, value,
+        lambda p, v: (_pool6 if six(v) else _pool4)(p, v),
+        lambda p, v: (_gateway6 if six(v) else _check_cidr_or_empty)(p, v),
+        lambda p, v: (_aux6 if isinstance(v, dict) and any(six(x) for x in v.values()) else _aux4)(p, v))
+
+
 def _check_mac(path: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _Refused(path, f"must be a string, got {_kind(value)}")
@@ -441,7 +455,7 @@ class CreateNetwork:
 class AllocateNetwork:
     NetworkID: str = _required(_check_network_id)
     Options: dict = _options()
-    IPv4Data: list = _field(factory=list, check=_check_ipv4_data)
+    IPv4Data: list = _field(factory=list, check=_check_swarm_ip_data)
     IPv6Data: list = _field(factory=list, check=_check_ipv6_data)
 
 
