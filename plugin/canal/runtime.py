@@ -166,7 +166,7 @@ class Plugin:
             check_interval=max(300.0, 10 * config.resync_interval),
         )
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
-                                                 linkmod.local_addresses46)
+                                                 linkmod.local_addresses46, self._counters6)
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger,
                              quiet=(self.keys.root + "/hosts/", self.keys.root + "/ipam/"))
         # The agent's passes: endpoints as a live view with a change journal, and the set
@@ -220,6 +220,11 @@ class Plugin:
             log.warning("published ports not held, so not DNATed (a host process holds them, or the "
                         "records are not this plugin's): %s", "; ".join(problems)[:1000])
         self._port_problems = problems
+
+    def _counters6(self) -> str:
+        """ip6tables-save -c of the filter table ("" on a kernel without IPv6)."""
+        ip6 = self.agent.firewall.ip6tables
+        return ip6.save_counters() if ip6 is not None else ""
 
     def held_ports(self) -> dict[tuple[str, str, int], str]:
         return {(k.proto, str(k.ip or ""), k.port): endpoint for k, endpoint in self.reservations.held().items()}

@@ -99,6 +99,7 @@ def test_published_port_over_ipv6_from_another_host_this_host_and_containers(b):
     assert h.docker("exec", "srv", "nc", "-w", "2", HOST_IP6, "8080").stdout.strip() == "hello-srv"
     nat6 = [r for r in h.exec(["ip6tables-nft-save", "-t", "nat"]).stdout.splitlines() if r.startswith("-A CANAL-DNAT")]
     assert nat6[1:] == [f"-A CANAL-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination [{srv6}]:80"], nat6
+    assert canal(h, "port", "srv", raw=True).stdout.split("\n")[:2] == ["80/tcp -> 0.0.0.0:8080", "80/tcp -> [::]:8080"]
     # The IPv6 port is held too: a host process cannot take [::]:8080 (IPV6_V6ONLY) from under it.
     taken = h.exec(["python3", "-c", "import socket; s=socket.socket(socket.AF_INET6); "
                     "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); s.bind(('::', 8080))"], check=False)
@@ -128,6 +129,13 @@ def test_policy_decides_published_traffic_over_ipv6_as_over_ipv4(b):
     wait_until(lambda: both() == ("", ""), timeout=10, what="published port closed to the client in both families")
     v6 = canal(h, "policy", "explain", CLIENT_IP6, "srv", "--port", "80", "--published", "-o", "json")
     assert v6["verdict"] == "denied" and v6["flow"]["family"] == 6 and v6["ingress"]["reason"] == "default-deny"
+
+    def denied() -> int:  # `canal policy stats` sums both families' counters
+        rows = canal(h, "policy", "stats", "-o", "json")["implicit"]
+        return sum(r["packets"] for r in rows if r["container"] == "srv" and r["outcome"] == "default-deny")
+    before = denied()
+    assert tcp(client.exec, HOST_IP6, 8080, tries=1) == ""  # IPv6 only
+    assert denied() > before
     apply(h, only_from(["198.18.0.2/32", f"{CLIENT_IP6}/128"]))
     wait_until(lambda: both() == ("hello-srv", "hello-srv"), timeout=10, what="published port open to the client again")
     v6 = canal(h, "policy", "explain", CLIENT_IP6, "srv", "--port", "80", "--published", "-o", "json")

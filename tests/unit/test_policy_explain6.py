@@ -138,3 +138,43 @@ def test_ipv6_host_addresses_meet_the_workload_to_host_setting():
         a = ex.explain(snap, "web", "2001:2::9", host_addresses=own)
         assert a["verdict"] == verdict and "workload-to-host" in a["ingress"]["explanation"], a
         assert a["flow"]["family"] == 6
+
+
+def _saved(table) -> str:
+    lines = ["*filter"]
+    for chain, rules in table.chains.items():
+        for i, rule in enumerate(rules):
+            lines.append(f"[{i + 1}:{(i + 1) * 100}] -A {chain} {rule}")
+    return "\n".join(lines + ["COMMIT"])
+
+
+def test_stats_of_both_families_are_summed_per_rule():
+    eps, pols = fixed()
+    snap = dual(snapshot(eps, pols), without=("far",))
+    four = ex.policy_stats(snap, _saved(ex.Cluster(snap, 4).host("h1")[0]))
+    six = ex.policy_stats(snap, _saved(ex.Cluster(snap, 6).host("h1")[0]), family=6)
+    assert four["stale"] == [] and six["stale"] == []
+    (r4,) = [r for r in four["rules"] if r["policy"] == "front/db"]
+    (r6,) = [r for r in six["rules"] if r["policy"] == "front/db"]
+    both = ex.merge_stats(four, six)
+    (r,) = [r for r in both["rules"] if r["policy"] == "front/db"]
+    assert r["packets"] == r4["packets"] + r6["packets"] and r["bytes"] == r4["bytes"] + r6["bytes"]
+    assert len(both["implicit"]) == len(four["implicit"])  # same endpoints and outcomes, counted once each
+    # An IPv6 chain not programmed as compiled is named as IPv6's.
+    assert any(c.startswith("ip6:CANAL-") for c in ex.policy_stats(snap, "", family=6)["stale"])
+
+
+def test_introspection_reads_ip6tables_counters_only_with_an_ipv6_network():
+    from canal.services.introspect import PolicyIntrospection
+
+    eps, pols = fixed()
+    plain = snapshot(eps, pols)
+    snap = dual(plain)
+    v4 = _saved(ex.Cluster(snap, 4).host("h1")[0])
+    v6 = _saved(ex.Cluster(snap, 6).host("h1")[0])
+    read = []
+    stats = PolicyIntrospection(lambda: snap, lambda: v4, counters6=lambda: read.append(6) or v6).stats()
+    assert read == [6] and stats["stale"] == []
+    PolicyIntrospection(lambda: plain, lambda: _saved(ex.Cluster(plain, 4).host("h1")[0]),
+                        counters6=lambda: read.append(6) or "").stats()
+    assert read == [6]  # not read again: no --ipv6 network, no IPv6 policy chains

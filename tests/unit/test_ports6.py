@@ -109,3 +109,13 @@ def test_reservations_hold_the_ipv6_port_apart_and_see_it_taken():
                 r.reserve(HostPort("tcp", port, ANY6), "e1")  # a host process holds it: refused
     finally:
         r.close()
+
+
+def test_canal_port_lists_the_ipv6_half_of_a_binding():
+    from canal.agent.desired import endpoint_rows
+
+    bindings = (PortBinding("tcp", 80, 8080), PortBinding("tcp", 81, 8081, ipaddress.IPv6Address("::")))
+    rows = {r["endpoint"]: r for r in endpoint_rows(published(True, *bindings))}
+    assert rows[EP[:12]]["ports"] == ["80/tcp -> 0.0.0.0:8080", "80/tcp -> [::]:8080", "81/tcp -> [::]:8081"]
+    rows = {r["endpoint"]: r for r in endpoint_rows(published(False, PortBinding("tcp", 80, 8080)))}
+    assert rows[EP[:12]]["ports"] == ["80/tcp -> 0.0.0.0:8080"]  # no IPv6 address: IPv4 only

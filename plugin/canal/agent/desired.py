@@ -450,6 +450,17 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
             # pending: labels or network name unknown, so closed until learned
             "state": "pending" if info.labels is None else "joined" if ep.joined else "created",
             "policies": applied_policies(info, list(snap.policies)) if ep.joined else [],
-            "ports": [str(b) for b in ep.ports],
+            "ports": _port_lines(ep),
         })
     return rows
+
+
+def _port_lines(ep: EndpointRecord) -> list[str]:
+    """As `docker port` prints them: a binding on every address of a dual-stack container is
+    published over IPv6 too (held as [::]:PORT), so it is listed twice, as Docker lists it."""
+    lines = []
+    for b in ep.ports:
+        lines.append(str(b))
+        if b.host_ip is None and ep.ip6 is not None:
+            lines.append(f"{b.port}/{b.proto} -> [{ANY6}]:{b.host_port}")
+    return lines

@@ -551,12 +551,13 @@ def parse_counters(text: str) -> Dict[str, List[Tuple[int, int, str]]]:
     return out
 
 
-def policy_stats(snap: Snapshot, saved: str) -> Dict[str, Any]:
+def policy_stats(snap: Snapshot, saved: str, family: int = 4) -> Dict[str, Any]:
     """Packets and bytes per policy rule and per implicit outcome on this host, from the kernel's
-    counters, mapped to policies through the notes of the same compiled chains. A kernel chain
-    that differs from the compiled one (a pass not applied yet) is reported as stale, not guessed."""
+    counters (`saved`: iptables-save -c, ip6tables-save -c for family 6), mapped to policies
+    through the notes of the same compiled chains. A kernel chain that differs from the compiled
+    one (a pass not applied yet) is reported as stale, not guessed."""
     kernel = parse_counters(saved)
-    cluster = Cluster(snap)
+    cluster = Cluster(snap, family)
     table, notes = cluster.host(snap.host)
     rules: Dict[Tuple[str, str, int], Dict[str, Any]] = {}
     implicit: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
@@ -589,5 +590,25 @@ def policy_stats(snap: Snapshot, saved: str) -> Dict[str, Any]:
         "host": snap.host,
         "rules": sorted(rules.values(), key=lambda r: (r["policy"], r["direction"], r["rule"])),
         "implicit": sorted(implicit.values(), key=lambda r: (r["address"], r["direction"], r["outcome"])),
-        "stale": stale,
+        "stale": stale if family == 4 else [f"ip6:{c}" for c in stale],
+    }
+
+
+def merge_stats(four: Dict[str, Any], six: Dict[str, Any]) -> Dict[str, Any]:
+    """policy_stats of both families as one: a rule's packets over IPv4 and IPv6 summed (one
+    policy rule renders into both tables); IPv6's stale chains listed as ip6:CHAIN."""
+    def summed(a: List[Dict[str, Any]], b: List[Dict[str, Any]], key: Tuple[str, ...]) -> List[Dict[str, Any]]:
+        out: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+        for row in [*a, *b]:
+            k = tuple(row[f] for f in key)
+            if k in out:
+                out[k] = {**out[k], "packets": out[k]["packets"] + row["packets"], "bytes": out[k]["bytes"] + row["bytes"]}
+            else:
+                out[k] = dict(row)
+        return [out[k] for k in sorted(out, key=lambda k: tuple(str(x) for x in k))]
+    return {
+        "host": four["host"],
+        "rules": summed(four["rules"], six["rules"], ("policy", "direction", "rule")),
+        "implicit": summed(four["implicit"], six["implicit"], ("endpoint", "direction", "outcome")),
+        "stale": [*four["stale"], *six["stale"]],
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from canal.agent import explain as ex
-from canal.agent.desired import Snapshot
+from canal.agent.desired import Snapshot, ipv6_networks_here
 from canal.errors import BadRequest
 from canal.policy.model import load_documents
 
@@ -19,9 +19,10 @@ EXPLAIN_FIELDS = ("src", "dst", "protocol", "port", "published", "family")
 
 class PolicyIntrospection:
     def __init__(self, snapshot: Callable[[], Snapshot], counters: Callable[[], str],
-                 local_addresses: Callable[[], set[str]] = set):
+                 local_addresses: Callable[[], set[str]] = set, counters6: Callable[[], str] = str):
         self.snapshot = snapshot
         self.counters = counters  # iptables-save -c -t filter of this host
+        self.counters6 = counters6  # the same of ip6tables ("": none)
         self.local_addresses = local_addresses  # this host's own addresses, IPv4 and IPv6
 
     def explain(self, body: Any) -> dict[str, Any]:
@@ -59,4 +60,10 @@ class PolicyIntrospection:
         return ex.dry_run(self.snapshot(), policies)
 
     def stats(self) -> dict[str, Any]:
-        return ex.policy_stats(self.snapshot(), self.counters())
+        """Both families' counters, summed per rule and outcome (IPv6's only with an --ipv6
+        network here: without one ip6tables holds no policy chains)."""
+        snap = self.snapshot()
+        four = ex.policy_stats(snap, self.counters())
+        if not ipv6_networks_here(snap):
+            return four
+        return ex.merge_stats(four, ex.policy_stats(snap, self.counters6(), family=6))
