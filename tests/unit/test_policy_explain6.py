@@ -16,7 +16,7 @@ from test_policy_explain import EXTERNAL, NETS, PORTS, endpoint, fixed, random_p
 
 from canal.agent import explain as ex
 from canal.errors import BadRequest
-from canal.policy.model import EntityRule, Policy
+from canal.policy.model import INGRESS, NETWORK, EntityRule, Policy, Rule
 
 EXTERNAL6 = ["2001:2::5", "2001:2:0:1::3"]  # EXTERNAL's counterparts
 
@@ -178,3 +178,19 @@ def test_introspection_reads_ip6tables_counters_only_with_an_ipv6_network():
     PolicyIntrospection(lambda: plain, lambda: _saved(ex.Cluster(plain, 4).host("h1")[0]),
                         counters6=lambda: read.append(6) or "").stats()
     assert read == [6]  # not read again: no --ipv6 network, no IPv6 policy chains
+
+
+def test_dry_run_finds_a_flow_only_ipv6_nets_change():
+    """A rule on an IPv6 CIDR changes IPv6 flows only: the dry run lists them (family 6), and
+    what it predicts is what explain says after the change."""
+    eps, _ = fixed()
+    snap = dual(snapshot(eps), without=("far",))
+    deny6 = Policy(NETWORK, "no-v6-web", "front", 5.0, "role == 'db'", (INGRESS,), (
+        Rule("Deny", source=EntityRule(nets=(v6("100.64.1.1") + "/128",))), Rule("Allow")))
+    report = ex.dry_run(snap, [deny6])
+    lost = [(f["source"].split(" ")[0], f["destination"].split(" ")[0], f["family"]) for f in report["flows"]
+            if f["after"]["verdict"] == "denied"]
+    assert ("web", "db", 6) in lost and ("web", "db", 4) not in lost, report["flows"]
+    after = dataclasses.replace(snap, policies=(deny6,))
+    assert ex.explain(after, "web", "db", "tcp", 5432, family=6)["verdict"] == "denied"
+    assert ex.explain(after, "web", "db", "tcp", 5432)["verdict"] == "allowed"  # IPv4 untouched

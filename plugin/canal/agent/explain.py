@@ -442,7 +442,8 @@ def _probes(policies: Iterable[Policy], endpoints: Iterable[EndpointRecord]) -> 
 
 def dry_run(snap: Snapshot, new: Sequence[Policy], limit_flows: int = MAX_FLOWS,
             limit_evaluations: int = MAX_EVALUATIONS) -> Dict[str, Any]:
-    """What applying `new` would change, computed from the compiled rules before and after."""
+    """What applying `new` would change, computed from the compiled rules before and after
+    (iptables' and, for endpoints with IPv6, ip6tables')."""
     by_key = {p.key: p for p in snap.policies}
     results, changed = [], []
     for policy in new:
@@ -481,27 +482,35 @@ def dry_run(snap: Snapshot, new: Sequence[Policy], limit_flows: int = MAX_FLOWS,
     counted = {"gained": 0, "lost": 0}
     evaluations = 0
     truncated = False
-    for src in endpoints:
-        for dst in endpoints:
-            if src.id == dst.id or not (src.id in affected[EGRESS] or dst.id in affected[INGRESS]):
-                continue
-            for protocol, port in probes:
-                if evaluations >= limit_evaluations:
-                    truncated = True
-                    break
-                evaluations += 1
-                a, b = before.party(src), before.party(dst)
-                old_flow = _flow(before, a, b, protocol, port, False)
-                new_flow = _flow(after, a, b, protocol, port, False)
-                if old_flow["verdict"] == new_flow["verdict"]:
+    # IPv6 flows too, between endpoints both open to IPv6: a rule's nets or ICMP types may
+    # decide one family and not the other.
+    families = [(before, after)]
+    if any(before.family == 4 and Cluster(snap, 6).ipv6_open(ep) for ep in endpoints):
+        families.append((Cluster(snap, 6), Cluster(after_snap, 6)))
+    for was_c, now_c in families:
+        for src in endpoints:
+            for dst in endpoints:
+                if src.id == dst.id or not (src.id in affected[EGRESS] or dst.id in affected[INGRESS]):
                     continue
-                counted["gained" if new_flow["verdict"] == "allowed" else "lost"] += 1
-                if len(flows) < limit_flows:
-                    flows.append({
-                        "source": _label(a), "destination": _label(b),
-                        "protocol": protocol, "port": port,
-                        "before": _brief(old_flow), "after": _brief(new_flow),
-                    })
+                if was_c.family == 6 and not (was_c.ipv6_open(src) and was_c.ipv6_open(dst)):
+                    continue
+                for protocol, port in probes:
+                    if evaluations >= limit_evaluations:
+                        truncated = True
+                        break
+                    evaluations += 1
+                    a, b = was_c.party(src), was_c.party(dst)
+                    old_flow = _flow(was_c, a, b, protocol, port, False)
+                    new_flow = _flow(now_c, a, b, protocol, port, False)
+                    if old_flow["verdict"] == new_flow["verdict"]:
+                        continue
+                    counted["gained" if new_flow["verdict"] == "allowed" else "lost"] += 1
+                    if len(flows) < limit_flows:
+                        flows.append({
+                            "source": _label(a), "destination": _label(b),
+                            "protocol": protocol, "port": port, "family": was_c.family,
+                            "before": _brief(old_flow), "after": _brief(new_flow),
+                        })
     return {
         "results": results,
         "selection": selection,

@@ -223,7 +223,8 @@ def _print_dry_run(report: dict) -> None:
             f"{d} {after[d]['verdict']} ({after[d].get('policy') or ''}{'' if after[d].get('rule') is None else ' rule ' + str(after[d]['rule'])}"
             f"{'' if after[d].get('policy') else after[d]['reason']})"
             for d in ("egress", "ingress") if d in after)
-        print(f"  {'GAINS' if after['verdict'] == 'allowed' else 'LOSES'} {flow['source']} -> {flow['destination']} {what}: {why}")
+        six = " over IPv6" if flow.get("family") == 6 else ""
+        print(f"  {'GAINS' if after['verdict'] == 'allowed' else 'LOSES'} {flow['source']} -> {flow['destination']} {what}{six}: {why}")
     s = report["summary"]
     print(f"{s['flows_gained']} flow(s) gained, {s['flows_lost']} lost among {s['endpoints']} endpoint(s)"
           f" (probes: {', '.join(s['probes'])}){'; listing cut at ' + str(s['listed']) if s['listed'] < s['flows_gained'] + s['flows_lost'] else ''}"
