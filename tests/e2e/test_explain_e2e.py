@@ -305,6 +305,18 @@ def test_explain_over_ipv6_matches_packets_and_ipv4(h):
     text = canal(h, "policy", "explain", "old", "db", "--port", "5432", "--family", "6", raw=True).stdout
     assert text.startswith("DENIED: old (no IPv6 address)") and "over IPv6" in text and "--ipv6" in text, text
 
+    # A rule on web's IPv6 /128 only: the dry run (probing the port the rule names) predicts the
+    # IPv6 flow lost and no IPv4 one; so it is.
+    v6_deny = policy("no-web6", {"order": 1, "selector": "role == 'db'", "ingress": [
+        {"action": "Deny", "protocol": "TCP", "source": {"nets": [f"{six['web']}/128"]}, "destination": {"ports": [5432]}}]})
+    report = canal(h, "policy", "apply", "--dry-run", "-f", "-", "-o", "json", input=json.dumps(v6_deny))
+    lost = {(f["source"].split(" ")[0], f["destination"].split(" ")[0], f["protocol"], f["port"], f["family"])
+            for f in report["flows"] if f["after"]["verdict"] == "denied"}
+    assert ("web", "db", "tcp", 5432, 6) in lost and not any(f[-1] == 4 for f in lost), lost
+    apply(h, v6_deny)
+    wait_until(lambda: not tcp6(h, "web", "db", 5432), timeout=10, what="web's IPv6 denied")
+    assert tcp(h, "web", "db", 5432)  # IPv4 untouched, as predicted
+
 
 def explained6(h, src, dst, proto, port) -> dict:
     return explained(h, src, dst, proto, port, family=6)
