@@ -74,6 +74,10 @@ def _optional_ip(value: str) -> str:
     return str(ipaddress.IPv4Address(value)) if value else ""
 
 
+def _optional_ip6(value: str) -> str:
+    return str(ipaddress.IPv6Address(value)) if value else ""
+
+
 def _endpoints(value: str) -> str:
     parts = [p.strip() for p in value.split(",") if p.strip()]
     for part in parts:
@@ -159,6 +163,11 @@ class Config:
     scope: str = _setting("local", _choice("local", "global"), "driver scope (global for Swarm)")
     hostname: str = _setting("", str, "this host's name in the datastore (default: hostname)")
     public_ip: str = _setting("", _optional_ip, "this host's underlay address (default: autodetect)")
+    public_ip6: str = _setting(
+        "", _optional_ip6,
+        "this host's IPv6 underlay address, published as PublicIPv6 in a dual-stack lease "
+        "(default: the underlay interface's first global IPv6 address; none: no IPv6 underlay)",
+    )
     iface: str = _setting("", str, "underlay interface (default: the one holding public-ip)")
     mtu: int = _setting(0, _int_range(0, 65535), "container MTU (0: underlay MTU minus 50)")
     vxlan_vni: int = _setting(1, _int_range(1, 16777215), "VXLAN network identifier")

@@ -638,6 +638,14 @@ class Lease:
     subnet6: Optional[ipaddress.IPv6Network] = None
     public_ip6: str = ""
     vtep_mac6: str = ""
+    # BackendV6Data.PublicKey: flanneld's dual-stack wireguard hosts write the same key as
+    # BackendData's (Mode "auto", one device) or another one (Mode "separate", flannel-wg-v6).
+    public_key6: str = ""
+
+    @property
+    def name(self) -> str:
+        """Its key under `<prefix>/subnets/` (flannel's MakeSubnetKey)."""
+        return lease_name(self.subnet, self.subnet6)
 
     @classmethod
     def parse(cls, name: str, raw: Any, lease_id: int = 0) -> "Lease":
@@ -658,8 +666,9 @@ class Lease:
         data6 = _get(obj, "BackendV6Data", lambda w, v: _object(w, v), what, {})
         mac6 = data6.get("VtepMAC")
         vtep_mac6 = mac_address(mac6, f"{what} BackendV6Data VtepMAC") if mac6 else ""
+        public_key6 = _get(data6, "PublicKey", lambda w, v: wg_key(v, w), f"{what} BackendV6Data", "")
         return cls(subnet, public_ip, vtep_mac, lease_id, backend_type, public_key, wg_port,
-                   subnet6=subnet6, public_ip6=public_ip6, vtep_mac6=vtep_mac6)
+                   subnet6=subnet6, public_ip6=public_ip6, vtep_mac6=vtep_mac6, public_key6=public_key6)
 
 
 _LEASE_KEY = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3}){3})-([0-9]{1,2})(?:&([0-9a-f:]{2,39})-([0-9]{1,3}))?")
@@ -674,6 +683,15 @@ def lease_key(name: str) -> tuple[ipaddress.IPv4Network, Optional[ipaddress.IPv6
     subnet = ipv4_net(f"{match[1]}/{match[2]}", "flannel lease key")
     subnet6 = ipv6_net(f"{match[3]}/{match[4]}", "flannel lease key IPv6 subnet") if match[3] else None
     return subnet, subnet6
+
+
+def lease_name(subnet: ipaddress.IPv4Network, subnet6: Optional[ipaddress.IPv6Network] = None) -> str:
+    """The inverse of lease_key: flannel's MakeSubnetKey (`a.b.c.d-len`, plus `&<v6 address>-len`
+    in dual stack; Go prints the IPv6 address compressed, as Python's `compressed`)."""
+    name = f"{subnet.network_address}-{subnet.prefixlen}"
+    if subnet6 is not None:
+        name += f"&{subnet6.network_address.compressed}-{subnet6.prefixlen}"
+    return name
 
 
 # Whole datastore entries: (key relative to the record's directory, JSON value) -> record. One

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from canal.agent.agent import Agent
 from canal.agent.desired import (
@@ -21,7 +21,6 @@ from canal.agent.desired import (
     desired_route_records6,
     endpoint_rows,
     identity_known,
-    remote_routes6,
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.index import MembershipIndex
@@ -34,7 +33,7 @@ from canal.dataplane import links as linkmod
 from canal.dataplane.firewall import Firewall
 from canal.dataplane.iptables import Iptables, detect_backend
 from canal.dataplane.ports import Reservations
-from canal.dataplane.routes6 import Routes6, desired_routes6
+from canal.dataplane.routes6 import Routes6, Routes6State
 from canal.dataplane.sandbox import Sandboxes
 from canal.dataplane.vxlan import device_name
 from canal.datastore.base import Datastore, open_datastore
@@ -48,6 +47,7 @@ from canal.records import (
     NetworkRecord,
     RecordError,
     RouteRecord,
+    address_entry,
     endpoint_entry,
     host_entry,
     hostname,
@@ -116,18 +116,19 @@ class Plugin:
         self.iface, self.public_ip, self.underlay_mtu = linkmod.underlay(config.iface, config.public_ip)
         self.subnets = SubnetManager(
             self.store, self.keys, config.network, config.subnet_len, config.vxlan_vni, config.vxlan_port,
-            ttl=config.lease_ttl, backend=config.backend,
+            ttl=config.lease_ttl, backend=config.backend, network6=None if config.datastore == "etcd" else config.network6,
         )
         self.multihost = config.datastore == "etcd"
         self.hosts = Hosts(self.store, self.keys, self.host, self.public_ip, ttl=config.lease_ttl)
+        self.public_ip6 = linkmod.underlay6(self.iface, config.public_ip6) if linkmod.has_ipv6() else ""
         self.backend = BackendManager(config, self.hosts, self.subnets, self.network_config,
-                                      self.iface, self.public_ip, self.underlay_mtu)
+                                      self.iface, self.public_ip, self.underlay_mtu, self.public_ip6)
         self._departed: set[str] = set()  # addresses whose conntrack state is still to drop
         self._departed_lock = threading.Lock()
         self.links = linkmod.Links(config.sysctl_dir)
         sandboxes = Sandboxes(config.netns_dir)
         self.ipam = Ipam(self.store, self.keys, self.host, self.backend.host_subnet, self.cluster_network,
-                         self.cluster_network6)
+                         self.cluster_network6, self.backend.host_subnet6)
         self.networks = Networks(
             self.store, self.keys, self.ipam, self.links, self.host, self.backend.default_mtu, self._changed,
             forget=self._forget,
@@ -150,7 +151,7 @@ class Plugin:
         steps: list[Any] = [self.publish_routes, self.backend.program] if self.multihost else []
         self.routes6 = Routes6(config.sysctl_dir)
         self._routes6_applied = False
-        self._routes6_warned = False
+        self._routes6_last: Routes6State | None = None
         if self.multihost:
             steps.append(self.program_routes6)
         steps.append(SandboxStep(sandboxes.apply, self._retry_soon))
@@ -172,11 +173,17 @@ class Plugin:
         # The agent's passes: endpoints as a live view with a change journal, and the set
         # memberships kept from it incrementally (canal.agent.index); other readers use records().
         self._endpoint_view = self.mirror.view(self.keys.endpoints, endpoint_entry)
+        # Route records likewise: the pass's split by family is the same objects until one
+        # changes, so the backend recomputes its peers only then (canal.backends.manager).
+        self._route_view = self.mirror.view(self.keys.routes, route_entry)
+        self._route_split: tuple[dict[str, RouteRecord], dict[str, RouteRecord]] = ({}, {})
         self._index = MembershipIndex(self.host)
         self.docker = DockerWatch(
             self.store, self.keys, self.host, config.docker_host, config.resync_interval, records=self.mirror.records,
             collect_endpoint=self.networks.delete_endpoint, collect_address=self.ipam.release_address,
             on_reconnect=lambda: self.agent.request(full=True), grace=config.gc_grace,
+            endpoints=self.mirror.view(self.keys.endpoints, endpoint_entry, keep=lambda r: r.host == self.host),
+            addresses=self.mirror.view(self.keys.addresses, address_entry, keep=lambda r: r.host == self.host),
         )
         self._network_config: Optional[NetworkConfig] = None  # last valid flannel config seen
         self._settings: Optional[tuple[float, DataplaneSettings]] = None
@@ -292,17 +299,22 @@ class Plugin:
     # Multi-host steps of the reconcile pass --------------------------------------------------
 
     def program_routes6(self, snap: Snapshot, full: bool) -> None:
-        """Other hosts' /128s through the VXLAN device (vxlan backend only, for now)."""
-        pairs = remote_routes6(snap)
+        """IPv6 to other hosts on the vxlan backend: their leased IPv6 subnets and /128s over
+        flannel-v6.<VNI> or into flannel.<VNI> (canal.backends.vxlan6), except the peers whose
+        IPv6 the backend step routes directly (DirectRouting). host-gw and wireguard carry IPv6
+        themselves (direct routes via PublicIPv6, the WireGuard device)."""
         if self.backend.backend().type != "vxlan":
-            if pairs and not self._routes6_warned:
-                log.warning("IPv6 across hosts needs the vxlan backend; %d remote IPv6 addresses unreachable", len(pairs))
-                self._routes6_warned = True
+            if full:  # switched away from vxlan (all hosts restart, flannel's rule): no flannel-v6.<VNI>
+                self.backend.remove6()
             return
-        if not pairs and not full and not self._routes6_applied:
-            return
-        self.routes6.apply(device_name(self.config.vxlan_vni), desired_routes6(pairs))
-        self._routes6_applied = bool(pairs)
+        canal_hosts = frozenset(r.public_ip for r in self.mirror.records(self.keys.root + "/hosts/", host_entry).values()
+                                if r.public_ip)
+        tunnel4 = self.backend.program6(snap, full, canal_hosts).tunnel4
+        if not full and (tunnel4 == self._routes6_last or (not tunnel4.routes and not self._routes6_applied)):
+            return  # event passes: the kernel is read back only when something changed
+        self.routes6.apply(device_name(self.config.vxlan_vni), tunnel4)
+        self._routes6_applied = bool(tunnel4.routes)
+        self._routes6_last = tunnel4
 
     def publish_routes(self, snap: Snapshot, full: bool) -> None:
         """Keep this host's route records (/32s and /128s) equal to what its endpoints need."""
@@ -335,6 +347,8 @@ class Plugin:
             "host": self.host,
             "public_ip": self.public_ip,
             "subnet": str(self.lease.subnet) if self.lease else None,
+            "subnet6": str(self.lease.subnet6) if self.lease and self.lease.subnet6 else None,
+            "public_ip6": self.public_ip6 or None,
             "network6": self._cluster_network6_text() or None,
             "datastore": self.config.datastore,
             "flannel_mode": self.backend.flannel_mode_decided or "undecided",
@@ -369,8 +383,8 @@ class Plugin:
             record = self.hosts.read()
             records["host"] = record.to_json() if record else None
             if self.lease is not None:
-                entry = self.store.get(self.keys.lease(self.lease.subnet))
-                records["lease"] = {"key": self.keys.lease(self.lease.subnet),
+                entry = self.store.get(self.keys.leases + self.lease.name)
+                records["lease"] = {"key": self.keys.leases + self.lease.name,
                                     "value": entry.json() if entry else None}
         except CanalError as err:
             records["error"] = str(err)
@@ -396,6 +410,8 @@ class Plugin:
                 "host": record.name if record else None,
                 "public_ip": lease.public_ip,
                 "subnet": str(lease.subnet),
+                "subnet6": str(lease.subnet6) if lease.subnet6 else None,
+                "public_ip6": lease.public_ip6 or None,
                 "last_contact_age": round(now - record.renewed, 1) if record and record.renewed else None,
             })
         return out
@@ -439,13 +455,17 @@ class Plugin:
     def _networks(self) -> dict[str, NetworkRecord]:
         return self.mirror.records(self.keys.networks, network_entry)
 
-    def _routes(self) -> tuple[dict[str, RouteRecord], dict[str, RouteRecord]]:
-        """The route records, read once and split by family: (/32s, /128s) by address."""
-        by_family: tuple[dict[str, RouteRecord], dict[str, RouteRecord]] = ({}, {})
-        if self.multihost:
-            for record in self.mirror.records(self.keys.routes, route_entry).values():
-                by_family[record.ip.version == 6][str(record.ip)] = record
-        return by_family
+    def _routes(self, hold: bool = False) -> tuple[dict[str, RouteRecord], dict[str, RouteRecord]]:
+        """The route records, read once and split by family: (/32s, /128s) by address. The
+        agent's pass (hold) gets the same two dicts as long as no route record changed; they
+        are never mutated, only replaced."""
+        if not self.multihost:
+            return {}, {}
+        if hold:
+            if self._route_view.refresh():
+                self._route_split = _by_family(self._route_view.values())
+            return self._route_split
+        return _by_family(self.mirror.records(self.keys.routes, route_entry).values())
 
     def pass_snapshot(self) -> Snapshot:
         """The agent's snapshot: the published ports are held first (the DNAT follows them)."""
@@ -471,7 +491,7 @@ class Plugin:
             self.hold_ports(index.local_records())
         else:
             endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
-        routes, routes6 = self._routes()
+        routes, routes6 = self._routes(hold)
         return Snapshot(
             host=self.host,
             cluster_network=network,
@@ -487,6 +507,7 @@ class Plugin:
             encrypt_all=encrypt_all,
             cluster_network6=self._cluster_network6_text(),
             routes6=routes6,
+            own_subnet6=self.lease.subnet6 if self.lease else None,
             index=index,
         )
 
@@ -550,3 +571,10 @@ def _stored_policy(rel: str, raw: Any) -> Policy:
     if scope != policy.network:
         raise RecordError(f"policy {policy.key} is stored in the scope of another network")
     return policy
+
+
+def _by_family(records: Iterable[RouteRecord]) -> tuple[dict[str, RouteRecord], dict[str, RouteRecord]]:
+    by_family: tuple[dict[str, RouteRecord], dict[str, RouteRecord]] = ({}, {})
+    for record in records:
+        by_family[record.ip.version == 6][str(record.ip)] = record
+    return by_family

@@ -13,7 +13,7 @@ idempotent, so an interrupted uninstall is finished by running it again.
 Owned, and removed: chains CANAL-* in every table of both iptables backends and families with
 the jumps to them; ipsets canal-*; routes with protocol 101 (endpoint routes) and 102 (tunnel
 routes) and 103 (direct routes of host-gw and DirectRouting) and 104 (WireGuard routes), the
-WireGuard mark rule (priority 900) and device flannel-wg (unless flannel-mode external: then it
+WireGuard mark rule (priority 900), all in both families, and device flannel-wg (unless flannel-mode external: then it
 is flanneld's); leftover veths cnl*/cnp*; the VXLAN device flannel.<VNI> unless a real flanneld owns
 it (external mode: its MAC is not our host record's) — its neighbours and FDB go with it;
 /run/flannel/subnet.env when Canal wrote it; in etcd, this host's subnet lease (peers drop
@@ -44,7 +44,7 @@ from canal.records import (
     network_entry,
     route_entry,
 )
-from canal.services.hosts import Hosts
+from canal.services.hosts import Hosts, v6_mac
 
 log = logging.getLogger(__name__)
 
@@ -164,21 +164,25 @@ class Uninstall:
                 steps.append(Step(f"flush {count} route(s) with protocol {proto}",
                                   partial(self.run, ["ip", "route", "flush", "table", "all", "proto", str(proto)],
                                           timeout=15)))
-        # IPv6: the /128s to other hosts' --ipv6 endpoints (on the VXLAN device, protocol 101)
-        shown = self.run(["ip", "-6", "route", "show", "table", "all", "proto", "101"], timeout=15).stdout
-        if shown.strip():
-            steps.append(Step(f"flush {len(shown.strip().splitlines())} IPv6 route(s) with protocol 101",
-                              partial(self.run, ["ip", "-6", "route", "flush", "table", "all", "proto", "101"],
-                                      timeout=15)))
+        # IPv6: the same protocols (the /128s to other hosts' --ipv6 endpoints, direct routes via
+        # peers' PublicIPv6, WireGuard's)
+        for proto in RTPROTS:
+            shown = self.run(["ip", "-6", "route", "show", "table", "all", "proto", str(proto)], timeout=15).stdout
+            if shown.strip():
+                steps.append(Step(f"flush {len(shown.strip().splitlines())} IPv6 route(s) with protocol {proto}",
+                                  partial(self.run, ["ip", "-6", "route", "flush", "table", "all", "proto", str(proto)],
+                                          timeout=15)))
         return steps
 
     def _rules(self) -> list[Step]:
-        shown = self.run(["ip", "rule", "show", "priority", "900"], timeout=15, check=False).stdout
-        if "lookup 25900" not in shown:
-            return []
-        return [Step("delete the WireGuard mark rule (priority 900, table 25900)",
-                     partial(self.run, ["ip", "rule", "del", "priority", "900", "table", "25900"], timeout=15,
-                             check=False))]
+        steps = []
+        for family, name in ((["-4"], ""), (["-6"], "IPv6 ")):
+            shown = self.run(["ip", *family, "rule", "show", "priority", "900"], timeout=15, check=False).stdout
+            if "lookup 25900" in shown:
+                steps.append(Step(f"delete the {name}WireGuard mark rule (priority 900, table 25900)",
+                                  partial(self.run, ["ip", *family, "rule", "del", "priority", "900", "table", "25900"],
+                                          timeout=15, check=False)))
+        return steps
 
     def _links(self) -> list[Step]:
         try:
@@ -199,9 +203,12 @@ class Uninstall:
                     steps.append(Step(f"remove {self.subnet_env}", lambda: _unlink(self.subnet_env)))
             else:
                 log.info("%s is flanneld's (external mode): left in place", device)
+        device6 = f"flannel-v6.{self.vni}"
+        if device6 in names and self._owns_device(device6, v6=True):
+            steps.append(Step(f"delete {device6} (IPv6 VXLAN; its entries go with it)", lambda: self._del_link(device6)))
         return steps
 
-    def _owns_device(self, device: str) -> bool:
+    def _owns_device(self, device: str, v6: bool = False) -> bool:
         """Ours unless flanneld's: external mode, or (auto) a MAC that is not our host record's."""
         if self.flannel_mode == "external":
             return False
@@ -217,7 +224,9 @@ class Uninstall:
             record = HostRecord.parse(raw, self.host) if raw is not None else None
         except RecordError:
             record = None
-        return record is not None and record.vtep_mac.lower() == mac
+        if record is None:
+            return False
+        return (v6_mac(record.vtep_mac) if v6 else record.vtep_mac).lower() == mac
 
     def _del_link(self, name: str) -> None:
         self.run(["ip", "link", "del", name], timeout=15, check=False)

@@ -4,8 +4,11 @@ life, replays, and IPv6 input that must be refused (naming the field)."""
 from __future__ import annotations
 
 import ipaddress
+import json
 
 from test_protocol import EP, NET, SANDBOX, call, ok
+
+from canal.records import NetworkRecord
 
 GATEWAY6 = "fe80::ecee:eeff:feee:eeee"
 
@@ -104,14 +107,14 @@ def test_ipv6_address_on_a_v4_only_network_is_refused(client):
     assert status == 400 and "not created with --ipv6" in answer["Err"]
 
 
-def test_an_encrypted_network_cannot_have_ipv6_yet(client, plugin):
-    """Its IPv6 would cross hosts in the VXLAN tunnel, not WireGuard: refused, nothing stored."""
+def test_an_encrypted_network_can_have_ipv6(client, plugin):
+    """Its IPv6 crosses hosts through WireGuard as its IPv4 does (one tunnel, both families)."""
     pool6 = ok(client, "IpamDriver.RequestPool", {"AddressSpace": "CanalLocal", "Pool": "", "SubPool": "", "Options": {}, "V6": True})
-    status, answer = call(client, "NetworkDriver.CreateNetwork", {
+    ok(client, "NetworkDriver.CreateNetwork", {
         "NetworkID": NET,
         "Options": {"com.docker.network.enable_ipv6": True, "com.docker.network.generic": {"encrypted": ""}},
         "IPv4Data": [{"AddressSpace": "CanalLocal", "Pool": "0.0.0.0/0", "Gateway": "0.0.0.0/0"}],
         "IPv6Data": [{"AddressSpace": "CanalLocal", "Pool": pool6["Pool"], "Gateway": "::/0"}],
     })
-    assert status == 400 and "an encrypted network cannot have IPv6 yet" in answer["Err"]
-    assert plugin.store.get(plugin.keys.network("h1", NET)) is None
+    record = NetworkRecord.parse(json.loads(plugin.store.get(plugin.keys.network("h1", NET)).value))
+    assert record.encrypted and record.ipv6

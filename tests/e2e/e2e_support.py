@@ -197,3 +197,25 @@ def conntrack_sources(host: SimHost, address: str, port: int = 80) -> set[str]:
 __all__ = ["CLUSTER", "IMAGE", "PLUGIN_ARGS", "canal_leftovers", "clear", "chain_open", "endpoint_ids", "etcd_cluster",
            "etcd_plugin_args", "fetch", "conntrack_sources", "ip_of", "is_open", "run_open", "serve_hello", "start_host",
            "wait_open"]
+
+
+UNDERLAY6_PREFIX = "2001:2::"  # RFC 5180 benchmarking range (2001:2::/48): the optional IPv6 underlay
+
+
+def underlay6_address(host: SimHost) -> str:
+    """A host's IPv6 underlay address: 198.18.0.N -> 2001:2::N."""
+    return f"{UNDERLAY6_PREFIX}{host.address.rsplit('.', 1)[1]}"
+
+
+def add_ipv6_underlay(host: SimHost) -> str:
+    """Give a host (before its plugin starts: the plugin reads it then) an IPv6 address on eth0
+    and the test bridge one too (once): an IPv6 underlay beside the IPv4 one. No DAD, so the
+    address is usable at once. Removed with the host's and the underlay's namespaces."""
+    address = underlay6_address(host)
+    host.ip("-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+    bridge = host.underlay.BRIDGE
+    held = {(a["local"], a["prefixlen"]) for link in json.loads(host.underlay.ip("-j", "-6", "addr", "show", "dev", bridge).stdout)
+            for a in link.get("addr_info", [])}
+    if (f"{UNDERLAY6_PREFIX}fe", 64) not in held:
+        host.underlay.ip("-6", "addr", "add", f"{UNDERLAY6_PREFIX}fe/64", "dev", bridge, "nodad")
+    return address

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from canal.agent.docker_watch import DockerWatch
 from canal.datastore.keys import Keys
 
@@ -67,6 +69,34 @@ def test_names_and_labels_are_recorded(store):
     assert store.get_json(KEYS.endpoint("e" * 64))["labels"] == {"role": "db"}
 
 
+def test_with_the_mirrors_view_only_this_hosts_records_are_read_and_held(store):
+    """The runtime's wiring: resolve and GC read a view of this host's records, kept from
+    the mirror's journal, not every endpoint of the cluster."""
+    from canal.agent.mirror import Mirror
+    from canal.records import endpoint_entry
+
+    store.put(KEYS.network("h1", NET), network(NET))
+    store.put(KEYS.endpoint("e" * 64), endpoint("e" * 64))
+    for i in range(50):  # other hosts' records: never held by the view
+        store.put(KEYS.endpoint(f"{i:064x}"), endpoint(f"{i:064x}", host="h2", ip=f"100.64.9.{i + 2}"))
+    mirror = Mirror(store, ["/canal/v1/"], lambda: None, timeout=0.2)
+    mirror.start()
+    try:
+        assert mirror.wait_ready(5)
+        view = mirror.view(KEYS.endpoints, endpoint_entry, keep=lambda r: r.host == "h1")
+        client = FakeClient()
+        w = DockerWatch(store, KEYS, "h1", "unix:///nowhere", client_factory=lambda: client,
+                        records=mirror.records, endpoints=view)
+        assert w.resolve() == 0
+        assert store.get_json(KEYS.endpoint("e" * 64))["labels"] == {"role": "web"}
+        assert set(view) == {"e" * 64}
+        store.put(KEYS.endpoint("f" * 64), endpoint("f" * 64, ip="100.64.3.3"))  # a new local one
+        assert w.resolve() == 1  # seen through the journal: its labels are not known yet
+        assert set(view) == {"e" * 64, "f" * 64}
+    finally:
+        mirror.stop()
+
+
 def test_an_explicit_network_name_is_kept(store):
     store.put(KEYS.network("h1", NET), network(NET, name="shared", explicit_name=True))
     watch(store, FakeClient()).resolve()
@@ -94,7 +124,26 @@ def test_docker_down_is_retried_not_fatal(store):
         w.stop()
 
 
-def test_what_docker_forgot_is_collected_after_a_grace_period(store):
+@pytest.fixture(params=["store", "views"])
+def reads(request, store):
+    """How DockerWatch reads records: the datastore, or (the runtime's wiring) the mirror's
+    records plus kept views of this host's endpoints and addresses."""
+    if request.param == "store":
+        yield lambda: {}
+        return
+    from canal.agent.mirror import Mirror
+    from canal.records import address_entry, endpoint_entry
+
+    mirror = Mirror(store, ["/canal/v1/"], lambda: None, timeout=0.2)
+    mirror.start()
+    assert mirror.wait_ready(5)
+    yield lambda: {"records": mirror.records,
+                   "endpoints": mirror.view(KEYS.endpoints, endpoint_entry, keep=lambda r: r.host == "h1"),
+                   "addresses": mirror.view(KEYS.addresses, address_entry, keep=lambda r: r.host == "h1")}
+    mirror.stop()
+
+
+def test_what_docker_forgot_is_collected_after_a_grace_period(store, reads):
     import time as _time
 
     from canal.services.ipam import Ipam
@@ -107,19 +156,21 @@ def test_what_docker_forgot_is_collected_after_a_grace_period(store):
     store.put(KEYS.endpoint("d" * 64), endpoint("d" * 64, ip="100.64.3.13"))
     store.put(KEYS.endpoint("f" * 64), endpoint("f" * 64, host="h2", ip="100.64.4.1"))
     store.update(KEYS.address(live), lambda r: {**r, "endpoint": "e" * 64, "network": NET})
+    theirs = Ipam(store, KEYS, "h2", lambda: __import__("ipaddress").IPv4Network("100.64.4.0/24"))
+    theirs.request_address("canal-default", "100.64.4.9", None)  # h2's unbound address: h2's to collect
     removed, released = [], []
     client = FakeClient()
     client.api.network_list[0]["IPAM"] = {"Config": [{"AuxiliaryAddresses": {"printer": aux}}]}
     w = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0, client_factory=lambda: client,
                     collect_endpoint=lambda n, e: removed.append(e),
-                    collect_address=lambda p, ip: released.append(ip), grace=0)
+                    collect_address=lambda p, ip: released.append(ip), grace=0, **reads())
     _time.sleep(0.01)
     w.resolve()
     assert removed == ["d" * 64]  # unknown to Docker; e... is a live container's; f... is h2's
     assert released == [lost]  # unbound and not an aux address
     patient = DockerWatch(store, KEYS, "h1", "unix:///nowhere", interval=0, client_factory=lambda: client,
                           collect_endpoint=lambda n, e: removed.append(e),
-                          collect_address=lambda p, ip: released.append(ip), grace=1e12)
+                          collect_address=lambda p, ip: released.append(ip), grace=1e12, **reads())
     patient.resolve()
     assert removed == ["d" * 64] and released == [lost]  # young records are left alone
 

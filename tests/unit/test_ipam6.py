@@ -118,3 +118,35 @@ def test_without_a_cluster_v6_network_ipv6_needs_a_subnet(store):
     with pytest.raises(BadRequest, match="IPv6Network in flannel's config .etcd., or --network6"):
         ipam.request_pool("CanalLocal", "", "", {}, True)
     assert ipam.request_pool("CanalLocal", "fd00:77::/64", "", {}, True)[0] == "canal-pool6:fd00:77::/64"
+
+
+SUBNET6 = ipaddress.IPv6Network("fd00:c0a1:0:7::/64")
+
+
+@pytest.fixture
+def ipam_leased(store):
+    return Ipam(store, KEYS, "host1", lambda: ipaddress.IPv4Network("100.64.3.0/24"),
+                cluster_network6=lambda: CLUSTER6, host_subnet6=lambda: SUBNET6)
+
+
+def test_default_v6_addresses_come_from_the_hosts_leased_subnet(ipam_leased):
+    """As v4's default pool draws from the host subnet; never its network (anycast) address."""
+    got = {ipaddress.IPv6Interface(ipam_leased.request_address(DEFAULT6_POOL_ID, "", None)[0]) for _ in range(5)}
+    assert len(got) == 5
+    assert all(a.network.prefixlen == 128 and a.ip in SUBNET6 and a.ip != SUBNET6.network_address for a in got)
+
+
+def test_ip6_elsewhere_in_the_cluster_network_is_still_accepted(ipam_leased):
+    """--ip6 outside this host's subnet: taken (its route record carries it), not refused."""
+    elsewhere = "fd00:c0a1:0:9::5"
+    assert ipam_leased.request_address(DEFAULT6_POOL_ID, elsewhere, None)[0] == f"{elsewhere}/128"
+    with pytest.raises(BadRequest, match="outside"):
+        ipam_leased.request_address(DEFAULT6_POOL_ID, "fd00:ffff::5", None)
+
+
+def test_without_a_leased_v6_subnet_the_cluster_network_serves(store):
+    def no_lease():
+        raise RuntimeError("datastore down")
+    ipam = Ipam(store, KEYS, "host1", lambda: ipaddress.IPv4Network("100.64.3.0/24"),
+                cluster_network6=lambda: CLUSTER6, host_subnet6=no_lease)
+    assert ipaddress.IPv6Interface(ipam.request_address(DEFAULT6_POOL_ID, "", None)[0]).ip in CLUSTER6

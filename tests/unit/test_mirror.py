@@ -137,6 +137,22 @@ def test_view_journals_only_the_keys_that_changed(store):
         m.stop()
 
 
+def test_a_kept_view_holds_only_what_keep_accepts_and_journals_what_leaves(store):
+    store.put("/c/e/1", {"host": "h1"})
+    store.put("/c/e/2", {"host": "h2"})
+    m, _ = mirror(store)
+    try:
+        view = m.view("/c/e/", lambda rel, raw: raw["host"], keep=lambda host: host == "h1")
+        assert view.refresh() == {"1"} and dict(view) == {"1": "h1"}  # h2's never held
+        store.put("/c/e/1", {"host": "h2"})  # moved away: leaves the view, journalled
+        store.put("/c/e/2", {"host": "h1"})  # moved here: enters it
+        assert view.refresh() == {"1", "2"} and dict(view) == {"2": "h1"}
+        store.put("/c/e/3", {"host": "h2"})  # another host's new record: no change here
+        assert view.refresh() == set() and dict(view) == {"2": "h1"}
+    finally:
+        m.stop()
+
+
 def test_quiet_directories_are_kept_current_without_asking_for_a_pass(store):
     changes = threading.Event()
     m = Mirror(store, ["/c/"], changes.set, timeout=0.2, quiet=("/c/hosts/",))

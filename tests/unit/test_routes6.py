@@ -48,4 +48,12 @@ def test_peers_route_other_hosts_128s_via_their_vtep():
     state = desired_routes6(pairs)
     hop = ipaddress.IPv6Address("fe80::a800:ff:fe00:2")
     assert state.neighbours == {hop: "aa:00:00:00:00:02"}
-    assert state.routes == {ipaddress.IPv6Address("fd00::4"): hop}
+    assert state.routes == {ipaddress.IPv6Network("fd00::4/128"): hop}
+
+
+def test_only_addresses_outside_the_hosts_v6_subnet_get_a_record():
+    """The /32 rule for /128s: inside our leased IPv6 subnet the subnet route carries it."""
+    own6 = ipaddress.IPv6Network("fd00:64:0:1::/64")
+    eps = [endpoint(1, "h1", "fd00:64:0:1::5"), endpoint(2, "h1", "fd00:c0a1::2")]
+    snap = Snapshot("h1", "100.64.0.0/16", {}, {e.id: e for e in eps}, own_subnet=SUBNET1, own_subnet6=own6)
+    assert list(desired_route_records6(snap)) == ["fd00:c0a1::2"]

@@ -38,6 +38,8 @@ class Kernel:
         self.calls: list[tuple[list[str], str | None]] = []
         self.save, self.routes, self.sets = save, routes, sets
         self.rules = "900:\tfrom all fwmark 0x100000/0x100000 lookup 25900\n"
+        self.rules6 = ""
+        self.routes6 = ""
 
     def __call__(self, argv, input=None, timeout=0, check=True):
         self.calls.append((list(argv), input))
@@ -48,8 +50,12 @@ class Kernel:
             out = self.sets
         elif argv[:3] == ["ip", "route", "show"]:
             out = self.routes if argv[-1] == "101" else ""
-        elif argv[:3] == ["ip", "rule", "show"]:
+        elif argv[:4] == ["ip", "-6", "route", "show"]:
+            out = self.routes6 if argv[-1] == "103" else ""
+        elif argv[:4] == ["ip", "-4", "rule", "show"]:
             out = self.rules
+        elif argv[:4] == ["ip", "-6", "rule", "show"]:
+            out = self.rules6
         return subprocess.CompletedProcess(argv, 0, out, "")
 
 
@@ -88,7 +94,7 @@ def test_plan_removes_canal_objects_only(env):
     assert "delete leftover veth cnlabc123" in whats
     assert any(w.startswith("delete flannel.1") for w in whats)
     assert kernel.calls and all(c[0][0].endswith("-save") or c[0][1] in ("save", "route", "rule")
-                                or c[0][1:3] == ["-6", "route"] for c in kernel.calls)
+                                or c[0][1:3] in (["-6", "route"], ["-4", "rule"], ["-6", "rule"]) for c in kernel.calls)
     for step in steps:
         step.apply()
     restore = next(text for argv, text in kernel.calls if argv[0] == "iptables-nft-restore")
@@ -120,6 +126,18 @@ def test_refuses_naming_the_containers(env):
     assert not [c for c in kernel.calls if not c[0][0].endswith("-save")]  # nothing ran
 
 
+def test_ipv6_routes_and_the_ipv6_mark_rule_go_too(env):
+    kernel = Kernel()
+    kernel.routes6 = "fd00:6a:0:1::/64 via 2001:2::1 dev eth0 proto 103 metric 1024 pref medium\n"
+    kernel.rules6 = "900:\tfrom all fwmark 0x100000/0x100000 lookup 25900\n"
+    steps = {s.what: s for s in plan(env, kernel)}
+    assert "flush 1 IPv6 route(s) with protocol 103" in steps
+    assert "delete the IPv6 WireGuard mark rule (priority 900, table 25900)" in steps
+    assert "delete the WireGuard mark rule (priority 900, table 25900)" in steps
+    steps["delete the IPv6 WireGuard mark rule (priority 900, table 25900)"].apply()
+    assert kernel.calls[-1][0] == ["ip", "-6", "rule", "del", "priority", "900", "table", "25900"]
+
+
 def test_nothing_left_is_an_empty_plan(env):
     _store, _keys, net, _tmp = env
     (net / "cnlabc123").rmdir()
@@ -129,3 +147,15 @@ def test_nothing_left_is_an_empty_plan(env):
     kernel = Kernel(save="*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n", routes="", sets="")
     kernel.rules = ""
     assert plan(env, kernel) == []
+
+
+def test_flannel_v6_device_is_ours_only_with_our_v6_mac(env):
+    from canal.services.hosts import v6_mac
+    store, keys, net, _tmp = env
+    store.put(keys.host("h1"), {"vtep_mac": "02:00:00:00:00:01", "public_ip": "198.18.0.1"})
+    (net / "flannel-v6.1").mkdir()
+    (net / "flannel-v6.1" / "address").write_text(v6_mac("02:00:00:00:00:01") + "\n")
+    assert any(s.what.startswith("delete flannel-v6.1") for s in plan(env, Kernel()))
+    (net / "flannel-v6.1" / "address").write_text("aa:bb:cc:00:66:04\n")  # flanneld's
+    assert not any("flannel-v6.1" in s.what for s in plan(env, Kernel()))
+    assert not any("flannel-v6.1" in s.what for s in plan(env, Kernel(), flannel_mode="external"))

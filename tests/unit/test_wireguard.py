@@ -195,3 +195,29 @@ def test_network_option_encrypted_as_docker_spells_it():
     assert not create({}).encrypted
     with pytest.raises(BadRequest, match="encrypted"):
         create({"encrypted": "maybe"})
+
+
+def test_the_backends_desired_state_is_recomputed_only_when_an_input_changes(monkeypatch):
+    """DesiredCache (an event pass on a cluster with thousands of route records): the same
+    route dicts and equal inputs give the last result; any change recomputes it."""
+    from canal.backends import manager
+    from canal.records import RouteRecord
+
+    calls = []
+    real = manager.desired_state
+    monkeypatch.setattr(manager, "desired_state", lambda *a: calls.append(1) or real(*a))
+    vx = [dataclasses.replace(x, backend_type="vxlan", vtep_mac=f"aa:bb:cc:00:00:0{i}") for i, x in enumerate((ME, P2))]
+    routes = {"10.9.0.7": RouteRecord(A("10.9.0.7"), "h2", N("10.1.2.0/24"))}
+    base = dataclasses.replace(snap({"n1": NET}, {"e1": EP}), own_subnet=OWN, leases=tuple(vx), routes=routes)
+    cache, config = manager.DesiredCache(), BackendConfig("vxlan")
+    first = cache(config, base, ())
+    assert N("10.9.0.7/32") in first.vxlan.routes
+    assert cache(config, dataclasses.replace(base, leases=tuple(vx)), ()) is first and len(calls) == 1
+    # a new route dict (a route record changed), a lease, the backend, encryption: recomputed
+    moved = {"10.9.0.7": RouteRecord(A("10.9.0.7"), "h1", OWN)}
+    assert N("10.9.0.7/32") not in cache(config, dataclasses.replace(base, routes=moved), ()).vxlan.routes
+    assert cache(config, dataclasses.replace(base, leases=tuple(vx[:1])), ()).vxlan.routes == {}
+    assert cache(BackendConfig("host-gw"), base, ()).vxlan is None
+    secret = dataclasses.replace(base, networks={k: dataclasses.replace(n, encrypted=True) for k, n in base.networks.items()})
+    assert cache(config, secret, ()).wireguard is not None
+    assert len(calls) == 5

@@ -40,6 +40,7 @@ CLUSTER_SET = "canal-nets"  # destinations that stay un-NATed: cluster network +
 CLUSTER_SET6 = "canal-6nets"  # the same for IPv6: the cluster's IPv6 network + canal IPv6 pools
 MASQ_SET = "canal-masq"  # local endpoints whose outbound traffic is masqueraded
 ENCRYPTED_SET = "canal-encrypted"  # endpoints (all hosts) of encrypted networks
+ENCRYPTED_SET6 = "canal-6encrypted"  # their IPv6 addresses (--ipv6 networks)
 ENCRYPT_CHAIN = "CANAL-ENCRYPT"  # filter: their traffic between hosts only through WireGuard
 MARK_CHAIN = "CANAL-MARK"  # mangle: marks their packets for the WireGuard routing table
 
@@ -63,6 +64,7 @@ class Snapshot:
     held_ports: Mapping[tuple[str, str, int], str] = field(default_factory=dict)
     cluster_network6: str = ""  # the cluster's IPv6 network ("": none configured)
     routes6: Mapping[str, RouteRecord] = field(default_factory=dict)  # ip6 -> /128 route record (multi-host)
+    own_subnet6: ipaddress.IPv6Network | None = None  # this host's IPv6 subnet of a dual-stack lease
     # flannel's wireguard backend: every endpoint's traffic between hosts is encrypted.
     encrypt_all: bool = False
     # The agent's passes: memberships kept incrementally from the same records (canal.agent.index),
@@ -328,6 +330,20 @@ def encrypted_ips(snap: Snapshot) -> AbstractSet[str]:
     return frozenset(out)
 
 
+def encrypted_ips6(snap: Snapshot) -> AbstractSet[str]:
+    """The IPv6 addresses of the same endpoints (encrypted networks created with --ipv6)."""
+    if snap.index is not None:
+        return snap.index.encrypted6()
+    out = set()
+    for ep in snap.endpoints.values():
+        if ep.ip6 is None or not (ep.joined or ep.host == snap.host):
+            continue
+        network = network_of(snap, ep)
+        if snap.encrypt_all or (network is not None and network.encrypted):
+            out.add(str(ep.ip6))
+    return frozenset(out)
+
+
 def _encryption(snap: Snapshot, state: FirewallState) -> None:
     """Fail closed for encrypted networks: what must cross hosts through WireGuard may leave
     only through it (or to a local workload, or out of the cluster), and what is addressed to
@@ -336,18 +352,33 @@ def _encryption(snap: Snapshot, state: FirewallState) -> None:
     WireGuard table); these rules make sure nothing else ever carries them (a peer without a
     key yet, the device gone, a route missing): dropped, never plaintext, not even an
     established flow's. Scoped by interface and mark, so the host's other traffic pays an
-    interface check, not a set lookup."""
+    interface check, not a set lookup. The same rules in ip6tables for their IPv6 addresses
+    (the cluster's IPv6 networks as the cluster)."""
     members = encrypted_ips(snap)
     if not members:
         return
-    wl, enc, nets = WORKLOADS, ENCRYPTED_SET, CLUSTER_SET
+    members6 = encrypted_ips6(snap)
+    local_eps = [ep for ep in local_endpoints(snap) if ep.ip_text in members]
+    _encryption_family(snap, state.chains, state.jumps, ENCRYPTED_SET, CLUSTER_SET, local_eps)
+    state.ipsets.append(IpSet(ENCRYPTED_SET, "hash:ip", members))
+    if members6:
+        _encryption_family(snap, state.chains6, state.jumps6, ENCRYPTED_SET6, CLUSTER_SET6,
+                           [ep for ep in local_eps if ep.ip6 is not None])
+        state.ipsets.append(IpSet(ENCRYPTED_SET6, "hash:ip", members6, family="inet6"))
+        if not any(s.name == CLUSTER_SET6 for s in state.ipsets):
+            state.ipsets.append(IpSet(CLUSTER_SET6, "hash:net", cluster_nets6(snap), family="inet6"))
+
+
+def _encryption_family(snap: Snapshot, chains: dict[tuple[str, str], list[str]], jumps: list[Jump], enc: str,
+                       nets: str, local_eps: list[EndpointRecord]) -> None:
+    """One family's rules (iptables or ip6tables), `enc` its encrypted set, `nets` its cluster set."""
+    wl = WORKLOADS
     out, into = f"{ENCRYPT_CHAIN}-OUT", f"{ENCRYPT_CHAIN}-IN"
-    state.ipsets.append(IpSet(enc, "hash:ip", members))
-    state.chains[("filter", out)] = [
+    chains[("filter", out)] = [
         f"-o {WG_DEVICE} -j RETURN", f"-o {wl} -j RETURN", "-o lo -j RETURN",
         f"-m set ! --match-set {nets} dst -j RETURN", "-j DROP",
     ]
-    state.chains[("filter", into)] = [
+    chains[("filter", into)] = [
         f"-i {WG_DEVICE} -j RETURN", f"-i {wl} -j RETURN", f"-m set ! --match-set {nets} src -j RETURN", "-j DROP",
     ]
     mark = f"{ENCRYPT_MARK:#x}/{ENCRYPT_MARK:#x}"
@@ -355,23 +386,23 @@ def _encryption(snap: Snapshot, state: FirewallState) -> None:
         checks = [f"-i {wl} -j {out}", f"-o {wl} -j {into}"]
         output = [f"-m set --match-set {enc} dst -j {out}"]
     else:
-        local = sorted(host_ifname(ep.id) for ep in local_endpoints(snap) if ep.ip_text in members)
+        local = sorted(host_ifname(ep.id) for ep in local_eps)
         checks = [f"-m mark --mark {mark} -j {out}"] + [f"-o {ifname} -j {into}" for ifname in local]
         output = [f"-m mark --mark {mark} -j {out}"]
         set_mark = f"-j MARK --set-xmark {mark}"
         # From a local encrypted endpoint, and from any workload to an encrypted one elsewhere
         # (its reply comes back through the tunnel: it must go the same way).
-        state.chains[("mangle", MARK_CHAIN)] = [f"-i {ifname} {set_mark}" for ifname in local] + [
+        chains[("mangle", MARK_CHAIN)] = [f"-i {ifname} {set_mark}" for ifname in local] + [
             f"-m set --match-set {enc} dst -m set --match-set {nets} src {set_mark}",
         ]
-        state.chains[("mangle", f"{MARK_CHAIN}-OUT")] = [f"-m set --match-set {enc} dst {set_mark}"]
-        state.jumps += [Jump("mangle", "PREROUTING", MARK_CHAIN, match=f"-i {wl}"),
-                        Jump("mangle", "OUTPUT", f"{MARK_CHAIN}-OUT")]
-    forward = state.chains.get(("filter", "CANAL-FORWARD"), [])
-    state.chains[("filter", "CANAL-FORWARD")] = checks + forward
+        chains[("mangle", f"{MARK_CHAIN}-OUT")] = [f"-m set --match-set {enc} dst {set_mark}"]
+        jumps += [Jump("mangle", "PREROUTING", MARK_CHAIN, match=f"-i {wl}"),
+                  Jump("mangle", "OUTPUT", f"{MARK_CHAIN}-OUT")]
+    forward = chains.get(("filter", "CANAL-FORWARD"), [])
+    chains[("filter", "CANAL-FORWARD")] = checks + forward
     # The host's own packets to an encrypted endpoint: the tunnel, a local veth, or nothing.
-    state.chains[("filter", "CANAL-OUTPUT")] = output
-    state.jumps.append(Jump("filter", "OUTPUT", "CANAL-OUTPUT"))
+    chains[("filter", "CANAL-OUTPUT")] = output
+    jumps.append(Jump("filter", "OUTPUT", "CANAL-OUTPUT"))
 
 
 def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:
@@ -387,21 +418,24 @@ def desired_route_records(snap: Snapshot) -> dict[str, RouteRecord]:
 
 
 def desired_route_records6(snap: Snapshot) -> dict[str, RouteRecord]:
-    """ip6 -> record for every joined local endpoint with an IPv6 address: peers route each
-    /128 to our VTEP (IPv6 addresses come from cluster-wide pools, not host subnets)."""
+    """ip6 -> record for our joined endpoints with an IPv6 address outside our lease's IPv6
+    subnet (the /32 rule): a --subnet pool's, a --ip6 from elsewhere, an address drawn from the
+    cluster-wide network before leases were dual stack. Peers route each /128 to our VTEP."""
     if snap.own_subnet is None:
         return {}
     return {
         str(ep.ip6): RouteRecord(ep.ip6, snap.host, snap.own_subnet)
         for ep in local_endpoints(snap)
-        if ep.joined and ep.ip6 is not None
+        if ep.joined and ep.ip6 is not None and (snap.own_subnet6 is None or ep.ip6 not in snap.own_subnet6)
     }
 
 
-def remote_routes6(snap: Snapshot) -> list[tuple[ipaddress.IPv6Address, str]]:
+def remote_routes6(snap: Snapshot, exclude: AbstractSet[ipaddress.IPv4Network] = frozenset()
+                   ) -> list[tuple[ipaddress.IPv6Address, str]]:
     """(remote /128, VtepMAC of its host's lease) for other hosts' IPv6 route records whose
-    lease is known (canal.dataplane.routes6 turns them into routes)."""
-    macs = {lease.subnet: lease.vtep_mac for lease in snap.leases if lease.vtep_mac}
+    lease is known (canal.dataplane.routes6 turns them into routes); `exclude`: peers (by
+    lease subnet) whose IPv6 is routed directly instead."""
+    macs = {lease.subnet: lease.vtep_mac for lease in snap.leases if lease.vtep_mac and lease.subnet not in exclude}
     out = []
     for record in snap.routes6.values():
         mac = macs.get(record.subnet)

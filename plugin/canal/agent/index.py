@@ -107,6 +107,7 @@ class MembershipIndex:
         self._unindexed: Dict[str, _Selector] = {}
         self._networks_sets: Dict[str, tuple[TrackedSet, TrackedSet]] = {}
         self._encrypted = TrackedSet()
+        self._encrypted6 = TrackedSet()
         self._local: Dict[str, EndpointRecord] = {}
         self._by_name: Dict[str, Dict[str, EndpointRecord]] = {}  # logical network -> in view
         self._networks: Mapping[str, NetworkRecord] = {}
@@ -196,6 +197,8 @@ class MembershipIndex:
                 sets[family].add(addresses[family])  # type: ignore[arg-type]
         if encrypted:
             self._encrypted.add(ep.ip_text)
+            if info.ip6 is not None:
+                self._encrypted6.add(info.ip6)
         if label_key is not None and labels is not None:
             if label_key not in self._groups:
                 self._groups[label_key] = {}
@@ -243,6 +246,8 @@ class MembershipIndex:
                 sets[family].discard(addresses[family])  # type: ignore[arg-type]
         if entry.encrypted:
             self._encrypted.discard(ep.ip_text)
+            if info.ip6 is not None:
+                self._encrypted6.discard(info.ip6)
         if entry.label_key is not None:
             # The selectors in use now are exactly those that took this endpoint in: each was
             # in use when it was added, or evaluated it since (selector_members).
@@ -292,6 +297,10 @@ class MembershipIndex:
     def encrypted(self) -> Members:
         """IPv4 addresses of the endpoints in view whose traffic between hosts is encrypted."""
         return self._encrypted.view()
+
+    def encrypted6(self) -> Members:
+        """The IPv6 addresses of the same endpoints (those of --ipv6 networks)."""
+        return self._encrypted6.view()
 
     def local_records(self) -> List[EndpointRecord]:
         """This host's endpoints (joined or not), by id (the order records are listed in)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any, Callable, Generic, ItemsView, Iterator, KeysView, Mapping, Sequence, TypeVar, ValuesView
+from typing import Any, Callable, Generic, ItemsView, Iterator, KeysView, Mapping, Optional, Sequence, TypeVar, ValuesView
 
 from canal import metrics
 from canal.datastore.base import Datastore, Op, Put
@@ -104,10 +104,12 @@ class Mirror:
                         out[key[cut:]] = cached[1]
         return out
 
-    def view(self, prefix: str, parse: Callable[[str, Any], T]) -> "RecordView[T]":
+    def view(self, prefix: str, parse: Callable[[str, Any], T],
+             keep: Optional[Callable[[T], bool]] = None) -> "RecordView[T]":
         """A live typed mapping of one prefix with a change journal (RecordView): each refresh()
-        costs work in proportion to the keys changed since the last, not to the prefix's size."""
-        view: RecordView[T] = RecordView(self, prefix, parse)
+        costs work in proportion to the keys changed since the last, not to the prefix's size.
+        `keep`: hold only the records it accepts (e.g. this host's), in memory too."""
+        view: RecordView[T] = RecordView(self, prefix, parse, keep)
         with self._lock:
             self._views.append(view)
             for directory, entries in self._dirs.items():
@@ -246,10 +248,12 @@ class RecordView(Mapping[str, T], Generic[T]):
     Read and refreshed by one thread (the agent's): between refreshes it does not change, so a
     pass sees one consistent state. Malformed records are quarantined as by Mirror.records()."""
 
-    def __init__(self, mirror: Mirror, prefix: str, parse: Callable[[str, Any], T]):
+    def __init__(self, mirror: Mirror, prefix: str, parse: Callable[[str, Any], T],
+                 keep: Optional[Callable[[T], bool]] = None):
         self.mirror = mirror
         self.prefix = prefix
         self.parse = parse
+        self.keep = keep
         self._dirty: set[str] = set()  # full keys changed since the last refresh (mirror's lock)
         self._records: dict[str, T] = {}
         self._revisions: dict[str, int] = {}
@@ -262,6 +266,13 @@ class RecordView(Mapping[str, T], Generic[T]):
             raise Unavailable(f"datastore not read yet under {self.prefix}")
         changed: set[str] = set()
         with mirror._lock:
+            # The parse cache records() uses: both hand out the same objects, so a record is
+            # held parsed once however many readers there are (at 20,000 endpoints a second
+            # copy for status and metrics was 27 MB).
+            cache = mirror._typed.get(self.prefix)
+            if cache is None or cache[0] is not self.parse:
+                cache = mirror._typed[self.prefix] = (self.parse, {})
+            typed = cache[1]
             dirty, self._dirty = self._dirty, set()
             for key in dirty:
                 rel = key[cut:]
@@ -275,8 +286,14 @@ class RecordView(Mapping[str, T], Generic[T]):
                 if self._revisions.get(rel) == revision:
                     continue
                 self._revisions[rel] = revision
-                record = mirror._parse_typed(key, revision, text, rel, self.parse)
-                if record is _FAILED:
+                cached = typed.get(key)
+                if cached is not None and cached[0] == revision:
+                    record = cached[1]
+                else:
+                    record = mirror._parse_typed(key, revision, text, rel, self.parse)
+                    if record is not _FAILED and (self.keep is None or self.keep(record)):
+                        typed[key] = (revision, record)  # what a kept view drops is not held either
+                if record is _FAILED or (self.keep is not None and not self.keep(record)):
                     if self._records.pop(rel, None) is not None:
                         changed.add(rel)
                 else:

@@ -470,6 +470,29 @@ def underlay(iface: str = "", public_ip: str = "") -> tuple[str, str, int]:
     return "lo", "127.0.0.1", 1500
 
 
+IFA_F_TEMPORARY, IFA_F_DADFAILED, IFA_F_DEPRECATED = 0x01, 0x08, 0x20
+
+
+def underlay6(iface: str, public_ip6: str = "") -> str:
+    """This host's IPv6 underlay address (a dual-stack lease's PublicIPv6): --public-ip6, which
+    must be on `iface`, else the first global IPv6 address of `iface` (flannel takes the
+    external interface's global IPv6 address); "" when it has none (no IPv6 underlay)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=iface)
+        addresses = []
+        if found:
+            for addr in ipr.get_addr(family=socket.AF_INET6, index=found[0]):
+                flags = addr.get_attr("IFA_FLAGS") or addr["flags"]
+                # Not a privacy address (it changes), nor one that failed DAD or is going away.
+                if addr["scope"] == 0 and not flags & (IFA_F_TEMPORARY | IFA_F_DADFAILED | IFA_F_DEPRECATED):
+                    addresses.append(str(ipaddress.IPv6Address(addr.get_attr("IFA_ADDRESS"))))
+    if public_ip6:
+        if public_ip6 not in addresses:
+            raise Unavailable(f"public-ip6 {public_ip6} is not a global IPv6 address of the underlay interface {iface}")
+        return public_ip6
+    return addresses[0] if addresses else ""
+
+
 @dataclass(frozen=True)
 class Forgotten:
     """What a conntrack flush achieved: truthy when every address was flushed (or had no

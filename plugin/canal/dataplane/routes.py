@@ -1,4 +1,5 @@
-"""Direct routes to peer subnets over the underlay (host-gw, vxlan DirectRouting), converged.
+"""Direct routes to peer subnets over the underlay (host-gw, vxlan DirectRouting), converged,
+in both families: IPv6 destinations via the peer's PublicIPv6.
 
 Ours are tagged with their own route protocol, so routes anyone else installed are never
 touched. A route the kernel refuses (a gateway not on-link after all) is reported, naming the
@@ -10,21 +11,37 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import threading
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from canal.dataplane import routedump
 from canal.dataplane.netlink import open_socket
 from canal.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 RTPROT_CANAL_DIRECT = 103  # next to RTPROT_CANAL_VXLAN (102)
+RTPROT_CANAL_TUNNELS = (102, 104)  # Canal's vxlan and wireguard routes: not someone else's
 RT_TABLE_MAIN = 254
 
-Routes = dict[ipaddress.IPv4Network, ipaddress.IPv4Address]
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+Routes = dict[Net, ipaddress.IPv4Address | ipaddress.IPv6Address]
+
+
+def _family(net: Net) -> int:
+    return socket.AF_INET6 if net.version == 6 else socket.AF_INET
+
+
+def _ordered(routes: Routes) -> list[tuple[Net, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    return sorted(routes.items(), key=lambda item: (item[0].version, item[0]))
+
+
+def _ipv6() -> bool:
+    return os.path.exists("/proc/net/if_inet6")
 
 
 class DirectRoutes:
@@ -45,36 +62,48 @@ class DirectRoutes:
             raise Unavailable(f"underlay interface {self.iface} does not exist")
         return int(found[0])
 
-    def underlay_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
-        """The prefixes of the underlay interface's IPv4 addresses: its L2 segment(s)."""
+    def underlay_networks(self) -> tuple[Net, ...]:
+        """The prefixes of the underlay interface's addresses, IPv4 then IPv6 (link-local
+        left out: no peer publishes one): its L2 segment(s) in each family."""
         with self._lock:
             try:
                 index = self._index()
                 addrs = self._ipr.get_addr(family=socket.AF_INET, index=index)
+                addrs6 = self._ipr.get_addr(family=socket.AF_INET6, index=index) if _ipv6() else []
             except NetlinkError as err:
                 raise Unavailable(f"{self.iface}: netlink: {err}") from err
         nets = {ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network for a in addrs}
-        return tuple(sorted(nets))
+        nets6 = {ipaddress.IPv6Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network for a in addrs6}
+        return (*sorted(nets), *sorted(n for n in nets6 if not n.is_link_local))
 
-    def _read(self) -> tuple[dict[ipaddress.IPv4Network, tuple[str | None, int | None]], set[ipaddress.IPv4Network]]:
-        ours: dict[ipaddress.IPv4Network, tuple[str | None, int | None]] = {}
-        foreign: set[ipaddress.IPv4Network] = set()
-        for r in self._ipr.get_routes(family=socket.AF_INET):
-            if (r.get_attr("RTA_TABLE") or r["table"]) != RT_TABLE_MAIN or not r.get_attr("RTA_DST"):
-                continue
-            dst = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
-            if r["proto"] == RTPROT_CANAL_DIRECT:
-                ours[dst] = (r.get_attr("RTA_GATEWAY"), r.get_attr("RTA_OIF"))
-            elif not r.get_attr("RTA_PRIORITY"):
-                foreign.add(dst)
+    def _read(self, families: tuple[int, ...]) -> tuple[dict[Net, tuple[str | None, int | None]], set[Net]]:
+        ours: dict[Net, tuple[str | None, int | None]] = {}
+        foreign: set[Net] = set()
+        for family in families:
+            for r in routedump.dump(family, table=RT_TABLE_MAIN):
+                dst = r.dst
+                if dst is None:
+                    continue
+                if r.protocol == RTPROT_CANAL_DIRECT:
+                    ours[dst] = (str(r.gateway) if r.gateway is not None else None, r.oif)
+                elif family == socket.AF_INET and not r.priority:
+                    foreign.add(dst)
+                elif family == socket.AF_INET6 and r.protocol not in RTPROT_CANAL_TUNNELS and r.type == 1:
+                    # IPv6 routes always carry a metric; a replace takes over Canal's own /128s
+                    # of a peer that moved to direct routing (the tunnel step drops them anyway).
+                    foreign.add(dst)
         return ours, foreign
+
+    def _families(self, wanted: Routes) -> tuple[int, ...]:
+        """IPv6 is read when wanted or when the kernel has it (leftovers to clear)."""
+        return (socket.AF_INET, socket.AF_INET6) if _ipv6() or any(d.version == 6 for d in wanted) else (socket.AF_INET,)
 
     def remove_stale(self, wanted: Routes) -> None:
         """First, so a subnet moving to the tunnel finds its destination free."""
         with self._lock:
             try:
-                ours, _foreign = self._read()
-                for dst in sorted(set(ours) - set(wanted)):
+                ours, _foreign = self._read(self._families(wanted))
+                for dst in sorted(set(ours) - set(wanted), key=lambda n: (n.version, n)):
                     self._route("del", dst)
             except NetlinkError as err:
                 raise Unavailable(f"direct routes: netlink: {err}") from err
@@ -85,10 +114,10 @@ class DirectRoutes:
         with self._lock:
             try:
                 index = self._index()
-                ours, foreign = self._read()
+                ours, foreign = self._read(self._families(wanted))
             except NetlinkError as err:
                 raise Unavailable(f"direct routes: netlink: {err}") from err
-            for dst, gateway in sorted(wanted.items()):
+            for dst, gateway in _ordered(wanted):
                 if ours.get(dst) == (str(gateway), index):
                     continue
                 if dst not in ours and dst in foreign:
@@ -103,9 +132,10 @@ class DirectRoutes:
             log.warning("%s", problem)
         return problems
 
-    def _route(self, command: str, dst: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None = None,
+    def _route(self, command: str, dst: Net, gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
                index: int | None = None) -> None:
-        kwargs: dict[str, Any] = {"dst": str(dst), "proto": RTPROT_CANAL_DIRECT, "table": RT_TABLE_MAIN}
+        kwargs: dict[str, Any] = {"dst": str(dst), "proto": RTPROT_CANAL_DIRECT, "table": RT_TABLE_MAIN,
+                                  "family": _family(dst)}
         if command != "del":
             kwargs.update(gateway=str(gateway), oif=index)
         try:

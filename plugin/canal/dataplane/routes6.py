@@ -1,7 +1,5 @@
-"""IPv6 across hosts over the IPv4 VXLAN device: each remote /128 routed to its host's VTEP.
-
-IPv6 addresses come from cluster-wide pools (no per-host IPv6 subnets yet), so every
-endpoint of an --ipv6 network is published as a /128 route record and each peer routes it
+"""IPv6 across hosts over the IPv4 VXLAN device: a Canal peer's IPv6 subnet (when either end
+has no IPv6 underlay, see canal.backends.vxlan6) and remote /128s routed to its host's VTEP,
 into flannel.<VNI>, the same tunnel as IPv4. The kernel takes no IPv4 next hop for an IPv6
 route, so the next hop is the peer VTEP's EUI-64 link-local address (from its VtepMAC, as
 that device would derive it itself) with a permanent neighbour entry to the VtepMAC; the
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from canal.dataplane import routedump
 from canal.dataplane.links import RTPROT_CANAL
 from canal.dataplane.netlink import open_socket
 from canal.errors import Unavailable
@@ -41,17 +40,18 @@ def link_local(mac: str) -> ipaddress.IPv6Address:
 @dataclass(frozen=True)
 class Routes6State:
     neighbours: dict[ipaddress.IPv6Address, str] = field(default_factory=dict)  # next hop -> VtepMAC
-    routes: dict[ipaddress.IPv6Address, ipaddress.IPv6Address] = field(default_factory=dict)  # /128 -> next hop
+    # a peer's IPv6 subnet or a remote /128 -> next hop
+    routes: dict[ipaddress.IPv6Network, ipaddress.IPv6Address] = field(default_factory=dict)
 
 
 def desired_routes6(records: list[tuple[ipaddress.IPv6Address, str]]) -> Routes6State:
     """(remote /128, its host's VtepMAC) pairs -> neighbours and routes."""
     neighbours: dict[ipaddress.IPv6Address, str] = {}
-    routes: dict[ipaddress.IPv6Address, ipaddress.IPv6Address] = {}
+    routes: dict[ipaddress.IPv6Network, ipaddress.IPv6Address] = {}
     for ip, mac in records:
         hop = link_local(mac)
         neighbours[hop] = mac
-        routes[ip] = hop
+        routes[ipaddress.IPv6Network(f"{ip}/128")] = hop
     return Routes6State(neighbours, routes)
 
 
@@ -96,14 +96,16 @@ class Routes6:
                 for hop, mac in state.neighbours.items():
                     self._ipr.neigh("replace", family=socket.AF_INET6, dst=str(hop), lladdr=mac, ifindex=index,
                                     state=NUD_PERMANENT)
-                for ip, hop in state.routes.items():
-                    self._ipr.route("replace", family=socket.AF_INET6, dst=f"{ip}/128", gateway=str(hop), oif=index,
+                for net, hop in state.routes.items():
+                    self._ipr.route("replace", family=socket.AF_INET6, dst=str(net), gateway=str(hop), oif=index,
                                     proto=RTPROT_CANAL)
-                for route in self._ipr.get_routes(family=socket.AF_INET6, proto=RTPROT_CANAL, oif=index):
-                    dst = route.get_attr("RTA_DST")
-                    if dst is not None and route["dst_len"] == 128 and ipaddress.IPv6Address(dst) not in state.routes:
-                        self._ipr.route("del", family=socket.AF_INET6, dst=f"{dst}/128", oif=index, proto=RTPROT_CANAL)
-                        log.info("removed IPv6 route %s via %s", dst, device)
+                for route in routedump.dump(socket.AF_INET6, protocol=RTPROT_CANAL, oif=index):
+                    have = route.dst
+                    if not isinstance(have, ipaddress.IPv6Network):
+                        continue
+                    if have not in state.routes:
+                        self._ipr.route("del", family=socket.AF_INET6, dst=str(have), oif=index, proto=RTPROT_CANAL)
+                        log.info("removed IPv6 route %s via %s", have, device)
                 for hop in set(self._neighbours) - set(state.neighbours):
                     try:
                         self._ipr.neigh("del", family=socket.AF_INET6, dst=str(hop), ifindex=index)

@@ -22,8 +22,10 @@ from typing import Any, Iterable
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
+from canal.dataplane import routedump
 from canal.dataplane.links import delete_link
 from canal.dataplane.netlink import open_socket
+from canal.dataplane.routedump import Route
 from canal.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -323,7 +325,7 @@ class Vxlan:
             except NetlinkError as err:
                 raise Unavailable(f"{name}: netlink: {err}") from err
 
-    def _read(self, index: int) -> tuple[dict[str, tuple[str, int]], dict[tuple[str, str], int], list[Any]]:
+    def _read(self, index: int) -> tuple[dict[str, tuple[str, int]], dict[tuple[str, str], int], list[Route]]:
         """flannel.N's neighbours (ip -> (mac, nud)), FDB ((mac, dst) -> nud), main-table routes."""
         neighbors = {}
         for msg in self._ipr.get_neighbours(family=socket.AF_INET, ifindex=index):
@@ -333,10 +335,7 @@ class Vxlan:
         for msg in self._ipr.get_neighbours(family=socket.AF_BRIDGE, ifindex=index):
             if msg["ifindex"] == index and msg.get_attr("NDA_DST") and msg.get_attr("NDA_LLADDR"):
                 fdb[(msg.get_attr("NDA_LLADDR").lower(), msg.get_attr("NDA_DST"))] = msg["state"]
-        routes = [
-            r for r in self._ipr.get_routes(family=socket.AF_INET)
-            if (r.get_attr("RTA_TABLE") or r["table"]) == RT_TABLE_MAIN and r.get_attr("RTA_DST")
-        ]
+        routes = [r for r in routedump.dump(socket.AF_INET, table=RT_TABLE_MAIN) if r.dst is not None]
         return neighbors, fdb, routes
 
     def _apply(self, index: int, name: str, state: VxlanState, routes_only: bool) -> bool:
@@ -344,12 +343,13 @@ class Vxlan:
         ours: dict[IPv4Network, IPv4Address | None] = {}
         foreign: set[IPv4Network] = set()
         for r in routes:
-            dst = IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
-            if r["proto"] == RTPROT_CANAL_VXLAN and r.get_attr("RTA_OIF") == index:
-                gateway = r.get_attr("RTA_GATEWAY")
-                ok = gateway and r["flags"] & RTNH_F_ONLINK and not r.get_attr("RTA_PRIORITY")
-                ours[dst] = IPv4Address(gateway) if ok else None
-            elif not r.get_attr("RTA_PRIORITY"):  # same kernel key as ours: replace would clobber it
+            dst = r.dst
+            if not isinstance(dst, IPv4Network):
+                continue
+            if r.protocol == RTPROT_CANAL_VXLAN and r.oif == index:
+                ok = isinstance(r.gateway, IPv4Address) and r.flags & RTNH_F_ONLINK and not r.priority
+                ours[dst] = r.gateway if ok and isinstance(r.gateway, IPv4Address) else None
+            elif not r.priority:  # same kernel key as ours: replace would clobber it
                 foreign.add(dst)
         changed = False
 

@@ -13,6 +13,11 @@ Routes through the device go in the main table for flannel's cluster-wide backen
 table of their own, chosen by a firewall mark, for encrypted networks on a cluster of another
 backend. Whatever is not (yet) routed through the device is dropped by the firewall
 (canal.agent.desired): an encrypted network fails closed.
+
+IPv6 rides the same device (flannel's Mode "auto"): peers' AllowedIPs and the routes hold
+both families, the mark rule exists in both, and the device gets the lease's first IPv6
+address beside the IPv4 one. The outer packets use the peer's IPv4 endpoint; OVERHEAD (80,
+an outer IPv6 header's worth) covers an IPv6 underlay as well.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Callable, Sequence
 from pyroute2.netlink.exceptions import NetlinkError
 
 from canal.config import Secret
+from canal.dataplane import routedump
 from canal.dataplane.cmd import run
 from canal.dataplane.links import _sysctl, delete_link
 from canal.dataplane.netlink import open_socket
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 DEVICE = "flannel-wg"
 OVERHEAD = 80  # outer IPv6 + UDP + WireGuard header and tag: flannel's figure, either family
+Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
 WG_TABLE = 25900  # routes of encrypted networks' traffic (per-network mode)
 RULE_PRIORITY = 900  # before the main table (32766)
 ENCRYPT_MARK = 0x100000  # set by the mangle table on encrypted networks' packets
@@ -50,8 +58,8 @@ RTN_THROW = 9
 @dataclass(frozen=True)
 class WgPeer:
     public_key: str  # checked (records.wg_key) before it gets here
-    endpoint: str  # "a.b.c.d:port"
-    allowed_ips: tuple[ipaddress.IPv4Network, ...]
+    endpoint: str  # "a.b.c.d:port", or "[v6]:port" (Mode ipv6)
+    allowed_ips: tuple[Net, ...]  # both families
 
 
 @dataclass(frozen=True)
@@ -60,14 +68,20 @@ class WgState:
 
     listen_port: int
     peers: tuple[WgPeer, ...] = ()
-    routes: tuple[ipaddress.IPv4Network, ...] = ()
+    routes: tuple[Net, ...] = ()
     table: int = RT_TABLE_MAIN
     keepalive: int = 0
     psk: Secret = field(default_factory=Secret)
     address: ipaddress.IPv4Address | None = None  # the lease's .0, /32 on the device (as flannel)
     # Local addresses inside a routed prefix (a --ip from a peer's range): `throw` in `table`,
     # so a marked packet to them falls through to the main table's veth route.
-    throws: tuple[ipaddress.IPv4Network, ...] = ()
+    throws: tuple[Net, ...] = ()
+    address6: ipaddress.IPv6Address | None = None  # the lease's IPv6 subnet's first address, /128
+
+
+def _ipv6() -> bool:
+    """The kernel has IPv6 (a host booted with ipv6.disable=1 has no IPv6 routes or rules)."""
+    return os.path.exists("/proc/net/if_inet6")
 
 
 def wg_mtu(underlay_mtu: int) -> int:
@@ -87,6 +101,18 @@ def config_text(state: WgState, private_key: str) -> str:
         if state.keepalive:
             lines.append(f"PersistentKeepalive = {state.keepalive}")
     return "\n".join(lines) + "\n"
+
+
+def _sysctl_if_needed(base: str, name: str, value: str) -> None:
+    """Write a per-device sysctl only when it differs (a pass sees it every time)."""
+    try:
+        with open(f"{base}/{name}") as handle:
+            if handle.read().strip() == value:
+                return
+        with open(f"{base}/{name}", "w") as handle:
+            handle.write(value)
+    except OSError as err:
+        raise Unavailable(f"cannot set {DEVICE} {name}={value}: {err.strerror}") from err
 
 
 class KeyFile:
@@ -157,10 +183,12 @@ class WireGuard:
         with self._lock:
             return self._index() is not None
 
-    def ensure_device(self, mtu: int, address: ipaddress.IPv4Address | None) -> None:
+    def ensure_device(self, mtu: int, address: ipaddress.IPv4Address | None,
+                      address6: ipaddress.IPv6Address | None = None) -> None:
         """Create the device if it is missing (kernel first, else wireguard-go), then its MTU,
-        address, loose reverse-path filter (WireGuard itself checks each packet's source against
-        the peer's AllowedIPs) and state up."""
+        addresses, loose reverse-path filter (WireGuard itself checks each packet's source against
+        the peer's AllowedIPs) and state up. With an IPv6 address: IPv6 on (no router
+        advertisements taken from the tunnel) before the address goes on."""
         with self._lock:
             index = self._index()
             first = index is None or not self.implementation  # created now, or first seen by this process
@@ -177,6 +205,13 @@ class WireGuard:
                     have = {a.get_attr("IFA_ADDRESS") for a in self._ipr.get_addr(family=socket.AF_INET, index=index)}
                     if str(address) not in have:
                         self._ipr.addr("add", index=index, address=str(address), prefixlen=32)
+                if address6 is not None:
+                    base = f"{self.sysctl_dir}/net/ipv6/conf/{DEVICE}"
+                    for name, value in (("accept_ra", "0"), ("disable_ipv6", "0")):
+                        _sysctl_if_needed(base, name, value)
+                    have6 = {a.get_attr("IFA_ADDRESS") for a in self._ipr.get_addr(family=socket.AF_INET6, index=index)}
+                    if str(address6) not in have6:
+                        self._ipr.addr("add", index=index, address=str(address6), prefixlen=128, family=socket.AF_INET6)
                 if not link["flags"] & 1:
                     self._ipr.link("set", index=index, state="up")
             except NetlinkError as err:
@@ -229,27 +264,28 @@ class WireGuard:
             self._configured = None
         return self.keys.public(private)
 
-    def apply_routes(self, wanted: Sequence[ipaddress.IPv4Network], table: int,
-                     throws: Sequence[ipaddress.IPv4Network] = ()) -> None:
-        """Our routes (proto 104): exactly `wanted` through the device and `throws` in `table`,
-        none elsewhere."""
-        want = {dst: "unicast" for dst in wanted} | {dst: "throw" for dst in throws}
+    def apply_routes(self, wanted: Sequence[Net], table: int, throws: Sequence[Net] = ()) -> None:
+        """Our routes (proto 104), both families: exactly `wanted` through the device and
+        `throws` in `table`, none elsewhere."""
+        want: dict[Net, str] = {dst: "unicast" for dst in wanted} | {dst: "throw" for dst in throws}
         with self._lock:
             index = self._index()
             try:
-                have = set()
-                for rt in (RT_TABLE_MAIN, WG_TABLE):
-                    for r in self._ipr.get_routes(family=socket.AF_INET, table=rt):
-                        if r["proto"] != RTPROT_CANAL_WG or not r.get_attr("RTA_DST"):
+                have: set[Net] = set()
+                for family in FAMILIES:
+                    if family == socket.AF_INET6 and not any(d.version == 6 for d in want) and not _ipv6():
+                        continue
+                    for r in routedump.dump(family, protocol=RTPROT_CANAL_WG):
+                        rt, dst = r.table, r.dst
+                        if rt not in (RT_TABLE_MAIN, WG_TABLE) or dst is None:
                             continue
-                        dst = ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
-                        kind = "throw" if r["type"] == RTN_THROW else "unicast"
-                        ok = kind == "throw" or r.get_attr("RTA_OIF") == index
+                        kind = "throw" if r.type == RTN_THROW else "unicast"
+                        ok = kind == "throw" or r.oif == index
                         if rt == table and want.get(dst) == kind and ok:
                             have.add(dst)
                         else:
                             self._route("del", dst, rt)
-                for dst in sorted(set(want) - have):
+                for dst in sorted(set(want) - have, key=lambda n: (n.version, n)):
                     if want[dst] == "throw":
                         self._route("replace", dst, table, kind="throw")
                     elif index is None:
@@ -259,9 +295,9 @@ class WireGuard:
             except NetlinkError as err:
                 raise Unavailable(f"{DEVICE} routes: netlink: {err}") from err
 
-    def _route(self, command: str, dst: ipaddress.IPv4Network, table: int, index: int | None = None,
-               kind: str = "unicast") -> None:
-        kwargs: dict[str, Any] = {"dst": str(dst), "proto": RTPROT_CANAL_WG, "table": table}
+    def _route(self, command: str, dst: Net, table: int, index: int | None = None, kind: str = "unicast") -> None:
+        family = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+        kwargs: dict[str, Any] = {"dst": str(dst), "proto": RTPROT_CANAL_WG, "table": table, "family": family}
         if index is not None:
             kwargs["oif"] = index
         if kind == "throw":
@@ -275,22 +311,27 @@ class WireGuard:
         log.info("wireguard route %s %s%s table %d", command, "throw " if kind == "throw" else "", dst, table)
 
     def ensure_rule(self, present: bool) -> None:
-        """`fwmark ENCRYPT_MARK lookup WG_TABLE`: encrypted networks' packets find their routes."""
+        """`fwmark ENCRYPT_MARK lookup WG_TABLE`, in both families: encrypted networks' packets
+        find their routes."""
         with self._lock:
-            try:
-                rules = [r for r in self._ipr.get_rules(family=socket.AF_INET) if r.get_attr("FRA_PRIORITY") == RULE_PRIORITY]
-                ours = [r for r in rules if (r.get_attr("FRA_TABLE") or r["table"]) == WG_TABLE
-                        and r.get_attr("FRA_FWMARK") == ENCRYPT_MARK and r.get_attr("FRA_FWMASK") == ENCRYPT_MARK]
-                if present and not ours:
-                    self._ipr.rule("add", table=WG_TABLE, priority=RULE_PRIORITY, fwmark=ENCRYPT_MARK,
-                                   fwmask=ENCRYPT_MARK, family=socket.AF_INET)
-                    log.info("rule fwmark %#x lookup %d added", ENCRYPT_MARK, WG_TABLE)
-                elif not present:
-                    for _ in ours:
-                        self._ipr.rule("del", table=WG_TABLE, priority=RULE_PRIORITY, fwmark=ENCRYPT_MARK,
-                                       fwmask=ENCRYPT_MARK, family=socket.AF_INET)
-            except NetlinkError as err:
-                raise Unavailable(f"wireguard rule: netlink: {err}") from err
+            for family in FAMILIES:
+                if family == socket.AF_INET6 and not _ipv6():
+                    continue
+                try:
+                    rules = [r for r in self._ipr.get_rules(family=family) if r.get_attr("FRA_PRIORITY") == RULE_PRIORITY]
+                    ours = [r for r in rules if (r.get_attr("FRA_TABLE") or r["table"]) == WG_TABLE
+                            and r.get_attr("FRA_FWMARK") == ENCRYPT_MARK and r.get_attr("FRA_FWMASK") == ENCRYPT_MARK]
+                    if present and not ours:
+                        self._ipr.rule("add", table=WG_TABLE, priority=RULE_PRIORITY, fwmark=ENCRYPT_MARK,
+                                       fwmask=ENCRYPT_MARK, family=family)
+                        log.info("rule fwmark %#x lookup %d added (%s)", ENCRYPT_MARK, WG_TABLE,
+                                 "IPv6" if family == socket.AF_INET6 else "IPv4")
+                    elif not present:
+                        for _ in ours:
+                            self._ipr.rule("del", table=WG_TABLE, priority=RULE_PRIORITY, fwmark=ENCRYPT_MARK,
+                                           fwmask=ENCRYPT_MARK, family=family)
+                except NetlinkError as err:
+                    raise Unavailable(f"wireguard rule: netlink: {err}") from err
 
     def remove(self) -> None:
         """No encryption wanted any more: routes, rule and device go."""

@@ -88,5 +88,7 @@ class Keys:
     def leases(self) -> str:
         return f"{self.flannel}/subnets/"
 
-    def lease(self, net: ipaddress.IPv4Network | str) -> str:
-        return f"{self.flannel}/subnets/{cidr_key(net)}"
+    def lease(self, net: ipaddress.IPv4Network | str, net6: ipaddress.IPv6Network | None = None) -> str:
+        """flannel's MakeSubnetKey: `a.b.c.d-len`, in dual stack `a.b.c.d-len&<v6 address>-len`."""
+        key = f"{self.flannel}/subnets/{cidr_key(net)}"
+        return key if net6 is None else f"{key}&{net6.network_address.compressed}-{net6.prefixlen}"

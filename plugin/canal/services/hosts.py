@@ -48,6 +48,14 @@ def random_mac() -> str:
     return ":".join(f"{o:02x}" for o in octets)
 
 
+def v6_mac(mac: str) -> str:
+    """The MAC of flannel-v6.<VNI>, derived from the host's VTEP MAC (kept across restarts with
+    it, no second record field): the fourth octet flipped, still locally administered unicast."""
+    octets = mac.split(":")
+    octets[3] = f"{int(octets[3], 16) ^ 0x66:02x}"
+    return ":".join(octets)
+
+
 class Hosts:
     def __init__(self, store: Datastore, keys: Keys, host: str, public_ip: str, clock: Callable[[], float] = time.time,
                  ttl: float = 86400.0):
@@ -80,13 +88,14 @@ class Hosts:
             return
         alive = False
         if record.subnet is not None:
-            entry = self.store.get(self.keys.lease(record.subnet))
-            if entry is not None:
+            # Its key may be v4-only or dual stack (`a.b.c.d-len&<v6>-len`): found by its IPv4 subnet.
+            for entry in self.store.list(self.keys.leases)[0]:
                 try:
-                    lease = Lease.parse(str(record.subnet).replace("/", "-"), json.loads(entry.value))
-                    alive = lease.public_ip == record.public_ip
+                    lease = Lease.parse(entry.key[len(self.keys.leases):], json.loads(entry.value))
                 except (ValueError, CanalError):
-                    alive = False
+                    continue
+                if lease.subnet == record.subnet and lease.public_ip == record.public_ip:
+                    alive = True
         if alive:
             raise Conflict(
                 f"host name {self.host!r} is already used by a live host at {record.public_ip} "

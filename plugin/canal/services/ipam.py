@@ -9,7 +9,8 @@ Design choices, each forced by Docker:
   replays, Swarm's manager/node double requests and several hosts creating the same network
   all land on one pool record.
 - IPv6 (`--ipv6`) the same way: `::/0` for a network without an IPv6 `--subnet`, whose
-  addresses come from the cluster's IPv6 network; every container address a routed /128.
+  addresses come from this host's IPv6 subnet of its dual-stack lease (the cluster's IPv6
+  network while there is none); every container address a routed /128.
   Addresses of both families share one directory (8 or 32 hex digits per key).
 """
 
@@ -139,6 +140,7 @@ class Ipam:
         host_subnet: Callable[[], ipaddress.IPv4Network],
         cluster_network: Callable[[], ipaddress.IPv4Network] | None = None,
         cluster_network6: Callable[[], ipaddress.IPv6Network | None] = lambda: None,
+        host_subnet6: Callable[[], ipaddress.IPv6Network | None] = lambda: None,
     ):
         self.store = store
         self.keys = keys
@@ -147,6 +149,9 @@ class Ipam:
         self.cluster_network = cluster_network or host_subnet
         # None: no IPv6 network configured (--ipv6 then needs an IPv6 --subnet)
         self.cluster_network6 = cluster_network6
+        # This host's IPv6 subnet of its dual-stack lease (None: none): the default v6 pool's
+        # addresses come from it, as the default v4 pool's from the host subnet.
+        self.host_subnet6 = host_subnet6
 
     # Pools --------------------------------------------------------------------------------
 
@@ -231,6 +236,13 @@ class Ipam:
         # No gateway request follows: the gateway is given here (see module docstring).
         return DEFAULT6_POOL_ID, ANY_NET6, {GATEWAY_OPTION: ANY_NET6}
 
+    def _host_subnet6(self) -> ipaddress.IPv6Network | None:
+        try:
+            return self.host_subnet6()
+        except Exception as err:  # no lease yet: the cluster's network still works (/128 records)
+            log.warning("no IPv6 host subnet yet (%s): allocating from the cluster's IPv6 network", err)
+            return None
+
     def release_pool(self, pool_id: str) -> None:
         ref = PoolRef.parse(pool_id, self.cluster_network)
         if ref.pool is None or ref.cluster:
@@ -257,7 +269,12 @@ class Ipam:
                 net6 = self.cluster_network6()
                 if net6 is None:
                     raise BadRequest("the cluster has no IPv6 network (any more): give the network an IPv6 --subnet")
-                scope = net6
+                if address:  # --ip6: anywhere in the cluster's network (a route record carries it)
+                    ip = self._parse_ip(address, net6, True)
+                    self._reserve(ip, ref, kind)
+                    return f"{ip}/{ip.max_prefixlen}", {}
+                mine6 = self._host_subnet6()
+                scope = mine6 if mine6 is not None and mine6.subnet_of(net6) else net6
             else:
                 scope = self.host_subnet()
         else:

@@ -149,9 +149,6 @@ def parse_network(req: "CreateNetwork", docker_ipam_allowed: bool = False) -> Ne
     internal = _bool(INTERNAL, options.get(INTERNAL, False))
     nat = settings["nat"] and not internal
     pools6 = _pools6(req.IPv6Data, _bool(ENABLE_IPV6, options.get(ENABLE_IPV6, False)), docker_ipam)
-    if pools6 and settings["encrypted"]:
-        # Its IPv6 would cross hosts in the VXLAN tunnel (canal.dataplane.routes6), not WireGuard.
-        raise BadRequest("an encrypted network cannot have IPv6 yet: create it without --ipv6 or without -o encrypted")
     return NetworkSpec(req.NetworkID, tuple(pools), internal, nat, settings["mtu"], settings["name"], docker_ipam,
                        settings["encrypted"], pools6)
 
