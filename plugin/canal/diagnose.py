@@ -94,6 +94,11 @@ def kernel_state(vni: int, run: Run = default_run, backends: tuple[str, ...] = (
     parts["kernel/routes-proto101.txt"] = _tool_output(run, ["ip", "route", "show", "proto", "101"])
     parts["kernel/routes-proto102.txt"] = _tool_output(run, ["ip", "route", "show", "proto", "102"])
     parts["kernel/routes.txt"] = _tool_output(run, ["ip", "route", "show", "table", "all"])
+    # IPv6: the endpoints' /128s (proto 101), remote ones, every table; proxy NDP entries.
+    parts["kernel/routes6-proto101.txt"] = _tool_output(run, ["ip", "-6", "route", "show", "proto", "101"])
+    parts["kernel/routes6-proto102.txt"] = _tool_output(run, ["ip", "-6", "route", "show", "proto", "102"])
+    parts["kernel/routes6.txt"] = _tool_output(run, ["ip", "-6", "route", "show", "table", "all"])
+    parts["kernel/neigh6-proxy.txt"] = _tool_output(run, ["ip", "-6", "neigh", "show", "proxy"])
     parts["kernel/links.txt"] = _tool_output(run, ["ip", "-d", "-o", "link", "show"])
     parts[f"kernel/{device}-neigh.txt"] = _tool_output(run, ["ip", "neigh", "show", "dev", device])
     parts[f"kernel/{device}-fdb.txt"] = _tool_output(run, ["bridge", "fdb", "show", "dev", device])

@@ -164,6 +164,8 @@ class StateCollector(Collector):
                          sum(len(ep.ports) for ep in local))
             yield _gauge("canal_ipv6_local_endpoints", "this host's endpoints with an IPv6 address (--ipv6 networks)",
                          sum(1 for ep in local if ep.ip6 is not None))
+            yield _gauge("canal_cluster_num_ipv6_workload_endpoints", "endpoints of every host with an IPv6 address",
+                         sum(1 for ep in snap.endpoints.values() if ep.ip6 is not None))
             own = str(snap.own_subnet) if snap.own_subnet else None
             yield _gauge("canal_cluster_num_hosts", "hosts holding a subnet lease (multi-host)", len(snap.leases))
             yield _gauge("canal_peers", "other hosts' leases this host tunnels to (multi-host)",
@@ -173,6 +175,17 @@ class StateCollector(Collector):
             yield _gauge("canal_ipsets", "Canal's ipsets programmed", len(applied.ipsets))
             yield _gauge("canal_ipset_members", "members of Canal's ipsets, in total",
                          sum(len(s.members) for s in applied.ipsets))
+            # Per family: the IPv6 sets (canal-6*, `family inet6`) mirror the IPv4 ones.
+            sets = GaugeMetricFamily("canal_ipsets_by_family", "Canal's ipsets programmed, per family "
+                                     "(inet: IPv4, inet6: the canal-6* sets)", labels=["family"])
+            members = GaugeMetricFamily("canal_ipset_members_by_family", "members of Canal's ipsets, per family",
+                                        labels=["family"])
+            for family in ("inet", "inet6"):
+                mine = [s for s in applied.ipsets if s.family == family]
+                sets.add_metric([family], len(mine))
+                members.add_metric([family], sum(len(s.members) for s in mine))
+            yield sets
+            yield members
             yield _gauge("canal_iptables_rules", "rules in Canal's IPv4 chains",
                          sum(len(rules) for rules in applied.chains.values()))
             yield _gauge("canal_ip6tables_rules", "rules in Canal's IPv6 chains",

@@ -286,14 +286,16 @@ def _get(raw: Mapping[str, Any], name: str, parse: Callable[[str, Any], T], what
 PROTOCOLS = {6: "tcp", 17: "udp", 132: "sctp"}  # Docker's Proto numbers -> names
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class PortBinding:
     """One published port: host_ip:host_port on this host -> the container's port."""
 
     proto: str  # tcp, udp or sctp
     port: int  # the container's
     host_port: int
-    host_ip: Optional[ipaddress.IPv4Address] = None  # None: every address of the host
+    # None: every address of the host, IPv6 ones too when the container has an IPv6 address
+    # (as Docker's bridge); an IPv6 address ("::": any) publishes over IPv6 only.
+    host_ip: Optional[ipaddress.IPv4Address | ipaddress.IPv6Address] = None
 
     @classmethod
     def parse(cls, raw: Any, what: str = "port binding") -> "PortBinding":
@@ -306,16 +308,26 @@ class PortBinding:
             proto=proto,
             port=_get(obj, "port", lambda w, v: _int(w, v, 1, 65535), what),
             host_port=_get(obj, "host_port", lambda w, v: _int(w, v, 1, 65535), what),
-            host_ip=ipv4(host_ip, f"{what} host_ip") if host_ip else None,
+            host_ip=ip_address(host_ip, f"{what} host_ip") if host_ip else None,
         )
+
+    def __lt__(self, other: "PortBinding") -> bool:
+        """Sorted by protocol and ports, then host address (IPv4 before IPv6; an address of
+        either family never compares with one of the other, nor with None)."""
+        return self._key() < other._key()
+
+    def _key(self) -> tuple[str, int, int, int, int]:
+        ip = self.host_ip
+        return (self.proto, self.port, self.host_port, 0 if ip is None else ip.version, int(ip) if ip is not None else 0)
 
     def to_json(self) -> dict[str, Any]:
         return {"proto": self.proto, "port": self.port, "host_port": self.host_port,
                 "host_ip": str(self.host_ip) if self.host_ip else ""}
 
     def __str__(self) -> str:
-        """As `docker port` prints it: 80/tcp -> 0.0.0.0:8080."""
-        return f"{self.port}/{self.proto} -> {self.host_ip or '0.0.0.0'}:{self.host_port}"
+        """As `docker port` prints it: 80/tcp -> 0.0.0.0:8080 (or [::]:8080)."""
+        host = f"[{self.host_ip}]" if self.host_ip is not None and self.host_ip.version == 6 else self.host_ip or "0.0.0.0"
+        return f"{self.port}/{self.proto} -> {host}:{self.host_port}"
 
 
 @dataclass(frozen=True)

@@ -167,7 +167,7 @@ class Plugin:
             check_interval=max(300.0, 10 * config.resync_interval),
         )
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
-                                                 linkmod.local_addresses)
+                                                 linkmod.local_addresses46, self._counters6)
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger,
                              quiet=(self.keys.root + "/hosts/", self.keys.root + "/ipam/"))
         # The agent's passes: endpoints as a live view with a change journal, and the set
@@ -227,6 +227,11 @@ class Plugin:
             log.warning("published ports not held, so not DNATed (a host process holds them, or the "
                         "records are not this plugin's): %s", "; ".join(problems)[:1000])
         self._port_problems = problems
+
+    def _counters6(self) -> str:
+        """ip6tables-save -c of the filter table ("" on a kernel without IPv6)."""
+        ip6 = self.agent.firewall.ip6tables
+        return ip6.save_counters() if ip6 is not None else ""
 
     def held_ports(self) -> dict[tuple[str, str, int], str]:
         return {(k.proto, str(k.ip or ""), k.port): endpoint for k, endpoint in self.reservations.held().items()}
@@ -329,8 +334,9 @@ class Plugin:
             local = [ep for ep in snap.endpoints.values() if ep.host == self.host]
             # pending: closed because their labels or network name are not known yet
             endpoints, pending = len(local), sorted(ep.id[:12] for ep in local if not identity_known(snap, ep))
+            endpoints6: Optional[int] = sum(1 for ep in local if ep.ip6 is not None)
         except Unavailable:  # the datastore not read yet
-            endpoints, pending = None, []
+            endpoints, pending, endpoints6 = None, [], None
         reachable, store_error = True, ""
         try:
             self.store.get(self.keys.host(self.host))  # one read: does the datastore answer now?
@@ -351,6 +357,7 @@ class Plugin:
             "last_error": self.agent.last_error,
             "docker_error": self.docker.last_error,
             "endpoints": endpoints,
+            "endpoints6": endpoints6,  # of them, those with an IPv6 address (--ipv6 networks)
             "pending_endpoints": pending,
             "quarantined": {key: why for key, (_rev, why) in sorted(self.mirror.quarantined.items())},
             "quarantined_total": self.mirror.quarantined_total,

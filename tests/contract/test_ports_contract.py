@@ -113,8 +113,9 @@ def test_a_taken_port_is_refused_naming_its_owner_and_nothing_is_kept(client, pl
 
 @pytest.mark.parametrize("entry, message", [
     (binding(proto=99), "Proto must be 6 (tcp), 17 (udp) or 132 (sctp), got int"),
-    (binding(host_ip="::1"), "HostIP must be an IPv4 address or empty (IPv6 is not supported)"),
-    (binding(host_ip="10.0.0.1; rm"), "HostIP must be an IPv4 address"),
+    (binding(host_ip="::1"), "no IPv6 address on this network (created without --ipv6)"),  # a v4-only network
+    (binding(host_ip="fe80::1"), "HostIP must be a plain IPv6 address"),
+    (binding(host_ip="10.0.0.1; rm"), "HostIP must be an IPv4 or IPv6 address"),
     (binding(port=0), "Port must be a port number 1-65535"),
     (binding(host_port=70000), "HostPort must be a port number 0-65535"),
     (binding(host_port=8080, end=8000), "HostPortEnd 8000 is below HostPort 8080"),
@@ -183,3 +184,32 @@ def test_reservations_keep_a_young_one_through_mirror_lag_then_let_go():
     now[0] += reservations.GRACE + 1
     reservations.sync({})
     assert reservations.held() == {}
+
+
+def test_published_ports_of_a_dual_stack_container_take_both_families(client, plugin):
+    """-p on an --ipv6 network: a binding on every address holds the IPv4 and the IPv6 port (as
+    Docker's bridge publishes both); [::]:PORT holds only the IPv6 one; the IPv6 port taken by a
+    host process refuses the binding whole (the IPv4 port let go again); revoke frees both."""
+    import ipaddress
+
+    from test_ipv6_contract import create_dual_stack
+
+    create_dual_stack(client)
+    addr = ok(client, "IpamDriver.RequestAddress", {"PoolID": "canal-default"})["Address"]
+    addr6 = ok(client, "IpamDriver.RequestAddress", {"PoolID": "canal-default6"})["Address"]
+    ok(client, "NetworkDriver.CreateEndpoint", {"NetworkID": NET, "EndpointID": EP, "Interface": {
+        "Address": addr, "AddressIPv6": addr6, "MacAddress": ""}})
+    ok(client, "NetworkDriver.Join", {"NetworkID": NET, "EndpointID": EP, "SandboxKey": SANDBOX, "Options": {}})
+    any6 = ipaddress.IPv6Address("::")
+    plugin.reservations.busy[HostPort("tcp", 8090, any6)] = "process nginx (pid 7)"
+    status, answer = program(client, binding(host_port=8090))
+    assert status == 409 and "[::]:8090/tcp is in use by process nginx (pid 7)" in answer["Err"], answer
+    assert plugin.reservations.held() == {}  # the IPv4 half not kept either
+    assert program(client, binding(), binding(port=81, host_port=8081, host_ip="::")) == (200, {})
+    assert [str(b) for b in plugin.networks.endpoint(NET, EP).ports] == ["80/tcp -> 0.0.0.0:8080", "81/tcp -> [::]:8081"]
+    assert set(plugin.reservations.held()) == {HostPort("tcp", 8080), HostPort("tcp", 8080, any6),
+                                               HostPort("tcp", 8081, any6)}
+    assert program(client, binding(), binding(port=81, host_port=8081, host_ip="::")) == (200, {})  # replay
+    assert len(plugin.reservations.held()) == 3
+    ok(client, "NetworkDriver.RevokeExternalConnectivity", {"NetworkID": NET, "EndpointID": EP})
+    assert plugin.reservations.held() == {} and plugin.networks.endpoint(NET, EP).ports == ()

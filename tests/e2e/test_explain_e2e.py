@@ -8,11 +8,13 @@ nothing; the per-rule counters move with the traffic that hit each rule.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 
 import pytest
 from e2e_support import hosted, reset, wait_open
+from test_ipv6 import GATEWAY6, in_container
 from test_policy import IMAGE, PLUGIN, client, ip, net, pings, policy, server, tcp
 
 from testbed import SimHost, wait_until
@@ -97,10 +99,12 @@ def measure(h) -> dict:
     return out
 
 
-def explained(h, src, dst, proto, port) -> dict:
+def explained(h, src, dst, proto, port, family=None) -> dict:
     args = ["policy", "explain", src, dst, "--protocol", proto, "-o", "json"]
     if port is not None:
         args += ["--port", str(port)]
+    if family is not None:
+        args += ["--family", str(family)]
     return canal(h, *args)
 
 
@@ -227,3 +231,92 @@ def test_explain_container_on_two_networks_and_addresses(h, underlay):
     assert (a["verdict"] == "allowed") == pings(h, "lone", h.address)
     proc = canal(h, "policy", "explain", "nosuch", "lone", check=False)
     assert proc.returncode == 2 and "'nosuch'" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 13: the same matrix over IPv6 (dual-stack networks), explain's verdicts against packets
+
+
+def ip6(h, container) -> str:
+    networks = h.docker_json("inspect", container)[0]["NetworkSettings"]["Networks"]
+    address = next(iter(networks.values()))["GlobalIPv6Address"]
+    return str(ipaddress.IPv6Address(address)) if address else ""
+
+
+def tcp6(h, src, dst, port) -> bool:
+    out = h.container_exec(src, "sh", "-c", f"nc -w 1 {ip6(h, dst)} {port} </dev/null", check=False, timeout=20).stdout
+    return f"pong-{dst}" in out
+
+
+def pings6(h, src, target) -> bool:
+    return h.container_exec(src, "ping", "-6", "-c1", "-W1", target, check=False).returncode == 0
+
+
+def test_explain_over_ipv6_matches_packets_and_ipv4(h):
+    """Dual-stack appnet and other: for every flow of the matrix with the policies applied, the
+    kernel decides IPv6 as IPv4, and explain over IPv6 (by name with --family 6, and by address)
+    says what the IPv6 packets did. A container of a network without --ipv6 that configures
+    IPv6 itself gets nothing through, and explain calls its IPv6 flows closed."""
+    net(h, "appnet", "--ipv6", "--subnet", "fd00:6570::/64")
+    net(h, "other", "--ipv6", "--subnet", "fd00:6571::/64")
+    net(h, "plain")
+    server(h, "db", "appnet", ["role=db"], ports=PORTS)
+    server(h, "web", "appnet", ["role=web"], ports=PORTS)
+    server(h, "batch", "appnet", ["role=batch"], ports=PORTS)
+    server(h, "stranger", "other", ["role=web"], ports=PORTS)
+    client(h, "old", "plain", ["role=web"])
+    apply(h, *POLICIES)
+    labelled(h, *NAMES, "old")
+    six = {n: ip6(h, n) for n in NAMES}
+    pools = [ipaddress.IPv6Network("fd00:6570::/64"), ipaddress.IPv6Network("fd00:6571::/64")]
+    assert all(any(ipaddress.IPv6Address(a) in p for p in pools) for a in six.values()), six
+    four = measure(h)
+    seen = set()
+    for (src, dst, proto, port), ok4 in four.items():
+        ok6 = tcp6(h, src, dst, port) if proto == "tcp" else pings6(h, src, six[dst])
+        assert ok6 == ok4, ("the kernel decides IPv6 unlike IPv4", src, dst, proto, port, ok4, ok6)
+        by_name = explained6(h, src, dst, proto, port)
+        assert by_name["flow"]["family"] == 6 and by_name["destination"]["address"] == six[dst]
+        assert (by_name["verdict"] == "allowed") == ok6, (src, dst, proto, port, by_name)
+        assert by_name["consistent"]
+        v4 = explained(h, src, dst, proto, port)
+        assert v4["flow"]["family"] == 4 and v4["verdict"] == by_name["verdict"]
+        for d in ("egress", "ingress"):
+            assert [by_name[d].get(k) for k in ("reason", "policy", "rule")] == [v4[d].get(k) for k in ("reason", "policy", "rule")]
+        seen.add(ok6)
+    assert seen == {True, False}  # both outcomes met over IPv6
+    a = explained(h, six["web"], six["db"], "tcp", 8080)  # by address: the family follows
+    assert a["flow"]["family"] == 6 and a["verdict"] == "denied" and a["egress"]["policy"] == "appnet/web-egress"
+    assert "canal-6" in explained(h, "web", "db", "tcp", 5432, family=6)["ingress"]["rule_text"]  # ip6tables' rule
+
+    # A container of a network without --ipv6 gives itself IPv6 and a route: nothing arrives.
+    # Control: the same packets from a dual-stack container (db allows web's 5432 over IPv6).
+    in_container(h, "old", "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0")
+    in_container(h, "old", "ip", "-6", "addr", "replace", "fd00:6570::99/128", "dev", "eth0", "nodad")
+    in_container(h, "old", "ip", "-6", "neigh", "replace", GATEWAY6, "lladdr", "ee:ee:ee:ee:ee:ee", "dev", "eth0",
+                 "nud", "permanent")
+    in_container(h, "old", "ip", "-6", "route", "replace", "default", "via", GATEWAY6, "dev", "eth0")
+    assert tcp6(h, "web", "db", 5432) and pings6(h, "batch", six["web"])  # controls
+    assert not tcp6(h, "old", "db", 5432) and not pings6(h, "old", six["web"])
+    closed = explained(h, "old", six["db"], "tcp", 5432)
+    assert closed["verdict"] == "denied" and closed["egress"]["reason"] == "no-ipv6", closed
+    assert explained6(h, "db", "old", "icmp", None)["ingress"]["reason"] == "no-ipv6"
+    assert explained(h, "old", "db", "tcp", 5432)["flow"]["family"] == 4  # IPv4 is still policy's
+    text = canal(h, "policy", "explain", "old", "db", "--port", "5432", "--family", "6", raw=True).stdout
+    assert text.startswith("DENIED: old (no IPv6 address)") and "over IPv6" in text and "--ipv6" in text, text
+
+    # A rule on web's IPv6 /128 only: the dry run (probing the port the rule names) predicts the
+    # IPv6 flow lost and no IPv4 one; so it is.
+    v6_deny = policy("no-web6", {"order": 1, "selector": "role == 'db'", "ingress": [
+        {"action": "Deny", "protocol": "TCP", "source": {"nets": [f"{six['web']}/128"]}, "destination": {"ports": [5432]}}]})
+    report = canal(h, "policy", "apply", "--dry-run", "-f", "-", "-o", "json", input=json.dumps(v6_deny))
+    lost = {(f["source"].split(" ")[0], f["destination"].split(" ")[0], f["protocol"], f["port"], f["family"])
+            for f in report["flows"] if f["after"]["verdict"] == "denied"}
+    assert ("web", "db", "tcp", 5432, 6) in lost and not any(f[-1] == 4 for f in lost), lost
+    apply(h, v6_deny)
+    wait_until(lambda: not tcp6(h, "web", "db", 5432), timeout=10, what="web's IPv6 denied")
+    assert tcp(h, "web", "db", 5432)  # IPv4 untouched, as predicted
+
+
+def explained6(h, src, dst, proto, port) -> dict:
+    return explained(h, src, dst, proto, port, family=6)

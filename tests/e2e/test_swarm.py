@@ -7,6 +7,7 @@ tasks connected, and scaling to zero or removing a service leaves nothing behind
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterator
 
@@ -333,3 +334,84 @@ def test_vip_endpoint_mode_connects_through_the_vip(sw):
     vip, _ = vip_service(sw)
     for h, cid in tasks(sw, "caller"):
         assert "pong-vip" in h.container_exec(cid, "sh", "-c", f"nc -w 2 {vip} 8080 </dev/null", check=False, timeout=20).stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 13: dual-stack service networks
+
+
+def task_ip6(h: SimHost, cid: str, network: str) -> str:
+    return h.docker_json("inspect", cid)[0]["NetworkSettings"]["Networks"][network]["GlobalIPv6Address"]
+
+
+def test_dual_stack_service_network_with_an_ipv6_subnet(sw):
+    """`--ipv6 --subnet V4 --subnet V6`: Docker 20.10's Swarm allocator asks IPAM for every pool
+    as IPv4 (V6 false) and lists the IPv6 one in AllocateNetwork's IPv4Data; Canal takes each by
+    its CIDR's family. Tasks on both nodes get a /32 and a /128, reach each other over IPv6 (ping
+    and TCP), and a policy decides their IPv6 as their IPv4, on both nodes."""
+    info = swarm_net(sw, "dual", "--ipv6", "--subnet", CLUSTER, "--subnet", "fd00:6574::/64")
+    assert info["EnableIPv6"] is True
+    assert {c["Subnet"] for c in info["IPAM"]["Config"]} == {CLUSTER, "fd00:6574::/64"}  # in either order
+    service(sw, "db", "dual", "--endpoint-mode", "dnsrr", "--replicas-max-per-node", "1",
+            cmd=("sh", "-c", "while true; do echo pong-db | nc -l -p 5432; done"))
+    service(sw, "api", "dual", "--endpoint-mode", "dnsrr", "--replicas-max-per-node", "1")
+    assert {h.name for h, _ in tasks(sw, "db") + tasks(sw, "api")} == {"s1", "s2"}
+    dbs = [(task_ip(h, cid, "dual"), task_ip6(h, cid, "dual")) for h, cid in tasks(sw, "db")]
+    assert all(ipaddress.IPv6Address(v6) in ipaddress.IPv6Network("fd00:6574::/64") for _, v6 in dbs), dbs
+    for h, cid in tasks(sw, "api"):
+        for _, v6 in dbs:  # the task on this node and the one on the other
+            assert h.container_exec(cid, "ping", "-6", "-c1", "-W2", v6, check=False).returncode == 0, (h.name, v6)
+
+    def tcp(family: int) -> bool:
+        ok = True
+        for h, cid in tasks(sw, "api"):
+            for v4, v6 in dbs:
+                target = v4 if family == 4 else v6
+                out = h.container_exec(cid, "sh", "-c", f"nc -w 1 {target} 5432 </dev/null", check=False, timeout=20).stdout
+                ok &= "pong-db" in out
+        return ok
+
+    wait_until(lambda: tcp(4) and tcp(6), timeout=20, what="open in both families")  # control
+    policy = {"apiVersion": "canal/v1", "kind": "NetworkPolicy", "metadata": {"name": "db-closed", "network": "dual"},
+              "spec": {"selector": "com.docker.swarm.service.name == 'db'", "ingress": [
+                  {"action": "Allow", "source": {"selector": "com.docker.swarm.service.name == 'nobody'"}}]}}
+    canal_cli(sw.worker, sw.ref, "policy", "apply", "-f", "-", input=json.dumps(policy))
+    wait_until(lambda: not tcp(4) and not tcp(6), timeout=15, what="db closed over both families on both nodes")
+    canal_cli(sw.manager, sw.ref, "policy", "delete", "dual/db-closed")
+    wait_until(lambda: tcp(4) and tcp(6), timeout=15, what="open again")
+
+
+def test_dual_stack_service_network_from_the_clusters_ipv6_network(sw):
+    """`--ipv6` without an IPv6 --subnet: the Swarm allocator asks only for an IPv4 pool; each node
+    asks for the IPv6 one and allocates its tasks' /128s from the cluster's IPv6 network (flannel
+    config's IPv6Network). Without that network the tasks are rejected with Canal's own message."""
+    key = "/coreos.com/network/config"
+    original = sw.etcd.etcdctl("get", "--print-value-only", key).stdout.strip()
+    config = json.loads(original)
+    assert "IPv6Network" not in config
+    swarm_net(sw, "v6none", "--ipv6")
+    sw.manager.docker("service", "create", "--detach", "--name", "none", "--network", "v6none",
+                      "--endpoint-mode", "dnsrr", IMAGE, "sleep", "100000", timeout=120)
+
+    def rejected() -> str:
+        return sw.manager.docker("service", "ps", "--no-trunc", "none", "--format", "{{.Error}}").stdout
+    wait_until(lambda: "needs the cluster's IPv6 network" in rejected(), timeout=60, what="tasks rejected")
+    sw.manager.docker("service", "rm", "none")
+    try:
+        sw.etcd.etcdctl("put", key, json.dumps({**config, "EnableIPv6": True, "IPv6Network": "fd00:6575::/48"}))
+        for h in sw.nodes:  # each plugin watches flannel's config
+            wait_until(lambda h=h: json.loads(canal_cli(h, sw.ref, "status", "-o", "json"))["network6"] == "fd00:6575::/48",
+                       timeout=30, what=f"{h.name} sees the cluster's IPv6 network")
+        swarm_net(sw, "v6net", "--ipv6")
+        service(sw, "pair", "v6net", "--endpoint-mode", "dnsrr", "--replicas-max-per-node", "1")
+        (h1, c1), (h2, c2) = sorted(tasks(sw, "pair"), key=lambda t: t[0].name)
+        a6, b6 = task_ip6(h1, c1, "v6net"), task_ip6(h2, c2, "v6net")
+        assert a6 != b6 and all(ipaddress.IPv6Address(x) in ipaddress.IPv6Network("fd00:6575::/48") for x in (a6, b6))
+        assert h1.container_exec(c1, "ping", "-6", "-c1", "-W2", b6, check=False).returncode == 0
+        assert h2.container_exec(c2, "ping", "-6", "-c1", "-W2", a6, check=False).returncode == 0
+        sw.manager.docker("service", "rm", "pair")
+        for h in sw.nodes:
+            wait_until(lambda h=h: not h.docker("ps", "-aq").stdout.split(), timeout=60, what="tasks gone")
+        sw.manager.docker("network", "rm", "v6net")
+    finally:
+        sw.etcd.etcdctl("put", key, original)

@@ -112,7 +112,8 @@ def test_bundle_contents_and_no_credential(tmp_path, monkeypatch, restore_root):
         names = {n.split("/", 1)[1] for n in files}
         assert {"status.json", "settings.json", "records.json", "logs.jsonl", "kernel/ipsets.txt",
                 "kernel/iptables-nft.txt", "kernel/routes-proto101.txt", "kernel/flannel.1-fdb.txt",
-                "kernel/flannel.1-neigh.txt"} <= names
+                "kernel/flannel.1-neigh.txt", "kernel/routes6-proto101.txt", "kernel/routes6.txt",
+                "kernel/neigh6-proxy.txt", "kernel/ip6tables-nft.txt"} <= names
         everything = gzip.decompress(blob).decode(errors="replace")  # the raw tar stream, headers too
         assert leaks(everything) == []
         settings = json.loads(files["canal-diagnose/settings.json"])

@@ -275,3 +275,32 @@ def test_the_dashboard_and_the_readme_use_only_metrics_the_plugin_exposes():
     families = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in exposed}
     documented = set(re.findall(r"`(canal_[a-z0-9_]+)", readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]))
     assert {re.sub(r"_total$", "", n) for n in documented} == families
+
+
+def test_both_families_in_the_gauges():
+    """A dual-stack network: IPv6 endpoints counted here and cluster-wide, and the canal-6* sets
+    (family inet6) counted apart from the IPv4 ones, the selector set holding the /128s."""
+    import dataclasses
+
+    from canal.policy.model import INGRESS, NETWORK, Policy, Rule
+
+    base = snapshot()
+    net6 = dataclasses.replace(NET, pools6=("fd00:64::/48",))
+    eps = {i: dataclasses.replace(e, ip6=ipaddress.IPv6Address(f"fd00:64::{n}"))
+           for n, (i, e) in enumerate(base.endpoints.items(), 1) if e.labels is not None}
+    eps.update({i: e for i, e in base.endpoints.items() if i not in eps})  # one without IPv6
+    web = Policy(NETWORK, "web", "web", 10.0, "app == 'web'", (INGRESS,), (Rule("Allow"),))
+    snap = dataclasses.replace(base, networks={f"h1/{NET.id}": net6}, endpoints=eps, policies=(web,),
+                               cluster_network6="fd00:64::/48")
+    got = collected(plugin_double(snap))
+    assert got[("canal_ipv6_local_endpoints", ())] == 2  # joined web and the created one, on h1
+    assert got[("canal_cluster_num_ipv6_workload_endpoints", ())] == 3
+    six = got[("canal_ipsets_by_family", (("family", "inet6"),))]
+    four = got[("canal_ipsets_by_family", (("family", "inet"),))]
+    assert six >= 2 and four >= 2 and six + four == got[("canal_ipsets", ())]
+    members6 = got[("canal_ipset_members_by_family", (("family", "inet6"),))]
+    assert members6 >= 2  # canal-6nets' pool and the selector set's /128
+    assert members6 + got[("canal_ipset_members_by_family", (("family", "inet"),))] == got[("canal_ipset_members", ())]
+    plain = collected(plugin_double())
+    assert plain[("canal_ipsets_by_family", (("family", "inet6"),))] == 0
+    assert plain[("canal_cluster_num_ipv6_workload_endpoints", ())] == 0

@@ -213,7 +213,8 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         for ep in local_endpoints(snap)
         if ep.joined
         for b in ep.ports
-        if snap.held_ports.get((b.proto, str(b.host_ip or ""), b.host_port)) == ep.id
+        if (b.host_ip is None or b.host_ip.version == 4)
+        and snap.held_ports.get((b.proto, str(b.host_ip or ""), b.host_port)) == ep.id
     )
     # Published ports: DNAT of traffic to the host's own addresses (from other hosts, from this
     # one, loopback included), so remote clients keep their address for the container's policy.
@@ -234,8 +235,40 @@ def desired_firewall(snap: Snapshot) -> FirewallState:
         "-j MASQUERADE",
     ]
     state.jumps.append(Jump("nat", "POSTROUTING", POSTROUTING))
+    _published6(snap, state)
     _encryption(snap, state)
     return state
+
+
+def _published6(snap: Snapshot, state: FirewallState) -> None:
+    """Published ports over IPv6 (ip6tables' nat), for endpoints with an IPv6 address: a binding
+    on every address (the IPv6 port held as `::`) or on an IPv6 one, as Docker's bridge does.
+    No ::1: IPv6 has no route_localnet, the kernel never sends a loopback source out of a veth."""
+    if not ipv6_networks_here(snap):
+        return
+    published = sorted(
+        (b, str(ep.ip6))
+        for ep in local_endpoints(snap)
+        if ep.joined and ep.ip6 is not None
+        for b in ep.ports
+        if (b.host_ip is None or b.host_ip.version == 6)
+        and snap.held_ports.get((b.proto, str(b.host_ip or ANY6), b.host_port)) == ep.id
+    )
+    if not published:
+        return
+    state.chains6[("nat", DNAT)] = ["-m addrtype ! --dst-type LOCAL -j RETURN"] + [
+        f"{f'-d {b.host_ip}/128 ' if b.host_ip is not None and not b.host_ip.is_unspecified else ''}"
+        f"-p {b.proto} -m {b.proto} --dport {b.host_port} -j DNAT --to-destination [{ip}]:{b.port}"
+        for b, ip in published
+    ]
+    state.jumps6 += [Jump("nat", "PREROUTING", DNAT), Jump("nat", "OUTPUT", DNAT)]
+    # A container to its own published port (hairpin) answers the host end of its veth.
+    state.chains6[("nat", POSTROUTING)] = sorted({
+        f"-s {ip}/128 -d {ip}/128 -p {b.proto} -m {b.proto} --dport {b.port} -j MASQUERADE" for b, ip in published})
+    state.jumps6.append(Jump("nat", "POSTROUTING", POSTROUTING))
+
+
+ANY6 = "::"  # the IPv6 half of a binding on every address is held as [::]:PORT
 
 
 def ipv6_networks_here(snap: Snapshot) -> bool:
@@ -452,6 +485,17 @@ def endpoint_rows(snap: Snapshot) -> list[dict[str, Any]]:
             # pending: labels or network name unknown, so closed until learned
             "state": "pending" if info.labels is None else "joined" if ep.joined else "created",
             "policies": applied_policies(info, list(snap.policies)) if ep.joined else [],
-            "ports": [str(b) for b in ep.ports],
+            "ports": _port_lines(ep),
         })
     return rows
+
+
+def _port_lines(ep: EndpointRecord) -> list[str]:
+    """As `docker port` prints them: a binding on every address of a dual-stack container is
+    published over IPv6 too (held as [::]:PORT), so it is listed twice, as Docker lists it."""
+    lines = []
+    for b in ep.ports:
+        lines.append(str(b))
+        if b.host_ip is None and ep.ip6 is not None:
+            lines.append(f"{b.port}/{b.proto} -> [{ANY6}]:{b.host_port}")
+    return lines

@@ -14,11 +14,29 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from canal.agent.desired import CLUSTER_SET, Snapshot, cluster_nets, filter_inputs, network_name
+from canal.agent.desired import (
+    CLUSTER_SET,
+    CLUSTER_SET6,
+    Snapshot,
+    cluster_nets,
+    cluster_nets6,
+    filter_inputs,
+    ipv6_networks_here,
+    network_name,
+)
 from canal.dataplane.ipset import IpSet
 from canal.dataplane.links import host_ifname
 from canal.errors import BadRequest, NotFound
-from canal.policy.compiler import FROM_WL, INPUT, TO_WL, WL_TO_HOST, Note, compile_filter_annotated, endpoint_chain
+from canal.policy.compiler import (
+    FROM_WL,
+    INPUT,
+    TO_WL,
+    WL_TO_HOST,
+    Note,
+    compile_filter6_annotated,
+    compile_filter_annotated,
+    endpoint_chain,
+)
 from canal.policy.evaluate import EvaluationError, Packet, Table, Walk
 from canal.policy.model import EGRESS, INGRESS, PORT_PROTOCOLS, PROTOCOLS, Policy
 from canal.records import EndpointRecord
@@ -27,6 +45,8 @@ __all__ = ["Cluster", "Party", "dry_run", "explain", "policy_stats", "resolve_pa
 
 UNDERLAY = "underlay"  # stands for any non-workload interface (another host, the outside)
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
+ICMP = {4: (1, 8), 6: (58, 128)}  # family -> (protocol number, echo request type) of its ICMP
+FAMILIES = (4, 6)
 MAX_FLOWS = 200  # changed flows listed by a dry run; the rest are counted
 MAX_EVALUATIONS = 5000  # packets walked by one dry run before it summarises instead
 
@@ -44,6 +64,8 @@ REASONS = {
     "profile-deny": "no policy decided {dir}: source is outside the endpoint's network and not through a "
                     "published port (network isolation profile)",
     "unknown-interface": "the endpoint has no chains on {host} (not joined there)",
+    "no-ipv6": "{who} has no IPv6 address (its network was created without --ipv6): IPv6 to and from its "
+               "interface is dropped (closed)",
 }
 
 
@@ -60,8 +82,9 @@ class Party:
         if self.endpoint is None:
             return {"address": self.address, "endpoint": None}
         ep = self.endpoint
-        out = {"address": self.address, "endpoint": ep.id[:12], "container": ep.container_name or None,
-               "container_id": ep.container[:12] or None, "network": self.network, "host": ep.host}
+        out = {"address": self.address or None, "endpoint": ep.id[:12], "container": ep.container_name or None,
+               "container_id": ep.container[:12] or None, "network": self.network, "host": ep.host,
+               "address4": ep.ip_text}
         if ep.ip6 is not None:  # policy decides its IPv6 flows as its IPv4 ones (compile_filter6)
             out["address6"] = str(ep.ip6)
         if self.note:
@@ -70,23 +93,42 @@ class Party:
 
 
 class Cluster:
-    """Every host's compiled filter table for one snapshot, compiled on first use."""
+    """Every host's compiled filter table of one family (iptables for 4, ip6tables for 6) for
+    one snapshot, compiled on first use exactly as canal.agent.desired compiles it."""
 
-    def __init__(self, snap: Snapshot):
+    def __init__(self, snap: Snapshot, family: int = 4):
         self.snap = snap
+        self.family = family
         self._tables: Dict[str, Tuple[Table, Dict[str, List[Note]]]] = {}
-        self.cluster_set = IpSet(CLUSTER_SET, "hash:net", cluster_nets(snap))
+        self.cluster_set = (IpSet(CLUSTER_SET, "hash:net", cluster_nets(snap)) if family == 4
+                            else IpSet(CLUSTER_SET6, "hash:net", cluster_nets6(snap), family="inet6"))
 
     def host(self, host: str) -> Tuple[Table, Dict[str, List[Note]]]:
         if host not in self._tables:
             snap = dataclasses.replace(self.snap, host=host)
-            state, notes = compile_filter_annotated(*filter_inputs(snap))
+            if self.family == 4:
+                state, notes = compile_filter_annotated(*filter_inputs(snap))
+            else:
+                inputs = list(filter_inputs(snap))
+                inputs[-1] = CLUSTER_SET6  # the cluster set is the last argument: its IPv6 twin
+                state, notes = compile_filter6_annotated(*inputs)
             chains = {name: rules for (table, name), rules in state.chains.items() if table == "filter"}
             self._tables[host] = (Table(chains, [*state.ipsets, self.cluster_set]), notes)
         return self._tables[host]
 
+    def ipv6_open(self, endpoint: EndpointRecord) -> bool:
+        """IPv6 is open on the endpoint's interface: it has an IPv6 address, and its host has an
+        --ipv6 network (without one, desired.py drops all workload IPv6 before any policy)."""
+        return endpoint.ip6 is not None and ipv6_networks_here(dataclasses.replace(self.snap, host=endpoint.host))
+
+    def address(self, endpoint: EndpointRecord) -> str:
+        """The endpoint's address in this family ("" when it has none)."""
+        if self.family == 4:
+            return endpoint.ip_text
+        return str(endpoint.ip6) if endpoint.ip6 is not None else ""
+
     def party(self, endpoint: EndpointRecord, note: str = "") -> Party:
-        return Party(endpoint.ip_text, endpoint, network_name(self.snap, endpoint), note)
+        return Party(self.address(endpoint), endpoint, network_name(self.snap, endpoint), note)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,12 +147,30 @@ def _candidates(snap: Snapshot, ref: str) -> List[EndpointRecord]:
     return sorted(joined or out, key=lambda e: (e.ip_text, e.id))
 
 
-def _is_address(ref: str) -> bool:
+def _family_of(ref: str) -> Optional[int]:
+    """4 or 6 when `ref` is an IP address, else None (a container name or ID)."""
     try:
-        ipaddress.IPv4Address(ref)
-        return True
+        return ipaddress.ip_address(ref.strip()).version
     except ValueError:
-        return False
+        return None
+
+
+def flow_family(src: str, dst: str, family: Optional[int] = None) -> int:
+    """The family a flow is explained in: the one of the addresses given, else `family`, else 4.
+    An IPv4 address on one side and an IPv6 one on the other is no flow at all."""
+    if family is not None and family not in FAMILIES:
+        raise BadRequest(f"family {family!r}: expected 4 or 6")
+    given = {f for f in (_family_of(src), _family_of(dst)) if f is not None}
+    if len(given) > 1:
+        raise BadRequest(f"{src!r} and {dst!r} are addresses of different families: a flow has one")
+    if given and family is not None and given != {family}:
+        raise BadRequest(f"--family {family} does not match the IPv{given.pop()} address given")
+    return given.pop() if given else family or 4
+
+
+def _normalised(ref: str) -> str:
+    """An IPv6 address written any way (fd00:0::1, upper case) as the records hold it."""
+    return str(ipaddress.ip_address(ref.strip())) if _family_of(ref) is not None else ref
 
 
 def resolve_pair(cluster: Cluster, src: str, dst: str) -> Tuple[Party, Party]:
@@ -121,15 +181,15 @@ def resolve_pair(cluster: Cluster, src: str, dst: str) -> Tuple[Party, Party]:
     found = {}
     for side, ref in (("SRC", src), ("DST", dst)):
         if not ref or len(ref) > 256:
-            raise BadRequest(f"{side}: expected a container name or ID, or an IPv4 address")
-        found[side] = _candidates(snap, ref)
-        if not found[side] and not _is_address(ref):
-            raise NotFound(f"{side} {ref!r}: no canal endpoint of that container, and not an IPv4 address")
+            raise BadRequest(f"{side}: expected a container name or ID, or an IPv4 or IPv6 address")
+        found[side] = _candidates(snap, _normalised(ref))
+        if not found[side] and _family_of(ref) is None:
+            raise NotFound(f"{side} {ref!r}: no canal endpoint of that container, and not an IP address")
 
     def pick(side: str, ref: str, other: List[EndpointRecord]) -> Party:
         options = found[side]
         if not options:
-            return Party(ref)
+            return Party(_normalised(ref))
         if len(options) == 1:
             return cluster.party(options[0])
         networks = {network_name(snap, ep) for ep in other}
@@ -147,12 +207,15 @@ def resolve_pair(cluster: Cluster, src: str, dst: str) -> Tuple[Party, Party]:
 # Explain
 
 
-def _packet(protocol: str, port: Optional[int], src: str, dst: str, published: bool) -> Packet:
+def _packet(protocol: str, port: Optional[int], src: str, dst: str, published: bool, family: int = 4) -> Packet:
     number = PROTOCOL_NUMBERS[protocol]
+    icmp_number, echo = ICMP[family]
+    if number == PROTOCOLS["ICMP"]:
+        number = icmp_number  # ICMPv6 (58) for an IPv6 flow: ip6tables' rules match that
     return Packet(
         src, dst, number,
         dport=port if number in PORT_PROTOCOLS else None,
-        icmp_type=8 if number == PROTOCOLS["ICMP"] else None,
+        icmp_type=echo if number == icmp_number else None,
         ctstate=frozenset({"NEW", "DNAT"}) if published else frozenset({"NEW"}),
     )
 
@@ -230,11 +293,38 @@ def _to_host(cluster: Cluster, src: Party, packet: Packet) -> Dict[str, Any]:
     return result
 
 
+def _closed6(cluster: Cluster, src: Party, dst: Party) -> Optional[Dict[str, Any]]:
+    """An IPv6 flow from or to an endpoint whose interface is closed to IPv6 (no --ipv6 on its
+    network): denied before any policy (desired.py's raw and filter drops), said so."""
+    if cluster.family != 6:
+        return None
+    result: Dict[str, Any] = {}
+    for direction, party in (("egress", src), ("ingress", dst)):
+        ep = party.endpoint
+        if ep is None:
+            result[direction] = {"evaluated": False, "explanation": f"{party.address} is not a canal endpoint: no "
+                                                                   f"{direction} policy"}
+        elif not cluster.ipv6_open(ep):
+            who = ep.container_name or ep.id[:12]
+            result[direction] = {"evaluated": True, "host": ep.host, "verdict": "deny", "reason": "no-ipv6",
+                                 "explanation": REASONS["no-ipv6"].format(who=who), "chain": None, "rule_text": None}
+        else:
+            result[direction] = {"evaluated": False, "explanation": "not evaluated: the other side is closed to IPv6"}
+    if all(r.get("reason") != "no-ipv6" for r in result.values()):
+        return None
+    result["verdict"] = "denied"
+    result["consistent"] = True
+    return result
+
+
 def _flow(cluster: Cluster, src: Party, dst: Party, protocol: str, port: Optional[int],
           published: bool, host_addresses: frozenset[str] = frozenset()) -> Dict[str, Any]:
     """Both directions and the overall verdict of one flow's first packet. `host_addresses`:
     this host's own addresses (traffic to them takes INPUT, not FORWARD)."""
-    packet = _packet(protocol, port, src.address, dst.address, published)
+    closed = _closed6(cluster, src, dst)
+    if closed is not None:
+        return closed
+    packet = _packet(protocol, port, src.address, dst.address, published, cluster.family)
     if (src.endpoint is not None and dst.endpoint is None and dst.address in host_addresses
             and src.endpoint.host == cluster.snap.host):
         return _to_host(cluster, src, packet)
@@ -287,19 +377,24 @@ def _flow_args(protocol: Optional[str], port: Optional[int]) -> Tuple[str, Optio
 
 
 def explain(snap: Snapshot, src: str, dst: str, protocol: Optional[str] = None, port: Optional[int] = None,
-            published: bool = False, host_addresses: frozenset[str] = frozenset()) -> Dict[str, Any]:
+            published: bool = False, host_addresses: frozenset[str] = frozenset(),
+            family: Optional[int] = None) -> Dict[str, Any]:
     """The verdict for a flow's first packet from SRC to DST, with the deciding rule each way.
     `host_addresses`: this host's own addresses (a workload addressing them meets the
-    workload-to-host setting); other hosts' addresses are treated as outside destinations."""
+    workload-to-host setting); other hosts' addresses are treated as outside destinations.
+    `family`: 4 or 6 for containers given by name (an address given decides it): IPv6 flows
+    walk the ip6tables rules (compile_filter6) the agent programs."""
     protocol, port = _flow_args(protocol, port)
-    cluster = Cluster(snap)
+    family = flow_family(src, dst, family)
+    cluster = Cluster(snap, family)
     source, destination = resolve_pair(cluster, src, dst)
     if source.endpoint is None and destination.endpoint is None:
         raise BadRequest(f"neither {src!r} nor {dst!r} is a canal endpoint: Canal's policy decides nothing here")
     out = _flow(cluster, source, destination, protocol, port, published, host_addresses)
     out["source"] = source.describe()
     out["destination"] = destination.describe()
-    out["flow"] = {"protocol": protocol, "port": port, "published": published}
+    out["flow"] = {"protocol": protocol if family == 4 or protocol != "icmp" else "icmpv6", "port": port,
+                   "published": published, "family": family}
     if (destination.endpoint is not None and port is not None and not published
             and any(b.proto == protocol and b.port == port for b in destination.endpoint.ports)):
         out["hint"] = f"{port}/{protocol} is published by the destination: add --published for a client of the host port"
@@ -347,7 +442,8 @@ def _probes(policies: Iterable[Policy], endpoints: Iterable[EndpointRecord]) -> 
 
 def dry_run(snap: Snapshot, new: Sequence[Policy], limit_flows: int = MAX_FLOWS,
             limit_evaluations: int = MAX_EVALUATIONS) -> Dict[str, Any]:
-    """What applying `new` would change, computed from the compiled rules before and after."""
+    """What applying `new` would change, computed from the compiled rules before and after
+    (iptables' and, for endpoints with IPv6, ip6tables')."""
     by_key = {p.key: p for p in snap.policies}
     results, changed = [], []
     for policy in new:
@@ -386,27 +482,35 @@ def dry_run(snap: Snapshot, new: Sequence[Policy], limit_flows: int = MAX_FLOWS,
     counted = {"gained": 0, "lost": 0}
     evaluations = 0
     truncated = False
-    for src in endpoints:
-        for dst in endpoints:
-            if src.id == dst.id or not (src.id in affected[EGRESS] or dst.id in affected[INGRESS]):
-                continue
-            for protocol, port in probes:
-                if evaluations >= limit_evaluations:
-                    truncated = True
-                    break
-                evaluations += 1
-                a, b = before.party(src), before.party(dst)
-                old_flow = _flow(before, a, b, protocol, port, False)
-                new_flow = _flow(after, a, b, protocol, port, False)
-                if old_flow["verdict"] == new_flow["verdict"]:
+    # IPv6 flows too, between endpoints both open to IPv6: a rule's nets or ICMP types may
+    # decide one family and not the other.
+    families = [(before, after)]
+    if any(before.family == 4 and Cluster(snap, 6).ipv6_open(ep) for ep in endpoints):
+        families.append((Cluster(snap, 6), Cluster(after_snap, 6)))
+    for was_c, now_c in families:
+        for src in endpoints:
+            for dst in endpoints:
+                if src.id == dst.id or not (src.id in affected[EGRESS] or dst.id in affected[INGRESS]):
                     continue
-                counted["gained" if new_flow["verdict"] == "allowed" else "lost"] += 1
-                if len(flows) < limit_flows:
-                    flows.append({
-                        "source": _label(a), "destination": _label(b),
-                        "protocol": protocol, "port": port,
-                        "before": _brief(old_flow), "after": _brief(new_flow),
-                    })
+                if was_c.family == 6 and not (was_c.ipv6_open(src) and was_c.ipv6_open(dst)):
+                    continue
+                for protocol, port in probes:
+                    if evaluations >= limit_evaluations:
+                        truncated = True
+                        break
+                    evaluations += 1
+                    a, b = was_c.party(src), was_c.party(dst)
+                    old_flow = _flow(was_c, a, b, protocol, port, False)
+                    new_flow = _flow(now_c, a, b, protocol, port, False)
+                    if old_flow["verdict"] == new_flow["verdict"]:
+                        continue
+                    counted["gained" if new_flow["verdict"] == "allowed" else "lost"] += 1
+                    if len(flows) < limit_flows:
+                        flows.append({
+                            "source": _label(a), "destination": _label(b),
+                            "protocol": protocol, "port": port, "family": was_c.family,
+                            "before": _brief(old_flow), "after": _brief(new_flow),
+                        })
     return {
         "results": results,
         "selection": selection,
@@ -456,12 +560,13 @@ def parse_counters(text: str) -> Dict[str, List[Tuple[int, int, str]]]:
     return out
 
 
-def policy_stats(snap: Snapshot, saved: str) -> Dict[str, Any]:
+def policy_stats(snap: Snapshot, saved: str, family: int = 4) -> Dict[str, Any]:
     """Packets and bytes per policy rule and per implicit outcome on this host, from the kernel's
-    counters, mapped to policies through the notes of the same compiled chains. A kernel chain
-    that differs from the compiled one (a pass not applied yet) is reported as stale, not guessed."""
+    counters (`saved`: iptables-save -c, ip6tables-save -c for family 6), mapped to policies
+    through the notes of the same compiled chains. A kernel chain that differs from the compiled
+    one (a pass not applied yet) is reported as stale, not guessed."""
     kernel = parse_counters(saved)
-    cluster = Cluster(snap)
+    cluster = Cluster(snap, family)
     table, notes = cluster.host(snap.host)
     rules: Dict[Tuple[str, str, int], Dict[str, Any]] = {}
     implicit: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
@@ -494,5 +599,25 @@ def policy_stats(snap: Snapshot, saved: str) -> Dict[str, Any]:
         "host": snap.host,
         "rules": sorted(rules.values(), key=lambda r: (r["policy"], r["direction"], r["rule"])),
         "implicit": sorted(implicit.values(), key=lambda r: (r["address"], r["direction"], r["outcome"])),
-        "stale": stale,
+        "stale": stale if family == 4 else [f"ip6:{c}" for c in stale],
+    }
+
+
+def merge_stats(four: Dict[str, Any], six: Dict[str, Any]) -> Dict[str, Any]:
+    """policy_stats of both families as one: a rule's packets over IPv4 and IPv6 summed (one
+    policy rule renders into both tables); IPv6's stale chains listed as ip6:CHAIN."""
+    def summed(a: List[Dict[str, Any]], b: List[Dict[str, Any]], key: Tuple[str, ...]) -> List[Dict[str, Any]]:
+        out: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+        for row in [*a, *b]:
+            k = tuple(row[f] for f in key)
+            if k in out:
+                out[k] = {**out[k], "packets": out[k]["packets"] + row["packets"], "bytes": out[k]["bytes"] + row["bytes"]}
+            else:
+                out[k] = dict(row)
+        return [out[k] for k in sorted(out, key=lambda k: tuple(str(x) for x in k))]
+    return {
+        "host": four["host"],
+        "rules": summed(four["rules"], six["rules"], ("policy", "direction", "rule")),
+        "implicit": summed(four["implicit"], six["implicit"], ("endpoint", "direction", "outcome")),
+        "stale": [*four["stale"], *six["stale"]],
     }

@@ -305,6 +305,20 @@ def _check_ipv6_data(path: str, value: list) -> list:
     return _ip_data(path, value, _pool6, _gateway6, _aux6)
 
 
+def _check_swarm_ip_data(path: str, value: list) -> list:
+    """AllocateNetwork's IPv4Data: Docker 20.10's Swarm allocator lists every pool of a swarm
+    network there, the IPv6 one of an --ipv6 network too; each pool, gateway and aux address is
+    checked as its own family's (the nodes' CreateNetwork then gets them split by family)."""
+    def six(v: Any) -> bool:
+        return isinstance(v, str) and ":" in v
+
+    return _ip_data(
+        path, value,
+        lambda p, v: (_pool6 if six(v) else _pool4)(p, v),
+        lambda p, v: (_gateway6 if six(v) else _check_cidr_or_empty)(p, v),
+        lambda p, v: (_aux6 if isinstance(v, dict) and any(six(x) for x in v.values()) else _aux4)(p, v))
+
+
 def _check_mac(path: str, value: Any) -> str:
     if not isinstance(value, str):
         raise _Refused(path, f"must be a string, got {_kind(value)}")
@@ -383,12 +397,17 @@ def _check_portmap(path: str, value: Any) -> list[PortRequest]:
         host_ip = entry.get("HostIP") or ""
         if not isinstance(host_ip, str):
             raise _Refused(f"{where}.HostIP", f"must be a string, got {_kind(host_ip)}")
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
         try:
-            address = ipaddress.IPv4Address(host_ip) if host_ip else None
+            address = ipaddress.ip_address(host_ip) if host_ip else None
         except ValueError:
-            raise _Refused(f"{where}.HostIP", f"must be an IPv4 address or empty (IPv6 is not supported), got {_show(host_ip)}") from None
-        if address is not None and address.is_unspecified:
-            address = None
+            raise _Refused(f"{where}.HostIP", f"must be an IPv4 or IPv6 address or empty, got {_show(host_ip)}") from None
+        if isinstance(address, ipaddress.IPv6Address) and (address.scope_id or address.ipv4_mapped
+                                                            or address.is_link_local or address.is_multicast):
+            raise _Refused(f"{where}.HostIP", f"must be a plain IPv6 address (no zone, IPv4-mapped, link-local "
+                                              f"or multicast), got {_show(host_ip)}")
+        if address is not None and address.version == 4 and address.is_unspecified:
+            address = None  # 0.0.0.0: every address (IPv6 too on an --ipv6 network, as Docker's bridge)
         port = _check_port(f"{where}.Port", entry.get("Port"), 1)
         host_port = _check_port(f"{where}.HostPort", entry.get("HostPort", 0), 0)
         end = _check_port(f"{where}.HostPortEnd", entry.get("HostPortEnd", 0) or host_port, 0)
@@ -436,7 +455,7 @@ class CreateNetwork:
 class AllocateNetwork:
     NetworkID: str = _required(_check_network_id)
     Options: dict = _options()
-    IPv4Data: list = _field(factory=list, check=_check_ipv4_data)
+    IPv4Data: list = _field(factory=list, check=_check_swarm_ip_data)
     IPv6Data: list = _field(factory=list, check=_check_ipv6_data)
 
 

@@ -182,14 +182,14 @@ def _party(side: dict) -> str:
     if side.get("endpoint") is None:
         return f"{side['address']} (not a canal endpoint)"
     name = side.get("container") or side["endpoint"]
-    return f"{name} {side['address']} on {side['network']}@{side['host']}"
+    return f"{name} {side['address'] or '(no IPv6 address)'} on {side['network']}@{side['host']}"
 
 
 def _print_explain(answer: dict) -> None:
     flow = answer["flow"]
     what = flow["protocol"] + (f"/{flow['port']}" if flow["port"] is not None else "")
     print(f"{answer['verdict'].upper()}: {_party(answer['source'])} -> {_party(answer['destination'])}, {what}"
-          + (" through a published port" if flow["published"] else ""))
+          + f" over IPv{flow.get('family', 4)}" + (" through a published port" if flow["published"] else ""))
     for side in ("source", "destination"):
         if answer[side].get("note"):
             print(f"  note: {answer[side]['note']}")
@@ -201,7 +201,8 @@ def _print_explain(answer: dict) -> None:
         print(f"  {direction} ({d['host']}): {d['verdict']}: {d['explanation']}")
         for hop in d.get("matched_on_the_way", []):
             print(f"    passed through {hop['action']} rule {hop['rule']} of {hop['policy']}")
-        print(f"    rule: -A {d['chain']} {d['rule_text']}")
+        if d.get("chain"):
+            print(f"    rule: -A {d['chain']} {d['rule_text']}")
     if answer.get("hint"):
         print(f"  hint: {answer['hint']}")
 
@@ -222,7 +223,8 @@ def _print_dry_run(report: dict) -> None:
             f"{d} {after[d]['verdict']} ({after[d].get('policy') or ''}{'' if after[d].get('rule') is None else ' rule ' + str(after[d]['rule'])}"
             f"{'' if after[d].get('policy') else after[d]['reason']})"
             for d in ("egress", "ingress") if d in after)
-        print(f"  {'GAINS' if after['verdict'] == 'allowed' else 'LOSES'} {flow['source']} -> {flow['destination']} {what}: {why}")
+        six = " over IPv6" if flow.get("family") == 6 else ""
+        print(f"  {'GAINS' if after['verdict'] == 'allowed' else 'LOSES'} {flow['source']} -> {flow['destination']} {what}{six}: {why}")
     s = report["summary"]
     print(f"{s['flows_gained']} flow(s) gained, {s['flows_lost']} lost among {s['endpoints']} endpoint(s)"
           f" (probes: {', '.join(s['probes'])}){'; listing cut at ' + str(s['listed']) if s['listed'] < s['flows_gained'] + s['flows_lost'] else ''}"
@@ -340,8 +342,10 @@ def main(argv: list[str] | None = None) -> None:
                          help="store nothing: show which endpoints and flows the change would affect")
     client_args(apply_p)
     explain_p = policy.add_parser("explain", help="why a flow is allowed or denied, from the compiled rules")
-    explain_p.add_argument("src", help="container name or ID, or an IPv4 address")
-    explain_p.add_argument("dst", help="container name or ID, or an IPv4 address")
+    explain_p.add_argument("src", help="container name or ID, or an IPv4 or IPv6 address")
+    explain_p.add_argument("dst", help="container name or ID, or an IPv4 or IPv6 address")
+    explain_p.add_argument("--family", type=int, choices=(4, 6),
+                           help="IP version of a flow between containers given by name (default 4; an address decides)")
     explain_p.add_argument("--port", type=int, help="destination port (tcp/udp)")
     explain_p.add_argument("--protocol", choices=("tcp", "udp", "icmp"),
                            help="default: tcp with --port, else icmp (echo request)")
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             _print_dry_run(report) if args.output == "table" else _print(report, args.output)
         elif args.verb == "explain":
             body = {"src": args.src, "dst": args.dst, "protocol": args.protocol, "port": args.port,
-                    "published": args.published}
+                    "published": args.published, "family": args.family}
             answer = client.post("/canal/v1/explain", {k: v for k, v in body.items() if v is not None})
             _print_explain(answer) if args.output == "table" else _print(answer, args.output)
         elif args.verb == "stats":

@@ -566,6 +566,14 @@ def local_addresses() -> set[str]:
         return {addr.get_attr("IFA_ADDRESS") for addr in ipr.get_addr(family=2)}
 
 
+def local_addresses46() -> set[str]:
+    """Every IPv4 and IPv6 address of this host (this network namespace), IPv6 as str() of
+    ipaddress prints it (the form explain compares with)."""
+    with IPRoute() as ipr:
+        six = {str(ipaddress.IPv6Address(addr.get_attr("IFA_ADDRESS"))) for addr in ipr.get_addr(family=10)}
+    return local_addresses() | six
+
+
 def host_resolvers(resolv_conf: str, local: set[str]) -> tuple[str, ...]:
     """Nameservers of the host's resolv.conf that are this host's own (non-loopback) addresses:
     Docker's embedded DNS forwards containers' queries to them from the containers' own

@@ -26,20 +26,44 @@ _KINDS = {"tcp": (socket.SOCK_STREAM, 0), "udp": (socket.SOCK_DGRAM, 0), "sctp":
 _PROC_FILES = {"tcp": ("tcp", "tcp6"), "udp": ("udp", "udp6"), "sctp": ()}
 
 
-@dataclass(frozen=True, order=True)
+ANY6 = ipaddress.IPv6Address("::")
+
+
+@dataclass(frozen=True)
 class HostPort:
-    """What a reservation holds: a protocol's port on one host address (None: all of them)."""
+    """What a reservation holds: a protocol's port on one host address (None: every IPv4
+    address; `::`: every IPv6 one, held apart with IPV6_V6ONLY)."""
 
     proto: str
     port: int
-    ip: Optional[ipaddress.IPv4Address] = None
+    ip: Optional[ipaddress.IPv4Address | ipaddress.IPv6Address] = None
 
     @classmethod
     def of(cls, binding: PortBinding) -> "HostPort":
         return cls(binding.proto, binding.host_port, binding.host_ip)
 
+    @classmethod
+    def all_of(cls, binding: PortBinding, ipv6: bool) -> list["HostPort"]:
+        """Every host port a binding takes: a binding on all addresses of a container with an
+        IPv6 address takes the IPv6 port too (Docker's bridge publishes both families)."""
+        keys = [cls.of(binding)]
+        if binding.host_ip is None and ipv6:
+            keys.append(cls(binding.proto, binding.host_port, ANY6))
+        return keys
+
+    @property
+    def family(self) -> int:
+        return 4 if self.ip is None else self.ip.version
+
+    def sort_key(self) -> tuple[str, int, int, int]:
+        return (self.proto, self.port, self.family, int(self.ip) if self.ip is not None else -1)
+
+    def __lt__(self, other: "HostPort") -> bool:
+        return self.sort_key() < other.sort_key()
+
     def __str__(self) -> str:
-        return f"{self.ip or '0.0.0.0'}:{self.port}/{self.proto}"
+        host = f"[{self.ip}]" if self.family == 6 else self.ip or "0.0.0.0"
+        return f"{host}:{self.port}/{self.proto}"
 
 
 def ephemeral_range(sysctl_dir: str = "/proc/sys") -> tuple[int, int]:
@@ -105,8 +129,11 @@ class Reservations:
                     return
                 raise Conflict(f"host port {key} is already published by endpoint {held[0][:12]}")
             kind, number = _KINDS[key.proto]
+            six = key.family == 6
             try:
-                sock = socket.socket(socket.AF_INET, kind, number)
+                sock = socket.socket(socket.AF_INET6 if six else socket.AF_INET, kind, number)
+                if six:  # the IPv6 port only: the IPv4 one is a reservation of its own
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             except OSError as err:
                 raise Unavailable(f"cannot open a {key.proto} socket to reserve {key}: {err.strerror}"
                                   f"{' (no SCTP in this kernel: modprobe sctp)' if key.proto == 'sctp' else ''}") from err
@@ -120,7 +147,7 @@ class Reservations:
                     raise Unavailable(f"cannot reserve host port {key}: {err.strerror}") from err
                 holder = None
                 for other, (owner, _sock) in self._held.items():
-                    if other.proto == key.proto and other.port == key.port:
+                    if other.proto == key.proto and other.port == key.port and other.family == key.family:
                         holder = f"endpoint {owner[:12]}"
                 raise Conflict(f"host port {key} is in use by {holder or process_owner(key.proto, key.port) or 'another socket'}") from None
             self._held[key] = (endpoint, sock)

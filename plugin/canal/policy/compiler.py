@@ -655,9 +655,24 @@ def compile_filter6(
 ) -> FirewallState:
     """compile_filter for ip6tables: the same policies over the endpoints' IPv6 addresses
     (`family inet6` ipsets named canal-6*); endpoints without one are closed to IPv6."""
+    return compile_filter6_annotated(endpoints, policies, local_host, networks, broken_scopes, host, cluster_set,
+                                     memberships)[0]
+
+
+def compile_filter6_annotated(
+    endpoints: Iterable[EndpointInfo],
+    policies: Iterable[Policy],
+    local_host: str,
+    networks: Mapping[str, NetworkInfo],
+    broken_scopes: AbstractSet[Optional[str]] = frozenset(),
+    host: HostProtection = HostProtection(),
+    cluster_set: Optional[str] = None,
+    memberships: Optional[Memberships] = None,
+) -> tuple[FirewallState, Dict[str, List[Note]]]:
+    """compile_filter6, plus the notes (`canal policy explain` over IPv6 reads them)."""
     compiler = _Compiler6(list(endpoints), list(policies), local_host, networks, broken_scopes, host, cluster_set,
                           memberships)
-    return compiler.compile()
+    return compiler.compile(), compiler.notes
 
 
 def _bare_ip(ip: str) -> str:

@@ -44,7 +44,7 @@ class Packet:
     protocol: int  # IP protocol number
     sport: int = 40000
     dport: Optional[int] = None  # TCP/UDP/SCTP/UDPLite destination port
-    icmp_type: Optional[int] = None
+    icmp_type: Optional[int] = None  # ICMP or ICMPv6 type, as the packet's family has it
     icmp_code: int = 0
     iif: str = ""  # input interface ("" = none)
     oif: str = ""
@@ -102,13 +102,15 @@ def _iface(pattern: str, name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _network(net: str) -> ipaddress.IPv4Network:
-    return ipaddress.IPv4Network(net if "/" in net else f"{net}/32", strict=False)
+def _network(net: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Either family: the same walk serves iptables' and ip6tables' rules (an address never
+    lies in a network of the other family)."""
+    return ipaddress.ip_network(net, strict=False)
 
 
 @functools.lru_cache(maxsize=4096)
-def _address(address: str) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(address)
+def _address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(address)
 
 
 def _in_net(address: str, net: str) -> bool:
@@ -178,7 +180,7 @@ class _Matcher:
                 port = packet.sport if token == "--sport" else packet.dport
                 ok = port is not None and port == int(value)
                 i += 2
-            elif token == "--icmp-type" and module == "icmp":
+            elif (token == "--icmp-type" and module == "icmp") or (token == "--icmpv6-type" and module == "icmp6"):
                 type_text, _, code_text = value.partition("/")
                 ok = packet.icmp_type == int(type_text) and (not code_text or packet.icmp_code == int(code_text))
                 i += 2

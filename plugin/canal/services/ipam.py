@@ -171,6 +171,11 @@ class Ipam:
                 raise BadRequest(f"subnet {pool!r} is IPv4, but it was requested as the IPv6 pool of an --ipv6 network")
             return self._user_pool(pool, sub_pool, v6=True)
         shared = address_space == GLOBAL_SPACE
+        if shared and ":" in pool:
+            # Docker 20.10's Swarm allocator asks for every --subnet of a swarm network as an
+            # IPv4 pool (V6 false), its IPv6 one too; the CIDR says which it is. Nodes then ask
+            # for it again as IPv6 (V6 true): the same pool record answers both.
+            return self._user_pool(pool, sub_pool, v6=True, shared=True)
         if ":" in pool or ":" in sub_pool:
             raise BadRequest(f"subnet {pool or sub_pool!r} is IPv6: create the network with --ipv6")
         if (shared and not pool) or (pool == str(self.cluster_network()) and not sub_pool):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from canal.dataplane.ports import HostPort, Reservations, ephemeral_range
-from canal.errors import Conflict, NotFound
+from canal.errors import BadRequest, Conflict, NotFound
 from canal.records import EndpointRecord, PortBinding, replace
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class PortRequest:
 
     proto: str
     port: int
-    host_ip: Optional[ipaddress.IPv4Address]
+    host_ip: Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]
     host_port: int  # 0: any
     host_port_end: int  # == host_port, or the end of a range
 
@@ -42,7 +42,8 @@ class PortRequest:
 
     def __str__(self) -> str:
         ports = str(self.host_port) if self.host_port_end <= self.host_port else f"{self.host_port}-{self.host_port_end}"
-        return f"{self.host_ip or '0.0.0.0'}:{ports if self.host_port else '(any)'}->{self.port}/{self.proto}"
+        host = f"[{self.host_ip}]" if self.host_ip is not None and self.host_ip.version == 6 else self.host_ip or "0.0.0.0"
+        return f"{host}:{ports if self.host_port else '(any)'}->{self.port}/{self.proto}"
 
 
 class Ports:
@@ -64,6 +65,11 @@ class Ports:
         record = self.read(network_id, endpoint_id)
         if not requests and not record.ports:
             return []
+        ipv6 = record.ip6 is not None
+        for request in requests:
+            if request.host_ip is not None and request.host_ip.version == 6 and not ipv6:
+                raise BadRequest(f"cannot publish {request}: the container has no IPv6 address on this network "
+                                 "(created without --ipv6)")
         ephemeral = ephemeral_range(self.sysctl_dir)
         chosen: list[PortBinding] = []
         taken: list[HostPort] = []
@@ -73,15 +79,16 @@ class Ports:
                 reuse = next((b for b in kept if request.fits(b, ephemeral)), None)
                 if reuse is not None:
                     kept.remove(reuse)
-                    self.reservations.reserve(HostPort.of(reuse), endpoint_id)
+                    for key in HostPort.all_of(reuse, ipv6):
+                        self.reservations.reserve(key, endpoint_id)
                     chosen.append(reuse)
                     continue
-                binding = self._allocate(request, endpoint_id, ephemeral, taken)
+                binding = self._allocate(request, endpoint_id, ephemeral, taken, ipv6)
                 chosen.append(binding)
         except Exception:
             self.reservations.release(taken)
             raise
-        stale = [HostPort.of(b) for b in kept]
+        stale = [key for b in kept for key in HostPort.all_of(b, ipv6)]
         ports = tuple(sorted(chosen))
         try:
             self.update(network_id, endpoint_id, lambda r: replace(r, ports=ports))
@@ -95,23 +102,30 @@ class Ports:
         return list(ports)
 
     def _allocate(
-        self, request: PortRequest, endpoint_id: str, ephemeral: tuple[int, int], taken: list[HostPort]
+        self, request: PortRequest, endpoint_id: str, ephemeral: tuple[int, int], taken: list[HostPort], ipv6: bool
     ) -> PortBinding:
+        """The first candidate host port free in every family the binding takes (both, for a
+        binding on all addresses of a dual-stack container): all of them or none."""
         candidates = request.candidates(ephemeral)
         last: Conflict | None = None
         for host_port in candidates:
-            key = HostPort(request.proto, host_port, request.host_ip)
-            if key in taken:
+            binding = PortBinding(request.proto, request.port, host_port, request.host_ip)
+            keys = HostPort.all_of(binding, ipv6)
+            if any(key in taken for key in keys):
                 continue
+            got: list[HostPort] = []
             try:
-                self.reservations.reserve(key, endpoint_id)
+                for key in keys:
+                    self.reservations.reserve(key, endpoint_id)
+                    got.append(key)
             except Conflict as err:
+                self.reservations.release(got)
                 last = err
                 if len(candidates) == 1:
                     raise Conflict(f"cannot publish {request}: {err}") from None
                 continue
-            taken.append(key)
-            return PortBinding(request.proto, request.port, host_port, request.host_ip)
+            taken.extend(got)
+            return binding
         raise Conflict(f"cannot publish {request}: no free host port in {candidates.start}-{candidates.stop - 1}"
                        f"{f' (last: {last})' if last else ''}")
 
@@ -123,11 +137,11 @@ class Ports:
         if not record.ports:
             return
         self.update(network_id, endpoint_id, lambda r: replace(r, ports=()))
-        self.reservations.release(HostPort.of(b) for b in record.ports)
+        self.reservations.release(key for b in record.ports for key in HostPort.all_of(b, record.ip6 is not None))
         self.changed(True)
         log.info("endpoint %s: unpublished %s", endpoint_id[:12], ", ".join(str(b) for b in record.ports))
 
 
 def wanted_reservations(local: Sequence[EndpointRecord]) -> dict[HostPort, str]:
     """What the records say this host holds: published ports of its endpoints."""
-    return {HostPort.of(b): ep.id for ep in local for b in ep.ports}
+    return {key: ep.id for ep in local for b in ep.ports for key in HostPort.all_of(b, ep.ip6 is not None)}
