@@ -67,6 +67,11 @@ def bed():
         f7 = SimHost(ul, "f7", "198.18.0.7")  # a flanneld dual-stack wireguard host, built by hand
         add_ipv6_underlay(f7)
         hosts.append(f7)
+        # Six plugins just started list, lease and program at once: the first test begins once
+        # every one is healthy, not while etcd is still catching up with them (a CreateNetwork
+        # then met the 2 s --etcd-timeout on a loaded 2-core machine).
+        wait_until(lambda: all(status(h).get("health") == "healthy" for h in hosts[:6]), timeout=60,
+                   what="every plugin healthy")
         yield ul, etcd, hosts
     finally:
         ul.close()
@@ -351,6 +356,46 @@ def test_wireguard_mode_ipv6_tunnels_over_the_ipv6_underlay(b):
         assert not any(udp_ports(f) == (51820, 51820) for f in seen)
         assert h6.container_exec("cli", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1420"  # 80: IPv6 outer
     finally:
+        etcd.etcdctl("put", "/wgv6/network/config", json.dumps(config))
+
+
+def test_an_ipv6_only_underlay_carries_both_families_over_wireguard_mode_ipv6(b):
+    """Between hosts the underlay passes IPv6 only (the bridge drops IPv4 and ARP frames
+    between its ports; etcd, on the bridge itself, stays reachable): with the wireguard
+    backend in Mode "ipv6" containers still reach each other over IPv4 and IPv6."""
+    ul, etcd, (_h1, _h2, _h3, _h4, h5, h6, _f7) = b
+    config = {"Network": WG_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_WG, "Backend": {"Type": "wireguard"}}
+    etcd.etcdctl("put", "/wgv6/network/config", json.dumps({**config, "Backend": {"Type": "wireguard", "Mode": "ipv6"}}))
+    blocked = False
+    try:
+        for h in (h5, h6):
+            net6(h, "wgdual")
+        listener(h5, "srv", "wgdual")
+        daemon(h6, "cli", "wgdual")
+        srv4, srv6 = ip_of(h5, "srv", "wgdual"), ip6_of(h5, "srv", "wgdual")
+        wait_until(lambda: [p["endpoint"] for p in status(h6)["backend"]["encryption"]["peers"]]
+                   == [f"[{underlay6(5)}]:51820"], timeout=30, what="h6's peer endpoint on IPv6")
+        # Positive control first: the hosts reach each other over IPv4, then no longer.
+        assert h6.exec(["ping", "-c1", "-W2", h5.address], check=False).returncode == 0
+        for proto in ("IPv4", "ARP"):
+            ul.exec(["ebtables", "-A", "FORWARD", "-p", proto, "-j", "DROP"])
+        blocked = True
+        h6.exec(["ip", "neigh", "flush", "dev", "eth0"], check=False)
+        assert h6.exec(["ping", "-c1", "-W2", h5.address], check=False).returncode != 0
+        assert h6.exec(["ping", "-6", "-c1", "-W2", underlay6(5)], check=False).returncode == 0
+        wait_until(lambda: ping(h6, "cli", srv4) and ping(h6, "cli", str(srv6), "-6"), timeout=30,
+                   what="both families across an IPv6-only underlay")
+        marker = f"canal-v6only-{secrets.token_hex(8)}"
+        with capture(ul) as pcap:
+            deliver6(h6, "cli", srv6, h5, "srv", marker)
+        seen = frames(pcap)
+        assert any(udp6_ports(f) == (51820, 51820) for f in seen)
+        assert not any(udp_ports(f) == (51820, 51820) for f in seen)  # no tunnel packet tried IPv4
+        assert not any(marker.encode() in f for f in seen)
+    finally:
+        if blocked:
+            for proto in ("IPv4", "ARP"):
+                ul.exec(["ebtables", "-D", "FORWARD", "-p", proto, "-j", "DROP"], check=False)
         etcd.etcdctl("put", "/wgv6/network/config", json.dumps(config))
 
 
