@@ -26,16 +26,22 @@ def etcd_plugin_args(host: SimHost, etcd: Etcd, *extra: str, ttl: int = 8, resyn
 
 
 @contextmanager
-def etcd_cluster(plugin_args: Callable[[SimHost, Etcd], list[str]], count: int = 2
+def etcd_cluster(plugin_args: Callable[[SimHost, Etcd], list[str]], count: int = 2,
+                 flannel_config: dict[str, Any] | None = None, ipv6_underlay: bool = False,
                  ) -> Iterator[tuple[Underlay, Etcd, list[SimHost]]]:
     """An underlay, one etcd on it and `count` hosts (h1, h2, ...) each with dockerd, the test
-    image and a plugin started with plugin_args(host, etcd); all removed afterwards."""
+    image and a plugin started with plugin_args(host, etcd); all removed afterwards.
+    `flannel_config`: written before any plugin starts; `ipv6_underlay`: each host's too."""
     ul = Underlay()
     try:
         etcd = Etcd(ul)
+        if flannel_config is not None:
+            etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(flannel_config))
         hosts = []
         for i in range(1, count + 1):
             h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
+            if ipv6_underlay:
+                add_ipv6_underlay(h)  # before its plugin starts: it publishes the address then
             h.start_dockerd()
             h.load_image()
             h.start_plugin(plugin_args(h, etcd))

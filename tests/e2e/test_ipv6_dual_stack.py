@@ -10,10 +10,10 @@ import ipaddress
 import json
 
 import pytest
-from e2e_support import CLUSTER, IMAGE, add_ipv6_underlay, canal, clear, etcd_plugin_args, underlay6_address, wait_open
+from e2e_support import CLUSTER, IMAGE, add_ipv6_underlay, canal, clear, etcd_cluster, etcd_plugin_args, underlay6_address, wait_open
 
 from canal.datastore.keys import Keys
-from testbed import Etcd, SimHost, Underlay, wait_until
+from testbed import Etcd, SimHost, wait_until
 
 NETWORK6 = ipaddress.IPv6Network("fd00:64::/48")
 FLANNEL_CONFIG = {"Network": CLUSTER, "SubnetLen": 24, "EnableIPv6": True, "IPv6Network": str(NETWORK6),
@@ -29,22 +29,9 @@ def plugin_args(h: SimHost, etcd: Etcd) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bed():
-    ul = Underlay()
-    try:
-        etcd = Etcd(ul)
-        # The cluster's config first (flannel's EnableIPv6): every host's lease is dual stack.
-        etcd.etcdctl("put", "/coreos.com/network/config", json.dumps(FLANNEL_CONFIG))
-        hosts = []
-        for i in (1, 2):
-            h = SimHost(ul, f"h{i}", f"198.18.0.{i}")
-            add_ipv6_underlay(h)
-            h.start_dockerd()
-            h.load_image()
-            h.start_plugin(plugin_args(h, etcd))
-            hosts.append(h)
+    # The cluster's config first (flannel's EnableIPv6): every host's lease is dual stack.
+    with etcd_cluster(plugin_args, flannel_config=FLANNEL_CONFIG, ipv6_underlay=True) as (ul, etcd, hosts):
         yield ul, etcd, hosts
-    finally:
-        ul.close()
 
 
 @pytest.fixture
