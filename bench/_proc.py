@@ -22,13 +22,15 @@ def group_pids(pgid: int) -> list[int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of the processes so far (those gone meanwhile count nothing)."""
+    """User + system CPU time of the processes so far, with that of the children they reaped
+    (the ipset, iptables-restore and ip commands the plugin runs); processes gone meanwhile
+    count nothing."""
     total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp ...
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
         except OSError:
             continue
     return total / TICK

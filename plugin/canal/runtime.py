@@ -24,7 +24,7 @@ from canal.agent.desired import (
 )
 from canal.agent.docker_watch import DockerWatch
 from canal.agent.index import MembershipIndex
-from canal.agent.mirror import Mirror
+from canal.agent.mirror import Held, Mirror
 from canal.agent.sandboxes import SandboxRouting, SandboxStep
 from canal import health
 from canal.backends.manager import BackendManager
@@ -169,7 +169,9 @@ class Plugin:
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
                                                  linkmod.local_addresses46, self._counters6)
         self.mirror = Mirror(self.store, [self.keys.root + "/", self.keys.flannel + "/"], self.agent.trigger,
-                             quiet=(self.keys.root + "/hosts/", self.keys.root + "/ipam/"))
+                             quiet=(self.keys.root + "/hosts/", self.keys.root + "/ipam/"),
+                             held={self.keys.endpoints: Held(endpoint_entry),
+                                   self.keys.addresses: Held(address_entry, wanted=self._ours)})
         # The agent's passes: endpoints as a live view with a change journal, and the set
         # memberships kept from it incrementally (canal.agent.index); other readers use records().
         self._endpoint_view = self.mirror.view(self.keys.endpoints, endpoint_entry)
@@ -448,6 +450,10 @@ class Plugin:
     def _flannel_config(name: str, raw: Any) -> Any:
         """Only the config is parsed here; leases are parsed by _leases()."""
         return parse_network_config(raw) if name == "config" else None
+
+    def _ours(self, raw: Any) -> bool:
+        """An address record of this host (JSON, before it is parsed): the only ones held."""
+        return isinstance(raw, dict) and raw.get("host") == self.host
 
     def _leases(self) -> list[Lease]:
         return list(self.mirror.records(self.keys.leases, lease_entry).values())

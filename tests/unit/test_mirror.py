@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from canal.agent.mirror import Mirror
+import pytest
+
+from canal.agent.mirror import Held, Mirror
 from canal.datastore.base import Delete, Put
 from canal.records import RecordError
 
@@ -184,5 +186,73 @@ def test_prune_forgets_only_old_deletions_and_visits_only_them(store):
         assert m.json("/c/k/") == {"live": "x", "back": "again"}
         m._commit(13, [Put("/c/k/late", '"stale"')])  # older than the remembered deletion: refused
         assert m.json("/c/k/") == {"live": "x", "back": "again"}
+    finally:
+        m.stop()
+
+
+def _host_of(rel, raw):
+    if not isinstance(raw, dict) or not isinstance(raw.get("host"), str):
+        raise RecordError("no host")
+    return {"host": raw["host"], "n": raw.get("n", 0)}
+
+
+def test_a_held_directory_keeps_records_parsed_once_and_no_text(store):
+    store.put("/c/e/1", {"host": "h1"})
+    store.put("/c/other/1", {"host": "h1"})
+    m = Mirror(store, ["/c/"], lambda: None, timeout=0.2, held={"/c/e/": Held(_host_of)})
+    m.start()
+    try:
+        assert m.wait_ready(5)
+        store.put("/c/e/2", {"host": "h2"})  # an own commit: parsed on arrival too
+        held = m._dirs["/c/e/"]
+        assert all(isinstance(v, dict) for _, v in held.values())  # typed only: no JSON text kept
+        assert isinstance(m._dirs["/c/other/"]["/c/other/1"][1], str)  # control: other directories keep text
+        view = m.view("/c/e/", _host_of)
+        assert view.refresh() == {"1", "2"}
+        records = m.records("/c/e/", _host_of)
+        assert records == {"1": {"host": "h1", "n": 0}, "2": {"host": "h2", "n": 0}}
+        assert view["1"] is records["1"]  # one parsed copy for every reader
+        store.put("/c/e/1", {"host": "h1", "n": 1})
+        store.delete("/c/e/2")
+        assert view.refresh() == {"1", "2"} and dict(view) == {"1": {"host": "h1", "n": 1}}
+    finally:
+        m.stop()
+
+
+def test_a_held_directory_refuses_another_parser_and_overlapping_reads(store):
+    m = Mirror(store, ["/c/"], lambda: None, timeout=0.2, held={"/c/e/": Held(_host_of)})
+    m.start()
+    try:
+        assert m.wait_ready(5)
+        with pytest.raises(ValueError, match="held typed by _host_of"):
+            m.records("/c/e/", lambda rel, raw: raw)
+        with pytest.raises(ValueError, match="overlaps the held directory /c/e/"):
+            m.json("/c/")
+        with pytest.raises(ValueError, match="held typed"):
+            m.view("/c/e/", lambda rel, raw: raw)
+    finally:
+        m.stop()
+
+
+def test_a_held_directory_keeps_only_wanted_records_and_quarantines_bad_ones(store):
+    store.put("/c/a/1", {"host": "h1"})
+    store.put("/c/a/2", {"host": "h2"})
+    m = Mirror(store, ["/c/"], lambda: None, timeout=0.2,
+               held={"/c/a/": Held(_host_of, wanted=lambda raw: raw.get("host") != "h2")})
+    m.start()
+    try:
+        assert m.wait_ready(5)
+        view = m.view("/c/a/", _host_of)
+        assert view.refresh() == {"1"} and m.records("/c/a/", _host_of) == {"1": {"host": "h1", "n": 0}}
+        assert m._dirs["/c/a/"]["/c/a/2"][1] is not None  # unwanted: its revision kept (ordering), not its record
+        store.put("/c/a/2", {"host": "h1"})  # now wanted: enters
+        store.put("/c/a/1", {"host": "h2"})  # no longer wanted: leaves
+        assert view.refresh() == {"1", "2"} and set(view) == {"2"}
+        store.put("/c/a/3", {"nohost": True})  # wanted (not h2) but malformed: quarantined
+        assert view.refresh() == set() and "/c/a/3" in m.quarantined
+        store.put("/c/a/3", {"host": "h1"})  # fixed: back, quarantine lifted
+        assert view.refresh() == {"3"} and "/c/a/3" not in m.quarantined
+        m._relist("/c/")  # a re-list of the same state changes nothing
+        assert view.refresh() == set() and set(view) == {"2", "3"}
     finally:
         m.stop()

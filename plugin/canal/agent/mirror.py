@@ -5,6 +5,10 @@ Every key carries the revision of its last change; an update (watch event, own c
 re-list) only lands if it is newer, so the three sources may arrive in any order. A watch
 that fell behind compaction re-lists: flannel's LeaseWatcher.Reset. Any change asks the agent
 for a pass (on_change).
+
+Directories given as `held` are parsed once on arrival and kept only typed (their text is
+dropped; records another host owns may be dropped whole): at 100,000 endpoints the text of
+every endpoint and address record was ~100 MB beside the parsed records.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Generic, ItemsView, Iterator, KeysView, Mapping, Optional, Sequence, TypeVar, ValuesView
 
 from canal import metrics
@@ -23,16 +28,29 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _FAILED = object()  # cached parse failure: re-parsed only when the record changes
+_ELSEWHERE = object()  # a held record its `wanted` test refused: its revision only is kept
 
 
 def _as_is(rel: str, raw: Any) -> Any:
     return raw
 
 
+@dataclass(frozen=True)
+class Held:
+    """A directory kept typed only: `parse` (the same function every reader passes) runs when
+    a record arrives; `wanted`, on the JSON before it is parsed, keeps only what it accepts
+    (e.g. this host's address records: the cluster's are read from the datastore when a
+    departed host is collected). Refused and malformed records keep their revision only."""
+
+    parse: Callable[[str, Any], Any]
+    wanted: Optional[Callable[[Any], bool]] = None
+
+
 class Mirror:
     def __init__(self, store: Datastore, prefixes: list[str], on_change: Callable[[], object], timeout: float = 5.0,
-                 quiet: tuple[str, ...] = ()):
+                 quiet: tuple[str, ...] = (), held: Optional[Mapping[str, Held]] = None):
         self.store = store
+        self.held = dict(held or {})  # directory prefix -> how its records are kept
         self.prefixes = prefixes
         self.on_change = on_change
         # Kept current but no reason for a pass: records no pass reads (every host's 30 s
@@ -41,8 +59,9 @@ class Mirror:
         self.timeout = timeout
         self._lock = threading.Lock()
         # directory -> key -> (revision, value; None = deleted): a pass reads the few
-        # directories it needs (endpoints, policies, ...), never the IPAM records.
-        self._dirs: dict[str, dict[str, tuple[int, str | None]]] = {}
+        # directories it needs (endpoints, policies, ...), never the IPAM records. In a held
+        # directory the value is the parsed record (or _FAILED, _ELSEWHERE), never text.
+        self._dirs: dict[str, dict[str, tuple[int, Any]]] = {}
         # prefix -> (parser, key -> (revision, record or _FAILED)); another parser for the same
         # prefix starts the cache afresh (never hands out another parser's types, never grows)
         self._typed: dict[str, tuple[Callable[[str, Any], Any], dict[str, tuple[int, Any]]]] = {}
@@ -85,6 +104,15 @@ class Mirror:
             raise Unavailable(f"datastore not read yet under {prefix}")
         out: dict[str, T] = {}
         cut = len(prefix)
+        held = self._held_under(prefix, parse)
+        if held is not None:
+            with self._lock:
+                for directory, entries in self._dirs.items():
+                    if directory.startswith(prefix):
+                        for key, (_revision, value) in entries.items():
+                            if value is not None and value is not _FAILED and value is not _ELSEWHERE:
+                                out[key[cut:]] = value
+            return out
         with self._lock:
             cache = self._typed.get(prefix)
             if cache is None or cache[0] is not parse:
@@ -117,6 +145,36 @@ class Mirror:
                     view._dirty.update(entries)
         return view
 
+    def _held_under(self, prefix: str, parse: Callable[[str, Any], Any]) -> Optional[Held]:
+        """The Held of `prefix` when it is one (checked: read with its own parser); None when
+        no held directory is under it."""
+        for where, held in self.held.items():
+            if prefix == where:
+                if parse is not held.parse:
+                    raise ValueError(f"{prefix} is held typed by {held.parse.__name__}; read it with that parser")
+                return held
+            if where.startswith(prefix) or prefix.startswith(where):
+                raise ValueError(f"{prefix} overlaps the held directory {where}: read that one by itself")
+        return None
+
+    def _held_of(self, key: str) -> Optional[tuple[str, Held]]:
+        for where, held in self.held.items():
+            if key.startswith(where):
+                return where, held
+        return None
+
+    def _hold(self, key: str, revision: int, value: str, where: str, held: Held) -> Any:
+        """What a held directory keeps of one record: parsed, or a marker."""
+        if held.wanted is not None:
+            try:
+                raw = json.loads(value)
+            except ValueError:
+                raw = None
+            if raw is not None and not held.wanted(raw):
+                self.quarantined.pop(key, None)
+                return _ELSEWHERE
+        return self._parse_typed(key, revision, value, key[len(where):], held.parse)
+
     def _parse_typed(self, key: str, revision: int, value: str, rel: str, parse: Callable[[str, Any], T]) -> Any:
         try:
             record = parse(rel, json.loads(value))
@@ -142,7 +200,8 @@ class Mirror:
         current = entries.get(key)
         if current is not None and current[0] >= revision:
             return False
-        entries[key] = (revision, value)
+        held = self._held_of(key) if self.held else None
+        entries[key] = (revision, value if held is None or value is None else self._hold(key, revision, value, *held))
         self._mark(key)
         self._tombstone(key, revision, value)
         if value is None:
@@ -254,6 +313,7 @@ class RecordView(Mapping[str, T], Generic[T]):
         self.prefix = prefix
         self.parse = parse
         self.keep = keep
+        self._held = mirror._held_under(prefix, parse)  # raises for a held directory's wrong parser
         self._dirty: set[str] = set()  # full keys changed since the last refresh (mirror's lock)
         self._records: dict[str, T] = {}
         self._revisions: dict[str, int] = {}
@@ -265,20 +325,21 @@ class RecordView(Mapping[str, T], Generic[T]):
         if not any(self.prefix.startswith(p) for p in mirror._listed):
             raise Unavailable(f"datastore not read yet under {self.prefix}")
         changed: set[str] = set()
+        held = self._held
         with mirror._lock:
             # The parse cache records() uses: both hand out the same objects, so a record is
             # held parsed once however many readers there are (at 20,000 endpoints a second
-            # copy for status and metrics was 27 MB).
-            cache = mirror._typed.get(self.prefix)
-            if cache is None or cache[0] is not self.parse:
+            # copy for status and metrics was 27 MB). A held directory is that cache itself.
+            cache = mirror._typed.get(self.prefix) if held is None else None
+            if held is None and (cache is None or cache[0] is not self.parse):
                 cache = mirror._typed[self.prefix] = (self.parse, {})
-            typed = cache[1]
+            typed = cache[1] if cache is not None else {}
             dirty, self._dirty = self._dirty, set()
             for key in dirty:
                 rel = key[cut:]
                 entry = mirror._dirs.get(key.rsplit("/", 1)[0] + "/", {}).get(key)
-                revision, text = entry if entry is not None else (0, None)
-                if text is None:
+                revision, value = entry if entry is not None else (0, None)
+                if value is None:
                     if self._records.pop(rel, None) is not None:
                         changed.add(rel)
                     self._revisions.pop(rel, None)
@@ -287,13 +348,16 @@ class RecordView(Mapping[str, T], Generic[T]):
                     continue
                 self._revisions[rel] = revision
                 cached = typed.get(key)
-                if cached is not None and cached[0] == revision:
+                record: Any
+                if held is not None:
+                    record = value
+                elif cached is not None and cached[0] == revision:
                     record = cached[1]
                 else:
-                    record = mirror._parse_typed(key, revision, text, rel, self.parse)
+                    record = mirror._parse_typed(key, revision, value, rel, self.parse)
                     if record is not _FAILED and (self.keep is None or self.keep(record)):
                         typed[key] = (revision, record)  # what a kept view drops is not held either
-                if record is _FAILED or (self.keep is not None and not self.keep(record)):
+                if record is _FAILED or record is _ELSEWHERE or (self.keep is not None and not self.keep(record)):
                     if self._records.pop(rel, None) is not None:
                         changed.add(rel)
                 else:
