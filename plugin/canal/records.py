@@ -15,7 +15,9 @@ import functools
 import ipaddress
 import math
 import re
+import socket
 import sys
+import types
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
@@ -151,12 +153,17 @@ def mac_address(value: Any, what: str = "MAC address") -> str:
     return mac
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
+
+
 def ipv4(value: Any, what: str = "address") -> ipaddress.IPv4Address:
+    """Dotted quad, no leading zeros (what ipaddress accepts), parsed without ipaddress's
+    per-octet Python: a restart parses every endpoint and address record of the cluster."""
     text = _str(what, value)
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise _fail(what, value, "not an IPv4 address") from None
+    if not _IPV4.fullmatch(text):
+        raise _fail(what, value, "not an IPv4 address")
+    return ipaddress.IPv4Address(socket.inet_aton(text))
 
 
 def ipv6(value: Any, what: str = "address") -> ipaddress.IPv6Address:
@@ -260,7 +267,10 @@ def labels(value: Any, what: str = "labels") -> dict[str, str]:
     return out
 
 
-def options(value: Any, what: str = "options") -> dict[str, str]:
+_NO_OPTIONS: Mapping[str, str] = types.MappingProxyType({})  # shared by every record without any
+
+
+def options(value: Any, what: str = "options") -> Mapping[str, str]:
     """Docker's endpoint options we keep: string values only, bounded."""
     if not isinstance(value, dict) or len(value) > MAX_OPTIONS:
         raise _fail(what, value, f"must be a map of at most {MAX_OPTIONS} entries")
@@ -271,7 +281,7 @@ def options(value: Any, what: str = "options") -> dict[str, str]:
         if len(key) > MAX_OPTION_LEN or len(val) > MAX_OPTION_LEN or _CONTROL.search(key + val):
             raise _fail(f"{what} entry", key, f"at most {MAX_OPTION_LEN} printable characters")
         out[key] = val
-    return out
+    return out or _NO_OPTIONS
 
 
 def _object(what: str, raw: Any) -> Mapping[str, Any]:
@@ -386,7 +396,7 @@ class EndpointRecord:
             mtu=_get(obj, "mtu", lambda w, v: _int(w, v, 68, 65535), what),
             joined=_get(obj, "joined", _bool, what, False),
             sandbox=sandbox,
-            options=_get(obj, "options", lambda w, v: options(v, w), what, {}),
+            options=_get(obj, "options", lambda w, v: options(v, w), what, _NO_OPTIONS),
             created=_get(obj, "created", _time, what, 0.0),
             labels=_get(obj, "labels", lambda w, v: labels(v, w), what, None),
             container=_get(obj, "container", lambda w, v: container_id(v, w) if v else "", what, ""),

@@ -228,6 +228,13 @@ def test_members_views_compare_by_version_and_refuse_stale_reads():
     tracked.discard("10.0.0.2")
     assert "10.0.0.2" not in tracked.view()
     assert tracked.touched_since(first.version) == {"10.0.0.2"}
+    for _ in range(3):  # three contributors: it stays until the third leaves
+        tracked.add("10.0.0.3")
+    for left in (2, 1, 0):
+        tracked.discard("10.0.0.3")
+        assert ("10.0.0.3" in tracked.view()) == bool(left)
+    with pytest.raises(KeyError):
+        tracked.discard("10.0.0.3")  # never added (any more): a bug, refused
 
 
 def test_ipset_applier_falls_back_to_a_whole_diff_when_the_journal_is_cut(monkeypatch):

@@ -141,3 +141,30 @@ def test_an_entry_must_be_stored_under_its_own_key():
     assert pool_entry("100.64.3.0-24", pool).cidr == ipaddress.IPv4Network("100.64.3.0/24")
     with pytest.raises(RecordError, match="another key"):
         pool_entry("10.0.0.0-8", pool)
+
+
+def test_ipv4_accepts_exactly_what_ipaddress_accepts():
+    """records.ipv4 parses without ipaddress's per-octet code (restart speed); it must agree
+    with it on every input, leading zeros, out-of-range octets and odd characters included."""
+    import ipaddress
+    import random
+
+    from canal.records import ipv4
+
+    rnd = random.Random(12)
+    candidates = ["0.0.0.0", "255.255.255.255", "01.2.3.4", "1.2.3.04", "256.1.1.1", "1.2.3", "1.2.3.4.5",
+                  " 1.2.3.4", "1.2.3.4\n", "\u0661.2.3.4", "0x1.2.3.4", "1..2.3", "", "1.2.3.-1", "00.0.0.0", "+1.2.3.4"]
+    for _ in range(20000):
+        octets = [rnd.choice([str(rnd.randint(0, 300)), "0" + str(rnd.randint(0, 99)), str(rnd.randint(0, 255))])
+                  for _ in range(rnd.choice([3, 4, 4, 4, 5]))]
+        candidates.append(".".join(octets))
+    for text in candidates:
+        try:
+            want = ipaddress.IPv4Address(text)
+        except ValueError:
+            want = None
+        try:
+            got = ipv4(text)
+        except RecordError:
+            got = None
+        assert got == want, text
