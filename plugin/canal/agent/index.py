@@ -90,6 +90,7 @@ class MembershipIndex:
         # None until the first update. Replaced, never mutated.
         self.published_local: tuple[EndpointRecord, ...] | None = None
         self._local_changes = 0
+        self.rebuilt = False  # the last update() built everything from the whole mapping
         self.reset()
 
     def reset(self) -> None:
@@ -130,8 +131,10 @@ class MembershipIndex:
             for key, tracked in selectors_in_use.items():
                 self._file(key, _Selector(tracked.parsed))
             self._built, self._encrypt_all, self._networks = True, encrypt_all, dict(networks)
+            self.rebuilt = True
             todo: Iterable[str] = list(endpoints)
         else:
+            self.rebuilt = False
             todo = set(changed)
             if networks != self._networks:
                 for key in set(networks) | set(self._networks):
