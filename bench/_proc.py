@@ -50,6 +50,22 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def pss_bytes(pids: list[int]) -> int:
+    """Proportional set size of the processes together: a page shared by gunicorn's master and
+    worker (forked, copy on write) or with other processes counts once in the sum, where the
+    sum of RSSes counts it in each."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     """The q-quantile of the samples (nearest rank), NaN for none."""
     ordered = sorted(values)

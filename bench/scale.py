@@ -57,7 +57,7 @@ from canal.datastore.keys import Keys  # noqa: E402
 from canal.errors import Unavailable  # noqa: E402
 from canal.policy.compiler import scoped_selector, selector_set  # noqa: E402
 import _results  # noqa: E402
-from _proc import cpu_seconds, group_pids, pct, rss_bytes  # noqa: E402
+from _proc import cpu_seconds, group_pids, pct, pss_bytes, rss_bytes  # noqa: E402
 import _simcluster as sim  # noqa: E402
 from policy import policy  # noqa: E402  (bench/policy.py's policies: the same 10 here)
 from testbed import IMAGE, Etcd, SimHost, Underlay, enter_netns  # noqa: E402
@@ -298,8 +298,9 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         idle = before.rates(Counters(etcd, admin))
         row["idle_cpu_pct"] = round(cpu.percent(), 2)
         row["idle_rss_mb"] = round(rss_bytes(cpu.pids) / 2**20, 1)
+        row["idle_pss_mb"] = round(pss_bytes(cpu.pids) / 2**20, 1)
         row["idle"] = idle
-        print(f"  idle {args.idle:.0f} s: plugin CPU {row['idle_cpu_pct']:.1f} %, RSS {row['idle_rss_mb']:.0f} MB, "
+        print(f"  idle {args.idle:.0f} s: plugin CPU {row['idle_cpu_pct']:.1f} %, RSS {row['idle_rss_mb']:.0f} MB (PSS {row['idle_pss_mb']:.0f}), "
               f"etcd {idle['etcd_requests_per_s']:.0f} req/s, {idle['passes_per_s']:.2f} passes/s", flush=True)
 
         row["idle_join_ms"] = _results.ms(remote_joins(store, keys, args.runs, set0))
@@ -340,6 +341,7 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         window = churn_seconds = time.monotonic() - cpu.t0
         row["churn_cpu_pct"] = round(cpu.percent(), 2)
         row["churn_rss_mb"] = round(rss_bytes(cpu.pids) / 2**20, 1)
+        row["churn_pss_mb"] = round(pss_bytes(cpu.pids) / 2**20, 1)
         simulator.ask({"cmd": "churn", "rate": 0})
         ops = (stats1["starts"] + stats1["stops"]) - (stats0["starts"] + stats0["stops"])
         row["churn_achieved_per_s"] = round(ops / window, 1)
@@ -458,7 +460,7 @@ TABLE = [  # (column, row key, format)
     ("`docker run` → labels p50 / p99", ("labels_p50_ms", "labels_p99_ms"), "{:.0f} / {:.0f} ms"),
     ("pass mean (churn)", ("churn", "pass_mean_ms"), "{:.0f} ms"),
     ("CPU idle / churn", ("idle_cpu_pct", "churn_cpu_pct"), "{:.1f} / {:.0f} %"),
-    ("RSS", "churn_rss_mb", "{:.0f} MB"),
+    ("RSS (PSS)", ("churn_rss_mb", "churn_pss_mb"), "{:.0f} ({:.0f}) MB"),
     ("etcd req/s idle / churn", (("idle", "etcd_requests_per_s"), ("churn", "etcd_requests_per_s")), "{:.0f} / {:.0f}"),
     ("watchers per host", "watchers_per_host", "{:.1f}"),
     ("churn achieved", "churn_achieved_per_s", "{:.0f}/s"),

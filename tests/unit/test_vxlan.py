@@ -562,3 +562,13 @@ def test_traffic_between_two_hosts_through_the_tunnel(netns: Callable[[], str]) 
     finally:
         a.vx.close()
         b.vx.close()
+
+
+def test_host_network_is_the_address_as_a_32():
+    from ipaddress import IPv4Address, IPv4Network
+
+    from canal.dataplane.vxlan import host_network
+
+    for text in ("0.0.0.0", "10.1.2.3", "255.255.255.255"):
+        assert host_network(IPv4Address(text)) == IPv4Network(f"{text}/32")
+    assert host_network(IPv4Address("10.1.2.3")) is host_network(IPv4Address("10.1.2.3"))  # made once

@@ -27,7 +27,8 @@ PREFIX = "canal-"
 MAX_NAME = 31
 KINDS = ("hash:ip", "hash:net")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,30}")
-_MEMBER = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_MEMBER = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}(?:/(?:3[0-2]|[0-2]?[0-9]))?")
 _MEMBER6 = re.compile(r"[0-9a-f:]{2,39}(?:/[0-9]{1,3})?")
 FAMILIES = ("inet", "inet6")
 
@@ -172,13 +173,9 @@ def valid_member(member: object, family: str = "inet") -> bool:
         except ValueError:
             return False
         return True
-    if not isinstance(member, str) or not _MEMBER.fullmatch(member):
-        return False
-    try:
-        ipaddress.IPv4Network(member, strict=False)
-    except ValueError:
-        return False
-    return True
+    # One regex with the octets' and the prefix's ranges: every member of a set written whole
+    # (175,000 at a restart with 100,000 endpoints) was an ipaddress object made and dropped.
+    return isinstance(member, str) and _MEMBER.fullmatch(member) is not None
 
 
 def _check_name(ipset: IpSet) -> None:

@@ -10,6 +10,7 @@ for the same dump). pyroute2 still makes every change and reads everything else.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -126,8 +127,21 @@ def _route(data: bytes, start: int, end: int, family: int) -> Optional[Route]:
     width = 4 if family == socket.AF_INET else 16
     network: Optional[Network] = None
     if dst is not None and len(dst) == width:
-        network = ipaddress.ip_network((ipaddress.ip_address(dst), dst_len))
+        network = _network(dst, dst_len)
     address: Optional[Address] = None
     if gateway is not None and len(gateway) == width:
-        address = ipaddress.ip_address(gateway)
+        address = _address(gateway)
     return Route(network, table, protocol, scope, kind, oif, address, priority, flags)
+
+
+# A dump returns the same routes pass after pass: each is made into ipaddress objects once
+# (their constructors were most of a dump's time at 5,000 routes).
+@functools.lru_cache(maxsize=1 << 17)
+def _network(packed: bytes, prefixlen: int) -> Network:
+    return ipaddress.ip_network((int.from_bytes(packed, "big") if len(packed) == 4 else ipaddress.IPv6Address(packed),
+                                 prefixlen))
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _address(packed: bytes) -> Address:
+    return ipaddress.ip_address(packed)
