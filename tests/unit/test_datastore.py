@@ -306,7 +306,7 @@ def test_etcd_stopped_raises_unavailable_fast_then_recovers(make_etcd):
     _, rev = ds.list("/")
     threading.Timer(0.3, server.stop).start()  # dies while a watch is waiting
     err, took = timed(lambda: ds.watch("/", rev + 1, timeout=10))
-    assert took < ds.timeout + 1 and f"etcd {server.endpoint} unreachable during watch" in str(err)
+    assert took < 5 and f"etcd {server.endpoint} unreachable during watch" in str(err)  # not the watch's 10 s
     calls = {
         "get": lambda: ds.get("/durable"),
         "list": lambda: ds.list("/"),
@@ -318,7 +318,7 @@ def test_etcd_stopped_raises_unavailable_fast_then_recovers(make_etcd):
     }
     for op, call in calls.items():
         err, took = timed(call)
-        assert took < ds.timeout + 1, (op, took)
+        assert took < 5, (op, took)  # refused at once, not waited out (margin: a loaded 2-core CI)
         assert str(err).startswith(f"etcd {server.endpoint} unreachable during {op}: "), str(err)
         # A pooled connection to the stopped etcd may see a reset before later ones are refused.
         assert "Connection refused" in str(err) or "Connection reset by peer" in str(err), str(err)
@@ -343,7 +343,9 @@ def test_etcd_hung_times_out_then_recovers(make_etcd):
             ("watch", lambda: ds.watch("/", rev + 1, timeout=10)),
         ):
             err, took = timed(call)
-            assert took < ds.timeout + 1, (op, took)
+            # Bounded by the 0.5 s timeout, not by the hung server (forever) nor the watch's 10 s;
+            # the margin is for a loaded 2-core machine (a 1.5 s bound failed there).
+            assert took < 5, (op, took)
             assert f"etcd {server.endpoint} unreachable during {op}: no answer within 0.5 s" in str(err)
         assert "may or may not have been applied" in str(timed(lambda: ds.put("/k", 3))[0])
     finally:
@@ -382,16 +384,16 @@ def test_etcd_fails_over_past_a_hung_endpoint(etcd_server):
         reads = EtcdDatastore(endpoints, timeout=0.5)
         started = time.monotonic()
         assert reads.get("/x") is None  # one timeout, then the next endpoint, same call
-        assert 0.5 <= time.monotonic() - started < 1.5
+        assert 0.5 <= time.monotonic() - started < 5
         started = time.monotonic()
         reads.put("/x", 1)  # later calls start from the endpoint that worked
-        assert time.monotonic() - started < 0.3
+        assert time.monotonic() - started < 0.5  # the silent endpoint first would cost its 0.5 s
         reads.close()
         # A txn that reached a silent endpoint is not replayed elsewhere (it might have
         # been applied): the caller hears the outcome is unknown, and the next call works.
         writes = EtcdDatastore(endpoints, timeout=0.5)
         err, took = timed(lambda: writes.put("/y", 1))
-        assert "may or may not have been applied" in str(err) and took < 1.5
+        assert "may or may not have been applied" in str(err) and took < 5
         assert writes.get("/y") is None
         writes.put("/y", 2)
         assert writes.get_json("/y") == 2
@@ -402,7 +404,7 @@ def test_etcd_all_endpoints_down_names_each():
     endpoints = [f"http://127.0.0.1:{unused_port()}" for _ in range(2)]
     ds = EtcdDatastore(",".join(endpoints), timeout=1.0)
     err, took = timed(lambda: ds.get("/k"))
-    assert took < 1
+    assert took < 2  # refused by both at once; waiting out each 1 s timeout would take 2 s
     for endpoint in endpoints:
         assert f"etcd {endpoint} unreachable during get: Connection refused" in str(err)
     ds.close()
