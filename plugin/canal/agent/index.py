@@ -100,6 +100,7 @@ class MembershipIndex:
         self._entries: Dict[str, _Entry] = {}
         self._by_hostnet: Dict[tuple[str, str], Set[str]] = {}
         self._groups: Dict[LabelKey, Dict[str, _Entry]] = {}  # label set -> endpoints with it
+        self._label_keys: Dict[LabelKey, LabelKey] = {}  # each label set's one key object
         self._groups_by_label: Dict[tuple[str, str], Set[LabelKey]] = {}  # (key, value) -> label sets
         self._selectors: Dict[str, _Selector] = {}  # canonical text -> tracked sets
         # The label index: (key, value) -> selectors only endpoints with that label can match;
@@ -182,6 +183,8 @@ class MembershipIndex:
             info = endpoint_info(ep, name, named)
         labels = effective_labels(info) if info is not None else None
         label_key = tuple(sorted(labels.items())) if labels is not None else None
+        if label_key is not None:  # replicas share one key object (its tuples: ~170 bytes each)
+            label_key = self._label_keys.setdefault(label_key, label_key)
         network = self._networks.get(f"{ep.host}/{ep.network}")
         encrypted = in_view and (self._encrypt_all or (network is not None and network.encrypted))
         entry = _Entry(ep, info, label_key, encrypted)
@@ -238,6 +241,7 @@ class MembershipIndex:
             del group[endpoint_id]
             if not group:
                 del self._groups[entry.label_key]
+                del self._label_keys[entry.label_key]
                 for pair in entry.label_key:
                     keys = self._groups_by_label[pair]
                     keys.discard(entry.label_key)
