@@ -187,6 +187,11 @@ class Config:
         "unix:///var/run/docker.sock", str, "Docker API, read lazily for network names and labels"
     )
     resync_interval: float = _setting(30.0, float, "seconds between full dataplane re-checks")
+    ipset_refresh_interval: float = _setting(
+        0.0, float,
+        "seconds between read-backs of every ipset member (Felix's IpsetsRefreshInterval; they grow with the "
+        "cluster): 0 = three resync intervals; full passes in between diff the sets against what was last written",
+    )
     gc_grace: float = _setting(
         60.0, float, "seconds before an endpoint or address Docker forgot (a lost DeleteEndpoint/ReleaseAddress) is collected"
     )

@@ -165,6 +165,7 @@ class Plugin:
             side_steps=[self.forget_departed],
             periodic_interval=min(config.resync_interval, config.lease_ttl / 3),
             check_interval=max(300.0, 10 * config.resync_interval),
+            sets_interval=config.ipset_refresh_interval or 3 * config.resync_interval,
         )
         self.introspection = PolicyIntrospection(self.snapshot, lambda: self.agent.firewall.iptables.save_counters(),
                                                  linkmod.local_addresses46, self._counters6)

@@ -72,3 +72,22 @@ def test_a_permanent_failure_keeps_its_status_for_docker():
     assert failure.status == 500 and "line 3 failed" in str(failure)
     Stub.agent.last_exception = Unavailable("etcd down")
     assert Plugin._dataplane_failed(Stub()).status == 503  # type: ignore[arg-type]
+
+
+def test_timer_passes_read_the_ipsets_back_only_every_sets_interval():
+    ipt = FakeIptables()
+    reads = []
+
+    class Recording(FakeIpsets):
+        def apply(self, desired, read_back=True):
+            reads.append((now[0], read_back))
+            super().apply(desired, read_back)
+
+    now = [0.0]
+    snap = Snapshot("h1", "100.64.0.0/16", {f"h1/{NET.id}": NET}, {})
+    a = Agent(lambda: snap, FakeLinks(), Firewall(ipt, Recording(ipt)), 30, sets_interval=90, clock=lambda: now[0])
+    for t in (0, 30, 60, 90, 100, 180):
+        now[0] = t
+        a.reconcile(full=True)
+    # the first full pass and those 90 s apart read the members back; the rest diff memory
+    assert reads == [(0, True), (30, False), (60, False), (90, True), (100, False), (180, True)]

@@ -179,11 +179,12 @@ class Firewall:
             metrics.IPTABLES_RESTORE_ERRORS.labels(iptables.family).inc()
             raise
 
-    def apply(self, desired: FirewallState, read_back: bool = True) -> bool:
-        """Program desired; True if anything had to change."""
+    def apply(self, desired: FirewallState, read_back: bool = True, read_back_sets: bool | None = None) -> bool:
+        """Program desired; True if anything had to change. read_back_sets: whether the ipsets'
+        members are read back too (default: as read_back)."""
         if not read_back and self._applied == desired:
             return False
-        self.ipsets.apply(desired.ipsets, read_back)
+        self.ipsets.apply(desired.ipsets, read_back if read_back_sets is None else read_back_sets)
         applied = None if read_back else self._applied  # None: diff against the kernel
         families = [(self.iptables, desired, applied)]
         if self.ip6tables is not None:
