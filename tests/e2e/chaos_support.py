@@ -415,8 +415,14 @@ def network(host: SimHost, name: str, *opts: str) -> None:
         host.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", *opts, name)
 
 
+# A sleeper's PID 1 (sleep; sh for the probe's server) ignores SIGTERM: a dockerd shutdown (a
+# restart without --live-restore) always ends in SIGKILL, and 0 s sends it at once rather than
+# after Docker's default 10 s.
+STOP = ("--stop-timeout", "0")
+
+
 def sleeper(host: SimHost, name: str, net: str, *opts: str) -> None:
-    host.docker("run", "-d", "--name", name, "--network", net, *opts, IMAGE, "sleep", "100000")
+    host.docker("run", "-d", "--name", name, "--network", net, *STOP, *opts, IMAGE, "sleep", "100000")
 
 
 def setup_probe(hosts: Sequence[SimHost], probe: Probe) -> None:
@@ -426,7 +432,7 @@ def setup_probe(hosts: Sequence[SimHost], probe: Probe) -> None:
     srv, cli = hosts[0], hosts[-1]
     probe.server_host, probe.client_host = srv.name, cli.name
     srv.docker("run", "-d", "--name", probe.server, "--network", probe.network, "--label", "role=db",
-               "--restart", "always", IMAGE,
+               "--restart", "always", *STOP, IMAGE,
                "sh", "-c", f"while true; do echo pong-{probe.server} | nc -l -p 5432; done & sleep 100000")
     for name, role in ((probe.allowed, "app"), (probe.denied, "other")):
         sleeper(cli, name, probe.network, "--label", f"role={role}", "--restart", "always")

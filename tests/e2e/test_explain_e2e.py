@@ -85,35 +85,96 @@ def setup_matrix(h) -> None:
     labelled(h, *NAMES)
 
 
-def measure(h) -> dict:
-    """(src, dst, proto, port) -> True if the packet got through (real traffic)."""
+def probe_script(targets: dict[str, str], family: int = 4) -> str:
+    """A shell script for one source container: every probe of PROBES to every target
+    (name -> address), all at once (each probe is its own flow: another destination or port,
+    so none waits on another's 1 s timeout), one line "NAME PROTO PORT 1|0" per probe. A TCP
+    probe got through when the answer names its destination (pong-NAME), as in tcp()."""
+    ping = "ping -6" if family == 6 else "ping"
+    lines = []
+    for dst, address in targets.items():
+        for proto, port in PROBES:
+            if proto == "tcp":
+                lines.append(f'(case "$(nc -w 1 {address} {port} </dev/null 2>/dev/null)" in *pong-{dst}*) r=1;; *) r=0;; esac; '
+                             f'echo "{dst} tcp {port} $r") &')
+            else:
+                lines.append(f'(if {ping} -c1 -W1 {address} >/dev/null 2>&1; then r=1; else r=0; fi; echo "{dst} icmp - $r") &')
+    lines.append("wait")
+    return "\n".join(lines)
+
+
+def measure(h, family: int = 4) -> dict:
+    """(src, dst, proto, port) -> True if the packet got through (real traffic, over IPv4 or
+    IPv6): one `docker exec` per source running its probes concurrently; the sources one after
+    another, so a server's port never has two callers at once (it answers one at a time)."""
+    addresses = {n: (ip6(h, n) if family == 6 else ip(h, n)) for n in NAMES}
+    assert all(addresses.values()), addresses
     out = {}
-    addresses = {n: ip(h, n) for n in NAMES}
     for src in NAMES:
-        for dst in NAMES:
-            if src == dst:
-                continue
-            for proto, port in PROBES:
-                ok = tcp(h, src, dst, port) if proto == "tcp" else pings(h, src, addresses[dst])
-                out[(src, dst, proto, port)] = ok
+        targets = {dst: addresses[dst] for dst in NAMES if dst != src}
+        proc = h.container_exec(src, "sh", "-c", probe_script(targets, family), timeout=60)
+        got = {}
+        for line in proc.stdout.splitlines():
+            dst, proto, port, result = line.split()
+            got[(src, dst, proto, None if port == "-" else int(port))] = result == "1"
+        assert len(got) == len(targets) * len(PROBES), (src, proc.stdout, proc.stderr)
+        out.update(got)
     return out
 
 
 def explained(h, src, dst, proto, port, family=None) -> dict:
+    return canal(h, *explain_args(src, dst, proto, port, family))
+
+
+# The canal CLI's own entry point (canal.cli.main.main: argument parsing, the request to the
+# plugin, the JSON printed), called once per argv read from stdin, in one interpreter: what a
+# matrix of `canal policy explain` runs costs then is the plugin's answers, not ~0.3 s of Python
+# start-up per flow. One JSON line out per call: its exit code, stdout and stderr.
+CLI_LOOP = r"""
+import contextlib, io, json, sys
+from canal.cli.main import main
+for line in sys.stdin:
+    argv, out, err, code = json.loads(line), io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
+"""
+
+
+def explain_args(src, dst, proto, port, family=None) -> list[str]:
     args = ["policy", "explain", src, dst, "--protocol", proto, "-o", "json"]
     if port is not None:
         args += ["--port", str(port)]
     if family is not None:
         args += ["--family", str(family)]
-    return canal(h, *args)
+    return args
+
+
+def explained_all(h, flows, family=None) -> dict:
+    """explained() for each (src, dst, proto, port) of flows, every one through the CLI's main()
+    in one process (CLI_LOOP): flow -> the answer."""
+    flows = list(flows)
+    proc = h.exec([h.plugin_argv()[0], "-c", CLI_LOOP], env={"PYTHONPATH": PLUGIN_DIR}, timeout=120,
+                  input="".join(json.dumps(explain_args(*f, family=family)) + "\n" for f in flows))
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == len(flows), proc.stdout + proc.stderr
+    answers = {}
+    for flow, result in zip(flows, results):
+        assert result["code"] == 0, (flow, result)
+        answers[flow] = json.loads(result["stdout"])
+    return answers
 
 
 def test_explain_matches_packets_and_dry_run_predicts_apply(h):
     setup_matrix(h)
     before = measure(h)
     # No policy: the network profile alone (same network in, other network out).
+    answers = explained_all(h, before)
     for (src, dst, proto, port), ok in before.items():
-        answer = explained(h, src, dst, proto, port)
+        answer = answers[(src, dst, proto, port)]
         assert (answer["verdict"] == "allowed") == ok, (src, dst, proto, port, answer)
     assert before[("web", "db", "tcp", 5432)] and not before[("stranger", "db", "tcp", 5432)]  # positive control
 
@@ -148,8 +209,9 @@ def test_explain_matches_packets_and_dry_run_predicts_apply(h):
             assert key not in predicted, (key, predicted[key])
 
     # What explain says is what the packets did, for every flow of the matrix.
+    answers = explained_all(h, after)
     for (src, dst, proto, port), ok in after.items():
-        answer = explained(h, src, dst, proto, port)
+        answer = answers[(src, dst, proto, port)]
         assert (answer["verdict"] == "allowed") == ok, (src, dst, proto, port, answer)
         assert answer["consistent"]
 
@@ -271,15 +333,18 @@ def test_explain_over_ipv6_matches_packets_and_ipv4(h):
     pools = [ipaddress.IPv6Network("fd00:6570::/64"), ipaddress.IPv6Network("fd00:6571::/64")]
     assert all(any(ipaddress.IPv6Address(a) in p for p in pools) for a in six.values()), six
     four = measure(h)
+    over6 = measure(h, family=6)
+    assert over6.keys() == four.keys()
+    by_name6, by_name4 = explained_all(h, four, family=6), explained_all(h, four)
     seen = set()
     for (src, dst, proto, port), ok4 in four.items():
-        ok6 = tcp6(h, src, dst, port) if proto == "tcp" else pings6(h, src, six[dst])
+        ok6 = over6[(src, dst, proto, port)]
         assert ok6 == ok4, ("the kernel decides IPv6 unlike IPv4", src, dst, proto, port, ok4, ok6)
-        by_name = explained6(h, src, dst, proto, port)
+        by_name = by_name6[(src, dst, proto, port)]
         assert by_name["flow"]["family"] == 6 and by_name["destination"]["address"] == six[dst]
         assert (by_name["verdict"] == "allowed") == ok6, (src, dst, proto, port, by_name)
         assert by_name["consistent"]
-        v4 = explained(h, src, dst, proto, port)
+        v4 = by_name4[(src, dst, proto, port)]
         assert v4["flow"]["family"] == 4 and v4["verdict"] == by_name["verdict"]
         for d in ("egress", "ingress"):
             assert [by_name[d].get(k) for k in ("reason", "policy", "rule")] == [v4[d].get(k) for k in ("reason", "policy", "rule")]

@@ -214,8 +214,10 @@ def test_dockerd_restart_republishes_exactly_once(b):
     port; one without a restart policy leaves none behind."""
     h, client, _ = b
     h.docker("network", "create", "-d", "canal", "--ipam-driver", "canal", "web")
-    serve(h, "always", "-p", "8080:80", "--restart", "always")
-    serve(h, "once", "-p", "8081:80")
+    # Their PID 1 (python3) ignores SIGTERM: dockerd's shutdown always ends in SIGKILL, and
+    # --stop-timeout 0 sends it at once rather than after the default 10 s.
+    serve(h, "always", "-p", "8080:80", "--restart", "always", "--stop-timeout", "0")
+    serve(h, "once", "-p", "8081:80", "--stop-timeout", "0")
     h.restart_dockerd(["-H", "unix:///run/docker.sock"])
     wait_until(lambda: tcp(client.exec, HOST_IP, 8080) == "hello-always", timeout=30, what="8080 back after dockerd")
     assert len([r for r in nat_rules(h) if "--dport 8080 " in r]) == 1, nat_rules(h)

@@ -185,8 +185,10 @@ def test_plugin_killed_and_restarted_loses_nothing(h1):
 
 def test_dockerd_restart_with_running_containers(h1):
     net(h1, "appnet")
-    daemon(h1, "always", "appnet", "--restart", "always")
-    daemon(h1, "web2", "appnet")
+    # Their PID 1 (sleep) ignores SIGTERM: dockerd's shutdown always ends in SIGKILL, and
+    # --stop-timeout 0 sends it at once rather than after the default 10 s.
+    daemon(h1, "always", "appnet", "--restart", "always", "--stop-timeout", "0")
+    daemon(h1, "web2", "appnet", "--stop-timeout", "0")
     h1.restart_dockerd()
     wait_until(lambda: h1.docker_json("inspect", "always")[0]["State"]["Running"], timeout=30)
     h1.docker("start", "web2")
