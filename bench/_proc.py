@@ -36,34 +36,30 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def rss_bytes(pids: list[int]) -> int:
-    """Resident memory of the processes together."""
+def _kb_sum(pids: list[int], path: str, field: str) -> int:
+    """The sum over the processes of one "Field: N kB" line of /proc/PID/<path>, in bytes."""
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/{path}") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1]) * 1024
         except OSError:
             continue
     return total
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of the processes together."""
+    return _kb_sum(pids, "status", "VmRSS:")
 
 
 def pss_bytes(pids: list[int]) -> int:
     """Proportional set size of the processes together: a page shared by gunicorn's master and
     worker (forked, copy on write) or with other processes counts once in the sum, where the
     sum of RSSes counts it in each."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+    return _kb_sum(pids, "smaps_rollup", "Pss:")
 
 
 def pct(values: list[float], q: float) -> float:
