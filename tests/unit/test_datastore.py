@@ -298,6 +298,40 @@ def test_etcd_watch_behind_compaction_reports_it(etcd_server, monkeypatch):
         ds.close()
 
 
+def test_etcd_watch_stream_delivers_every_batch_on_one_watch(etcd_server, monkeypatch):
+    """The mirror's stream stays open across batches: one watch request per stream, however
+    many batches (re-creating it after each was two requests and a round trip per batch)."""
+    etcd_server.wipe()
+    ds = EtcdDatastore(etcd_server.endpoint, timeout=2)
+    posts = []
+    post = ds._session.post
+    monkeypatch.setattr(ds._session, "post", lambda url, **kw: (posts.append(url), post(url, **kw))[1])
+    try:
+        ds.put("/s/a", 1)
+        start = ds.get("/s/a").mod_revision
+        stream = ds.watch_stream("/s/", start, timeout=3)
+        first = next(stream)
+        assert [(e.key, e.value) for e in first.events] == [("/s/a", "1")]
+        ds.put("/s/b", 2)  # written after the first batch was handed out: same stream
+        second = next(stream)
+        assert [(e.key, e.value) for e in second.events] == [("/s/b", "2")]
+        ds.delete("/s/a")
+        third = next(stream)
+        assert [(e.kind, e.key) for e in third.events] == [("delete", "/s/a")]
+        assert list(stream) == []  # the deadline ends it, nothing more to say
+        assert sum(url.endswith("/v3/watch") for url in posts) == 1
+        # control: watch() is one batch per request
+        before = sum(url.endswith("/v3/watch") for url in posts)
+        ds.put("/s/c", 3)
+        assert ds.watch("/s/", third.revision + 1, timeout=2).events[0].key == "/s/c"
+        assert sum(url.endswith("/v3/watch") for url in posts) == before + 1
+        # nothing at all: one empty result at the deadline, as watch() gives
+        idle = list(ds.watch_stream("/s/", third.revision + 2, timeout=0.3))
+        assert len(idle) == 1 and idle[0].events == [] and not idle[0].compacted
+    finally:
+        ds.close()
+
+
 def test_etcd_stopped_raises_unavailable_fast_then_recovers(make_etcd):
     server = make_etcd()
     ds = EtcdDatastore(server.endpoint, timeout=1.0)

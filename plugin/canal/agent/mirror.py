@@ -272,25 +272,29 @@ class Mirror:
                 if start == 0:
                     start = self._relist(prefix) + 1
                     self.on_change()
-                result = self.store.watch(prefix, start, self.timeout)
-                if failing:
-                    log.info("watch on %s works again", prefix)
-                    failing = False
-                if result.compacted:
-                    metrics.WATCH_RESTARTS.labels("compacted").inc()
-                    log.info("watch on %s fell behind compaction; re-listing", prefix)
-                    start = 0
-                    continue
-                changed = False
-                with self._lock:
-                    for event in result.events:
-                        changed |= self._set(event.key, event.revision, event.value if event.kind == "put" else None) \
-                            and not event.key.startswith(self.quiet)
-                if result.events:
-                    start = result.events[-1].revision + 1
-                    self._prune(prefix, start)
-                if changed:
-                    self.on_change()
+                # One stream per timeout, each batch applied as it comes (etcd's stays open).
+                for result in self.store.watch_stream(prefix, start, self.timeout):
+                    if failing:
+                        log.info("watch on %s works again", prefix)
+                        failing = False
+                    if result.compacted:
+                        metrics.WATCH_RESTARTS.labels("compacted").inc()
+                        log.info("watch on %s fell behind compaction; re-listing", prefix)
+                        start = 0
+                        break
+                    changed = False
+                    with self._lock:
+                        for event in result.events:
+                            changed |= self._set(event.key, event.revision,
+                                                 event.value if event.kind == "put" else None) \
+                                and not event.key.startswith(self.quiet)
+                    if result.events:
+                        start = result.events[-1].revision + 1
+                        self._prune(prefix, start)
+                    if changed:
+                        self.on_change()
+                    if self._stopping.is_set():
+                        break
             except Exception as err:  # datastore down: keep trying, re-list when back
                 if not failing:
                     log.warning("watch on %s failed: %s", prefix, err)

@@ -13,7 +13,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 from canal.errors import Conflict, Unavailable
 
@@ -114,6 +114,12 @@ class Datastore(ABC):
     @abstractmethod
     def watch(self, prefix: str, start_revision: int, timeout: float) -> WatchResult:
         """Events under prefix from start_revision on, waiting up to timeout for the first."""
+
+    def watch_stream(self, prefix: str, start_revision: int, timeout: float) -> Iterator[WatchResult]:
+        """Batches of events under prefix from start_revision on, as they come, for up to
+        `timeout` seconds (a batch resumes after its last event's revision); a compacted start
+        ends it with that result. The default: one watch() (at most one batch)."""
+        yield self.watch(prefix, start_revision, timeout)
 
     def close(self) -> None:  # noqa: B027 - a default, not an abstract method
         """Release connections; the default has none."""

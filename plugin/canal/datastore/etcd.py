@@ -46,7 +46,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import requests
@@ -716,12 +716,24 @@ class EtcdDatastore(Datastore):
         it never claims more than it saw. With events, the resume point is the last event's
         revision (etcd cuts batches at revision boundaries), not the header's.
         """
+        stream = self.watch_stream(prefix, start_revision, timeout)
+        try:
+            return next(stream)
+        finally:
+            stream.close()  # drops the connection, which cancels the watch inside etcd
+
+    def watch_stream(self, prefix: str, start_revision: int, timeout: float) -> Generator[WatchResult, None, None]:
+        """watch(), kept open until the deadline: each batch as it comes, on one connection
+        (the mirror's watch was re-created after every batch, two requests each: under churn
+        that was most of a host's etcd requests and a round trip added to every event). Ends
+        at the deadline, with an empty result if nothing came."""
         deadline = time.monotonic() + max(timeout, 0.0)
         key, range_end = _prefix_range(prefix)
         if start_revision > 0:
             compacted = self._compacted_at(key, start_revision)
             if compacted is not None:
-                return WatchResult([], compacted, compacted=True)
+                yield WatchResult([], compacted, compacted=True)
+                return
         body = {
             "create_request": {
                 "key": _b64(key),
@@ -733,19 +745,28 @@ class EtcdDatastore(Datastore):
         token = self._current_token()
         for index in self._rotation():
             endpoint = self.endpoints[index]
+            delivered = False
             try:
                 try:
-                    result = self._watch_once(endpoint, body, start_revision, deadline, token)
+                    for result in self._watch_batches(endpoint, body, start_revision, deadline, token):
+                        delivered = True
+                        yield result
                 except _TokenRefused:
+                    if delivered:
+                        raise
                     token = self._reauthenticate(token)
-                    result = self._watch_once(endpoint, body, start_revision, deadline, token)
+                    for result in self._watch_batches(endpoint, body, start_revision, deadline, token):
+                        delivered = True
+                        yield result
                 self._worked(index)
-                return result
+                return
             except _TokenRefused as refused:  # twice in a row: the user really may not watch
                 raise EtcdRejected(f"etcd {endpoint} rejected watch: {refused}", GRPC_PERMISSION_DENIED) from None
             except _Failed as failure:
                 self._broke(index)
                 failures.append(f"etcd {endpoint} {failure.verb} during watch: {failure.reason}")
+                if delivered:  # the caller has events from this stream: it resumes, not we
+                    break
         raise Unavailable("; ".join(failures))
 
     def _compacted_at(self, key: bytes, revision: int) -> int | None:
@@ -764,9 +785,9 @@ class EtcdDatastore(Datastore):
                 return None  # nothing to compact yet: the watch waits for it
             raise
 
-    def _watch_once(
+    def _watch_batches(
         self, endpoint: str, body: dict[str, Any], start: int, deadline: float, token: str | None
-    ) -> WatchResult:
+    ) -> Iterator[WatchResult]:
         try:
             resp = self._session.post(
                 endpoint + "/v3/watch", json=body, stream=True, headers=self._headers(token),
@@ -787,9 +808,12 @@ class EtcdDatastore(Datastore):
             def created() -> bool:
                 return created_at is not None
 
+            delivered = False
             for message in self._messages(resp, created, deadline):
-                if message is None:  # deadline, nothing yet
-                    return WatchResult([], max(0, min(start - 1, created_at or 0)))
+                if message is None:  # the deadline
+                    if not delivered:
+                        yield WatchResult([], max(0, min(start - 1, created_at or 0)))
+                    return
                 if message.get("error"):
                     text = _error_text(message["error"])
                     if self.username and any(t in text for t in TOKEN_REFUSED):
@@ -800,7 +824,8 @@ class EtcdDatastore(Datastore):
                 if result.get("created"):
                     created_at = revision
                 if _int(result.get("compact_revision")):
-                    return WatchResult([], created_at or revision, compacted=True)
+                    yield WatchResult([], created_at or revision, compacted=True)
+                    return
                 if result.get("canceled"):
                     reason = result.get("cancel_reason", "")
                     # etcd checks the token when the watch is created and cancels it with
@@ -815,7 +840,8 @@ class EtcdDatastore(Datastore):
                         Event(kind, _unb64(kv["key"]), _unb64(kv.get("value")), _int(kv.get("mod_revision")))
                     )
                 if events and message.get("_last_buffered", True):
-                    return WatchResult(events, events[-1].revision)
+                    yield WatchResult(events, events[-1].revision)
+                    delivered, events = True, []
             raise _Failed("watch stream ended", sent=True)
         finally:
             resp.close()  # drops the connection, which cancels the watch inside etcd
