@@ -153,8 +153,10 @@ def mac_address(value: Any, what: str = "MAC address") -> str:
     return mac
 
 
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
+# A dotted quad as ipaddress accepts it (octets 0-255, no leading zeros), as a pattern (the
+# ipset applier checks its members with it too).
+IPV4_TEXT = r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(IPV4_TEXT)
 
 
 def ipv4(value: Any, what: str = "address") -> ipaddress.IPv4Address:

@@ -20,6 +20,7 @@ from typing import AbstractSet, Any, Iterable, Iterator
 
 from canal.dataplane.cmd import run
 from canal.errors import UnsafeInput
+from canal.records import IPV4_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,7 @@ PREFIX = "canal-"
 MAX_NAME = 31
 KINDS = ("hash:ip", "hash:net")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,30}")
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_MEMBER = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}(?:/(?:3[0-2]|[0-2]?[0-9]))?")
+_MEMBER = re.compile(rf"{IPV4_TEXT}(?:/(?:3[0-2]|[0-2]?[0-9]))?")
 _MEMBER6 = re.compile(r"[0-9a-f:]{2,39}(?:/[0-9]{1,3})?")
 FAMILIES = ("inet", "inet6")
 

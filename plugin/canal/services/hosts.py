@@ -172,7 +172,7 @@ class Hosts:
     def _addresses(self) -> list[AddressRecord]:
         """Every address record, from the datastore: the mirror holds this host's only (the
         cluster's were ~40 MB at 100,000), and a host is collected rarely. Malformed ones are
-        skipped (the mirror names them where they belong)."""
+        skipped: they cannot name an endpoint of the departed host."""
         out = []
         for key, raw in self.store.list_json(self.keys.addresses).items():
             try:
