@@ -164,22 +164,31 @@ class Mirror:
         return None
 
     def _hold(self, key: str, revision: int, value: str, where: str, held: Held) -> Any:
-        """What a held directory keeps of one record: parsed, or a marker."""
-        if held.wanted is not None:
-            try:
-                raw = json.loads(value)
-            except ValueError:
-                raw = None
-            if raw is not None and not held.wanted(raw):
-                self.quarantined.pop(key, None)
-                return _ELSEWHERE
-        return self._parse_typed(key, revision, value, key[len(where):], held.parse)
+        """What a held directory keeps of one record: parsed, or a marker. The JSON is
+        decoded once, for `wanted` and the parser alike."""
+        try:
+            raw = json.loads(value)
+        except ValueError:
+            self._quarantine(key, revision, "not JSON")
+            return _FAILED
+        if held.wanted is not None and not held.wanted(raw):
+            self.quarantined.pop(key, None)
+            return _ELSEWHERE
+        return self._parse_raw(key, revision, raw, key[len(where):], held.parse)
 
     def _parse_typed(self, key: str, revision: int, value: str, rel: str, parse: Callable[[str, Any], T]) -> Any:
         try:
-            record = parse(rel, json.loads(value))
+            raw = json.loads(value)
+        except ValueError:
+            self._quarantine(key, revision, "not JSON")
+            return _FAILED
+        return self._parse_raw(key, revision, raw, rel, parse)
+
+    def _parse_raw(self, key: str, revision: int, raw: Any, rel: str, parse: Callable[[str, Any], T]) -> Any:
+        try:
+            record = parse(rel, raw)
         except (CanalError, ValueError, TypeError) as err:
-            self._quarantine(key, revision, "not JSON" if isinstance(err, json.JSONDecodeError) else str(err))
+            self._quarantine(key, revision, str(err))
             return _FAILED
         if self.quarantined.get(key, (revision,))[0] != revision:
             del self.quarantined[key]  # an older revision's fault, since fixed
