@@ -330,22 +330,31 @@ def udp6_ports(frame: bytes) -> tuple[int, int] | None:
     return int.from_bytes(frame[54:56], "big"), int.from_bytes(frame[56:58], "big")
 
 
+def _mode_ipv6(etcd) -> dict:
+    """Put the wireguard cluster on flannel's Mode "ipv6"; returns the config to restore."""
+    config = {"Network": WG_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_WG, "Backend": {"Type": "wireguard"}}
+    etcd.etcdctl("put", "/wgv6/network/config", json.dumps({**config, "Backend": {"Type": "wireguard", "Mode": "ipv6"}}))
+    return config
+
+
+def _mode_ipv6_pair(h5, h6) -> tuple[str, str]:
+    """A server on h5 and a client on h6 on a dual-stack network, once h6 tunnels to h5's
+    IPv6 underlay address; the server's (IPv4, IPv6) addresses."""
+    for h in (h5, h6):
+        net6(h, "wgdual")
+    listener(h5, "srv", "wgdual")
+    daemon(h6, "cli", "wgdual")
+    wait_until(lambda: [p["endpoint"] for p in status(h6)["backend"]["encryption"]["peers"]]
+               == [f"[{underlay6(5)}]:51820"], timeout=30, what="h6's peer endpoint on IPv6")
+    return ip_of(h5, "srv", "wgdual"), ip6_of(h5, "srv", "wgdual")
+
+
 def test_wireguard_mode_ipv6_tunnels_over_the_ipv6_underlay(b):
     """flannel's Mode "ipv6": the peers' PublicIPv6 as endpoints, the outer packets IPv6."""
     ul, etcd, (_h1, _h2, _h3, _h4, h5, h6, _f7) = b
-    config = {"Network": WG_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_WG, "Backend": {"Type": "wireguard"}}
-    etcd.etcdctl("put", "/wgv6/network/config", json.dumps({**config, "Backend": {"Type": "wireguard", "Mode": "ipv6"}}))
+    config = _mode_ipv6(etcd)
     try:
-        for h in (h5, h6):
-            net6(h, "wgdual")
-        listener(h5, "srv", "wgdual")
-        daemon(h6, "cli", "wgdual")
-        srv4, srv6 = ip_of(h5, "srv", "wgdual"), ip6_of(h5, "srv", "wgdual")
-
-        def endpoints() -> list[str]:
-            return [p["endpoint"] for p in status(h6)["backend"]["encryption"]["peers"]]
-
-        wait_until(lambda: endpoints() == [f"[{underlay6(5)}]:51820"], timeout=30, what="h6's peer endpoint on IPv6")
+        srv4, srv6 = _mode_ipv6_pair(h5, h6)
         wait_until(lambda: ping(h6, "cli", str(srv6), "-6") and ping(h6, "cli", srv4), timeout=30)
         marker = f"canal-wgmode6-{secrets.token_hex(8)}"
         with capture(ul) as pcap:
@@ -364,17 +373,10 @@ def test_an_ipv6_only_underlay_carries_both_families_over_wireguard_mode_ipv6(b)
     between its ports; etcd, on the bridge itself, stays reachable): with the wireguard
     backend in Mode "ipv6" containers still reach each other over IPv4 and IPv6."""
     ul, etcd, (_h1, _h2, _h3, _h4, h5, h6, _f7) = b
-    config = {"Network": WG_CLUSTER, "EnableIPv6": True, "IPv6Network": V6_NET_WG, "Backend": {"Type": "wireguard"}}
-    etcd.etcdctl("put", "/wgv6/network/config", json.dumps({**config, "Backend": {"Type": "wireguard", "Mode": "ipv6"}}))
+    config = _mode_ipv6(etcd)
     blocked = False
     try:
-        for h in (h5, h6):
-            net6(h, "wgdual")
-        listener(h5, "srv", "wgdual")
-        daemon(h6, "cli", "wgdual")
-        srv4, srv6 = ip_of(h5, "srv", "wgdual"), ip6_of(h5, "srv", "wgdual")
-        wait_until(lambda: [p["endpoint"] for p in status(h6)["backend"]["encryption"]["peers"]]
-                   == [f"[{underlay6(5)}]:51820"], timeout=30, what="h6's peer endpoint on IPv6")
+        srv4, srv6 = _mode_ipv6_pair(h5, h6)
         # Positive control first: the hosts reach each other over IPv4, then no longer.
         assert h6.exec(["ping", "-c1", "-W2", h5.address], check=False).returncode == 0
         for proto in ("IPv4", "ARP"):
