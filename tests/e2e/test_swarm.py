@@ -329,12 +329,27 @@ def vip_service(sw: Swarm) -> tuple[str, list[str]]:
     return vip, [task_ip(h, cid, "vipnet") for h, cid in tasks(sw, "vip")]
 
 
+def resolved(h: SimHost, cid: str, name: str) -> set[str]:
+    """The IPv4 addresses nslookup gives for `name` in a container (parsed, not substrings)."""
+    out = h.container_exec(cid, "nslookup", name, check=False).stdout
+    found = set()
+    for line in out.splitlines()[2:]:  # past the server's own "Server:"/"Address:" lines
+        if line.startswith("Address"):
+            text = line.split(":", 1)[1].strip().split()[0]
+            try:
+                found.add(str(ipaddress.IPv4Address(text)))
+            except ValueError:
+                continue
+    return found
+
+
 def test_vip_endpoint_mode_service_resolves_and_its_tasks_connect(sw):
     vip, task_ips = vip_service(sw)
     for h, cid in tasks(sw, "caller"):
-        assert vip in h.container_exec(cid, "nslookup", "vip").stdout
-        names = h.container_exec(cid, "nslookup", "tasks.vip").stdout
-        assert all(ip in names for ip in task_ips)
+        assert vip in resolved(h, cid, "vip")
+        # Swarm's DNS learns the tasks through its gossip: the full set may take a moment.
+        wait_until(lambda h=h, cid=cid: set(task_ips) <= resolved(h, cid, "tasks.vip"), timeout=30,
+                   what="tasks.vip resolving to every task")
         for ip in task_ips:
             assert "pong-vip" in h.container_exec(cid, "sh", "-c", f"nc -w 2 {ip} 8080 </dev/null", check=False, timeout=20).stdout
 
