@@ -338,8 +338,12 @@ def test_etcd_stopped_raises_unavailable_fast_then_recovers(make_etcd):
     ds.put("/durable", {"x": 1})
     lease = ds.grant(60)
     _, rev = ds.list("/")
-    threading.Timer(0.3, server.stop).start()  # dies while a watch is waiting
+    killer = threading.Timer(0.3, server.stop)  # dies while a watch is waiting
+    killer.start()
     err, took = timed(lambda: ds.watch("/", rev + 1, timeout=10))
+    # Until stop() has reaped etcd, Popen.poll() from this thread says "running" (the waitpid
+    # lock is held) and start() below would return at once: CI saw that race.
+    killer.join()
     assert took < 5 and f"etcd {server.endpoint} unreachable during watch" in str(err)  # not the watch's 10 s
     calls = {
         "get": lambda: ds.get("/durable"),
