@@ -11,7 +11,6 @@ Serialised forms are the ones earlier versions wrote, so upgrades read old recor
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import math
 import re
@@ -350,7 +349,7 @@ class PortBinding:
         return f"{self.port}/{self.proto} -> {host}:{self.host_port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointRecord:
     """One container interface anywhere in the cluster (`<prefix>/endpoints/<id>`)."""
 
@@ -372,11 +371,13 @@ class EndpointRecord:
     gateway: ipaddress.IPv4Address = DEFAULT_GATEWAY
     ports: tuple[PortBinding, ...] = ()  # published (ProgramExternalConnectivity), sorted
     ip6: Optional[ipaddress.IPv6Address] = None  # its /128 on a network created with --ipv6
+    # Not fields of the record (eq, repr and replace() ignore them). Slots, not a __dict__:
+    # 100,000 of these are held at once (the instance dicts were ~30 MB of them).
+    ip_text: str = field(init=False, repr=False, compare=False)  # str(ip): every pass renders it
+    compiled: Any = field(init=False, repr=False, compare=False, default=None)  # canal.agent.desired's cache
 
-    @functools.cached_property
-    def ip_text(self) -> str:
-        """str(ip), computed once per record: every pass renders every endpoint's address."""
-        return str(self.ip)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ip_text", str(self.ip))
 
     @classmethod
     def parse(cls, raw: Any, key_id: str | None = None) -> "EndpointRecord":

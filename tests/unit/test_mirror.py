@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 import time
 
@@ -234,6 +236,38 @@ def test_a_held_directory_refuses_another_parser_and_overlapping_reads(store):
         m.stop()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Named:
+    id: str
+    host: str
+
+
+def _named(rel, raw):
+    return _Named(raw["id"], raw["host"])
+
+
+def test_views_hold_only_kept_records_under_the_records_own_id_string(store):
+    for n, host in enumerate(["h1", "h2", "h2", "h1"]):
+        store.put(f"/c/n/id{n}", {"id": f"id{n}", "host": host})
+    m = Mirror(store, ["/c/"], lambda: None, timeout=0.2, held={"/c/n/": Held(_named)})
+    m.start()
+    try:
+        assert m.wait_ready(5)
+        everything = m.view("/c/n/", _named)
+        ours = m.view("/c/n/", _named, keep=lambda r: r.host == "h1")
+        assert everything.refresh() == {"id0", "id1", "id2", "id3"} and ours.refresh() == {"id0", "id3"}
+        # The key is the record's own id object, not a second copy of the string.
+        assert all(key is record.id for key, record in everything.items())
+        # Others' records leave no key or revision behind in a view that does not keep them;
+        # control: the view that keeps them has them.
+        assert set(ours._revisions) == {"id0", "id3"} and set(everything._revisions) == set(everything)
+        store.put("/c/n/id0", {"id": "id0", "host": "h2"})  # leaves ours, stays in everything
+        assert ours.refresh() == {"id0"} and set(ours._revisions) == {"id3"}
+        assert everything.refresh() == {"id0"} and everything["id0"].host == "h2"
+    finally:
+        m.stop()
+
+
 def test_a_held_directory_keeps_only_wanted_records_and_quarantines_bad_ones(store):
     store.put("/c/a/1", {"host": "h1"})
     store.put("/c/a/2", {"host": "h2"})
@@ -244,7 +278,8 @@ def test_a_held_directory_keeps_only_wanted_records_and_quarantines_bad_ones(sto
         assert m.wait_ready(5)
         view = m.view("/c/a/", _host_of)
         assert view.refresh() == {"1"} and m.records("/c/a/", _host_of) == {"1": {"host": "h1", "n": 0}}
-        assert m._dirs["/c/a/"]["/c/a/2"][1] is not None  # unwanted: its revision kept (ordering), not its record
+        # Unwanted: kept as a deletion is, so nothing once the list's revision is passed.
+        assert "/c/a/2" not in m._dirs["/c/a/"] and "/c/a/2" not in m._deleted
         store.put("/c/a/2", {"host": "h1"})  # now wanted: enters
         store.put("/c/a/1", {"host": "h2"})  # no longer wanted: leaves
         assert view.refresh() == {"1", "2"} and set(view) == {"2"}

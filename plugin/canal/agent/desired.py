@@ -131,14 +131,13 @@ def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
     """The compiler's view of a record (labels None while its identity is unknown), kept on
     the (immutable, per-revision) record itself: a pass over thousands of unchanged endpoints
     builds none of them again."""
-    cached = ep.__dict__.get("_info")
-    if cached is None or cached[0] != (name, named):
+    info = ep.compiled
+    if info is None or info.network != name or info.named != named:
         published = tuple(sorted({(b.proto, b.port) for b in ep.ports}))
         info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None,
-                            published, str(ep.ip6) if ep.ip6 is not None else None)
-        cached = ((name, named), info)
-        ep.__dict__["_info"] = cached  # frozen dataclass: a cache, not a field (eq/repr ignore it)
-    return cached[1]
+                            published, str(ep.ip6) if ep.ip6 is not None else None, named)
+        object.__setattr__(ep, "compiled", info)  # frozen dataclass: a cache, not a field (eq/repr ignore it)
+    return info
 
 
 endpoint_info = _info  # for canal.agent.index: one definition, one cache

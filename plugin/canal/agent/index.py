@@ -35,7 +35,7 @@ from canal.records import EndpointRecord, NetworkRecord
 LabelKey = Tuple[Tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Entry:
     """What one endpoint put into the sets, as of its last update: its removal takes exactly
     that back, whatever its record or network says now."""

@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import hashlib
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AbstractSet, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence
 
 from canal.dataplane.firewall import FirewallState, Jump
@@ -110,7 +110,7 @@ _PORT_NAMES = {6: "tcp", 17: "udp", 132: "sctp", 136: "udplite"}
 _BUILTIN_PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 50: "esp", 51: "ah", 58: "icmpv6", 132: "sctp", 135: "mh", 136: "udplite"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointInfo:
     """One endpoint anywhere in the cluster; `labels` None = container labels not known yet."""
 
@@ -121,6 +121,7 @@ class EndpointInfo:
     labels: Optional[Mapping[str, str]] = None
     published: tuple[tuple[str, int], ...] = ()  # (proto, container port) published on its host
     ip6: Optional[str] = None  # its IPv6 address (networks created with --ipv6)
+    named: bool = field(default=True, compare=False)  # `network` is the name learned (False: its ID, for now)
 
 
 @dataclass(frozen=True)
