@@ -8,7 +8,8 @@ what plugins do against etcd: hold and renew a flannel lease, write endpoint, ad
 route records, start and stop containers (churn), and watch the policies and leases.
 
 Per size (hosts, endpoints), measured on the real host:
-  - idle: plugin CPU over --idle seconds and RSS; etcd requests/s (etcd's own /metrics);
+  - idle: plugin CPU over --idle seconds (from the first 5 s the plugin is quiet after the
+    population is in force) and RSS; etcd requests/s (etcd's own /metrics);
   - under churn (--churn starts+stops per second across the cluster):
       policy change in force (`canal policy apply` returns once programmed) p50/p99,
       remote join -> local ipset (a simulated endpoint record written until this host's
@@ -89,6 +90,18 @@ def plugin_pids(host: SimHost) -> list[int]:
     """The plugin's process group (gunicorn's master and worker)."""
     assert host.plugin is not None
     return group_pids(host.plugin.pid)
+
+
+def settled(host: SimHost, window: float = 5.0, busy: float = 0.05, timeout: float = 120.0) -> float:
+    """Seconds until one `window` in which the plugin used less than `busy` of a core (a timer
+    pass in the window makes it wait for the next)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        cpu = CpuWindow(host)
+        time.sleep(window)
+        if cpu.percent() < 100 * busy:
+            break
+    return time.monotonic() - started
 
 
 class CpuWindow:
@@ -291,8 +304,10 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         print(f"  populated {endpoints} endpoints on {hosts} hosts in {populated['seconds']:.1f} s; "
               f"in force on the real host {settle:.1f} s later", flush=True)
 
-        # Idle: renewals and watches only.
-        time.sleep(2)
+        # Idle: renewals and watches only, once the plugin has finished programming the
+        # population (its routes, the last batches): the window opened 2 s after the last
+        # member was in force took in a tail of up to a second of CPU.
+        row["settled_s"] = round(settled(host), 1)
         cpu, before = CpuWindow(host), Counters(etcd, admin)
         time.sleep(args.idle)
         idle = before.rates(Counters(etcd, admin))
@@ -301,7 +316,8 @@ def measure(args: argparse.Namespace, host: SimHost, etcd: Etcd, store: EtcdData
         row["idle_pss_mb"] = round(pss_bytes(cpu.pids) / 2**20, 1)
         row["idle"] = idle
         print(f"  idle {args.idle:.0f} s: plugin CPU {row['idle_cpu_pct']:.1f} %, RSS {row['idle_rss_mb']:.0f} MB (PSS {row['idle_pss_mb']:.0f}), "
-              f"etcd {idle['etcd_requests_per_s']:.0f} req/s, {idle['passes_per_s']:.2f} passes/s", flush=True)
+              f"etcd {idle['etcd_requests_per_s']:.0f} req/s, {idle['passes_per_s']:.2f} passes/s "
+              f"(window opened once settled, {row['settled_s']:.0f} s after)", flush=True)
 
         row["idle_join_ms"] = _results.ms(remote_joins(store, keys, args.runs, set0))
         row["idle_join_p50_ms"] = round(statistics.median(row["idle_join_ms"]), 1)

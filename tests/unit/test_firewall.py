@@ -177,6 +177,10 @@ def test_ipset_script_changes_members_in_place_or_swaps():
     assert "swap canal-x-tmp canal-x" in fresh and fresh.count("\nadd canal-x-tmp ") == 200
     net = IpSet("canal-n", "hash:net", frozenset({"10.0.0.1/32"}))
     assert restore_script([net], {"canal-n": {"10.0.0.1"}}) == ""  # ipset prints /32 bare
+    bare = IpSet("canal-n", "hash:net", frozenset({"10.0.0.1", "10.1.0.0/16"}))
+    assert restore_script([bare], {"canal-n": {"10.0.0.1/32", "10.1.0.0/16"}}) == ""  # as last written
+    assert restore_script([bare], {"canal-n": {"10.0.0.2/32", "10.1.0.0/16"}}).splitlines() == [
+        "del canal-n 10.0.0.2 -exist", "add canal-n 10.0.0.1 -exist"]
     # A live set is never declared again (another maxelem would be refused): it is swapped;
     # a temporary set left by a failed restore goes first; `rewrite` swaps even small changes.
     swapped = restore_script([big], {"canal-x": set(), "canal-x-tmp": set()}).splitlines()

@@ -57,3 +57,25 @@ def test_only_addresses_outside_the_hosts_v6_subnet_get_a_record():
     eps = [endpoint(1, "h1", "fd00:64:0:1::5"), endpoint(2, "h1", "fd00:c0a1::2")]
     snap = Snapshot("h1", "100.64.0.0/16", {}, {e.id: e for e in eps}, own_subnet=SUBNET1, own_subnet6=own6)
     assert list(desired_route_records6(snap)) == ["fd00:c0a1::2"]
+
+
+def test_direct_routes_with_none_wanted_add_dumps_nothing(monkeypatch):
+    """A plain VXLAN cluster wants no direct routes: the add step must not dump the main table
+    (5,000 routes at 100,000 endpoints) on every full pass; removing leftovers still reads it."""
+    from canal.dataplane import routes
+
+    class FakeIpr:
+        def link_lookup(self, ifname):
+            return [7]
+
+    dumps: list[int] = []
+    monkeypatch.setattr(routes, "open_socket", FakeIpr)
+    monkeypatch.setattr(routes.routedump, "dump", lambda family, table: dumps.append(family) or [])
+    monkeypatch.setattr(routes, "_ipv6", lambda: False)
+    direct = routes.DirectRoutes("u0")
+    assert direct.add({}) == [] and dumps == []
+    direct.remove_stale({})
+    assert len(dumps) == 1  # control: the leftovers' check reads it
+    monkeypatch.setattr(direct, "_route", lambda *a, **k: None)
+    assert direct.add({ipaddress.IPv4Network("100.64.2.0/24"): ipaddress.IPv4Address("198.18.0.2")}) == []
+    assert len(dumps) == 2  # control: a wanted route is checked against the kernel

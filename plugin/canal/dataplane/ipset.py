@@ -155,6 +155,14 @@ def current() -> dict[str, set[str]]:
     return out
 
 
+def _normalised(members: AbstractSet[str]) -> set[str]:
+    """The members as ipset prints them; a set of addresses only (most) is taken as it is,
+    found in C (one join) rather than by a Python loop over every member."""
+    if "/" not in "".join(members):
+        return set(members)
+    return {_normal(m) for m in members}
+
+
 def _normal(member: str) -> str:
     """ipset prints /32 (/128) networks of hash:net sets without the suffix."""
     if member.endswith("/128"):
@@ -213,9 +221,9 @@ def restore_script(desired: list[IpSet], present: dict[str, set[str]], rewrite: 
     lines: list[str] = []
     for ipset in desired:
         _check_name(ipset)
-        want = {_normal(m) for m in ipset.members}
+        want = _normalised(ipset.members)
         if ipset.name in present:
-            have = {_normal(m) for m in present[ipset.name]}
+            have = _normalised(present[ipset.name])
             if have == want:
                 continue
             added, removed = want - have, have - want

@@ -110,7 +110,9 @@ class DirectRoutes:
 
     def add(self, wanted: Routes) -> list[str]:
         """Install or fix each wanted route; returns one problem per route the kernel refused."""
-        problems = []
+        problems: list[str] = []
+        if not wanted:
+            return problems  # no dump of the main table (5,000 routes at 100,000 endpoints) for nothing
         with self._lock:
             try:
                 index = self._index()
