@@ -91,9 +91,9 @@ def datastore_addresses(config: Config) -> tuple[tuple[str, int], ...]:
 
 
 def check_start(config: Config) -> None:
-    """What must hold before serving, checked in the serving process before it forks: the
-    host name is usable, the datastore accepts our TLS and credentials (open_datastore refuses
-    them, naming the setting), and no live host already holds our name. An unreachable
+    """What must hold before serving, checked in a child of the serving process (canal.cli.main):
+    the host name is usable, the datastore accepts our TLS and credentials (open_datastore
+    refuses them, naming the setting), and no live host already holds our name. An unreachable
     datastore is not a refusal: the plugin starts and retries, and the identity is checked
     again before the first lease."""
     hostname(config.host_name, "host name (--hostname, CANAL_HOSTNAME, or the system's)")

@@ -8,7 +8,8 @@ import logging
 import os
 import socket
 import sys
-from typing import Any, Optional
+import traceback
+from typing import Any, Callable, Optional
 
 from canal import config as configmod
 from canal import health
@@ -30,6 +31,40 @@ def _socket_alive(path: str) -> bool:
         sock.close()
 
 
+def _check_start(cfg: configmod.Config) -> None:
+    from canal import preflight
+    from canal.runtime import check_start
+
+    preflight.check(cfg)  # every missing tool or sysctl, in one message, before anything is served
+    check_start(cfg)  # refused TLS or credentials, a second host with our name
+    if cfg.metrics_addr:
+        from canal import metrics
+
+        metrics.check_listen(cfg.metrics_addr)  # a clear refusal now, not a worker failing to boot
+
+
+def _in_child(check: Callable[[], None]) -> int:
+    """Run `check` in a forked child; its exit code (0: passed). gunicorn's master lives as
+    long as the plugin: the checks' imports (pyroute2, the datastore and Docker clients, ~20 MB)
+    stay out of it, loaded by the worker only. A refusal prints as main() prints it (exit 2)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            check()
+            code = 0
+        except CanalError as err:
+            print(f"canal: {err}", file=sys.stderr)
+            code = 2
+        except BaseException:  # noqa: BLE001 - reported, then the child's exit code says it
+            print("canal: start-up checks failed:", file=sys.stderr)
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
 def serve(cfg: configmod.Config) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -47,22 +82,16 @@ def serve(cfg: configmod.Config) -> int:
             self.error_log.handlers = []
             self.error_log.propagate = True
 
-    from canal import preflight
-    from canal.runtime import check_start
-
-    preflight.check(cfg)  # every missing tool or sysctl, in one message, before anything is served
+    if os.path.exists(cfg.socket) and _socket_alive(cfg.socket):
+        log.error("another process already serves %s; not starting a second plugin", cfg.socket)
+        return 1
+    refused = _in_child(lambda: _check_start(cfg))
+    if refused:
+        return refused
     os.makedirs(os.path.dirname(cfg.socket), exist_ok=True)
     if os.path.exists(cfg.socket):
-        if _socket_alive(cfg.socket):
-            log.error("another process already serves %s; not starting a second plugin", cfg.socket)
-            return 1
         log.info("replacing stale socket %s", cfg.socket)
         os.unlink(cfg.socket)
-    check_start(cfg)  # refused TLS or credentials, a second host with our name
-    if cfg.metrics_addr:
-        from canal import metrics
-
-        metrics.check_listen(cfg.metrics_addr)  # a clear refusal now, not a worker failing to boot
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
