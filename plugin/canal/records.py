@@ -111,7 +111,8 @@ def endpoint_id(value: Any, what: str = "endpoint ID") -> str:
 
 def _shared(text: str) -> str:
     """One copy of a value that many records repeat (network IDs, host names, label keys and
-    values): at 100,000 endpoints each repeated copy of them was ~40 MB. Interned strings are
+    values), or that many structures key by (an endpoint's ID): at 100,000 endpoints each
+    repeated copy of them was ~40 MB. Interned strings are
     freed with their last user, so hostile values cannot pile up."""
     return sys.intern(str(text))
 
@@ -383,7 +384,8 @@ class EndpointRecord:
     def parse(cls, raw: Any, key_id: str | None = None) -> "EndpointRecord":
         obj = _object("endpoint record", raw)
         what = "endpoint record"
-        ep_id = _get(obj, "id", lambda w, v: endpoint_id(v, w), what)
+        # Interned: the mirror files the record under this same string (one copy, not three).
+        ep_id = _shared(_get(obj, "id", lambda w, v: endpoint_id(v, w), what))
         if key_id is not None and ep_id != key_id:
             raise RecordError(f"{what} {ep_id[:12]} is stored under another endpoint's key {safe(key_id)}")
         what = f"endpoint {ep_id[:12]}"

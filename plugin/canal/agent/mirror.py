@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, ItemsView, Iterator, KeysView, Mapping, Optional, Sequence, TypeVar, ValuesView
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _FAILED = object()  # cached parse failure: re-parsed only when the record changes
 _ELSEWHERE = object()  # a held record its `wanted` test refused: kept as a deletion is
+
+
+def _split(key: str) -> tuple[str, str]:
+    """(directory with its trailing slash, name): how the mirror files a key."""
+    cut = key.rfind("/") + 1
+    return key[:cut], key[cut:]
 
 
 def _as_is(rel: str, raw: Any) -> Any:
@@ -60,7 +67,7 @@ class Mirror:
         self.quiet = quiet
         self.timeout = timeout
         self._lock = threading.Lock()
-        # directory -> key -> (revision, value; None = deleted): a pass reads the few
+        # directory -> name -> (revision, value; None = deleted): a pass reads the few
         # directories it needs (endpoints, policies, ...), never the IPAM records. In a held
         # directory the value is the parsed record (or _FAILED), never text.
         self._dirs: dict[str, dict[str, tuple[int, Any]]] = {}
@@ -111,9 +118,10 @@ class Mirror:
             with self._lock:
                 for directory, entries in self._dirs.items():
                     if directory.startswith(prefix):
-                        for key, (_revision, value) in entries.items():
+                        head = directory[cut:]
+                        for name, (_revision, value) in entries.items():
                             if value is not None and value is not _FAILED:
-                                out[key[cut:]] = value
+                                out[head + name] = value  # name itself when the directory is the prefix
             return out
         with self._lock:
             cache = self._typed.get(prefix)
@@ -123,9 +131,10 @@ class Mirror:
             for directory, entries in self._dirs.items():
                 if not directory.startswith(prefix):
                     continue
-                for key, (revision, value) in entries.items():
+                for name, (revision, value) in entries.items():
                     if value is None:
                         continue
+                    key = directory + name
                     cached = typed.get(key)
                     if cached is None or cached[0] != revision:
                         cached = (revision, self._parse_typed(key, revision, value, key[cut:], parse))
@@ -144,7 +153,7 @@ class Mirror:
             self._views.append(view)
             for directory, entries in self._dirs.items():
                 if directory.startswith(prefix):
-                    view._dirty.update(entries)
+                    view._dirty.update(directory + name for name in entries)
         return view
 
     def _held_under(self, prefix: str, parse: Callable[[str, Any], Any]) -> Optional[Held]:
@@ -207,15 +216,18 @@ class Mirror:
     # Updates --------------------------------------------------------------------------------
 
     def _set(self, key: str, revision: int, value: str | None) -> bool:
-        entries = self._dirs.setdefault(key.rsplit("/", 1)[0] + "/", {})
-        current = entries.get(key)
+        directory, name = _split(key)
+        entries = self._dirs.setdefault(directory, {})
+        current = entries.get(name)
         if current is not None and current[0] >= revision:
             return False
         held = self._held_of(key) if self.held else None
         kept: Any = value if held is None or value is None else self._hold(key, revision, value, *held)
         if kept is _ELSEWHERE:
             kept = None  # kept as a deletion is (its revision until pruned): nothing reads it
-        entries[key] = (revision, kept)
+        if held is not None and current is None:
+            name = sys.intern(name)  # the record's id (canal.records interns it): one string, not two
+        entries[name] = (revision, kept)
         self._mark(key)
         self._tombstone(key, revision, kept)
         if kept is None:
@@ -244,10 +256,11 @@ class Mirror:
         with self._lock:
             for key, rev in [(k, r) for k, r in self._deleted.items() if r < below and k.startswith(prefix)]:
                 del self._deleted[key]
-                entries = self._dirs.get(key.rsplit("/", 1)[0] + "/", {})
-                current = entries.get(key)
+                directory, name = _split(key)
+                entries = self._dirs.get(directory, {})
+                current = entries.get(name)
                 if current is not None and current[1] is None and current[0] == rev:
-                    del entries[key]
+                    del entries[name]
 
     def _commit(self, revision: int, ops: Sequence[Op]) -> None:
         changed = False
@@ -268,10 +281,11 @@ class Mirror:
             for directory, dir_entries in self._dirs.items():
                 if not directory.startswith(prefix):
                     continue
-                for key, (rev, value) in list(dir_entries.items()):
+                for name, (rev, value) in list(dir_entries.items()):
+                    key = directory + name
                     # Gone at the listed revision (unless changed after it: a newer own commit).
                     if key not in live and value is not None and rev <= revision:
-                        dir_entries[key] = (revision, None)
+                        dir_entries[name] = (revision, None)
                         self._mark(key)
                         self._tombstone(key, revision, None)
             self._listed.add(prefix)
@@ -362,7 +376,8 @@ class RecordView(Mapping[str, T], Generic[T]):
             dirty, self._dirty = self._dirty, set()
             for key in dirty:
                 rel = key[cut:]
-                entry = mirror._dirs.get(key.rsplit("/", 1)[0] + "/", {}).get(key)
+                directory, name = _split(key)
+                entry = mirror._dirs.get(directory, {}).get(name)
                 revision, value = entry if entry is not None else (0, None)
                 if value is None:
                     if self._records.pop(rel, None) is not None:
