@@ -220,12 +220,13 @@ class Plugin:
         if not sync:
             self.agent.trigger()
 
-    def hold_ports(self, local_endpoints: list[EndpointRecord]) -> None:
+    def hold_ports(self, local_endpoints: list[EndpointRecord], read_at: int | None = None) -> None:
         """Hold the host ports the records publish (after a restart; and let go of those of
         endpoints removed while the plugin was down), before the pass computes the DNAT: only
-        ports actually held are DNATed. O(local endpoints): the pass's work, not every reader's."""
+        ports actually held are DNATed. O(local endpoints): the pass's work, not every reader's.
+        read_at: the reservations' mark() from before the records were read."""
         local = [ep for ep in local_endpoints if ep.joined]  # the index's local records: ours already
-        problems = self.reservations.sync(wanted_reservations(local))
+        problems = self.reservations.sync(wanted_reservations(local), read_at)
         if problems and problems != self._port_problems:
             log.warning("published ports not held, so not DNATed (a host process holds them, or the "
                         "records are not this plugin's): %s", "; ".join(problems)[:1000])
@@ -490,12 +491,13 @@ class Plugin:
         index: Optional[MembershipIndex] = None
         if hold:  # the agent's pass: work in proportion to what changed since the last
             endpoints, index = self._endpoint_view, self._index
+            read_at = self.reservations.mark()  # a port released after this is not taken back
             try:
                 index.update(endpoints, self._endpoint_view.refresh(), networks, encrypt_all)
             except Exception:
                 index.reset()  # rebuilt whole by the next pass
                 raise
-            self.hold_ports(index.local_records())
+            self.hold_ports(index.local_records(), read_at)
         else:
             endpoints = self.mirror.records(self.keys.endpoints, endpoint_entry)
         routes, routes6 = self._routes(hold)

@@ -119,3 +119,28 @@ def test_canal_port_lists_the_ipv6_half_of_a_binding():
     assert rows[EP[:12]]["ports"] == ["80/tcp -> 0.0.0.0:8080", "80/tcp -> [::]:8080", "81/tcp -> [::]:8081"]
     rows = {r["endpoint"]: r for r in endpoint_rows(published(False, PortBinding("tcp", 80, 8080)))}
     assert rows[EP[:12]]["ports"] == ["80/tcp -> 0.0.0.0:8080"]  # no IPv6 address: IPv4 only
+
+
+def test_a_pass_reading_records_before_a_release_does_not_take_the_port_back():
+    """`docker rm -f a && docker run -p P b`: RevokeExternalConnectivity releases P while a pass
+    that read a's record (still publishing P) is between its read and its sync; that sync must
+    not take P back for a (and keep it GRACE seconds, refusing b)."""
+    loopback = ipaddress.IPv4Address("127.0.0.1")
+    port = _free_port()
+    key = HostPort("tcp", port, loopback)
+    r = Reservations(clock=lambda: 1000.0)
+    try:
+        r.reserve(key, "a")
+        read_at = r.mark()  # the pass reads the records: a still publishes P
+        r.release([key])  # Revoke, meanwhile
+        assert r.sync({key: "a"}, read_at) == [] and r.held() == {}
+        r.reserve(key, "b")  # b publishes P at once
+        assert r.held() == {key: "b"}
+        r.release([key])
+        # Control: the same sync from records read after the release (a restart, say) takes
+        # it; and without the mark it would have re-taken it in the race above.
+        assert r.sync({key: "a"}, r.mark()) == [] and r.held() == {key: "a"}
+        r.release([key])
+        assert r.sync({key: "a"}) == [] and r.held() == {key: "a"}
+    finally:
+        r.close()

@@ -119,6 +119,15 @@ class Reservations:
         self._held: dict[HostPort, tuple[str, socket.socket]] = {}  # -> (endpoint id, socket)
         self._since: dict[HostPort, float] = {}
         self.clock = clock
+        # Each release's sequence number: a sync from records read before a release must not
+        # take the port back (Docker removed the container and may publish the port again now).
+        self._sequence = 0
+        self._released: dict[HostPort, int] = {}
+
+    def mark(self) -> int:
+        """The position to pass to sync() for records read after this call."""
+        with self._lock:
+            return self._sequence
 
     def reserve(self, key: HostPort, endpoint: str) -> None:
         """Hold `key` for `endpoint` (a no-op if it already does). Conflict names the holder."""
@@ -160,23 +169,30 @@ class Reservations:
                 held = self._held.pop(key, None)
                 if held is not None:
                     held[1].close()
+                    self._sequence += 1
+                    self._released[key] = self._sequence
 
     def held(self) -> dict[HostPort, str]:
         with self._lock:
             return {key: endpoint for key, (endpoint, _sock) in self._held.items()}
 
-    def sync(self, wanted: dict[HostPort, str]) -> list[str]:
+    def sync(self, wanted: dict[HostPort, str], read_at: int | None = None) -> list[str]:
         """Hold exactly `wanted` (from the records: after a restart, or a container removed
         while the plugin was down); returns what could not be taken back. A reservation younger
-        than GRACE is kept: its record may not have reached the records read yet."""
+        than GRACE is kept: its record may not have reached the records read yet. A port
+        released after `read_at` (mark() before the records were read) is not taken back:
+        its release (RevokeExternalConnectivity) is newer than those records."""
         held = self.held()
         now = self.clock()
         with self._lock:
             young = {key for key, since in self._since.items() if now - since < self.GRACE}
+            newer = {key for key, sequence in self._released.items() if read_at is not None and sequence > read_at}
+            # Older releases can no longer race a sync: forget them (the map stays small).
+            self._released = {key: self._released[key] for key in newer}
         self.release(key for key, endpoint in held.items() if wanted.get(key) != endpoint and key not in young)
         problems = []
         for key, endpoint in sorted(wanted.items()):
-            if held.get(key) == endpoint:
+            if held.get(key) == endpoint or key in newer:
                 continue
             try:
                 self.reserve(key, endpoint)
