@@ -29,13 +29,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _FAILED = object()  # cached parse failure: re-parsed only when the record changes
-_ELSEWHERE = object()  # a held record its `wanted` test refused: kept as a deletion is
 
 
 def _split(key: str) -> tuple[str, str]:
     """(directory with its trailing slash, name): how the mirror files a key."""
     cut = key.rfind("/") + 1
     return key[:cut], key[cut:]
+
+
+def _name(name: str) -> str:
+    """A held record's name, interned: the mirror, its views and the record's own ID (which
+    canal.records interns) share one string instead of a copy each."""
+    return sys.intern(name)
 
 
 def _as_is(rel: str, raw: Any) -> Any:
@@ -175,8 +180,9 @@ class Mirror:
         return None
 
     def _hold(self, key: str, revision: int, value: str, where: str, held: Held) -> Any:
-        """What a held directory keeps of one record: parsed, or a marker. The JSON is
-        decoded once, for `wanted` and the parser alike."""
+        """What a held directory keeps of one record: parsed, _FAILED, or None (refused by
+        `wanted`: kept as a deletion is). The JSON is decoded once, for `wanted` and the
+        parser alike."""
         try:
             raw = json.loads(value)
         except ValueError:
@@ -184,7 +190,7 @@ class Mirror:
             return _FAILED
         if held.wanted is not None and not held.wanted(raw):
             self.quarantined.pop(key, None)
-            return _ELSEWHERE
+            return None
         return self._parse_raw(key, revision, raw, key[len(where):], held.parse)
 
     def _parse_typed(self, key: str, revision: int, value: str, rel: str, parse: Callable[[str, Any], T]) -> Any:
@@ -223,10 +229,8 @@ class Mirror:
             return False
         held = self._held_of(key) if self.held else None
         kept: Any = value if held is None or value is None else self._hold(key, revision, value, *held)
-        if kept is _ELSEWHERE:
-            kept = None  # kept as a deletion is (its revision until pruned): nothing reads it
         if held is not None and current is None:
-            name = sys.intern(name)  # the record's id (canal.records interns it): one string, not two
+            name = _name(name)
         entries[name] = (revision, kept)
         self._mark(key)
         self._tombstone(key, revision, kept)
@@ -333,12 +337,6 @@ class Mirror:
                 self._stopping.wait(1.0)
 
 
-def _same(rel: str, record: Any) -> str:
-    """`rel`, or the equal `id` string the record already holds (one object, not two)."""
-    own = getattr(record, "id", None)
-    return own if own == rel else rel
-
-
 class RecordView(Mapping[str, T], Generic[T]):
     """Relative key -> typed record for one prefix, kept by the Mirror's updates: each update
     only journals its key; refresh() parses the journalled keys and returns which changed.
@@ -375,7 +373,7 @@ class RecordView(Mapping[str, T], Generic[T]):
             typed = cache[1] if cache is not None else {}
             dirty, self._dirty = self._dirty, set()
             for key in dirty:
-                rel = key[cut:]
+                rel = key[cut:] if held is None else _name(key[cut:])
                 directory, name = _split(key)
                 entry = mirror._dirs.get(directory, {}).get(name)
                 revision, value = entry if entry is not None else (0, None)
@@ -403,8 +401,6 @@ class RecordView(Mapping[str, T], Generic[T]):
                     if self._records.pop(rel, None) is not None:
                         changed.add(rel)
                 else:
-                    # A record stored under its own id: its key is that string, not a copy.
-                    rel = _same(rel, record)
                     self._revisions[rel] = revision
                     self._records[rel] = record
                     changed.add(rel)
