@@ -60,6 +60,7 @@ def _in_child(check: Callable[[], None]) -> int:
             print("canal: start-up checks failed:", file=sys.stderr)
             traceback.print_exc()
         finally:
+            sys.stdout.flush()  # os._exit skips the interpreter's own flush
             sys.stderr.flush()
             os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
