@@ -220,7 +220,7 @@ class Plugin:
         if not sync:
             self.agent.trigger()
 
-    def hold_ports(self, local_endpoints: list[EndpointRecord], read_at: int | None = None) -> None:
+    def hold_ports(self, local_endpoints: list[EndpointRecord], read_at: int) -> None:
         """Hold the host ports the records publish (after a restart; and let go of those of
         endpoints removed while the plugin was down), before the pass computes the DNAT: only
         ports actually held are DNATed. O(local endpoints): the pass's work, not every reader's.

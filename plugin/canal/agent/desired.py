@@ -136,7 +136,7 @@ def _info(ep: EndpointRecord, name: str, named: bool) -> EndpointInfo:
         published = tuple(sorted({(b.proto, b.port) for b in ep.ports}))
         info = EndpointInfo(ep.id, ep.ip_text, name, ep.host, ep.labels if named and ep.labels is not None else None,
                             published, str(ep.ip6) if ep.ip6 is not None else None, named)
-        object.__setattr__(ep, "compiled", info)  # frozen dataclass: a cache, not a field (eq/repr ignore it)
+        object.__setattr__(ep, "compiled", info)  # frozen: set as __init__ would (a slot eq/repr ignore)
     return info
 
 

@@ -186,9 +186,9 @@ class Reservations:
         now = self.clock()
         with self._lock:
             young = {key for key, since in self._since.items() if now - since < self.GRACE}
-            newer = {key for key, sequence in self._released.items() if read_at is not None and sequence > read_at}
-            # Older releases can no longer race a sync: forget them (the map stays small).
-            self._released = {key: self._released[key] for key in newer}
+            # Releases at or before read_at can no longer race a sync: forgotten (the map stays small).
+            self._released = {k: n for k, n in self._released.items() if read_at is not None and n > read_at}
+            newer = set(self._released)
         self.release(key for key, endpoint in held.items() if wanted.get(key) != endpoint and key not in young)
         problems = []
         for key, endpoint in sorted(wanted.items()):
